@@ -1,0 +1,158 @@
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Mac;
+
+/// A step in a target's life, as reported by the boot handler or the installer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// The handler answered `/ipxe` with the installer (the VM is network-booting).
+    Ipxe,
+    /// The handler answered `/ipxe` with "boot from the local disk".
+    LocalBoot,
+    /// The installer is running and has its config.
+    Installing,
+    /// The installer chose (and checked) the target disk.
+    Disk,
+    /// GPT written.
+    Partition,
+    /// Filesystems created and mounted.
+    Mkfs,
+    /// Root filesystem streamed and extracted (progress events carry bytes).
+    Rootfs,
+    /// cloud-init seed, fstab written.
+    Seed,
+    /// Boot loader installed.
+    Bootloader,
+    /// The install finished; the next network boot goes to the disk.
+    Installed,
+    /// The install failed; `message` says where and why.
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Ipxe => "ipxe",
+            Phase::LocalBoot => "local-boot",
+            Phase::Installing => "installing",
+            Phase::Disk => "disk",
+            Phase::Partition => "partition",
+            Phase::Mkfs => "mkfs",
+            Phase::Rootfs => "rootfs",
+            Phase::Seed => "seed",
+            Phase::Bootloader => "bootloader",
+            Phase::Installed => "installed",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of `POST /events/<mac>`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Set on the event that ends a phase: how long the phase took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Progress within a phase (the rootfs stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_done: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+    /// Milliseconds since the sender started (its own clock; the handler stamps arrival).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
+}
+
+impl Default for Phase {
+    fn default() -> Phase {
+        Phase::Installing
+    }
+}
+
+/// One line of a VM's timeline (`<state dir>/<name>.timeline.jsonl`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// Arrival time at the handler, Unix milliseconds.
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// Where a VM is in its provisioning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    #[default]
+    New,
+    Booting,
+    Installing,
+    Installed,
+    Failed,
+}
+
+impl VmState {
+    /// The state after `phase` was recorded. This is the whole state machine:
+    /// `new → booting → installing → installed | failed`; a new network boot into the installer
+    /// (`ipxe`) starts over from any state but `installed`, which only a reprovision resets.
+    pub fn after(self, phase: Phase) -> VmState {
+        match (self, phase) {
+            (VmState::Installed, _) => VmState::Installed,
+            (_, Phase::Ipxe) => VmState::Booting,
+            (_, Phase::LocalBoot) => self,
+            (_, Phase::Installed) => VmState::Installed,
+            (_, Phase::Failed) => VmState::Failed,
+            (VmState::Failed, _) => VmState::Failed,
+            (_, _) => VmState::Installing,
+        }
+    }
+}
+
+/// One row of `GET /status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub mac: Mac,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::Ipv4Addr>,
+    pub state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<TimelineEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_machine() {
+        use Phase::*;
+        let walk = |phases: &[Phase]| phases.iter().fold(VmState::New, |s, p| s.after(*p));
+        assert_eq!(walk(&[Ipxe]), VmState::Booting);
+        assert_eq!(walk(&[Ipxe, Installing, Rootfs]), VmState::Installing);
+        assert_eq!(walk(&[Ipxe, Installing, Rootfs, Installed]), VmState::Installed);
+        assert_eq!(walk(&[Ipxe, Installing, Failed, Rootfs]), VmState::Failed);
+        assert_eq!(walk(&[Ipxe, Installing, Failed, Ipxe]), VmState::Booting);
+        assert_eq!(walk(&[Ipxe, Installed, Ipxe, Failed]), VmState::Installed);
+    }
+
+    #[test]
+    fn event_wire_form() {
+        let e: Event = serde_json::from_str(r#"{"phase":"local-boot"}"#).unwrap();
+        assert_eq!(e.phase, Phase::LocalBoot);
+        let line = TimelineEntry { at_ms: 5, event: Event { phase: Phase::Rootfs, bytes_done: Some(1), ..Event::default() } };
+        assert_eq!(serde_json::to_string(&line).unwrap(), r#"{"at_ms":5,"phase":"rootfs","bytes_done":1}"#);
+        assert!(serde_json::from_str::<Event>(r#"{"phase":"bogus"}"#).is_err());
+    }
+}

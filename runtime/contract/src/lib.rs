@@ -1,0 +1,15 @@
+//! The contract between pxelab's parts: the types that cross a process boundary.
+//!
+//! The boot handler, the installer and xtask all read and write these; nothing else defines a
+//! wire or file format. Values are validated when parsed, so code that holds a [`VmDefinition`]
+//! or a [`Mac`] can trust it.
+
+mod event;
+mod installer;
+mod mac;
+mod vm;
+
+pub use event::{Event, Phase, TimelineEntry, VmState, VmStatus};
+pub use installer::{Artifact, InstallerConfig, ESP_SIZE_MIB};
+pub use mac::{Mac, MacError};
+pub use vm::{Arch, BootMode, VmDefinition, VmError};

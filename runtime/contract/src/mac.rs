@@ -1,0 +1,135 @@
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// An Ethernet MAC address. Parsed once at the edge; inside pxelab only this canonical value is
+/// compared, printed (`aa:bb:cc:dd:ee:ff`, lowercase) or used in file names.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mac([u8; 6]);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid MAC address {input:?}: expected six hex pairs such as 52:54:00:12:34:56")]
+pub struct MacError {
+    input: String,
+}
+
+impl Mac {
+    pub const fn new(bytes: [u8; 6]) -> Mac {
+        Mac(bytes)
+    }
+
+    /// A unicast, locally administered address from arbitrary bytes (e.g. random ones).
+    pub fn local_unicast(mut bytes: [u8; 6]) -> Mac {
+        bytes[0] = (bytes[0] | 0x02) & !0x01;
+        Mac(bytes)
+    }
+
+    pub fn octets(&self) -> [u8; 6] {
+        self.0
+    }
+
+    /// The dash-separated form, safe as a file name on every filesystem.
+    pub fn file_stem(&self) -> String {
+        self.to_string().replace(':', "-")
+    }
+}
+
+impl FromStr for Mac {
+    type Err = MacError;
+
+    /// Accepts `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff` and `aabbccddeeff`, in any case.
+    fn from_str(s: &str) -> Result<Mac, MacError> {
+        let err = || MacError { input: s.to_string() };
+        let hex: String = match s.len() {
+            17 => {
+                let sep = s.as_bytes()[2];
+                if sep != b':' && sep != b'-' {
+                    return Err(err());
+                }
+                let mut out = String::with_capacity(12);
+                for (i, part) in s.split(sep as char).enumerate() {
+                    if i > 5 || part.len() != 2 {
+                        return Err(err());
+                    }
+                    out.push_str(part);
+                }
+                out
+            }
+            12 => s.to_string(),
+            _ => return Err(err()),
+        };
+        let mut bytes = [0u8; 6];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            let pair = hex.get(2 * i..2 * i + 2).ok_or_else(err)?;
+            if !pair.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(err());
+            }
+            *byte = u8::from_str_radix(pair, 16).map_err(|_| err())?;
+        }
+        Ok(Mac(bytes))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Mac({self})")
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Mac, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_common_spellings_and_prints_one_form() {
+        for input in ["52:54:00:AB:cd:0f", "52-54-00-ab-CD-0F", "525400abcd0f"] {
+            let mac: Mac = input.parse().unwrap();
+            assert_eq!(mac.to_string(), "52:54:00:ab:cd:0f");
+        }
+        let mac: Mac = "52:54:00:ab:cd:0f".parse().unwrap();
+        assert_eq!(mac.file_stem(), "52-54-00-ab-cd-0f");
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for input in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:0g",
+            "52:54-00:ab:cd:0f",
+            "52:54:00:ab:cd:0f:",
+            "5254.00ab.cd0f",
+            "+2:54:00:ab:cd:0f",
+            "52:54:00:ab:cd:0f00",
+            "ü2:54:00:ab:cd:0",
+        ] {
+            assert!(input.parse::<Mac>().is_err(), "{input:?} accepted");
+        }
+    }
+
+    #[test]
+    fn local_unicast_sets_the_right_bits() {
+        let mac = Mac::local_unicast([0xff; 6]);
+        assert_eq!(mac.octets()[0] & 0x03, 0x02);
+    }
+}

@@ -1,0 +1,1 @@
+//! Test support shared by pxelab crates (see the crate description).
