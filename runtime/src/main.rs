@@ -1,1 +1,220 @@
-fn main() {}
+//! `pxelab-stack`: argument parsing and wiring only; the stack lives in the library.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use pxelab_runtime::{
+    dnsmasq::DnsmasqSettings, nfs::NfsSettings, server::ServerOptions, supervisor,
+};
+
+const EXAMPLES: &str = "\
+Layout under --data-dir (each directory can be moved with its own flag):
+  vms/<name>.json                      VM definitions (name, arch, distro, mac, ip, ssh_key, ...)
+  vms/<name>.noreboot                  optional: the installer stays up after installing
+  images/<distro>/<arch>/              vmlinuz, modules.cpio.zst, rootfs.tar.zst, manifest.json
+  images/<distro>/<arch>/nfsroot-<sha>/ the unpacked rootfs diskless VMs boot from (made by the stack)
+  initrds/<arch>/initrd.img            the installer initrd
+  tftp/                                ipxe.efi, ipxe-arm64.efi, undionly.kpxe (dnsmasq's TFTP root)
+  state/                               <name>.state, <name>.timeline.jsonl, dnsmasq/ (config, leases, log),
+                                       nfs/ (ganesha.conf, ganesha.log)
+
+Examples:
+  # Only the HTTP boot handler, unprivileged, on a high port:
+  pxelab-stack --data-dir ~/.pxelab --no-dnsmasq --listen 127.0.0.1:8080
+  curl http://127.0.0.1:8080/status
+
+  # The whole stack on a lab interface (as root or inside the lab's network namespace):
+  pxelab-stack --data-dir /srv/pxelab --interface br-lab --server-ip 10.77.0.1/24
+
+  # Reinstall VM web-1 at its next network boot:
+  rm /srv/pxelab/state/web-1.state
+
+HTTP endpoints: GET /healthz, /status, /boot.ipxe, /ipxe?mac=<mac>, /config/<mac>,
+/cloud-init/<name>/{meta-data,user-data,network-config,vendor-data}, /vms/<name>/timeline,
+/images/..., /initrds/... (Range, HEAD), /nfsroot/overlay.cpio, /nfsroot/<distro>/<arch>/initrd.img;
+POST /events/<mac>.
+VMs with \"boot\": \"nfsroot\" boot diskless: the stack unpacks their distro's rootfs once and
+exports it read-only over NFSv4 with nfs-ganesha (port 2049, on every address of the network
+namespace it runs in: run it in the lab's); each boot writes to its own tmpfs overlay.
+SIGTERM or Ctrl-C stops everything within 2 s; SIGHUP re-reads the VM definitions at once.";
+
+/// The pxelab boot stack: HTTP boot handler (iPXE scripts, installer config, cloud-init, files,
+/// events) and the dnsmasq it supervises (DHCP reservations, TFTP, DNS).
+#[derive(Parser, Debug)]
+#[command(name = "pxelab-stack", version, after_long_help = EXAMPLES, after_help = "Run with --help for the directory layout and examples.")]
+struct Args {
+    /// Base directory; the other directories default to subdirectories of it.
+    #[arg(
+        long,
+        env = "PXELAB_DATA_DIR",
+        default_value = "/var/lib/pxelab",
+        value_name = "DIR"
+    )]
+    data_dir: PathBuf,
+    /// VM definitions, one <name>.json per VM [default: <data-dir>/vms]
+    #[arg(long, env = "PXELAB_VMS_DIR", value_name = "DIR")]
+    vms_dir: Option<PathBuf>,
+    /// Distro artifacts, served at /images/ [default: <data-dir>/images]
+    #[arg(long, env = "PXELAB_IMAGES_DIR", value_name = "DIR")]
+    images_dir: Option<PathBuf>,
+    /// Installer initrds, served at /initrds/ [default: <data-dir>/initrds]
+    #[arg(long, env = "PXELAB_INITRDS_DIR", value_name = "DIR")]
+    initrds_dir: Option<PathBuf>,
+    /// Where VM states, timelines and dnsmasq's files are written [default: <data-dir>/state]
+    #[arg(long, env = "PXELAB_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// iPXE first-stage binaries, dnsmasq's TFTP root [default: <data-dir>/tftp]
+    #[arg(long, env = "PXELAB_TFTP_DIR", value_name = "DIR")]
+    tftp_dir: Option<PathBuf>,
+    /// HTTP listen address [default: <server-ip>:80 when --server-ip is given (only the lab
+    /// network sees the files), else 0.0.0.0:80]. Port 80 because firmware and iPXE are handed
+    /// plain http://<server>/ URLs.
+    #[arg(long, env = "PXELAB_LISTEN", value_name = "IP:PORT")]
+    listen: Option<SocketAddr>,
+    /// Network interface dnsmasq serves (required unless --no-dnsmasq).
+    #[arg(long, env = "PXELAB_INTERFACE", value_name = "IFACE")]
+    interface: Option<String>,
+    /// The stack's IPv4 address on --interface, with the lab's prefix length (default /24).
+    /// Used in DHCP answers and in URLs when a client sends no usable Host header.
+    #[arg(long, env = "PXELAB_SERVER_IP", value_name = "IP[/PREFIX]")]
+    server_ip: Option<String>,
+    /// DNS domain of the lab: every VM resolves as <name>.<domain>.
+    #[arg(long, env = "PXELAB_DOMAIN", default_value = "pxelab.local")]
+    domain: String,
+    /// Do not serve DNS (dnsmasq gets port=0).
+    #[arg(long, env = "PXELAB_NO_DNS")]
+    no_dns: bool,
+    /// Run only the HTTP handler; DHCP/TFTP are someone else's job.
+    #[arg(long, env = "PXELAB_NO_DNSMASQ")]
+    no_dnsmasq: bool,
+    /// Serve cloud-init documents to any client, not only the VM's reserved IP (debugging).
+    #[arg(long, env = "PXELAB_NO_IP_CHECK")]
+    no_ip_check: bool,
+    /// The dnsmasq binary.
+    #[arg(
+        long,
+        env = "PXELAB_DNSMASQ",
+        default_value = "dnsmasq",
+        value_name = "PATH"
+    )]
+    dnsmasq: PathBuf,
+    /// Do not run the NFS server: VMs with boot mode nfsroot are answered 503.
+    #[arg(long, env = "PXELAB_NO_NFS")]
+    no_nfs: bool,
+    /// The nfs-ganesha daemon (started only while diskless VMs exist).
+    #[arg(
+        long,
+        env = "PXELAB_GANESHA",
+        default_value = "ganesha.nfsd",
+        value_name = "PATH"
+    )]
+    ganesha: PathBuf,
+    /// Most HTTP connections open at once; more are answered 503.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    max_connections: usize,
+    /// Seconds a client has to send a complete request (and that an idle connection is kept).
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    request_timeout: u64,
+    /// Do not log one line per HTTP request.
+    #[arg(long)]
+    no_access_log: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match options(args).and_then(supervisor::run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pxelab-stack: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn options(a: Args) -> Result<supervisor::Options, String> {
+    let sub = |given: Option<PathBuf>, name: &str| given.unwrap_or_else(|| a.data_dir.join(name));
+    let state_dir = sub(a.state_dir.clone(), "state");
+    let server_ip = a.server_ip.as_deref().map(parse_cidr).transpose()?;
+    let listen = a.listen.unwrap_or_else(|| {
+        let ip = server_ip
+            .map(|(ip, _)| ip)
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+        SocketAddr::from((ip, 80))
+    });
+    let port_suffix = if listen.port() == 80 {
+        String::new()
+    } else {
+        format!(":{}", listen.port())
+    };
+    let advertise = server_ip.map(|(ip, _)| format!("{ip}{port_suffix}"));
+    let dnsmasq = if a.no_dnsmasq {
+        None
+    } else {
+        let interface = a.interface.clone().ok_or(
+            "dnsmasq needs --interface (the lab network interface); pass --no-dnsmasq to run the HTTP handler alone",
+        )?;
+        let (ip, prefix) = server_ip.ok_or(
+            "dnsmasq needs --server-ip (the stack's address on --interface, e.g. 10.77.0.1/24); pass --no-dnsmasq to run the HTTP handler alone",
+        )?;
+        Some((
+            a.dnsmasq.clone(),
+            DnsmasqSettings {
+                interface,
+                server_ip: ip,
+                prefix,
+                http_base: format!("http://{ip}{port_suffix}"),
+                tftp_dir: sub(a.tftp_dir.clone(), "tftp"),
+                domain: a.domain.clone(),
+                dns: !a.no_dns,
+                work_dir: state_dir.join("dnsmasq"),
+            },
+        ))
+    };
+    if !a
+        .domain
+        .split('.')
+        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    {
+        return Err(format!(
+            "invalid --domain {:?}: use dot-separated letters, digits and '-'",
+            a.domain
+        ));
+    }
+    let nfs = (!a.no_nfs).then(|| NfsSettings {
+        binary: a.ganesha.clone(),
+        work_dir: state_dir.join("nfs"),
+        port: 2049,
+    });
+    Ok(supervisor::Options {
+        listen,
+        vms_dir: sub(a.vms_dir.clone(), "vms"),
+        images_dir: sub(a.images_dir.clone(), "images"),
+        initrds_dir: sub(a.initrds_dir.clone(), "initrds"),
+        state_dir,
+        advertise,
+        ip_check: !a.no_ip_check,
+        domain: a.domain.clone(),
+        server: ServerOptions {
+            max_connections: a.max_connections.max(1),
+            request_timeout: Duration::from_secs(a.request_timeout.max(1)),
+            access_log: !a.no_access_log,
+            ..ServerOptions::default()
+        },
+        dnsmasq,
+        nfs,
+    })
+}
+
+fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let bad = || {
+        format!("invalid --server-ip {s:?}: expected an IPv4 address with optional prefix, e.g. 10.77.0.1/24")
+    };
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, p)) => (ip, p.parse::<u8>().map_err(|_| bad())?),
+        None => (s, 24),
+    };
+    if !(8..=30).contains(&prefix) {
+        return Err(bad());
+    }
+    Ok((ip.parse().map_err(|_| bad())?, prefix))
+}

@@ -5,14 +5,19 @@ use serde::{Deserialize, Serialize};
 use crate::Mac;
 
 /// A step in a target's life, as reported by the boot handler or the installer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
+    /// dnsmasq acknowledged a DHCP lease for the VM (recorded by the stack from dnsmasq's log).
+    Dhcp,
     /// The handler answered `/ipxe` with the installer (the VM is network-booting).
     Ipxe,
+    /// The VM (from its reserved IP) fetched its kernel from the handler.
+    Kernel,
     /// The handler answered `/ipxe` with "boot from the local disk".
     LocalBoot,
     /// The installer is running and has its config.
+    #[default]
     Installing,
     /// The installer chose (and checked) the target disk.
     Disk,
@@ -30,12 +35,17 @@ pub enum Phase {
     Installed,
     /// The install failed; `message` says where and why.
     Failed,
+    /// A diskless VM mounted its root over NFS (reported by its initramfs); it is booting
+    /// into the distro, with nothing to install.
+    NfsRoot,
 }
 
 impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
+            Phase::Dhcp => "dhcp",
             Phase::Ipxe => "ipxe",
+            Phase::Kernel => "kernel",
             Phase::LocalBoot => "local-boot",
             Phase::Installing => "installing",
             Phase::Disk => "disk",
@@ -46,6 +56,7 @@ impl Phase {
             Phase::Bootloader => "bootloader",
             Phase::Installed => "installed",
             Phase::Failed => "failed",
+            Phase::NfsRoot => "nfs-root",
         }
     }
 }
@@ -73,12 +84,6 @@ pub struct Event {
     /// Milliseconds since the sender started (its own clock; the handler stamps arrival).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elapsed_ms: Option<u64>,
-}
-
-impl Default for Phase {
-    fn default() -> Phase {
-        Phase::Installing
-    }
 }
 
 /// One line of a VM's timeline (`<state dir>/<name>.timeline.jsonl`).
@@ -110,6 +115,10 @@ impl VmState {
         match (self, phase) {
             (VmState::Installed, _) => VmState::Installed,
             (_, Phase::Ipxe) => VmState::Booting,
+            // Observations of the network boot, not steps of the install.
+            (_, Phase::Dhcp | Phase::Kernel) => self,
+            // A diskless boot is booting until the lab sees SSH; it never installs.
+            (_, Phase::NfsRoot) => self,
             (_, Phase::LocalBoot) => self,
             (_, Phase::Installed) => VmState::Installed,
             (_, Phase::Failed) => VmState::Failed,
@@ -129,6 +138,24 @@ pub struct VmStatus {
     pub state: VmState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event: Option<TimelineEntry>,
+    /// When the VM entered `state`, Unix milliseconds (absent for `new`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+}
+
+/// A VM definition file the stack could not use, and why (one line).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidVm {
+    pub file: String,
+    pub error: String,
+}
+
+/// The body of `GET /status`: every valid VM (sorted by name) and every rejected file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackStatus {
+    pub vms: Vec<VmStatus>,
+    #[serde(default)]
+    pub invalid: Vec<InvalidVm>,
 }
 
 #[cfg(test)]
@@ -140,19 +167,38 @@ mod tests {
         use Phase::*;
         let walk = |phases: &[Phase]| phases.iter().fold(VmState::New, |s, p| s.after(*p));
         assert_eq!(walk(&[Ipxe]), VmState::Booting);
+        assert_eq!(walk(&[Dhcp]), VmState::New);
+        assert_eq!(walk(&[Dhcp, Ipxe, Kernel]), VmState::Booting);
+        assert_eq!(walk(&[Ipxe, Installing, Dhcp]), VmState::Installing);
         assert_eq!(walk(&[Ipxe, Installing, Rootfs]), VmState::Installing);
-        assert_eq!(walk(&[Ipxe, Installing, Rootfs, Installed]), VmState::Installed);
+        assert_eq!(
+            walk(&[Ipxe, Installing, Rootfs, Installed]),
+            VmState::Installed
+        );
         assert_eq!(walk(&[Ipxe, Installing, Failed, Rootfs]), VmState::Failed);
         assert_eq!(walk(&[Ipxe, Installing, Failed, Ipxe]), VmState::Booting);
         assert_eq!(walk(&[Ipxe, Installed, Ipxe, Failed]), VmState::Installed);
+        assert_eq!(walk(&[Dhcp, Ipxe, Kernel, NfsRoot]), VmState::Booting);
     }
 
     #[test]
     fn event_wire_form() {
         let e: Event = serde_json::from_str(r#"{"phase":"local-boot"}"#).unwrap();
         assert_eq!(e.phase, Phase::LocalBoot);
-        let line = TimelineEntry { at_ms: 5, event: Event { phase: Phase::Rootfs, bytes_done: Some(1), ..Event::default() } };
-        assert_eq!(serde_json::to_string(&line).unwrap(), r#"{"at_ms":5,"phase":"rootfs","bytes_done":1}"#);
+        let e: Event = serde_json::from_str(r#"{"phase":"nfs-root","message":"m"}"#).unwrap();
+        assert_eq!((e.phase, e.phase.as_str()), (Phase::NfsRoot, "nfs-root"));
+        let line = TimelineEntry {
+            at_ms: 5,
+            event: Event {
+                phase: Phase::Rootfs,
+                bytes_done: Some(1),
+                ..Event::default()
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&line).unwrap(),
+            r#"{"at_ms":5,"phase":"rootfs","bytes_done":1}"#
+        );
         assert!(serde_json::from_str::<Event>(r#"{"phase":"bogus"}"#).is_err());
     }
 }

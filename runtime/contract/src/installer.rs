@@ -37,3 +37,100 @@ pub struct InstallerConfig {
     /// Reboot after a successful install (else stay up, e.g. for debugging).
     pub reboot: bool,
 }
+
+/// The body of `GET /config/<mac>`: the [`InstallerConfig`] plus the keys the original pvmlab
+/// handler served (`arch`, `rootfs_url`, `kernel_url`, `kmods_url`, `reboot_on_success`), kept
+/// so tools written against the original keep working. Deserializing the same JSON as an
+/// [`InstallerConfig`] ignores the extra keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigReply {
+    #[serde(flatten)]
+    pub config: InstallerConfig,
+    pub arch: crate::Arch,
+    pub rootfs_url: String,
+    pub kernel_url: String,
+    pub kmods_url: String,
+    pub reboot_on_success: bool,
+}
+
+/// `images/<distro>/<arch>/manifest.json`, written by `cargo xtask distro pull` and read by the
+/// boot handler to fill [`InstallerConfig::rootfs`]. Unknown keys are ignored, so distro pull
+/// may record more than this.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DistroManifest {
+    /// The root filesystem tarball, next to the manifest.
+    pub rootfs: ManifestFile,
+    /// `uname -r` of the kernel in `vmlinuz` and `modules.cpio.zst`.
+    pub kernel_version: String,
+    /// The kernel image next to the manifest (the boot handler serves `vmlinuz` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<ManifestFile>,
+    /// The kernel-modules archive next to the manifest (`modules.cpio.zst` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules: Option<ManifestFile>,
+}
+
+/// A file in a distro's image directory, pinned by digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// A plain file name in the same directory as the manifest (no `/`).
+    pub file: String,
+    /// Lowercase hex sha256 of the file.
+    pub sha256: String,
+    pub size: u64,
+}
+
+impl ManifestFile {
+    /// Checks that `file` cannot name anything outside the manifest's directory and that
+    /// `sha256` looks like a digest; returns a one-line reason otherwise.
+    pub fn check(&self) -> Result<(), String> {
+        let name_ok = !self.file.is_empty()
+            && !self.file.starts_with('.')
+            && self
+                .file
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b));
+        if !name_ok {
+            return Err(format!(
+                "file name {:?} is not a plain file name",
+                self.file
+            ));
+        }
+        let digest_ok = self.sha256.len() == 64
+            && self
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !digest_ok {
+            return Err(format!(
+                "sha256 {:?} of {} is not 64 lowercase hex digits",
+                self.sha256, self.file
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_reads_the_documented_keys_and_ignores_others() {
+        let text = r#"{"rootfs":{"file":"rootfs.tar.zst","sha256":"00000000000000000000000000000000000000000000000000000000000000aa","size":7},
+                       "kernel_version":"6.1.0-1-cloud-amd64","something_else":true}"#;
+        let m: DistroManifest = serde_json::from_str(text).unwrap();
+        assert_eq!(m.rootfs.size, 7);
+        assert!(m.rootfs.check().is_ok());
+        let bad = ManifestFile {
+            file: "../x".into(),
+            ..m.rootfs.clone()
+        };
+        assert!(bad.check().is_err());
+        let bad = ManifestFile {
+            sha256: "AA".into(),
+            ..m.rootfs
+        };
+        assert!(bad.check().is_err());
+    }
+}

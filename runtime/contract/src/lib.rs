@@ -9,7 +9,9 @@ mod installer;
 mod mac;
 mod vm;
 
-pub use event::{Event, Phase, TimelineEntry, VmState, VmStatus};
-pub use installer::{Artifact, InstallerConfig, ESP_SIZE_MIB};
+pub use event::{Event, InvalidVm, Phase, StackStatus, TimelineEntry, VmState, VmStatus};
+pub use installer::{
+    Artifact, ConfigReply, DistroManifest, InstallerConfig, ManifestFile, ESP_SIZE_MIB,
+};
 pub use mac::{Mac, MacError};
 pub use vm::{Arch, BootMode, VmDefinition, VmError};

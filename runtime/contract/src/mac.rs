@@ -39,7 +39,9 @@ impl FromStr for Mac {
 
     /// Accepts `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff` and `aabbccddeeff`, in any case.
     fn from_str(s: &str) -> Result<Mac, MacError> {
-        let err = || MacError { input: s.to_string() };
+        let err = || MacError {
+            input: s.to_string(),
+        };
         let hex: String = match s.len() {
             17 => {
                 let sep = s.as_bytes()[2];
@@ -73,7 +75,11 @@ impl FromStr for Mac {
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 

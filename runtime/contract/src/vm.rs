@@ -114,7 +114,9 @@ pub enum VmError {
     Json(#[from] serde_json::Error),
     #[error("invalid VM name {0:?}: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'")]
     Name(String),
-    #[error("invalid hostname {0:?}: use dot-separated labels of lowercase letters, digits and '-'")]
+    #[error(
+        "invalid hostname {0:?}: use dot-separated labels of lowercase letters, digits and '-'"
+    )]
     Hostname(String),
     #[error("invalid distro {0:?}: use letters, digits, '.', '_' and '-' only")]
     Distro(String),
@@ -149,7 +151,10 @@ impl VmDefinition {
         let distro_ok = !self.distro.is_empty()
             && self.distro.len() <= 64
             && !self.distro.starts_with('.')
-            && self.distro.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            && self
+                .distro
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if !distro_ok {
             return Err(VmError::Distro(self.distro.clone()));
         }
@@ -161,7 +166,8 @@ impl VmDefinition {
         if let Some(d) = &self.disk {
             let ok = d.starts_with("/dev/")
                 && d.len() > 5
-                && d.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-.:".contains(&b))
+                && d.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/_-.:".contains(&b))
                 && !d.contains("..");
             if !ok {
                 return Err(VmError::Disk(d.clone()));
@@ -172,7 +178,10 @@ impl VmDefinition {
 
     /// The public keys, without blank lines.
     pub fn ssh_keys(&self) -> impl Iterator<Item = &str> {
-        self.ssh_key.lines().map(str::trim).filter(|l| !l.is_empty())
+        self.ssh_key
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
     }
 
     /// The host name the guest gets: `hostname` if set, else the VM name.
@@ -187,7 +196,8 @@ fn is_label(s: &str) -> bool {
         && s.len() <= 63
         && !s.starts_with('-')
         && !s.ends_with('-')
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn is_ssh_key(line: &str) -> bool {
@@ -198,7 +208,9 @@ fn is_ssh_key(line: &str) -> bool {
     let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
     known
         && blob.len() >= 16
-        && blob.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+        && blob
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
         && !line.chars().any(char::is_control)
 }
 
@@ -206,7 +218,8 @@ fn is_ssh_key(line: &str) -> bool {
 mod tests {
     use super::*;
 
-    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab";
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab";
 
     fn vm(name: &str) -> String {
         format!(
@@ -229,14 +242,26 @@ mod tests {
     #[test]
     fn rejects_unsafe_names_and_values() {
         for name in ["", "-a", "a-", "A", "a_b", "../x", "a.b", &"x".repeat(64)] {
-            assert!(matches!(VmDefinition::from_json(&vm(name)), Err(VmError::Name(_))), "{name}");
+            assert!(
+                matches!(VmDefinition::from_json(&vm(name)), Err(VmError::Name(_))),
+                "{name}"
+            );
         }
         let bad_mac = vm("a").replace("52:54:00:00:00:01", "52:54:00:00:00");
-        assert!(matches!(VmDefinition::from_json(&bad_mac), Err(VmError::Json(_))));
+        assert!(matches!(
+            VmDefinition::from_json(&bad_mac),
+            Err(VmError::Json(_))
+        ));
         let bad_distro = vm("a").replace("debian-12", "../etc");
-        assert!(matches!(VmDefinition::from_json(&bad_distro), Err(VmError::Distro(_))));
+        assert!(matches!(
+            VmDefinition::from_json(&bad_distro),
+            Err(VmError::Distro(_))
+        ));
         let bad_key = vm("a").replace(KEY, "password123");
-        assert!(matches!(VmDefinition::from_json(&bad_key), Err(VmError::SshKey(_))));
+        assert!(matches!(
+            VmDefinition::from_json(&bad_key),
+            Err(VmError::SshKey(_))
+        ));
     }
 
     #[test]

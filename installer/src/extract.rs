@@ -1,0 +1,387 @@
+//! Unpacking the (zstd or gzip, detected by magic) rootfs tarball onto the mounted root, keeping
+//! modes, owners, mtimes, symlinks, hardlinks, device nodes and xattrs.
+//!
+//! The `tar` crate does the unpacking (with its path checks: nothing escapes the root). It writes
+//! character/block devices and FIFOs as empty regular files, so those few entries are created
+//! here with mknod. Directories are applied last, deepest first, as `tar::Archive::unpack` does,
+//! so their modes and mtimes survive the creation of their contents.
+
+use std::ffi::CString;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+
+use tar::EntryType;
+
+/// How the tarball is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Zstd,
+    Gzip,
+}
+
+pub fn detect(magic: &[u8]) -> Option<Compression> {
+    match magic {
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(Compression::Zstd),
+        [0x1f, 0x8b, ..] => Some(Compression::Gzip),
+        _ => None,
+    }
+}
+
+/// What was unpacked.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: u64,
+    /// Uncompressed tar bytes.
+    pub tar_bytes: u64,
+}
+
+/// Counts the bytes the tar reader pulls out of the decompressor.
+struct Counting<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Size of the decompressed chunks handed from the decompressing thread to the unpacking one.
+const CHUNK: usize = 256 << 10;
+/// Chunks in flight: bounds memory (4 MiB) while letting both threads run.
+const IN_FLIGHT: usize = 16;
+
+/// Decompresses `input` on a second thread (download, sha256 and decompression there; file
+/// writes here) and unpacks it into `root`. Returns `input` back, so the caller can drain and
+/// verify the rest of it whatever happened here.
+pub fn extract<R: Read + Send + 'static>(input: R, root: &Path) -> (io::Result<Stats>, R) {
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(IN_FLIGHT);
+    let producer = std::thread::spawn(move || {
+        let mut input = input;
+        if let Err(e) = decompress(&mut input, &tx) {
+            let _ = tx.send(Err(e));
+        }
+        input
+    });
+    // The receiver is dropped when unpack returns, which stops the producer early on failure.
+    let stats = unpack(
+        Chunks {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        },
+        root,
+    );
+    match producer.join() {
+        Ok(input) => (stats, input),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Detects the compression by magic and sends the decompressed bytes in chunks, until the end
+/// or until the receiver hangs up.
+fn decompress(input: &mut impl Read, tx: &SyncSender<io::Result<Vec<u8>>>) -> io::Result<()> {
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < magic.len() {
+        match input.read(&mut magic[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let whole = io::Cursor::new(magic[..got].to_vec()).chain(input);
+    let mut decoder: Box<dyn Read + '_> = match detect(&magic[..got]) {
+        Some(Compression::Zstd) => Box::new(zstd::stream::read::Decoder::new(whole)?),
+        Some(Compression::Gzip) => Box::new(flate2::read::MultiGzDecoder::new(whole)),
+        None => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the rootfs is neither zstd nor gzip (starts with {})",
+                    hex::encode(&magic[..got])
+                ),
+            ))
+        }
+    };
+    loop {
+        let mut chunk = vec![0u8; CHUNK];
+        let mut filled = 0;
+        while filled < CHUNK {
+            match decoder.read(&mut chunk[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(());
+        }
+        chunk.truncate(filled);
+        if tx.send(Ok(chunk)).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// The receiving end as a `Read`: the producer's error becomes this reader's error; the
+/// producer hanging up after its last chunk is the end of the stream.
+struct Chunks {
+    rx: Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for Chunks {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn unpack(tar_stream: impl Read, root: &Path) -> io::Result<Stats> {
+    let mut counting = Counting {
+        inner: tar_stream,
+        count: 0,
+    };
+    let mut archive = tar::Archive::new(&mut counting);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    let mut stats = Stats::default();
+    let mut directories = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        stats.entries += 1;
+        let kind = entry.header().entry_type();
+        if kind == EntryType::Directory {
+            directories.push(entry);
+        } else if matches!(kind, EntryType::Char | EntryType::Block | EntryType::Fifo) {
+            special(&entry, root)?;
+        } else {
+            entry.unpack_in(root)?;
+        }
+    }
+    directories.sort_by(|a, b| b.path_bytes().cmp(&a.path_bytes()));
+    for mut dir in directories {
+        if dir.unpack_in(root)? {
+            // tar-rs leaves directory mtimes at "now"; keep the archive's, as GNU tar does.
+            if let Some(dest) = safe_join(root, &dir.path()?) {
+                set_mtime(&dest, dir.header().mtime()?)?;
+            }
+        }
+    }
+    // Read the tar's trailing padding too, so the decompressor reaches its end and checks its
+    // own checksum (gzip CRC, zstd content checksum) and the byte count is the whole tar.
+    io::copy(&mut counting, &mut io::sink())?;
+    stats.tar_bytes = counting.count;
+    Ok(stats)
+}
+
+/// A device node or FIFO, with its owner, mode and mtime.
+fn special<R: Read>(entry: &tar::Entry<'_, R>, root: &Path) -> io::Result<()> {
+    let header = entry.header();
+    let rel = entry.path()?;
+    let dest = safe_join(root, &rel).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unsafe path {:?} in the rootfs", rel),
+        )
+    })?;
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let _ = std::fs::remove_file(&dest);
+    let mode = header.mode()? & 0o7777;
+    let (kind, dev) = match header.entry_type() {
+        EntryType::Char => (libc::S_IFCHR, dev_of(header)?),
+        EntryType::Block => (libc::S_IFBLK, dev_of(header)?),
+        _ => (libc::S_IFIFO, 0),
+    };
+    let c = CString::new(dest.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: valid NUL-terminated path.
+    if unsafe { libc::mknod(c.as_ptr(), kind | mode, dev) } != 0 {
+        return Err(with_path(io::Error::last_os_error(), "mknod", &dest));
+    }
+    let (uid, gid) = (header.uid()? as libc::uid_t, header.gid()? as libc::gid_t);
+    // SAFETY: valid NUL-terminated path.
+    if unsafe { libc::lchown(c.as_ptr(), uid, gid) } != 0
+        || unsafe { libc::chmod(c.as_ptr(), mode) } != 0
+    {
+        return Err(with_path(io::Error::last_os_error(), "chown/chmod", &dest));
+    }
+    set_mtime(&dest, header.mtime()?)
+}
+
+fn set_mtime(path: &Path, mtime: u64) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let t = libc::timespec {
+        tv_sec: mtime as libc::time_t,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid NUL-terminated path and a two-element timespec array.
+    if unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            [t, t].as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
+        return Err(with_path(
+            io::Error::last_os_error(),
+            "setting the mtime of",
+            path,
+        ));
+    }
+    Ok(())
+}
+
+fn dev_of(header: &tar::Header) -> io::Result<libc::dev_t> {
+    let major = header.device_major()?.unwrap_or(0);
+    let minor = header.device_minor()?.unwrap_or(0);
+    Ok(libc::makedev(major, minor))
+}
+
+fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+/// `root/rel` if `rel` has only normal components (the tar crate checks its own entries; this
+/// covers the ones we create).
+fn safe_join(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut out = root.to_path_buf();
+    for c in rel.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    (out != root).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// Owned by the current user, so the test runs without root.
+    fn header(kind: EntryType) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        // SAFETY: getuid/getgid cannot fail.
+        h.set_uid(u64::from(unsafe { libc::getuid() }));
+        h.set_gid(u64::from(unsafe { libc::getgid() }));
+        h.set_size(0);
+        h
+    }
+
+    fn tarball() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut dir = header(EntryType::Directory);
+        dir.set_mode(0o750);
+        dir.set_mtime(1_600_000_000);
+        b.append_data(&mut dir, "etc/", io::empty()).unwrap();
+        let mut f = header(EntryType::Regular);
+        f.set_mode(0o640);
+        f.set_size(5);
+        f.set_mtime(1_600_000_001);
+        b.append_data(&mut f, "etc/a", &b"hello"[..]).unwrap();
+        let mut l = header(EntryType::Symlink);
+        b.append_link(&mut l, "etc/b", "a").unwrap();
+        let mut h = header(EntryType::Link);
+        b.append_link(&mut h, "etc/c", "etc/a").unwrap();
+        let mut fifo = header(EntryType::Fifo);
+        fifo.set_mode(0o600);
+        b.append_data(&mut fifo, "run/initctl", io::empty())
+            .unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn detects_by_magic() {
+        assert_eq!(detect(&[0x28, 0xb5, 0x2f, 0xfd]), Some(Compression::Zstd));
+        assert_eq!(detect(&[0x1f, 0x8b, 8, 0]), Some(Compression::Gzip));
+        assert_eq!(detect(b"ustar"), None);
+    }
+
+    fn check_tree(root: &Path) {
+        assert_eq!(std::fs::read(root.join("etc/a")).unwrap(), b"hello");
+        assert_eq!(
+            std::fs::read_link(root.join("etc/b")).unwrap(),
+            Path::new("a")
+        );
+        let a = std::fs::metadata(root.join("etc/a")).unwrap();
+        assert_eq!(a.permissions().mode() & 0o7777, 0o640);
+        assert_eq!(
+            a.ino(),
+            std::fs::metadata(root.join("etc/c")).unwrap().ino(),
+            "hardlink"
+        );
+        let etc = std::fs::metadata(root.join("etc")).unwrap();
+        assert_eq!(etc.permissions().mode() & 0o7777, 0o750);
+        assert_eq!(
+            etc.mtime(),
+            1_600_000_000,
+            "directory mtime applied after its contents"
+        );
+        let fifo = std::fs::symlink_metadata(root.join("run/initctl")).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fifo.file_type()));
+    }
+
+    #[test]
+    fn unpacks_zstd_and_gzip_alike() {
+        let tar = tarball();
+        let zst = zstd::encode_all(&tar[..], 3).unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let stats = extract(io::Cursor::new(zst), t.path()).0.unwrap();
+        assert_eq!(stats.entries, 5);
+        assert_eq!(stats.tar_bytes as usize, tar.len());
+        check_tree(t.path());
+
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let t = tempfile::tempdir().unwrap();
+        extract(io::Cursor::new(gz), t.path()).0.unwrap();
+        check_tree(t.path());
+    }
+
+    #[test]
+    fn rejects_unknown_formats_and_escaping_paths() {
+        let t = tempfile::tempdir().unwrap();
+        let (result, _) = extract(io::Cursor::new(b"PK\x03\x04rest".to_vec()), t.path());
+        let e = result.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("neither zstd nor gzip (starts with 504b0304)"),
+            "{e}"
+        );
+        assert_eq!(safe_join(Path::new("/r"), Path::new("../x")), None);
+        assert_eq!(
+            safe_join(Path::new("/r"), Path::new("./dev/null")),
+            Some(PathBuf::from("/r/dev/null"))
+        );
+    }
+}

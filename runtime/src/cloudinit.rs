@@ -1,0 +1,88 @@
+//! NoCloud documents for a VM (`/cloud-init/<name>/…`).
+//!
+//! One login: user `pxelab` with the VM's SSH keys and passwordless sudo. No password is set
+//! for anyone, SSH password login is off and root login is disabled. Networking is DHCP on the
+//! NIC matched by MAC (renamed `lan0` so every renderer — netplan, networkd, ifupdown — agrees
+//! on the name). Strings are emitted as JSON strings, which YAML reads as double-quoted scalars,
+//! so an SSH key comment cannot break the document.
+
+use pxelab_contract::VmDefinition;
+
+pub const USER: &str = "pxelab";
+pub const DOCUMENTS: [&str; 4] = ["meta-data", "user-data", "network-config", "vendor-data"];
+
+fn q(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+pub fn meta_data(vm: &VmDefinition) -> String {
+    format!(
+        "instance-id: {}\nlocal-hostname: {}\n",
+        q(&format!("iid-pxelab-{}", vm.name)),
+        q(vm.guest_hostname())
+    )
+}
+
+pub fn user_data(vm: &VmDefinition, domain: &str) -> String {
+    let host = vm.guest_hostname();
+    let fqdn = if host.contains('.') {
+        host.to_string()
+    } else {
+        format!("{host}.{domain}")
+    };
+    let mut keys = String::new();
+    for key in vm.ssh_keys() {
+        keys.push_str(&format!("      - {}\n", q(key)));
+    }
+    let keys = if keys.is_empty() {
+        "    ssh_authorized_keys: []\n".to_string()
+    } else {
+        format!("    ssh_authorized_keys:\n{keys}")
+    };
+    format!(
+        "#cloud-config\n\
+         hostname: {short}\n\
+         fqdn: {fqdn}\n\
+         prefer_fqdn_over_hostname: false\n\
+         manage_etc_hosts: true\n\
+         ssh_pwauth: false\n\
+         disable_root: true\n\
+         users:\n\
+         \x20 - name: {USER}\n\
+         \x20   gecos: pxelab lab user\n\
+         \x20   shell: /bin/bash\n\
+         \x20   lock_passwd: true\n\
+         \x20   sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n\
+         {keys}",
+        short = q(host.split('.').next().unwrap_or(host)),
+        fqdn = q(&fqdn),
+    )
+}
+
+pub fn network_config(vm: &VmDefinition) -> String {
+    format!(
+        "version: 2\n\
+         ethernets:\n\
+         \x20 lan0:\n\
+         \x20   match:\n\
+         \x20     macaddress: {mac}\n\
+         \x20   set-name: lan0\n\
+         \x20   dhcp4: true\n",
+        mac = q(&vm.mac.to_string()),
+    )
+}
+
+/// Nothing vendor-specific; served so NoCloud's optional fetch succeeds instead of logging 404.
+pub fn vendor_data() -> String {
+    "#cloud-config\n{}\n".to_string()
+}
+
+pub fn document(vm: &VmDefinition, which: &str, domain: &str) -> Option<String> {
+    Some(match which {
+        "meta-data" => meta_data(vm),
+        "user-data" => user_data(vm, domain),
+        "network-config" => network_config(vm),
+        "vendor-data" => vendor_data(),
+        _ => return None,
+    })
+}

@@ -1,0 +1,257 @@
+//! Test support: a temporary stack directory, the handler served in-process on loopback, and a
+//! raw HTTP client (raw so tests can send exactly the bytes an attacker or a broken client would).
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use pxelab_runtime::{
+    events::EventStore,
+    handler::Context,
+    server::{Server, ServerOptions},
+    vms::VmStore,
+};
+
+pub const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab@pxelab";
+pub const MAC: &str = "52:54:00:aa:bb:01";
+
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub server: Option<Server>,
+    pub addr: SocketAddr,
+}
+
+impl Stack {
+    /// A stack directory with one x86_64 VM `t1` (MAC [`MAC`], reserved IP 127.0.0.1) and a
+    /// complete, pulled `debian-12` distro, served with default options and the IP check on.
+    pub fn new() -> Stack {
+        Stack::with(
+            ServerOptions {
+                access_log: false,
+                ..ServerOptions::default()
+            },
+            true,
+        )
+    }
+
+    pub fn with(options: ServerOptions, ip_check: bool) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["vms", "state", "images/debian-12/x86_64", "initrds/x86_64"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        write_vm(root, "t1", MAC, Some("127.0.0.1"));
+        let img = root.join("images/debian-12/x86_64");
+        std::fs::write(img.join("vmlinuz"), b"KERNEL-IMAGE-0123456789").unwrap();
+        std::fs::write(img.join("modules.cpio.zst"), b"MODULES").unwrap();
+        let rootfs = b"ROOTFS-TARBALL";
+        std::fs::write(img.join("rootfs.tar.zst"), rootfs).unwrap();
+        let manifest = serde_json::json!({
+            "rootfs": {"file": "rootfs.tar.zst", "sha256": sha256_of(rootfs), "size": rootfs.len()},
+            "kernel_version": "6.1.0-99-cloud-amd64"
+        });
+        std::fs::write(img.join("manifest.json"), manifest.to_string()).unwrap();
+        std::fs::write(root.join("initrds/x86_64/initrd.img"), b"INSTALLER-INITRD").unwrap();
+        let mut stack = Stack {
+            dir,
+            server: None,
+            addr: "127.0.0.1:1".parse().unwrap(),
+        };
+        stack.start(options, ip_check);
+        stack
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn context(root: &Path, ip_check: bool) -> Context {
+        Context {
+            vms: Arc::new(VmStore::new(root.join("vms"))),
+            events: Arc::new(EventStore::new(root.join("state"))),
+            images_dir: root.join("images"),
+            initrds_dir: root.join("initrds"),
+            advertise: Some("10.0.0.1".into()),
+            ip_check,
+            domain: "pxelab.local".into(),
+            nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(root.join("images"))),
+        }
+    }
+
+    /// (Re)starts the server on a fresh port over the same directories.
+    pub fn start(&mut self, options: ServerOptions, ip_check: bool) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = Server::start(
+            listener,
+            Arc::new(Stack::context(self.root(), ip_check)),
+            options,
+        )
+        .unwrap();
+        self.addr = server.local_addr();
+        self.server = Some(server);
+    }
+
+    pub fn get(&self, target: &str) -> Reply {
+        self.raw(&format!(
+            "GET {target} HTTP/1.1\r\nHost: pxe.test\r\nConnection: close\r\n\r\n"
+        ))
+    }
+
+    pub fn send(&self, method: &str, target: &str, body: &[u8]) -> Reply {
+        let mut req = format!(
+            "{method} {target} HTTP/1.1\r\nHost: pxe.test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        raw_bytes(self.addr, &req)
+    }
+
+    pub fn raw(&self, request: &str) -> Reply {
+        raw_bytes(self.addr, request.as_bytes())
+    }
+}
+
+pub fn write_vm(root: &Path, name: &str, mac: &str, ip: Option<&str>) -> PathBuf {
+    let mut vm = serde_json::json!({
+        "name": name, "arch": "x86_64", "distro": "debian-12", "mac": mac,
+        "ssh_key": format!("{KEY}\n"), "pxeboot": true,
+    });
+    if let Some(ip) = ip {
+        vm["ip"] = ip.into();
+    }
+    let path = root.join("vms").join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&vm).unwrap()).unwrap();
+    path
+}
+
+pub fn sha256_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// Error bodies are exactly one line.
+    pub fn assert_one_line(&self) {
+        let t = self.text();
+        assert!(
+            t.ends_with('\n') && t.matches('\n').count() == 1,
+            "not one line: {t:?}"
+        );
+    }
+}
+
+/// Sends `request` on a fresh connection and reads the reply until the server closes it.
+pub fn raw_bytes(addr: SocketAddr, request: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    parse_reply(&out).unwrap_or_else(|| {
+        panic!(
+            "no HTTP reply to {:?}: got {:?}",
+            String::from_utf8_lossy(request),
+            String::from_utf8_lossy(&out)
+        )
+    })
+}
+
+pub fn parse_reply(out: &[u8]) -> Option<Reply> {
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&out[..split]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Some(Reply {
+        status,
+        headers,
+        body: out[split + 4..].to_vec(),
+    })
+}
+
+/// `uname -r` of the kernel in [`rootfs_tar_zst`].
+pub const KVER: &str = "6.1.0-99-cloud-amd64";
+
+/// A tiny root filesystem: an initramfs in /boot, a setuid binary, a root-only file, a symlink
+/// and a hard link, and a directory whose mode only applies once its content is written.
+pub fn rootfs_tar_zst() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, mode: u32, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_686_355_200);
+        h.set_size(data.len() as u64);
+        if let Some(l) = link {
+            h.set_link_name(l).unwrap();
+        }
+        h.set_path(path).unwrap();
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    use tar::EntryType::*;
+    add("./", 0o755, Directory, b"", None);
+    add("./boot/", 0o755, Directory, b"", None);
+    add(
+        &format!("./boot/initrd.img-{KVER}"),
+        0o644,
+        Regular,
+        b"DISTRO-INITRAMFS",
+        None,
+    );
+    add("./etc/", 0o755, Directory, b"", None);
+    add("./etc/hostname", 0o644, Regular, b"unset\n", None);
+    add("./etc/shadow", 0o640, Regular, b"root:*:1::::::\n", None);
+    add("./usr/bin/", 0o755, Directory, b"", None);
+    add("./usr/bin/sudo", 0o4755, Regular, b"#!/bin/sh\n", None);
+    add(
+        "./usr/bin/sudoedit",
+        0o4755,
+        Link,
+        b"",
+        Some("usr/bin/sudo"),
+    );
+    add("./bin", 0o777, Symlink, b"", Some("usr/bin"));
+    add("./root/", 0o700, Directory, b"", None);
+    add("./root/.profile", 0o644, Regular, b"# root\n", None);
+    let tar = b.into_inner().unwrap();
+    zstd::encode_all(&tar[..], 3).unwrap()
+}

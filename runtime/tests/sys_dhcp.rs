@@ -1,0 +1,493 @@
+//! Real DHCP, DNS and HTTP in network namespaces: the `pxelab-stack` binary with real dnsmasq
+//! on one end of a veth pair, busybox `udhcpc`/`wget`/`nslookup` on the other. Needs root and
+//! the Debian packages iproute2, dnsmasq-base and busybox; fails loudly without them.
+//! Everything it creates (namespaces, veth, processes) is removed by Drop guards, also on failure.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const SERVER_IP: &str = "10.231.0.1";
+const MAC: &str = "52:54:00:aa:bb:01";
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab";
+
+fn require(tool: &str, package: &str) {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .any(|d| d.join(tool).is_file());
+    assert!(found, "{tool} not found: apt-get install {package}");
+}
+
+fn prerequisites() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this sys_ test creates network namespaces: run it as root"
+    );
+    require("ip", "iproute2");
+    require("dnsmasq", "dnsmasq-base");
+    require("busybox", "busybox");
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    out
+}
+
+fn must(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two namespaces joined by a veth pair; deleted (with the veth) on drop.
+struct Lab {
+    srv: String,
+    cli: String,
+    srv_if: String,
+    cli_if: String,
+}
+
+impl Lab {
+    /// `tag` (one letter) keeps tests that run in parallel apart.
+    fn new(tag: &str) -> Lab {
+        let id = std::process::id();
+        let lab = Lab {
+            srv: format!("pxl-s{tag}{id}"),
+            cli: format!("pxl-c{tag}{id}"),
+            srv_if: format!("pxs{tag}{id}"),
+            cli_if: format!("pxc{tag}{id}"),
+        };
+        // The guard exists before anything is created, so a failure half-way still cleans up.
+        must(&["ip", "netns", "add", &lab.srv]);
+        must(&["ip", "netns", "add", &lab.cli]);
+        must(&[
+            "ip",
+            "link",
+            "add",
+            &lab.srv_if,
+            "netns",
+            &lab.srv,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &lab.cli_if,
+            "netns",
+            &lab.cli,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &lab.srv,
+            "addr",
+            "add",
+            &format!("{SERVER_IP}/24"),
+            "dev",
+            &lab.srv_if,
+        ]);
+        for (ns, dev) in [(&lab.srv, &lab.srv_if), (&lab.cli, &lab.cli_if)] {
+            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            must(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        lab
+    }
+
+    fn in_cli(&self, args: &[&str]) -> Output {
+        let mut all = vec!["ip", "netns", "exec", &self.cli];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    fn in_srv(&self, args: &[&str]) -> Output {
+        let mut all = vec!["ip", "netns", "exec", &self.srv];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    fn set_client_mac(&self, mac: &str) {
+        must(&["ip", "-n", &self.cli, "link", "set", &self.cli_if, "down"]);
+        must(&[
+            "ip",
+            "-n",
+            &self.cli,
+            "link",
+            "set",
+            &self.cli_if,
+            "address",
+            mac,
+        ]);
+        must(&["ip", "-n", &self.cli, "link", "set", &self.cli_if, "up"]);
+    }
+
+    /// One DHCP exchange from the client namespace; the lease's variables, or None (no lease).
+    fn dhcp(&self, dir: &Path, extra: &[&str]) -> Option<Vec<(String, String)>> {
+        let out_file = dir.join("lease.env");
+        let _ = std::fs::remove_file(&out_file);
+        let script = dir.join("udhcpc.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = bound ] && env > {}\nexit 0\n",
+                out_file.display()
+            ),
+        )
+        .unwrap();
+        must(&["chmod", "755", script.to_str().unwrap()]);
+        let mut args = vec![
+            "busybox",
+            "udhcpc",
+            "-i",
+            &self.cli_if,
+            "-f",
+            "-q",
+            "-n",
+            "-t",
+            "3",
+            "-T",
+            "1",
+            "-s",
+            script.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = self.in_cli(&args);
+        let env = std::fs::read_to_string(&out_file).ok()?;
+        assert!(
+            out.status.success(),
+            "udhcpc bound but failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(
+            env.lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in [&self.srv, &self.cli] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn get<'a>(lease: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    lease
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The stack process; killed (with its process group) on drop if a test fails mid-way, and its
+/// log printed so the failure explains itself.
+struct StackProcess {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Drop for StackProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- stack log\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn write_vm(dir: &Path, ip: &str) {
+    let vm = serde_json::json!({"name": "t1", "arch": "x86_64", "distro": "debian-12", "mac": MAC, "ip": ip,
+        "ssh_key": KEY, "pxeboot": true});
+    std::fs::write(dir.join("vms/t1.json"), vm.to_string()).unwrap();
+}
+
+fn prepare_data(data: &Path) {
+    for d in ["vms", "tftp", "images", "initrds"] {
+        std::fs::create_dir_all(data.join(d)).unwrap();
+    }
+    // Names only: DHCP answers carry them; nothing fetches them in these tests.
+    for f in ["ipxe.efi", "ipxe-arm64.efi", "undionly.kpxe"] {
+        std::fs::write(data.join("tftp").join(f), b"").unwrap();
+    }
+    write_vm(data, "10.231.0.50");
+}
+
+/// Starts the stack binary in the server namespace (HTTP on the default listen address,
+/// <server-ip>:80) and waits until it answers HTTP there.
+fn start_stack(lab: &Lab, data: &Path) -> StackProcess {
+    let log = data.join("stack.log");
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.srv,
+            env!("CARGO_BIN_EXE_pxelab-stack"),
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--interface",
+            &lab.srv_if,
+            "--server-ip",
+            &format!("{SERVER_IP}/24"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // `ip netns exec` execs the binary, so this pid is the stack itself.
+    let stack = StackProcess {
+        child: Some(child),
+        log,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = lab.in_srv(&[
+            "busybox",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{SERVER_IP}/healthz"),
+        ]);
+        if out.status.success() && out.stdout == b"ok\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stack did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // HTTP is up before dnsmasq has exec'd; wait for dnsmasq too.
+    let conf = data.join("state/dnsmasq/dnsmasq.conf");
+    while dnsmasq_pids_using(&conf).is_empty() {
+        assert!(Instant::now() < deadline, "dnsmasq did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stack
+}
+
+/// Running dnsmasq processes (zombies are dead) whose command line names `conf`.
+fn dnsmasq_pids_using(conf: &Path) -> Vec<u32> {
+    let needle = conf.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+            String::from_utf8_lossy(&cmdline).contains(&needle) && !zombie
+        })
+        .collect()
+}
+
+#[test]
+fn sys_dhcp_dns_and_http_in_namespaces() {
+    prerequisites();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path();
+    prepare_data(data);
+    let lab = Lab::new("a");
+    lab.set_client_mac(MAC);
+    let mut stack = start_stack(&lab, data);
+
+    // The reserved address, the BIOS boot file from our TFTP server, DNS and domain.
+    let lease = lab.dhcp(data, &[]).expect("the known MAC got no lease");
+    assert_eq!(get(&lease, "ip"), Some("10.231.0.50"), "{lease:?}");
+    assert_eq!(get(&lease, "boot_file"), Some("undionly.kpxe"), "{lease:?}");
+    assert_eq!(get(&lease, "siaddr"), Some(SERVER_IP), "{lease:?}");
+    assert_eq!(get(&lease, "dns"), Some(SERVER_IP), "{lease:?}");
+    assert_eq!(get(&lease, "domain"), Some("pxelab.local"), "{lease:?}");
+    assert_eq!(get(&lease, "hostname"), Some("t1"), "{lease:?}");
+    // The lease is on the VM's timeline (the stack follows dnsmasq's log).
+    let timeline = data.join("state/t1.timeline.jsonl");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&timeline)
+        .unwrap_or_default()
+        .contains(r#""phase":"dhcp","message":"lease 10.231.0.50""#)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "no dhcp event: {:?}",
+            std::fs::read_to_string(&timeline)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Per-architecture first stage, and the chain URL once the client is iPXE (option 175).
+    for (extra, file) in [
+        ("0x5d:0007", "ipxe.efi"),
+        ("0x5d:0009", "ipxe.efi"),
+        ("0x5d:000b", "ipxe-arm64.efi"),
+        ("0xaf:1501", "http://10.231.0.1/boot.ipxe"),
+    ] {
+        let lease = lab.dhcp(data, &["-x", extra]).expect("no lease");
+        assert_eq!(get(&lease, "boot_file"), Some(file), "{extra}: {lease:?}");
+    }
+
+    // HTTP from the VM's own address: cloud-init is served; from another address it is not.
+    must(&[
+        "ip",
+        "-n",
+        &lab.cli,
+        "addr",
+        "add",
+        "10.231.0.50/24",
+        "dev",
+        &lab.cli_if,
+    ]);
+    let out = lab.in_cli(&[
+        "busybox",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        &format!("http://{SERVER_IP}/cloud-init/t1/meta-data"),
+    ]);
+    assert!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("local-hostname: \"t1\""),
+        "{out:?}"
+    );
+    let out = lab.in_srv(&[
+        "busybox",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        &format!("http://{SERVER_IP}/cloud-init/t1/meta-data"),
+    ]);
+    assert!(
+        !out.status.success(),
+        "cloud-init served to the server's own address"
+    );
+    must(&["ip", "-n", &lab.cli, "addr", "flush", "dev", &lab.cli_if]);
+
+    // A changed VM file changes the answer, without a restart, within 2 s.
+    write_vm(data, "10.231.0.51");
+    let changed = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let lease = lab.dhcp(data, &[]).expect("no lease after the change");
+        if get(&lease, "ip") == Some("10.231.0.51") {
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(6),
+            "still {lease:?} after the VM file changed"
+        );
+    }
+    let took = changed.elapsed();
+    eprintln!("new reservation answered {took:?} after the VM file changed");
+    // DNS names for every VM (udhcpc's script here does not configure the address: do it).
+    must(&[
+        "ip",
+        "-n",
+        &lab.cli,
+        "addr",
+        "add",
+        "10.231.0.51/24",
+        "dev",
+        &lab.cli_if,
+    ]);
+    let dns = lab.in_cli(&["busybox", "nslookup", "t1.pxelab.local", SERVER_IP]);
+    let answer = String::from_utf8_lossy(&dns.stdout);
+    assert!(
+        answer.contains("10.231.0.51"),
+        "DNS: {answer} {}",
+        String::from_utf8_lossy(&dns.stderr)
+    );
+    must(&["ip", "-n", &lab.cli, "addr", "flush", "dev", &lab.cli_if]);
+
+    // Unknown MACs get nothing.
+    lab.set_client_mac("52:54:00:aa:bb:99");
+    assert!(lab.dhcp(data, &[]).is_none(), "an unknown MAC got a lease");
+
+    // SIGTERM: the stack and its dnsmasq are gone within 2 s.
+    let conf = data.join("state/dnsmasq/dnsmasq.conf");
+    assert_eq!(dnsmasq_pids_using(&conf).len(), 1, "dnsmasq is not running");
+    let mut child = stack.child.take().unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "stack still running 2 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        dnsmasq_pids_using(&conf).is_empty(),
+        "dnsmasq survived the stack"
+    );
+    eprintln!("stopped {:?} after SIGTERM", t.elapsed());
+    drop(stack);
+}
+
+/// A dnsmasq that dies is restarted; and if the stack is killed without a chance to clean up,
+/// the kernel still stops its dnsmasq (PR_SET_PDEATHSIG), so no DHCP server is left behind.
+#[test]
+fn sys_dnsmasq_restarted_and_dies_with_a_killed_stack() {
+    prerequisites();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path();
+    prepare_data(data);
+    let lab = Lab::new("b");
+    let mut stack = start_stack(&lab, data);
+    let conf = data.join("state/dnsmasq/dnsmasq.conf");
+    let first = dnsmasq_pids_using(&conf);
+    assert_eq!(first.len(), 1, "dnsmasq is not running");
+    // A dnsmasq that dies on its own is restarted.
+    // SAFETY: kill(2) on a pid we just read; SIGKILL to a dnsmasq this test started.
+    unsafe { libc::kill(first[0] as i32, libc::SIGKILL) };
+    let t = Instant::now();
+    loop {
+        let now = dnsmasq_pids_using(&conf);
+        if now.len() == 1 && now != first {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "dnsmasq was not restarted: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("dnsmasq restarted {:?} after it was killed", t.elapsed());
+    let mut child = stack.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = Instant::now();
+    while !dnsmasq_pids_using(&conf).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "dnsmasq outlived a SIGKILLed stack"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,308 @@
+//! A suite's `InRelease` (or `Release` + `Release.gpg`): its OpenPGP signature checked by the
+//! host's `gpgv` against a keyring, and its fields — above all the size and SHA-256 of every
+//! index file, which is what makes the `Packages` files (and through them each `.deb`) trusted.
+
+use crate::deb822;
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Where Debian's `debian-archive-keyring` package installs the archive keys.
+pub const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+/// How a Release file's signature is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Require a good signature by a key in this keyring (checked with `gpgv`).
+    Keyring(PathBuf),
+    /// Do not check signatures: only for local test fixture mirrors that have no keys.
+    Unverified,
+}
+
+impl Default for Trust {
+    fn default() -> Self {
+        Trust::Keyring(PathBuf::from(DEBIAN_KEYRING))
+    }
+}
+
+/// Size and SHA-256 of one file listed in a Release file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexFile {
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256, lowercase hex.
+    pub sha256: String,
+}
+
+/// The parsed fields of a Release file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// `Suite` (e.g. `oldstable`).
+    pub suite: Option<String>,
+    /// `Codename` (e.g. `bookworm`, `bookworm-security`).
+    pub codename: Option<String>,
+    /// `Date`, verbatim.
+    pub date: Option<String>,
+    /// `Valid-Until`, verbatim (not enforced: snapshot mirrors serve expired ones on purpose).
+    pub valid_until: Option<String>,
+    /// `Acquire-By-Hash: yes`: indexes can also be fetched from `by-hash/SHA256/<hash>`.
+    pub acquire_by_hash: bool,
+    /// `Architectures`.
+    pub architectures: Vec<String>,
+    /// `Components`.
+    pub components: Vec<String>,
+    files: BTreeMap<String, IndexFile>,
+}
+
+impl Release {
+    /// Parses the (already verified or unsigned) text of a Release file.
+    pub fn parse(text: &str, source_name: &str) -> Result<Self> {
+        let stanzas = deb822::parse(text, source_name)?;
+        let err = |line: usize, message: String| Error::Parse {
+            source_name: source_name.to_string(),
+            line,
+            message,
+        };
+        let [stanza] = stanzas.as_slice() else {
+            return Err(err(
+                1,
+                format!("expected one stanza, found {}", stanzas.len()),
+            ));
+        };
+        let list = |name: &str| {
+            stanza
+                .get(name)
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        let sums = stanza.get("SHA256").ok_or_else(|| {
+            err(
+                stanza.line(),
+                "no SHA256 field: refusing an index without hashes".into(),
+            )
+        })?;
+        let mut files = BTreeMap::new();
+        for line in sums.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            let [sha256, size, path] = parts.as_slice() else {
+                return Err(err(stanza.line(), format!("bad SHA256 line {line:?}")));
+            };
+            let size = size
+                .parse()
+                .map_err(|_| err(stanza.line(), format!("bad size in SHA256 line {line:?}")))?;
+            files.insert(
+                path.to_string(),
+                IndexFile {
+                    size,
+                    sha256: sha256.to_ascii_lowercase(),
+                },
+            );
+        }
+        let owned = |name: &str| stanza.get(name).map(str::to_string);
+        Ok(Release {
+            suite: owned("Suite"),
+            codename: owned("Codename"),
+            date: owned("Date"),
+            valid_until: owned("Valid-Until"),
+            acquire_by_hash: stanza
+                .get("Acquire-By-Hash")
+                .is_some_and(|v| v.eq_ignore_ascii_case("yes")),
+            architectures: list("Architectures"),
+            components: list("Components"),
+            files,
+        })
+    }
+
+    /// The listed size and hash of `path` (relative to `dists/<suite>/`).
+    pub fn file(&self, path: &str) -> Option<&IndexFile> {
+        self.files.get(path)
+    }
+
+    /// Whether this Release describes `suite` (by `Suite` or `Codename`).
+    pub fn is_for(&self, suite: &str) -> bool {
+        self.suite.as_deref() == Some(suite) || self.codename.as_deref() == Some(suite)
+    }
+}
+
+/// Removes the OpenPGP clear-sign armor from an `InRelease` without checking it: only for
+/// [`Trust::Unverified`]. Verified text comes from gpgv itself, so nothing outside the signed
+/// part can slip in.
+pub fn strip_clearsign(text: &str, source_name: &str) -> Result<String> {
+    let err = |message: &str| Error::Parse {
+        source_name: source_name.to_string(),
+        line: 1,
+        message: message.to_string(),
+    };
+    let mut lines = text.lines();
+    if lines.next().map(str::trim_end) != Some("-----BEGIN PGP SIGNED MESSAGE-----") {
+        return Err(err("not an OpenPGP clear-signed message"));
+    }
+    // Armor headers ("Hash: SHA256") end at the first empty line.
+    for line in lines.by_ref() {
+        if line.trim().is_empty() {
+            break;
+        }
+    }
+    let mut out = String::new();
+    for line in lines {
+        if line.trim_end() == "-----BEGIN PGP SIGNATURE-----" {
+            return Ok(out);
+        }
+        // Dash-escaping (RFC 4880 §7.1).
+        out.push_str(line.strip_prefix("- ").unwrap_or(line));
+        out.push('\n');
+    }
+    Err(err("clear-signed message has no signature block"))
+}
+
+/// Checks a clear-signed `InRelease` with gpgv and returns the text that was signed.
+pub fn verify_inline(signed: &[u8], keyring: &Path, url: &str) -> Result<String> {
+    let dir = tempfile::tempdir().map_err(Error::io(std::env::temp_dir()))?;
+    let input = dir.path().join("InRelease");
+    let output = dir.path().join("Release");
+    std::fs::write(&input, signed).map_err(Error::io(&input))?;
+    gpgv(
+        keyring,
+        url,
+        &[arg("--output"), output.clone().into(), input.into()],
+    )?;
+    let text = std::fs::read(&output).map_err(Error::io(&output))?;
+    String::from_utf8(text).map_err(|_| Error::Parse {
+        source_name: url.to_string(),
+        line: 1,
+        message: "signed text is not UTF-8".into(),
+    })
+}
+
+/// Checks a detached `Release.gpg` signature over `data` with gpgv.
+pub fn verify_detached(data: &[u8], signature: &[u8], keyring: &Path, url: &str) -> Result<()> {
+    let dir = tempfile::tempdir().map_err(Error::io(std::env::temp_dir()))?;
+    let sig = dir.path().join("Release.gpg");
+    let release = dir.path().join("Release");
+    std::fs::write(&sig, signature).map_err(Error::io(&sig))?;
+    std::fs::write(&release, data).map_err(Error::io(&release))?;
+    gpgv(keyring, url, &[sig.into(), release.into()])
+}
+
+fn arg(s: &str) -> std::ffi::OsString {
+    s.into()
+}
+
+/// Runs gpgv and accepts the data when at least one signature is good and none is bad. The exit
+/// code alone is not enough: Debian signs with several keys and an older keyring that lacks one
+/// of them makes gpgv exit non-zero although a trusted key signed (apt decides the same way).
+fn gpgv(keyring: &Path, url: &str, args: &[std::ffi::OsString]) -> Result<()> {
+    if !keyring.is_file() {
+        let package = if keyring == Path::new(DEBIAN_KEYRING) {
+            "debian-archive-keyring".to_string()
+        } else {
+            "the package that ships it, or pass an existing keyring".to_string()
+        };
+        return Err(Error::MissingKeyring {
+            path: keyring.to_path_buf(),
+            package,
+        });
+    }
+    let out = Command::new("gpgv")
+        .arg("--status-fd")
+        .arg("1")
+        .arg("--keyring")
+        .arg(keyring)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::MissingTool {
+            tool: "gpgv".into(),
+            package: "gpgv".into(),
+            reason: e.to_string(),
+        })?;
+    let status = String::from_utf8_lossy(&out.stdout);
+    let has = |tag: &str| {
+        status.lines().any(|l| {
+            l.strip_prefix("[GNUPG:] ")
+                .is_some_and(|r| r.split(' ').next() == Some(tag))
+        })
+    };
+    if has("GOODSIG") && !has("BADSIG") {
+        return Ok(());
+    }
+    let detail: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    Err(Error::BadSignature {
+        url: url.to_string(),
+        keyring: keyring.to_path_buf(),
+        detail: if detail.is_empty() {
+            format!("gpgv exited with {}", out.status)
+        } else {
+            detail.join("; ")
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RELEASE: &str = "Origin: Debian\nSuite: oldstable-security\nCodename: bookworm-security\n\
+Acquire-By-Hash: yes\nArchitectures: amd64 arm64\nComponents: updates/main updates/contrib\n\
+SHA256:\n fadf41b0ef642d1c750f880f5844753ef5ab8d529ac4c190060d5f8bea63a801  2515915 main/binary-amd64/Packages\n \
+D3A45860A3F001B55D20EB371C8ED4095115C4BF77666C2847BB3C9D0BB46986   376904 main/binary-amd64/Packages.xz\n";
+
+    #[test]
+    fn parses_release_fields_and_hashes() {
+        let r = Release::parse(RELEASE, "InRelease").unwrap();
+        assert!(r.acquire_by_hash);
+        assert!(r.is_for("bookworm-security") && r.is_for("oldstable-security"));
+        assert!(!r.is_for("bookworm"));
+        assert_eq!(r.architectures, ["amd64", "arm64"]);
+        assert_eq!(r.components, ["updates/main", "updates/contrib"]);
+        let xz = r.file("main/binary-amd64/Packages.xz").unwrap();
+        assert_eq!(xz.size, 376904);
+        assert!(xz.sha256.starts_with("d3a45860"));
+        assert!(r.file("main/binary-i386/Packages.xz").is_none());
+    }
+
+    #[test]
+    fn release_without_sha256_is_refused() {
+        let err = Release::parse("Suite: x\nMD5Sum:\n 00 1 a\n", "R").unwrap_err();
+        assert!(err.to_string().contains("no SHA256"), "{err}");
+    }
+
+    #[test]
+    fn strips_clearsign_armor_and_dash_escapes() {
+        let signed = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nSuite: x\n- -dash\n\
+                      -----BEGIN PGP SIGNATURE-----\nabc\n-----END PGP SIGNATURE-----\n";
+        assert_eq!(strip_clearsign(signed, "I").unwrap(), "Suite: x\n-dash\n");
+        assert!(strip_clearsign("Suite: x\n", "I").is_err());
+        assert!(strip_clearsign("-----BEGIN PGP SIGNED MESSAGE-----\n\nA: b\n", "I").is_err());
+    }
+
+    #[test]
+    fn sys_gpgv_rejects_a_forged_signature_and_names_missing_keyrings() {
+        let signed = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nSuite: x\n\
+                      -----BEGIN PGP SIGNATURE-----\n\niQIzBAEBCAAdFiEE\n-----END PGP SIGNATURE-----\n";
+        let keyring = Path::new(DEBIAN_KEYRING);
+        assert!(
+            keyring.is_file(),
+            "{DEBIAN_KEYRING} missing: apt-get install debian-archive-keyring"
+        );
+        let err =
+            verify_inline(signed.as_bytes(), keyring, "http://fixture/InRelease").unwrap_err();
+        assert!(
+            matches!(err, Error::BadSignature { .. }),
+            "expected a bad-signature error (is gpgv installed? apt-get install gpgv): {err}"
+        );
+        let err = verify_inline(b"x", Path::new("/nonexistent/keyring.gpg"), "u").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("/nonexistent/keyring.gpg not found"),
+            "{err}"
+        );
+        let err = verify_detached(b"x", b"y", Path::new(DEBIAN_KEYRING), "u").unwrap_err();
+        assert!(matches!(err, Error::BadSignature { .. }), "{err}");
+    }
+}

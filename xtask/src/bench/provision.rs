@@ -1,0 +1,341 @@
+//! Figure 3: provisioning under QEMU with the real lab (`lab up`, as root, in the bench's
+//! throw-away lab home): milestones from QEMU start for one target (a fresh install per run)
+//! and the time until four targets started together all answer SSH.
+//!
+//! Milestones come from the stack's timeline of the VM (DHCP lease, iPXE script, kernel fetch,
+//! installer running, rootfs streamed, installed, disk boot), measured from the QEMU pid file's
+//! mtime as `lab up` does; "SSH ready" is when `lab up` returned, which it does right after its
+//! SSH check succeeded for the last target. The rootfs stream rate inside the guest (compressed
+//! bytes / the installer's rootfs phase) stands next to `zstd -dc | tar -x` of the same tarball
+//! on the host into a tmpfs.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::UNIX_EPOCH;
+
+use anyhow::{bail, Context, Result};
+use pxelab_contract::{Arch, Phase, TimelineEntry};
+
+use super::guards::{LabGuard, Mount};
+use super::report::{Better, Group, Row};
+use super::{mib, timed, Ctx};
+use crate::lab::{
+    follow,
+    home::{Lab, VmFile},
+    qemu, targets, UpArgs,
+};
+
+const HOST_PEER: &str = "zstd -dc | tar -x on the host (tmpfs)";
+
+/// Milestones in the order a target passes them: (label, phase).
+const MILESTONES: [(&str, Phase); 7] = [
+    ("DHCP lease", Phase::Dhcp),
+    ("iPXE script served", Phase::Ipxe),
+    ("kernel fetched", Phase::Kernel),
+    ("installer running", Phase::Installing),
+    ("rootfs streamed", Phase::Rootfs),
+    ("installed", Phase::Installed),
+    ("booting from disk", Phase::LocalBoot),
+];
+
+pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
+    crate::lab::net::require_root("benchmark provisioning (network namespace, taps, QEMU)")?;
+    crate::hostdeps::ensure(&targets::LAB_TOOLS)?;
+    ctx.stack_dir()?;
+    let pulled = ctx.distro()?;
+    let rootfs_path = pulled.dir.join(&pulled.manifest.contract.rootfs.file);
+    let rootfs_size = pulled.manifest.contract.rootfs.size;
+    let dir = ctx.scratch("provision")?;
+    let runs = ctx.runs(3, 1);
+
+    let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &dir)?;
+    let (accel_name, choice) = match accel {
+        qemu::Accel::Kvm => ("kvm", qemu::AccelChoice::Kvm),
+        qemu::Accel::Tcg => ("tcg", qemu::AccelChoice::Tcg),
+    };
+    group.fact("accel", accel_name);
+    group.fact("firmware", "UEFI (OVMF) with the NIC's iPXE ROM");
+    group.fact("rootfs", format!("{:.0} MiB zstd", mib(rootfs_size)));
+
+    let mut host = Vec::new();
+    for i in 0..runs {
+        let at = dir.join(format!("tar-{i}"));
+        let _tmpfs = Mount::new("tmpfs", &at, &["-t", "tmpfs", "-o", "size=4g"])?;
+        let ((), secs) = timed(|| {
+            let out = Command::new("bash")
+                .args([
+                    "-o",
+                    "pipefail",
+                    "-c",
+                    "zstd -dc \"$1\" | tar -x -C \"$2\"",
+                    "bench",
+                ])
+                .arg(&rootfs_path)
+                .arg(&at)
+                .output()
+                .context("running bash")?;
+            if !out.status.success() {
+                bail!(
+                    "{HOST_PEER} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        })?;
+        host.push(mib(rootfs_size) / secs);
+    }
+
+    let home = ctx.lab_home();
+    let lab_guard = LabGuard(home.clone());
+    let up = |targets: u32, timeout: u64| UpArgs {
+        targets,
+        distro: "debian".into(),
+        arch: Arch::X86_64,
+        firmware: qemu::Firmware::Uefi,
+        accel: choice,
+        subnet: crate::lab::home::DEFAULT_SUBNET.into(),
+        timeout,
+    };
+
+    let mut marks: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut ssh = Vec::new();
+    let mut stream = Vec::new();
+    let mut failure = None;
+    for i in 0..runs {
+        ctx.ui.println(format!(
+            "bench provision: 1 target, run {}/{runs} ({accel_name})",
+            i + 1
+        ));
+        // A failed run still counts the milestones it reached.
+        match one_target(&up(1, 1200)) {
+            Ok((m, err)) => {
+                for (k, v) in m.milestones.iter().enumerate() {
+                    if let Some(v) = v {
+                        marks.entry(k).or_default().push(*v);
+                    }
+                }
+                ssh.extend(m.ssh);
+                stream.extend(m.rootfs_rate);
+                failure = err.map(|e| e.context(format!("1 target, run {}", i + 1)));
+            }
+            Err(e) => failure = Some(e.context(format!("1 target, run {}", i + 1))),
+        }
+        lab_guard.down()?;
+        if failure.is_some() {
+            break;
+        }
+    }
+    let done = marks.get(&0).map_or(0, Vec::len).max(ssh.len());
+    for (k, (label, phase)) in MILESTONES.iter().enumerate() {
+        let v = marks.remove(&k).unwrap_or_default();
+        let mut row = Row::new(
+            format!("1 target: {label}"),
+            "s from QEMU start",
+            Better::Lower,
+            v,
+        );
+        if row.samples.len() < done {
+            let missing = done - row.samples.len();
+            row = row.note(format!(
+                "no `{phase}` event in {missing} of {done} timelines"
+            ));
+        }
+        group.push(&ctx.ui, row);
+    }
+    group.push(
+        &ctx.ui,
+        Row::new(
+            "1 target: SSH ready",
+            "s from QEMU start",
+            Better::Lower,
+            ssh,
+        ),
+    );
+    group.push(
+        &ctx.ui,
+        Row::new(
+            "rootfs stream rate in the guest (compressed bytes)",
+            "MiB/s",
+            Better::Higher,
+            stream,
+        )
+        .peer(HOST_PEER, host)
+        .note(format!(
+            "guest under {accel_name}, host native; the installer also checks sha256"
+        )),
+    );
+    if let Some(e) = failure {
+        group.push(
+            &ctx.ui,
+            Row::new(
+                "4 targets at once: all SSH-ready",
+                "s from first QEMU start",
+                Better::Lower,
+                vec![],
+            )
+            .note("not run: the single-target install failed (see the error above)"),
+        );
+        return Err(e);
+    }
+
+    ctx.ui
+        .println(format!("bench provision: 4 targets at once ({accel_name})"));
+    let (all, per_vm) = four_targets(&up(4, 2400))?;
+    lab_guard.down()?;
+    group.push(
+        &ctx.ui,
+        Row::new(
+            "4 targets at once: all SSH-ready",
+            "s from first QEMU start",
+            Better::Lower,
+            vec![all],
+        )
+        .note(format!("installed at {}", per_vm.join(", "))),
+    );
+    Ok(())
+}
+
+/// What one single-target run measured.
+struct Marks {
+    milestones: Vec<Option<f64>>,
+    /// `None` when `lab up` failed.
+    ssh: Option<f64>,
+    rootfs_rate: Option<f64>,
+}
+
+/// One fresh install; also when `lab up` fails, the milestones reached before (and the error).
+fn one_target(up: &UpArgs) -> Result<(Marks, Option<anyhow::Error>)> {
+    let result = targets::up(Lab::open()?, up);
+    let end = follow::now_ms();
+    let lab = Lab::open()?;
+    let (start, timeline) = match qemu_start_ms(&lab, "target-1") {
+        Ok(start) => (start, follow::timeline(&lab, "target-1")?),
+        Err(e) => return Err(result.err().unwrap_or(e)),
+    };
+    let (milestones, rootfs_rate) = milestones(&timeline, start);
+    let ssh = result
+        .is_ok()
+        .then(|| end.saturating_sub(start) as f64 / 1000.0);
+    let marks = Marks {
+        milestones,
+        ssh,
+        rootfs_rate,
+    };
+    Ok((marks, result.err()))
+}
+
+fn four_targets(up: &UpArgs) -> Result<(f64, Vec<String>)> {
+    targets::up(Lab::open()?, up)?;
+    let end = follow::now_ms();
+    let lab = Lab::open()?;
+    let mut first = u64::MAX;
+    let mut installed = Vec::new();
+    for i in 1..=up.targets {
+        let name = format!("target-{i}");
+        let start = qemu_start_ms(&lab, &name)?;
+        first = first.min(start);
+        let (m, _) = milestones(&follow::timeline(&lab, &name)?, start);
+        let at = m[5]
+            .map(|s| format!("{s:.0} s"))
+            .unwrap_or_else(|| "?".into());
+        installed.push(format!("{name} {at}"));
+    }
+    Ok((end.saturating_sub(first) as f64 / 1000.0, installed))
+}
+
+/// When QEMU started: its pid file's mtime (what `lab up` measures from too).
+fn qemu_start_ms(lab: &Lab, vm: &str) -> Result<u64> {
+    let pidfile = lab.vm_file(vm, VmFile::Pid);
+    let t = std::fs::metadata(&pidfile)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("reading {}", pidfile.display()))?;
+    Ok(t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0))
+}
+
+/// Seconds from `start` to the first event of each milestone (the end of the rootfs phase for
+/// "rootfs streamed", the disk boot after the install), and the guest's rootfs rate in MiB/s.
+fn milestones(timeline: &[TimelineEntry], start: u64) -> (Vec<Option<f64>>, Option<f64>) {
+    let recent: Vec<&TimelineEntry> = timeline.iter().filter(|e| e.at_ms >= start).collect();
+    let secs = |e: &TimelineEntry| e.at_ms.saturating_sub(start) as f64 / 1000.0;
+    let installed_at = recent
+        .iter()
+        .find(|e| e.event.phase == Phase::Installed)
+        .map(|e| e.at_ms);
+    let rootfs_done = recent
+        .iter()
+        .find(|e| e.event.phase == Phase::Rootfs && e.event.duration_ms.is_some());
+    let marks = MILESTONES
+        .iter()
+        .map(|(_, phase)| match phase {
+            Phase::Rootfs => rootfs_done.map(|e| secs(e)),
+            Phase::LocalBoot => recent
+                .iter()
+                .find(|e| {
+                    e.event.phase == Phase::LocalBoot && installed_at.is_some_and(|t| e.at_ms >= t)
+                })
+                .map(|e| secs(e)),
+            p => recent.iter().find(|e| e.event.phase == *p).map(|e| secs(e)),
+        })
+        .collect();
+    // The phase's closing event carries its duration; the byte count is on the progress events.
+    let bytes = recent
+        .iter()
+        .filter(|e| e.event.phase == Phase::Rootfs)
+        .filter_map(|e| e.event.bytes_total)
+        .max();
+    let rate = rootfs_done.and_then(|e| {
+        let ms = e.event.duration_ms.filter(|ms| *ms > 0)?;
+        Some(mib(bytes?) / (ms as f64 / 1000.0))
+    });
+    (marks, rate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pxelab_contract::Event;
+
+    fn at(ms: u64, phase: Phase, duration_ms: Option<u64>, bytes: Option<u64>) -> TimelineEntry {
+        TimelineEntry {
+            at_ms: ms,
+            event: Event {
+                phase,
+                duration_ms,
+                bytes_total: bytes,
+                ..Event::default()
+            },
+        }
+    }
+
+    #[test]
+    fn milestones_are_relative_to_qemu_start_and_ignore_older_history() {
+        let tl = vec![
+            at(500, Phase::Ipxe, None, None),
+            at(1_000, Phase::LocalBoot, None, None),
+            at(12_000, Phase::Dhcp, None, None),
+            at(13_000, Phase::Ipxe, None, None),
+            at(13_500, Phase::Kernel, None, None),
+            at(20_000, Phase::Installing, None, None),
+            at(25_000, Phase::Rootfs, None, Some(100 << 20)),
+            at(30_000, Phase::Rootfs, Some(10_000), None),
+            at(40_000, Phase::Installed, Some(20_000), None),
+            at(55_000, Phase::LocalBoot, None, None),
+        ];
+        let (m, rate) = milestones(&tl, 10_000);
+        assert_eq!(
+            m,
+            vec![
+                Some(2.0),
+                Some(3.0),
+                Some(3.5),
+                Some(10.0),
+                Some(20.0),
+                Some(30.0),
+                Some(45.0)
+            ]
+        );
+        assert_eq!(rate, Some(10.0));
+    }
+}

@@ -1,0 +1,422 @@
+//! Debian: a root filesystem from exactly the pinned `.deb`s, assembled by mmdebstrap.
+//!
+//! The closure is resolved once (`pxelab-debian`: signed indexes, several suites) from the
+//! recipe's packages plus every `Priority: required` package of the release — what minbase
+//! would take — and pinned with each package's archive Priority. A pull writes those files as a
+//! local flat repository (Packages built from each .deb's own control file plus the archive's
+//! Priority, and a Release naming the real suite, so apt and mmdebstrap treat it like the
+//! archive) and runs `mmdebstrap --variant=essential --include=<every pinned package>`: the
+//! result depends on the lock only. The repo is reached through apt's `copy://` method, which
+//! copies the .debs into the chroot's cache — no bind mount, so a failed run leaves none behind
+//! (a guard still lazily unmounts anything left under the scratch dir).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use pxelab_contract::Arch;
+use pxelab_debian::{Archive, DebPin, ResolveOptions, Source, Trust};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::modules::{self, ModuleSet, ModulesInfo};
+use super::recipe::{ArchRecipe, DebianSource};
+use super::rootfs::{self, Facts, RootfsInfo};
+use super::tools;
+use crate::ui::Ui;
+
+/// One pinned `.deb` and the Priority the archive gives it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockedDeb {
+    #[serde(flatten)]
+    pub pin: DebPin,
+    pub priority: String,
+}
+
+const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+const DEBIAN_SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
+
+/// Resolves the package closure for one architecture against Debian's signed indexes.
+pub fn resolve(
+    src: &DebianSource,
+    arch_recipe: &ArchRecipe,
+    arch: Arch,
+    ui: &Ui,
+) -> Result<Vec<LockedDeb>> {
+    ui.println(format!(
+        "resolving the Debian {} package set for {arch}",
+        src.suite
+    ));
+    let archive = Archive::new(Trust::default())?;
+    let components: Vec<&str> = src.components.iter().map(String::as_str).collect();
+    let sources: Vec<Source> = src
+        .suites
+        .iter()
+        .map(|suite| {
+            let mirror = if suite.ends_with("-security") {
+                DEBIAN_SECURITY_MIRROR
+            } else {
+                DEBIAN_MIRROR
+            };
+            Source::new(mirror, suite, &components, arch.debian())
+        })
+        .collect();
+    let index = archive
+        .open_all(&sources)
+        .context("cannot read Debian's package indexes")?;
+    let mut requests: BTreeSet<String> = src
+        .packages
+        .iter()
+        .chain(&arch_recipe.packages)
+        .cloned()
+        .collect();
+    // minbase's base: every required package of the release itself.
+    requests.extend(
+        index
+            .packages()
+            .iter()
+            .filter(|p| p.suite() == src.suite && p.priority.as_deref() == Some("required"))
+            .map(|p| p.name.clone()),
+    );
+    let requests: Vec<&str> = requests.iter().map(String::as_str).collect();
+    let packages = index
+        .resolve_packages(&requests, &ResolveOptions::default())
+        .context("cannot resolve the Debian package closure")?;
+    Ok(packages
+        .into_iter()
+        .map(|p| LockedDeb {
+            pin: p.pin(),
+            priority: p.priority.clone().unwrap_or_else(|| "optional".into()),
+        })
+        .collect())
+}
+
+/// Builds `rootfs.tar.zst` into `out` from the pinned debs (`debs[i].1` is the verified file of
+/// `debs[i].0`).
+pub fn build_rootfs(
+    debs: &[(LockedDeb, PathBuf)],
+    src: &DebianSource,
+    arch: Arch,
+    epoch: u64,
+    scratch: &Path,
+    out: &Path,
+    ui: &Ui,
+) -> Result<(RootfsInfo, Facts)> {
+    let mmdebstrap = tools::require("mmdebstrap", "mmdebstrap")?;
+    let _mounts = MountGuard(scratch.to_path_buf());
+    let repo = scratch.join("repo");
+    write_repo(debs, &src.suite, arch, epoch, &repo)?;
+
+    let tar = scratch.join("rootfs.tar");
+    let tmp = scratch.join("tmp");
+    fs::create_dir_all(&tmp)?;
+    let include: Vec<&str> = debs.iter().map(|(d, _)| d.pin.package.as_str()).collect();
+    let include = include.join(",");
+    // SAFETY: geteuid has no preconditions.
+    let mode = if unsafe { libc::geteuid() } == 0 {
+        "root"
+    } else {
+        "unshare"
+    };
+    let sources_list = src
+        .sources_list
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect::<String>();
+    let repo_line = format!("deb [trusted=yes] copy://{} ./", repo.display());
+    let task = ui.bytes_task(&format!("mmdebstrap {} {arch}", src.suite), 0);
+    let sh = xshell::Shell::new()?;
+    let suite = &src.suite;
+    let deb_arch = arch.debian();
+    let hooks = [
+        // Host keys must be made per machine at first boot (cloud-init / ssh-keygen -A), and
+        // would make every build differ.
+        r#"rm -f "$1"/etc/ssh/ssh_host_*"#.to_string(),
+        // Both leak from the build host otherwise.
+        r#"printf 'localhost\n' > "$1/etc/hostname" && chmod 0644 "$1/etc/hostname""#.to_string(),
+        r#"rm -f "$1/etc/resolv.conf" && : > "$1/etc/resolv.conf" && chmod 0644 "$1/etc/resolv.conf""#.to_string(),
+        // The build's local repo must not be the installed system's source.
+        format!(r#"printf '%s' '{sources_list}' > "$1/etc/apt/sources.list" && chmod 0644 "$1/etc/apt/sources.list""#),
+        r#"rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/archives/*.deb "$1"/var/cache/apt/*.bin"#.to_string(),
+    ];
+    let hook_args: Vec<String> = hooks
+        .iter()
+        .map(|h| format!("--customize-hook={h}"))
+        .collect();
+    let result = xshell::cmd!(
+        sh,
+        "{mmdebstrap} --variant=essential --mode={mode} --architectures={deb_arch} --include={include} {hook_args...} {suite} {tar} {repo_line}"
+    )
+    .env("SOURCE_DATE_EPOCH", epoch.to_string())
+    .env("TMPDIR", &tmp)
+    .quiet()
+    .ignore_status()
+    .output()?;
+    if !result.status.success() {
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        bail!(
+            "mmdebstrap failed ({}); last lines:\n{}",
+            result.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    task.finish("rootfs built");
+
+    let size = fs::metadata(&tar)?.len();
+    let task = ui.bytes_task("rootfs.tar.zst", size);
+    let (rootfs, facts) =
+        rootfs::compress_tar(&tar, &out.join("rootfs.tar.zst"), &|n| task.set_position(n))?;
+    task.finish("compressed");
+    fs::remove_file(&tar)?;
+    Ok((rootfs, facts))
+}
+
+/// Writes `vmlinuz` and `modules.cpio.zst` into `out` from the kernel package `deb` — the very
+/// package installed in the rootfs, so both carry the same version.
+pub fn build_kernel(
+    deb: &Path,
+    arch: Arch,
+    set: ModuleSet,
+    epoch: u64,
+    scratch: &Path,
+    out: &Path,
+) -> Result<ModulesInfo> {
+    let kdir = scratch.join("kernel");
+    extract_data(deb, &kdir)?;
+    let kernel_version = single_dir_name(&kdir.join("lib/modules"))?;
+    let kernel = fs::read(kdir.join(format!("boot/vmlinuz-{kernel_version}")))
+        .with_context(|| format!("{} has no boot/vmlinuz-{kernel_version}", deb.display()))?;
+    fs::write(
+        out.join("vmlinuz"),
+        super::ubuntu::kernel_image(arch, kernel)?,
+    )?;
+    modules::build_archive(
+        &kdir.join("lib/modules").join(&kernel_version),
+        &kernel_version,
+        set,
+        epoch,
+        &out.join("modules.cpio.zst"),
+    )
+}
+
+/// The real kernel package (`linux-image-<kver>`) behind the recipe's (meta)package.
+pub fn kernel_package<'a>(
+    debs: &'a [(LockedDeb, PathBuf)],
+    arch_recipe: &ArchRecipe,
+) -> Result<&'a (LockedDeb, PathBuf)> {
+    let real: Vec<&(LockedDeb, PathBuf)> = debs
+        .iter()
+        .filter(|(d, _)| {
+            d.pin
+                .package
+                .strip_prefix("linux-image-")
+                .is_some_and(|rest| {
+                    rest.starts_with(|c: char| c.is_ascii_digit()) && !rest.ends_with("-dbg")
+                })
+        })
+        .collect();
+    match real.as_slice() {
+        [one] => Ok(one),
+        [] => bail!(
+            "the pinned set has no linux-image-<version> package (kernel {:?}): re-lock the distro",
+            arch_recipe.kernel
+        ),
+        many => bail!(
+            "the pinned set has several kernels ({}): keep one kernel per recipe",
+            many.iter()
+                .map(|(d, _)| d.pin.package.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn single_dir_name(dir: &Path) -> Result<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .with_context(|| format!("the kernel package has no {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    match names.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!(
+            "expected one kernel version under {}, found {names:?}",
+            dir.display()
+        ),
+    }
+}
+
+/// Writes the flat repository: the .debs (hard links into the store when possible), Packages and
+/// a Release naming `suite`.
+pub fn write_repo(
+    debs: &[(LockedDeb, PathBuf)],
+    suite: &str,
+    arch: Arch,
+    epoch: u64,
+    repo: &Path,
+) -> Result<()> {
+    fs::create_dir_all(repo)?;
+    let mut sorted: Vec<&(LockedDeb, PathBuf)> = debs.iter().collect();
+    sorted.sort_by(|a, b| a.0.pin.package.cmp(&b.0.pin.package));
+    let mut packages = String::new();
+    for (deb, path) in sorted {
+        let name = deb
+            .pin
+            .filename
+            .rsplit('/')
+            .next()
+            .unwrap_or(&deb.pin.filename)
+            .to_string();
+        let dest = repo.join(&name);
+        if fs::hard_link(path, &dest).is_err() {
+            fs::copy(path, &dest)
+                .with_context(|| format!("cannot copy {} into the local repo", path.display()))?;
+        }
+        let control =
+            control_of(path).with_context(|| format!("cannot read the control file of {name}"))?;
+        for line in control.lines() {
+            // The archive's Priority rules (see the module doc); a .deb's own one may differ.
+            if !line.starts_with("Priority:") && !line.trim().is_empty() {
+                packages.push_str(line);
+                packages.push('\n');
+            }
+        }
+        packages.push_str(&format!(
+            "Priority: {}\nFilename: ./{name}\nSize: {}\nSHA256: {}\n\n",
+            deb.priority, deb.pin.size, deb.pin.sha256
+        ));
+    }
+    fs::write(repo.join("Packages"), &packages)?;
+    let date = httpdate(epoch);
+    let release = format!(
+        "Origin: pxelab\nLabel: pxelab\nSuite: {suite}\nCodename: {suite}\nDate: {date}\nArchitectures: {} all\n\
+         Description: pinned packages of a pxelab distro recipe\nSHA256:\n {} {} Packages\n",
+        arch.debian(),
+        hex::encode(Sha256::digest(packages.as_bytes())),
+        packages.len()
+    );
+    fs::write(repo.join("Release"), release)?;
+    Ok(())
+}
+
+/// RFC 2822 date (what Release files use) for a Unix time.
+fn httpdate(epoch: u64) -> String {
+    let days = epoch / 86_400;
+    let secs = epoch % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][month as usize - 1];
+    format!(
+        "{weekday}, {day:02} {mon} {year} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// A decompressing reader for an ar member named `<stem>.tar[.xz|.zst|.gz]`.
+fn member_reader(name: &str, data: Vec<u8>) -> Result<Box<dyn Read>> {
+    let cursor = std::io::Cursor::new(data);
+    Ok(if name.ends_with(".xz") {
+        Box::new(liblzma::read::XzDecoder::new(cursor))
+    } else if name.ends_with(".zst") {
+        Box::new(zstd::stream::read::Decoder::new(cursor)?)
+    } else if name.ends_with(".gz") {
+        Box::new(flate2::read::GzDecoder::new(cursor))
+    } else {
+        Box::new(cursor)
+    })
+}
+
+/// The bytes of the ar member whose name starts with `prefix`, and its name.
+fn deb_member(deb: &Path, prefix: &str) -> Result<(String, Vec<u8>)> {
+    let mut archive = ar::Archive::new(fs::File::open(deb)?);
+    while let Some(entry) = archive.next_entry() {
+        let mut entry = entry?;
+        let name = String::from_utf8_lossy(entry.header().identifier()).into_owned();
+        if name.starts_with(prefix) {
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data)?;
+            return Ok((name, data));
+        }
+    }
+    bail!("{} has no {prefix}* member: not a .deb", deb.display())
+}
+
+/// The `control` file of a .deb.
+pub fn control_of(deb: &Path) -> Result<String> {
+    let (name, data) = deb_member(deb, "control.tar")?;
+    let mut tar = tar::Archive::new(member_reader(&name, data)?);
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        if entry.path()?.file_name().is_some_and(|n| n == "control") {
+            let mut text = String::new();
+            entry.read_to_string(&mut text)?;
+            return Ok(text);
+        }
+    }
+    bail!("{} has no control file", deb.display())
+}
+
+/// Unpacks a .deb's data (files, dirs, symlinks) under `dest`.
+pub fn extract_data(deb: &Path, dest: &Path) -> Result<()> {
+    let (name, data) = deb_member(deb, "data.tar")?;
+    fs::create_dir_all(dest)?;
+    let mut tar = tar::Archive::new(member_reader(&name, data)?);
+    tar.set_preserve_permissions(false);
+    tar.unpack(dest)
+        .with_context(|| format!("cannot unpack {}", deb.display()))?;
+    Ok(())
+}
+
+/// Lazily unmounts whatever is still mounted below the scratch dir when a build ends, however it
+/// ends (mmdebstrap mounts /proc, /sys and /dev inside its chroot and may die before cleaning up).
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+            return;
+        };
+        let prefix = self.0.to_string_lossy().into_owned();
+        let mut points: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&prefix))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            eprintln!("warning: unmounting {p} left behind by mmdebstrap");
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(p)
+                .status();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_dates_are_rfc2822() {
+        assert_eq!(httpdate(0), "Thu, 01 Jan 1970 00:00:00 UTC");
+        assert_eq!(httpdate(1_735_689_600), "Wed, 01 Jan 2025 00:00:00 UTC");
+    }
+}

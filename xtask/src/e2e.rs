@@ -1,0 +1,337 @@
+//! `cargo xtask e2e`: the lab end to end, as root under TCG, in a throw-away lab home.
+//!
+//! 1. `lab vm create` rejects a bad MAC and a duplicate IP and changes nothing.
+//! 2. `lab up --targets 1 --distro debian` (UEFI with the NIC's iPXE ROM) while the stack is
+//!    restarted in the middle of the rootfs stream: the install still completes, the target
+//!    reboots from its disk without fetching the installer again, answers SSH with the lab key
+//!    and reports its own name as hostname.
+//! 3. SeaBIOS → TFTP undionly.kpxe and OVMF without NIC ROM → TFTP ipxe.efi each reach
+//!    "installer started".
+//! 4. `lab down` leaves no namespace and no process behind.
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use pxelab_contract::{Arch, Phase};
+
+use crate::lab::{
+    self, follow,
+    home::{Lab, VmFile},
+    net, qemu, stack, targets, vms, UpArgs,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Keep the lab home (and stop nothing) when a step fails, for debugging.
+    #[arg(long)]
+    keep: bool,
+    /// Distro to install.
+    #[arg(long, default_value = "debian")]
+    distro: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    net::require_root("run the end-to-end test (namespaces, taps, QEMU)")?;
+    let home = std::env::temp_dir().join(format!("pxelab-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&home)?;
+    // SAFETY (edition 2021: set_var is safe): single-threaded at this point.
+    std::env::set_var("PXELAB_HOME", &home);
+    let guard = Teardown {
+        home: home.clone(),
+        keep: args.keep,
+        armed: true,
+    };
+    let started = Instant::now();
+    let result = scenario(&args.distro);
+    match &result {
+        Ok(()) => eprintln!("e2e: passed in {:.0}s", started.elapsed().as_secs_f64()),
+        Err(e) => eprintln!(
+            "e2e: FAILED after {:.0}s: {e:#}",
+            started.elapsed().as_secs_f64()
+        ),
+    }
+    let clean = guard.finish(result.is_ok());
+    result.and(clean)
+}
+
+fn scenario(distro: &str) -> Result<()> {
+    step("bad VM definitions are rejected and change nothing");
+    rejects_bad_definitions()?;
+
+    step("lab up: install target-1 (UEFI) with a stack restart during the rootfs stream");
+    let restarted = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    let up = UpArgs {
+        targets: 1,
+        distro: distro.to_string(),
+        arch: Arch::X86_64,
+        firmware: qemu::Firmware::Uefi,
+        accel: qemu::AccelChoice::Auto,
+        subnet: lab::home::DEFAULT_SUBNET.into(),
+        timeout: 1500,
+    };
+    std::thread::scope(|s| -> Result<()> {
+        let chaos = s.spawn(|| restart_during_stream(&done, &restarted));
+        let result = targets::up(Lab::open()?, &up);
+        done.store(true, Ordering::SeqCst);
+        chaos
+            .join()
+            .map_err(|_| anyhow::anyhow!("the restart thread panicked"))??;
+        result
+    })?;
+    ensure!(
+        restarted.load(Ordering::SeqCst),
+        "the stack was never restarted during the rootfs stream: the fault was not injected"
+    );
+    let lab = Lab::open()?;
+    let timeline = follow::timeline(&lab, "target-1")?;
+    let installed = timeline
+        .iter()
+        .position(|e| e.event.phase == Phase::Installed)
+        .context("no `installed` event")?;
+    let after = &timeline[installed + 1..];
+    ensure!(
+        after.iter().any(|e| e.event.phase == Phase::LocalBoot),
+        "no local-boot after the install: {after:?}"
+    );
+    ensure!(
+        !after.iter().any(|e| matches!(
+            e.event.phase,
+            Phase::Ipxe | Phase::Kernel | Phase::Installing
+        )),
+        "the second boot ran the installer again: {after:?}"
+    );
+    let hostname = ssh_output(&lab, "target-1", "hostname")?;
+    ensure!(
+        hostname == "target-1",
+        "hostname is {hostname:?}, expected target-1 (cloud-init seed not applied)"
+    );
+
+    for (name, firmware) in [
+        ("bios-1", qemu::Firmware::Bios),
+        ("uefipxe-1", qemu::Firmware::UefiPxe),
+    ] {
+        step(&format!(
+            "{name}: {firmware:?} firmware reaches the installer"
+        ));
+        reaches_installer(&lab, name, distro, firmware)?;
+    }
+    Ok(())
+}
+
+fn step(what: &str) {
+    eprintln!("\n==> e2e: {what}");
+}
+
+fn rejects_bad_definitions() -> Result<()> {
+    let lab = Lab::open()?;
+    lab.create_dirs()?;
+    let key = targets::ensure_ssh_key(&lab)?;
+    let subnet = lab.subnet()?;
+    let request = |name: &str, mac: Option<&str>, ip: Option<&str>| vms::VmRequest {
+        name: name.into(),
+        distro: "debian-12".into(),
+        arch: Arch::X86_64,
+        mac: mac.map(Into::into),
+        ip: ip.map(|i| i.parse().expect("test IPs are valid")),
+        boot: pxelab_contract::BootMode::Install,
+    };
+    let first = vms::plan(
+        &[],
+        &request("keep-1", None, Some("10.77.0.50")),
+        subnet,
+        &key,
+    )?;
+    vms::write_new(&lab.dir("vms"), &first)?;
+    let before = snapshot(&lab.dir("vms"))?;
+    let existing = vms::load_all(&lab.dir("vms"))?;
+    let bad_mac = vms::plan(
+        &existing,
+        &request("bad-mac", Some("52:54:00:zz:00:01"), None),
+        subnet,
+        &key,
+    );
+    let dup_ip = vms::plan(
+        &existing,
+        &request("dup-ip", None, Some("10.77.0.50")),
+        subnet,
+        &key,
+    );
+    let bad_mac = bad_mac.err().context("a bad MAC was accepted")?.to_string();
+    let dup_ip = dup_ip
+        .err()
+        .context("a duplicate IP was accepted")?
+        .to_string();
+    ensure!(
+        bad_mac.contains("52:54:00:zz:00:01"),
+        "the error does not name the bad MAC: {bad_mac}"
+    );
+    ensure!(
+        dup_ip.contains("keep-1"),
+        "the error does not name the VM holding the IP: {dup_ip}"
+    );
+    ensure!(
+        snapshot(&lab.dir("vms"))? == before,
+        "a rejected definition changed the VMs directory"
+    );
+    targets::remove(&lab, "keep-1")
+}
+
+fn snapshot(dir: &std::path::Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let bytes = std::fs::read(&path)?;
+        out.push((path, bytes));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Restarts the stack once target-1 has streamed some of its rootfs.
+fn restart_during_stream(done: &AtomicBool, restarted: &AtomicBool) -> Result<()> {
+    while !done.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(500));
+        let Ok(lab) = Lab::open() else { continue };
+        let Ok(timeline) = follow::timeline(&lab, "target-1") else {
+            continue;
+        };
+        let streaming = timeline
+            .iter()
+            .rev()
+            .find(|e| e.event.phase == Phase::Rootfs && e.event.duration_ms.is_none());
+        let Some(progress) = streaming else { continue };
+        let (Some(done_bytes), Some(total)) =
+            (progress.event.bytes_done, progress.event.bytes_total)
+        else {
+            continue;
+        };
+        if done_bytes * 10 >= total && done_bytes * 10 < total * 8 {
+            eprintln!(
+                "e2e: restarting the stack at {}/{} rootfs bytes",
+                done_bytes, total
+            );
+            stack::stop(&lab)?;
+            stack::start(&lab, &targets::stack_binary(&lab)?)?;
+            stack::wait_healthy(&lab, Duration::from_secs(20))?;
+            restarted.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmware) -> Result<()> {
+    let key = targets::ensure_ssh_key(lab)?;
+    let existing = vms::load_all(&lab.dir("vms"))?;
+    let distro = targets::definition(lab, "target-1")
+        .map(|v| v.distro)
+        .unwrap_or_else(|_| distro.to_string());
+    let request = vms::VmRequest {
+        name: name.into(),
+        distro,
+        arch: Arch::X86_64,
+        mac: None,
+        ip: None,
+        boot: pxelab_contract::BootMode::Install,
+    };
+    let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
+    targets::create_disk(lab, name, "20G")?;
+    vms::write_new(&lab.dir("vms"), &vm)?;
+    std::thread::sleep(Duration::from_secs(3)); // the stack re-reads definitions within 2 s
+    let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.dir("run"))?;
+    let started = follow::now_ms();
+    targets::start_vm(lab, &vm, firmware, accel)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let timeline = follow::timeline(lab, name).unwrap_or_default();
+        if let Some(e) = timeline
+            .iter()
+            .find(|e| e.event.phase == Phase::Installing && e.at_ms >= started)
+        {
+            eprintln!(
+                "e2e: {name} reached the installer after {:.1}s",
+                (e.at_ms - started) as f64 / 1000.0
+            );
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{name} did not reach the installer within 300 s\n{}",
+                follow::console_tail(lab, name)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    qemu::stop(
+        &lab.vm_file(name, VmFile::Pid),
+        &lab.vm_file(name, VmFile::Qmp),
+        Duration::from_secs(5),
+    )
+}
+
+fn ssh_output(lab: &Lab, name: &str, command: &str) -> Result<String> {
+    let vm = targets::definition(lab, name)?;
+    let out = targets::ssh(lab, &vm, &[command.to_string()])?.output()?;
+    ensure!(
+        out.status.success(),
+        "ssh {name} {command} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Brings the lab down and checks that nothing is left, even when a step failed.
+struct Teardown {
+    home: PathBuf,
+    keep: bool,
+    armed: bool,
+}
+
+impl Teardown {
+    fn finish(mut self, passed: bool) -> Result<()> {
+        self.armed = false;
+        if self.keep && !passed {
+            eprintln!("e2e: lab kept at {} (namespace still up): `PXELAB_HOME={} cargo xtask lab down --purge` when done", self.home.display(), self.home.display());
+            return Ok(());
+        }
+        teardown(&self.home)
+    }
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = teardown(&self.home);
+        }
+    }
+}
+
+fn teardown(home: &std::path::Path) -> Result<()> {
+    let lab = Lab::at(home.to_path_buf())?;
+    let pids: Vec<i32> = std::fs::read_dir(lab.dir("run"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| qemu::running_pid(&e.path()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let ns = lab.config.namespace.clone();
+    lab::down(&lab, true)?;
+    ensure!(
+        !PathBuf::from("/run/netns").join(&ns).exists(),
+        "namespace {ns} still exists after lab down"
+    );
+    for pid in pids {
+        // SAFETY: signal 0 only checks existence.
+        ensure!(
+            unsafe { libc::kill(pid, 0) } != 0,
+            "process {pid} still runs after lab down"
+        );
+    }
+    std::fs::remove_dir_all(home).with_context(|| format!("removing {}", home.display()))
+}

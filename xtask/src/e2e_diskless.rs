@@ -1,0 +1,313 @@
+//! The diskless part of `cargo xtask e2e` (issue 9): two targets with `boot: nfsroot` boot the
+//! same distro export from the stack's NFS server at the same time.
+//!
+//! Checked: each reaches SSH with its own hostname (cloud-init's NoCloud seed applied); `/` is
+//! an overlay (tmpfs over the read-only NFS root); a file written on one is not visible on the
+//! other; writing the NFS root itself is refused; the timeline shows DHCP → iPXE → kernel →
+//! NFS root; and the export on the stack side is byte-for-byte unchanged afterwards.
+//!
+//! Call [`scenario`] with the lab up (stack running); it leaves the two VMs stopped but
+//! defined. After `lab down`, [`nfs_server_pid`] (read before) must name no live process.
+
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use pxelab_contract::{Arch, BootMode, Phase, VmDefinition};
+use sha2::{Digest, Sha256};
+
+use crate::lab::{
+    follow,
+    home::{Lab, VmFile},
+    qemu, targets, vms,
+};
+
+/// The diskless VMs this scenario defines.
+pub const NAMES: [&str; 2] = ["diskless-1", "diskless-2"];
+
+/// Boots [`NAMES`] diskless from `distro` (a pulled distro, e.g. `debian-12`) and checks them.
+pub fn scenario(lab: &Lab, distro: &str) -> Result<()> {
+    let key = targets::ensure_ssh_key(lab)?;
+    let mut defined = Vec::new();
+    for name in NAMES {
+        let existing = vms::load_all(&lab.dir("vms"))?;
+        let request = vms::VmRequest {
+            name: name.into(),
+            distro: distro.into(),
+            arch: Arch::X86_64,
+            mac: None,
+            ip: None,
+            boot: BootMode::Nfsroot,
+        };
+        let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
+        vms::write_new(&lab.dir("vms"), &vm)?;
+        defined.push(vm);
+    }
+    // The stack re-reads definitions within a second and starts unpacking the export.
+    std::thread::sleep(Duration::from_secs(2));
+    let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.dir("run"))?;
+    let mut started = BTreeMap::new();
+    for vm in &defined {
+        started.insert(vm.name.clone(), follow::now_ms());
+        targets::start_vm(lab, vm, qemu::Firmware::Uefi, accel)?;
+    }
+    let result = checks(lab, distro, &defined, &started);
+    for vm in &defined {
+        let stopped = qemu::stop(
+            &lab.vm_file(&vm.name, VmFile::Pid),
+            &lab.vm_file(&vm.name, VmFile::Qmp),
+            Duration::from_secs(5),
+        );
+        if result.is_ok() {
+            stopped?;
+        }
+    }
+    result
+}
+
+fn checks(
+    lab: &Lab,
+    distro: &str,
+    defined: &[VmDefinition],
+    started: &BTreeMap<String, u64>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    for vm in defined {
+        wait_ssh(lab, vm, started[&vm.name], deadline)?;
+    }
+    // Taken once both root filesystems are mounted; every write below goes to a tmpfs.
+    let export = export_dir(lab, distro)?;
+    let before = tree_digest(&export)?;
+
+    let (one, two) = (&defined[0], &defined[1]);
+    let fstype = ssh_output(lab, one, "findmnt -n -o FSTYPE /")?;
+    ensure!(
+        fstype == "overlay",
+        "/ of {} is {fstype:?}, expected the tmpfs overlay",
+        one.name
+    );
+    let marker = format!("/etc/pxelab-e2e-{}", one.name);
+    ssh_output(
+        lab,
+        one,
+        &format!(
+            "echo written-on-{} | sudo tee {marker} /root/e2e-marker >/dev/null && cat {marker}",
+            one.name
+        ),
+    )
+    .and_then(|seen| {
+        ensure!(
+            seen == format!("written-on-{}", one.name),
+            "{} cannot read back its own write: {seen:?}",
+            one.name
+        );
+        Ok(())
+    })?;
+    let other = ssh_output(
+        lab,
+        two,
+        &format!("if sudo test -e {marker} || sudo test -e /root/e2e-marker; then echo visible; else echo absent; fi"),
+    )?;
+    ensure!(
+        other == "absent",
+        "a file written on {} is visible on {}",
+        one.name,
+        two.name
+    );
+    // The NFS layer itself is read-only, also for root.
+    let direct = ssh_output(
+        lab,
+        two,
+        "sudo touch /run/pxelab/lower/pxelab-e2e 2>/dev/null && echo writable || echo refused",
+    )?;
+    ensure!(
+        direct == "refused",
+        "root on {} could write the NFS root directly",
+        two.name
+    );
+
+    for vm in defined {
+        let timeline = follow::timeline(lab, &vm.name)?;
+        let since: Vec<Phase> = timeline
+            .iter()
+            .filter(|e| e.at_ms >= started[&vm.name])
+            .map(|e| e.event.phase)
+            .collect();
+        let order = [Phase::Dhcp, Phase::Ipxe, Phase::Kernel, Phase::NfsRoot];
+        let mut at = 0;
+        for phase in &since {
+            if at < order.len() && *phase == order[at] {
+                at += 1;
+            }
+        }
+        ensure!(
+            at == order.len(),
+            "timeline of {} lacks dhcp → ipxe → kernel → nfs-root: {since:?}",
+            vm.name
+        );
+        ensure!(
+            !since
+                .iter()
+                .any(|p| matches!(p, Phase::Installing | Phase::LocalBoot)),
+            "{} went through the installer or its disk: {since:?}",
+            vm.name
+        );
+    }
+
+    let after = tree_digest(&export)?;
+    ensure!(
+        before == after,
+        "the export {} changed while diskless VMs ran",
+        export.display()
+    );
+    Ok(())
+}
+
+/// Waits for the NFS root on the timeline, then for SSH answering with the VM's hostname.
+fn wait_ssh(lab: &Lab, vm: &VmDefinition, start_ms: u64, deadline: Instant) -> Result<()> {
+    let mut mounted = false;
+    loop {
+        if qemu::running_pid(&lab.vm_file(&vm.name, VmFile::Pid)).is_none() {
+            bail!(
+                "QEMU of {} is not running any more\n{}",
+                vm.name,
+                follow::console_tail(lab, &vm.name)
+            );
+        }
+        if !mounted {
+            let timeline = follow::timeline(lab, &vm.name).unwrap_or_default();
+            if let Some(e) = timeline
+                .iter()
+                .find(|e| e.event.phase == Phase::NfsRoot && e.at_ms >= start_ms)
+            {
+                eprintln!(
+                    "e2e: {} mounted its NFS root after {:.1}s",
+                    vm.name,
+                    (e.at_ms - start_ms) as f64 / 1000.0
+                );
+                mounted = true;
+            }
+        } else {
+            let out = targets::ssh(lab, vm, &["hostname".to_string()])?.output()?;
+            if out.status.success() {
+                let host = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                ensure!(
+                    host == vm.guest_hostname(),
+                    "{} answers SSH as {host:?}: cloud-init did not apply the seed",
+                    vm.name
+                );
+                eprintln!(
+                    "e2e: {} answers SSH after {:.1}s",
+                    vm.name,
+                    follow::now_ms().saturating_sub(start_ms) as f64 / 1000.0
+                );
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            let what = if mounted { "SSH" } else { "an nfs-root event" };
+            bail!(
+                "{} did not reach {what} in time\n{}",
+                vm.name,
+                follow::console_tail(lab, &vm.name)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn ssh_output(lab: &Lab, vm: &VmDefinition, command: &str) -> Result<String> {
+    let out = targets::ssh(lab, vm, &[command.to_string()])?.output()?;
+    ensure!(
+        out.status.success(),
+        "ssh {} {command:?} failed: {}",
+        vm.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The unpacked export the stack serves for `distro` (`images/<distro>/x86_64/nfsroot-*`).
+pub fn export_dir(lab: &Lab, distro: &str) -> Result<PathBuf> {
+    let dir = lab.dir("images").join(distro).join(Arch::X86_64.as_str());
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("nfsroot-"))
+        })
+        .collect();
+    found.sort();
+    ensure!(
+        found.len() == 1,
+        "expected one export in {}, found {found:?}",
+        dir.display()
+    );
+    Ok(found.remove(0))
+}
+
+/// A digest of a whole tree: every path with its type, mode, owner, size, mtime, link target
+/// and content.
+fn tree_digest(root: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    let mut stack = vec![root.to_path_buf()];
+    let mut paths = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let path = entry?.path();
+            if path.symlink_metadata()?.is_dir() {
+                stack.push(path.clone());
+            }
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    let mut buf = vec![0u8; 1 << 16];
+    for path in paths {
+        let meta = path.symlink_metadata()?;
+        let rel = path.strip_prefix(root).unwrap_or(&path);
+        hasher.update(format!(
+            "{}\0{:o}\0{}:{}\0{}\0{}\0",
+            rel.display(),
+            meta.mode(),
+            meta.uid(),
+            meta.gid(),
+            meta.len(),
+            meta.mtime()
+        ));
+        if meta.file_type().is_symlink() {
+            hasher.update(std::fs::read_link(&path)?.to_string_lossy().as_bytes());
+        } else if meta.is_file() {
+            let mut f = std::fs::File::open(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// ganesha's pid while the stack runs it (read it before `lab down`, check it is gone after).
+pub fn nfs_server_pid(lab: &Lab) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(lab.dir("state").join("nfs/ganesha.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    (comm.trim() == "ganesha.nfsd").then_some(pid)
+}

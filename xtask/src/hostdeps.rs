@@ -1,0 +1,189 @@
+//! Host tools the tests and the lab need, mapped to the Debian packages that provide them.
+//!
+//! Presence is detected by looking for the binary or file itself (not by asking dpkg), so a tool
+//! installed any other way counts. As root on Debian/Ubuntu the missing packages are installed
+//! with apt-get; otherwise the error says exactly what to install.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use xshell::{cmd, Shell};
+
+/// How to tell that a dependency is present.
+#[derive(Clone, Copy, Debug)]
+pub enum Probe {
+    /// An executable on PATH (or in /usr/sbin, /sbin, which root's PATH may lack).
+    Bin(&'static str),
+    /// A file at this absolute path.
+    File(&'static str),
+}
+
+/// One host dependency.
+#[derive(Clone, Copy, Debug)]
+pub struct HostDep {
+    pub probe: Probe,
+    /// Debian package that provides it.
+    pub package: &'static str,
+}
+
+const fn bin(name: &'static str, package: &'static str) -> HostDep {
+    HostDep {
+        probe: Probe::Bin(name),
+        package,
+    }
+}
+
+const fn file(path: &'static str, package: &'static str) -> HostDep {
+    HostDep {
+        probe: Probe::File(path),
+        package,
+    }
+}
+
+/// Everything `cargo xtask test` makes sure of before the `sys` tier.
+pub const HOST_DEPS: &[HostDep] = &[
+    bin("dnsmasq", "dnsmasq-base"),
+    // Static: the installer tests copy it into a chroot (it also provides udhcpc).
+    bin("busybox", "busybox-static"),
+    bin("ip", "iproute2"),
+    bin("mke2fs", "e2fsprogs"),
+    bin("mkfs.fat", "dosfstools"),
+    bin("mcopy", "mtools"),
+    bin("fusefat", "fusefat"),
+    bin("depmod", "kmod"),
+    bin("qemu-img", "qemu-utils"),
+    bin("ssh", "openssh-client"),
+    bin("sfdisk", "fdisk"),
+    bin("losetup", "util-linux"),
+    bin("mount", "util-linux"),
+    bin("gpgv", "gpgv"),
+    file(
+        "/usr/share/keyrings/debian-archive-keyring.gpg",
+        "debian-archive-keyring",
+    ),
+    bin("zstd", "zstd"),
+    bin("cpio", "cpio"),
+    bin("qemu-system-x86_64", "qemu-system-x86"),
+    file("/usr/share/OVMF/OVMF_CODE.fd", "ovmf"),
+    file("/usr/lib/ipxe/qemu/efi-virtio.rom", "ipxe-qemu"),
+    bin("skopeo", "skopeo"),
+    bin("umoci", "umoci"),
+    bin("mmdebstrap", "mmdebstrap"),
+    bin("podman", "podman"),
+    bin("runc", "runc"),
+];
+
+impl HostDep {
+    pub fn present(&self) -> bool {
+        match self.probe {
+            Probe::File(p) => Path::new(p).exists(),
+            Probe::Bin(name) => find_bin(name).is_some(),
+        }
+    }
+
+    pub fn what(&self) -> &'static str {
+        match self.probe {
+            Probe::Bin(n) | Probe::File(n) => n,
+        }
+    }
+}
+
+/// Path of executable `name` on PATH or in the sbin directories.
+pub fn find_bin(name: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(Into::into))
+        .map(|d| d.join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// The packages (sorted, unique) whose probe fails, with what was missing.
+pub fn missing(deps: &[HostDep]) -> Vec<(&'static str, Vec<&'static str>)> {
+    let mut by_pkg: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for d in deps.iter().filter(|d| !d.present()) {
+        by_pkg.entry(d.package).or_default().push(d.what());
+    }
+    by_pkg.into_iter().collect()
+}
+
+/// Make every dependency present: install with apt-get when we can, else fail with the list.
+pub fn ensure(deps: &[HostDep]) -> Result<()> {
+    let missing = missing(deps);
+    if missing.is_empty() {
+        eprintln!("host tools: all {} present", deps.len());
+        return Ok(());
+    }
+    let packages: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+    let detail: Vec<String> = missing
+        .iter()
+        .map(|(p, w)| format!("{p} ({})", w.join(", ")))
+        .collect();
+    eprintln!("host tools missing: {}", detail.join(", "));
+    if !can_apt() {
+        bail!(
+            "missing host packages: {}. Install them (Debian/Ubuntu: `sudo apt-get install --no-install-recommends {}`) \
+             or run `cargo xtask test` as root on Debian/Ubuntu to have it done",
+            detail.join(", "),
+            packages.join(" ")
+        );
+    }
+    let sh = Shell::new()?;
+    sh.set_var("DEBIAN_FRONTEND", "noninteractive");
+    cmd!(sh, "apt-get update -q")
+        .run()
+        .context("apt-get update failed")?;
+    let pkgs = packages.clone();
+    cmd!(
+        sh,
+        "apt-get install -y -q --no-install-recommends {pkgs...}"
+    )
+    .run()
+    .with_context(|| format!("apt-get install {} failed", packages.join(" ")))?;
+    let still = self::missing(deps);
+    if !still.is_empty() {
+        let names: Vec<String> = still
+            .iter()
+            .map(|(p, w)| format!("{p} ({})", w.join(", ")))
+            .collect();
+        bail!("still missing after apt-get install: {}", names.join(", "));
+    }
+    Ok(())
+}
+
+/// Root on a Debian-like system with apt-get.
+fn can_apt() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let debian_like = os.lines().any(|l| {
+        (l.starts_with("ID=") || l.starts_with("ID_LIKE="))
+            && (l.contains("debian") || l.contains("ubuntu"))
+    });
+    root && debian_like && find_bin("apt-get").is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_present_and_missing() {
+        let deps = [
+            bin("sh", "dash"),
+            bin("pxelab-no-such-tool", "pxelab-nothing"),
+            file("/nonexistent/x", "pkg-x"),
+        ];
+        let m = missing(&deps);
+        assert_eq!(
+            m,
+            vec![
+                ("pkg-x", vec!["/nonexistent/x"]),
+                ("pxelab-nothing", vec!["pxelab-no-such-tool"])
+            ]
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! Getting the lab's artifacts in place: `build-stack` and `distro pull` through the cache,
+//! then the stack's files linked into the lab home where the stack serves them.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use pxelab_contract::Arch;
+
+use super::home::Lab;
+use crate::ui::Ui;
+
+/// Builds (or reuses) the stack for `arch` and pulls `distro`; returns the distro's canonical
+/// name (aliases such as `debian` resolved), which VM definitions must carry.
+pub fn prepare(lab: &Lab, arch: Arch, distro: &str) -> Result<String> {
+    let ui = Ui::new();
+    let pulled = crate::distro::pull(
+        &crate::distro::PullArgs {
+            name: distro.to_string(),
+            arch,
+            modules: None,
+            mirror: None,
+            recipes: None,
+        },
+        &ui,
+    )?;
+    let name = pulled
+        .dir
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .context("distro pull returned an unexpected directory")?
+        .to_string();
+    let stack_arch = match arch {
+        Arch::X86_64 => crate::stack::Arch::X86_64,
+        Arch::Aarch64 => crate::stack::Arch::Aarch64,
+    };
+    let args = crate::stack::Args {
+        arch: stack_arch,
+        compression: crate::stack::archive::Compression::Zstd,
+        out: None,
+        offline: false,
+        root: None,
+    };
+    let report = crate::stack::build(&crate::store::Store::open_default()?, &args, &ui)?;
+    let built = &report.out_dir;
+    install(
+        &built.join(format!("initrd-{arch}.img")),
+        &lab.dir("initrds").join(arch.as_str()).join("initrd.img"),
+    )?;
+    let tftp = built.join("tftp");
+    for entry in std::fs::read_dir(&tftp).with_context(|| format!("reading {}", tftp.display()))? {
+        let entry = entry?;
+        install(&entry.path(), &lab.dir("tftp").join(entry.file_name()))?;
+    }
+    eprintln!(
+        "artifacts: stack {} ({}), distro {name} {}",
+        if report.all_cached() {
+            "cached"
+        } else {
+            "built"
+        },
+        built.display(),
+        if pulled.cached { "cached" } else { "pulled" }
+    );
+    Ok(name)
+}
+
+/// Copies `src` to `dest` atomically unless `dest` already has the same bytes.
+fn install(src: &Path, dest: &Path) -> Result<()> {
+    let bytes = std::fs::read(src).with_context(|| {
+        format!(
+            "{} is missing: run `cargo xtask build-stack`",
+            src.display()
+        )
+    })?;
+    if std::fs::read(dest).ok().as_deref() == Some(&bytes[..]) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dest.parent().context("destination has no parent")?)?;
+    crate::store::write_atomic(dest, &bytes)
+}

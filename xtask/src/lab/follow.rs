@@ -1,0 +1,311 @@
+//! Following targets from the stack's timelines: live progress (one line per VM), the wait for
+//! "installed, rebooted from disk, answering SSH", and the summary table.
+
+use std::{
+    collections::BTreeMap,
+    io::IsTerminal,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pxelab_contract::{Phase, StackStatus, TimelineEntry, VmDefinition, VmState, VmStatus};
+
+use super::{home::Lab, home::VmFile, qemu, stack, targets};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn fetch_status(lab: &Lab) -> Result<Vec<VmStatus>> {
+    let (code, body) = stack::get(lab, "/status")?;
+    if code != 200 {
+        bail!("GET /status answered {code}: {}", body.trim());
+    }
+    Ok(serde_json::from_str::<StackStatus>(&body)
+        .context("parsing /status")?
+        .vms)
+}
+
+pub fn timeline(lab: &Lab, name: &str) -> Result<Vec<TimelineEntry>> {
+    let (code, body) = stack::get(lab, &format!("/vms/{name}/timeline"))?;
+    if code != 200 {
+        bail!("GET /vms/{name}/timeline answered {code}: {}", body.trim());
+    }
+    serde_json::from_str(&body).context("parsing the timeline")
+}
+
+/// "installing: rootfs 120.0 MiB/170.0 MiB" — a VM's state and last event in one phrase.
+pub fn describe(s: &VmStatus) -> String {
+    let state = format!("{:?}", s.state).to_lowercase();
+    match &s.last_event {
+        Some(e) => format!("{state}: {}", phase_line(&e.event)),
+        None => state,
+    }
+}
+
+fn phase_line(e: &pxelab_contract::Event) -> String {
+    let mut line = e.phase.to_string();
+    if let (Some(done), Some(total)) = (e.bytes_done, e.bytes_total) {
+        line += &format!(
+            " {}/{}",
+            crate::util::human_bytes(done),
+            crate::util::human_bytes(total)
+        );
+    }
+    if !e.message.is_empty() {
+        line += &format!(" ({})", e.message);
+    }
+    line
+}
+
+/// Milestones of one target, in ms since its QEMU started.
+#[derive(Clone, Debug, Default)]
+pub struct Row {
+    pub name: String,
+    pub ip: String,
+    pub mac: String,
+    pub distro: String,
+    /// First DHCP lease (from dnsmasq's log).
+    pub dhcp: Option<u64>,
+    /// First `/ipxe` answer: iPXE running.
+    pub ipxe: Option<u64>,
+    /// The installer kernel fetched.
+    pub kernel: Option<u64>,
+    /// Installer reported in: kernel and initrd loaded and booted.
+    pub installer: Option<u64>,
+    pub installed: Option<u64>,
+    /// The stack told the rebooted VM to boot its disk.
+    pub local_boot: Option<u64>,
+    pub ssh: Option<u64>,
+}
+
+impl Row {
+    fn absorb(&mut self, started_ms: u64, timeline: &[TimelineEntry]) {
+        let rel = |e: &TimelineEntry| e.at_ms.saturating_sub(started_ms);
+        // Only this boot's events count: a reused VM's older history is before `started_ms`.
+        let recent = timeline.iter().filter(|e| e.at_ms >= started_ms);
+        for e in recent {
+            match e.event.phase {
+                Phase::Dhcp => {
+                    self.dhcp.get_or_insert(rel(e));
+                }
+                Phase::Ipxe => {
+                    self.ipxe.get_or_insert(rel(e));
+                }
+                Phase::Kernel => {
+                    self.kernel.get_or_insert(rel(e));
+                }
+                Phase::Installing => {
+                    self.installer.get_or_insert(rel(e));
+                }
+                Phase::Installed => {
+                    self.installed.get_or_insert(rel(e));
+                }
+                Phase::LocalBoot if self.installed.is_some() || self.installer.is_none() => {
+                    self.local_boot.get_or_insert(rel(e));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Waits until every VM is installed, rebooted from its disk and answers SSH with `hostname`
+/// equal to its name; shows progress meanwhile. `started` maps VM name → QEMU start (Unix ms).
+pub fn wait_all(
+    lab: &Lab,
+    vms: &[VmDefinition],
+    started: &BTreeMap<String, u64>,
+    timeout: Duration,
+) -> Result<Vec<Row>> {
+    let tty = std::io::stderr().is_terminal();
+    let multi = MultiProgress::with_draw_target(if tty {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template("{prefix:12!} {elapsed:>4} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let mut rows: Vec<Row> = vms
+        .iter()
+        .map(|vm| Row {
+            name: vm.name.clone(),
+            ip: vm.ip.map(|i| i.to_string()).unwrap_or_default(),
+            mac: vm.mac.to_string(),
+            distro: vm.distro.clone(),
+            ..Row::default()
+        })
+        .collect();
+    let bars: Vec<ProgressBar> = vms
+        .iter()
+        .map(|vm| {
+            let bar = multi.add(ProgressBar::new_spinner());
+            bar.set_style(style.clone());
+            bar.set_prefix(vm.name.clone());
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        })
+        .collect();
+    let deadline = Instant::now() + timeout;
+    let mut last_line: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_ssh_try: BTreeMap<String, Instant> = BTreeMap::new();
+    loop {
+        let statuses = fetch_status(lab).unwrap_or_default();
+        let mut pending = 0;
+        for ((vm, row), bar) in vms.iter().zip(rows.iter_mut()).zip(&bars) {
+            if row.ssh.is_some() {
+                continue;
+            }
+            pending += 1;
+            let start = started[&vm.name];
+            if let Ok(tl) = timeline(lab, &vm.name) {
+                row.absorb(start, &tl);
+            }
+            let status = statuses.iter().find(|s| s.name == vm.name);
+            // A failure recorded before this boot (e.g. the last `lab up`) is history, not news.
+            let failed_now = |s: &&VmStatus| {
+                s.state == VmState::Failed
+                    && s.last_event.as_ref().is_some_and(|e| e.at_ms >= start)
+            };
+            if let Some(s) = status.filter(failed_now) {
+                bail!(
+                    "{} failed: {}\n{}",
+                    vm.name,
+                    describe(s),
+                    console_tail(lab, &vm.name)
+                );
+            }
+            if qemu::running_pid(&lab.vm_file(&vm.name, VmFile::Pid)).is_none() {
+                bail!(
+                    "QEMU of {} is not running any more\n{}",
+                    vm.name,
+                    console_tail(lab, &vm.name)
+                );
+            }
+            let line = if row.local_boot.is_some() && row.installed.is_some()
+                || row.local_boot.is_some() && row.installer.is_none()
+            {
+                let due = last_ssh_try
+                    .get(&vm.name)
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(3));
+                if due {
+                    last_ssh_try.insert(vm.name.clone(), Instant::now());
+                    if let Ok(out) = targets::ssh(lab, vm, &["hostname".to_string()])
+                        .and_then(|mut c| Ok(c.output()?))
+                    {
+                        let host = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                        if out.status.success() {
+                            if host != vm.guest_hostname() {
+                                bail!("{} answers SSH but its hostname is {host:?}: cloud-init did not apply the seed", vm.name);
+                            }
+                            row.ssh = Some(now_ms().saturating_sub(start));
+                        }
+                    }
+                }
+                if row.ssh.is_some() {
+                    "SSH ready".to_string()
+                } else {
+                    "booted from disk, waiting for SSH".to_string()
+                }
+            } else {
+                status
+                    .map(describe)
+                    .unwrap_or_else(|| "waiting for DHCP/iPXE".into())
+            };
+            if last_line.get(&vm.name) != Some(&line) {
+                if !tty {
+                    eprintln!(
+                        "{:<12} {:>6.1}s {line}",
+                        vm.name,
+                        now_ms().saturating_sub(start) as f64 / 1000.0
+                    );
+                }
+                bar.set_message(line.clone());
+                last_line.insert(vm.name.clone(), line);
+            }
+            if row.ssh.is_some() {
+                bar.finish_with_message("SSH ready");
+            }
+        }
+        if pending == 0 || rows.iter().all(|r| r.ssh.is_some()) {
+            return Ok(rows);
+        }
+        if Instant::now() > deadline {
+            let late: Vec<_> = rows
+                .iter()
+                .filter(|r| r.ssh.is_none())
+                .map(|r| r.name.clone())
+                .collect();
+            let detail: Vec<String> = late
+                .iter()
+                .map(|n| format!("{n}: {}", last_line.get(n).cloned().unwrap_or_default()))
+                .collect();
+            bail!(
+                "timed out after {timeout:?} waiting for {}\n{}\n{}",
+                late.join(", "),
+                detail.join("\n"),
+                late.iter()
+                    .map(|n| console_tail(lab, n))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+}
+
+/// The last lines of a VM's serial console, for error reports.
+pub fn console_tail(lab: &Lab, name: &str) -> String {
+    let path = lab.vm_file(name, VmFile::Console);
+    let text = std::fs::read(&path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+    format!(
+        "--- last console lines of {name} ({}) ---\n{tail}",
+        path.display()
+    )
+}
+
+/// The summary table; times are seconds since the VM's QEMU started (SSH = total).
+pub fn print_summary(rows: &[Row]) {
+    let s = |v: Option<u64>| {
+        v.map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "{:<12} {:<15} {:<18} {:<10} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10} {:>8}",
+        "VM",
+        "IP",
+        "MAC",
+        "DISTRO",
+        "DHCP",
+        "IPXE",
+        "KERNEL",
+        "INSTALLER",
+        "INSTALLED",
+        "DISK BOOT",
+        "SSH"
+    );
+    for r in rows {
+        println!(
+            "{:<12} {:<15} {:<18} {:<10} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10} {:>8}",
+            r.name,
+            r.ip,
+            r.mac,
+            r.distro,
+            s(r.dhcp),
+            s(r.ipxe),
+            s(r.kernel),
+            s(r.installer),
+            s(r.installed),
+            s(r.local_boot),
+            s(r.ssh)
+        );
+    }
+}

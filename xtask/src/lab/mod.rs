@@ -1,0 +1,370 @@
+//! `cargo xtask lab …`: the lab — the stack in its own network namespace and QEMU targets on it.
+//!
+//! `up` is the project's main job: build or reuse every artifact, create the namespace, start
+//! the stack, define and boot the targets, follow their timelines, and wait until each one is
+//! installed, rebooted from its disk and answering SSH. Every other verb is a piece of that.
+
+pub mod artifacts;
+pub mod follow;
+pub mod home;
+pub mod net;
+pub mod qemu;
+pub mod stack;
+pub mod targets;
+pub mod vms;
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use pxelab_contract::{Arch, BootMode};
+
+use self::{
+    home::{Lab, VmFile},
+    qemu::{AccelChoice, Firmware},
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum LabCommand {
+    /// Build or reuse everything, start the stack and N targets, wait until all are installed,
+    /// rebooted from disk and reachable over SSH; print a summary. Safe to run again.
+    Up(UpArgs),
+    /// Show the stack and every VM: state, phase, address.
+    Status,
+    /// Stop every VM and the stack, delete the namespace, taps and runtime files.
+    Down {
+        /// Also delete VM definitions, disks, states and logs (distro images and keys stay).
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Manage the stack process: status, restart, reload.
+    Stack {
+        #[command(subcommand)]
+        command: StackCommand,
+    },
+    /// Manage targets one by one.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+pub struct UpArgs {
+    /// How many targets to provision.
+    #[arg(long, default_value_t = 1)]
+    pub targets: u32,
+    /// Distro to install (see `cargo xtask distro list`).
+    #[arg(long, default_value = "debian")]
+    pub distro: String,
+    #[arg(long, default_value = "x86_64")]
+    pub arch: Arch,
+    /// How targets reach iPXE.
+    #[arg(long, value_enum, default_value = "uefi")]
+    pub firmware: Firmware,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelChoice,
+    /// The lab subnet (only used when the lab is first created).
+    #[arg(long, default_value = home::DEFAULT_SUBNET)]
+    pub subnet: String,
+    /// Give up on a target after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout: u64,
+}
+
+#[derive(clap::Subcommand)]
+enum StackCommand {
+    /// Is the stack running and healthy?
+    Status,
+    /// Stop and start the stack (VMs keep running; installs resume).
+    Restart,
+    /// Ask the stack to re-read VM definitions now (SIGHUP).
+    Reload,
+}
+
+#[derive(clap::Subcommand)]
+enum VmCommand {
+    /// Define a target (MAC and IP allocated unless given) and create its blank disk.
+    Create(CreateArgs),
+    /// Boot a target (network boot first; the stack decides installer or disk).
+    Start {
+        name: String,
+        #[arg(long, value_enum, default_value = "uefi")]
+        firmware: Firmware,
+        #[arg(long, value_enum, default_value = "auto")]
+        accel: AccelChoice,
+    },
+    /// Power a target off.
+    Stop { name: String },
+    /// List targets.
+    List,
+    /// Print a target's serial console log (add --follow to keep reading).
+    Console {
+        name: String,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Print a target's timeline as the stack recorded it.
+    Logs { name: String },
+    /// SSH into a target (from inside the lab namespace); extra arguments run as a command.
+    Ssh {
+        name: String,
+        #[arg(trailing_var_arg = true)]
+        command: Vec<String>,
+    },
+    /// Install again at the next boot: forget the installed state, blank the disk, restart.
+    Reprovision { name: String },
+    /// Stop a target and delete its definition, disk and logs.
+    Rm { name: String },
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    name: String,
+    #[arg(long, default_value = "debian")]
+    distro: String,
+    #[arg(long, default_value = "x86_64")]
+    arch: Arch,
+    /// MAC address (default: derived from the name).
+    #[arg(long)]
+    mac: Option<String>,
+    /// IPv4 address on the lab subnet (default: the first free one).
+    #[arg(long)]
+    ip: Option<Ipv4Addr>,
+    /// Boot diskless from an NFS root instead of installing.
+    #[arg(long)]
+    diskless: bool,
+    /// Disk size for qemu-img (e.g. 20G).
+    #[arg(long, default_value = "20G")]
+    disk_size: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let lab = Lab::open()?;
+    match args.command {
+        LabCommand::Up(up) => targets::up(lab, &up),
+        LabCommand::Status => status(&lab),
+        LabCommand::Down { purge } => down(&lab, purge),
+        LabCommand::Stack { command } => match command {
+            StackCommand::Status => stack_status(&lab),
+            StackCommand::Restart => {
+                net::require_root("restart the stack")?;
+                stack::stop(&lab)?;
+                let binary = targets::stack_binary(&lab)?;
+                stack::start(&lab, &binary)?;
+                stack::wait_healthy(&lab, Duration::from_secs(20))?;
+                println!("stack restarted");
+                Ok(())
+            }
+            StackCommand::Reload => {
+                let pid = qemu::running_pid(&lab.stack_pidfile())
+                    .context("the stack is not running: `cargo xtask lab up`")?;
+                // SAFETY: signalling the stack this lab started.
+                unsafe { libc::kill(pid, libc::SIGHUP) };
+                println!("stack asked to reload VM definitions");
+                Ok(())
+            }
+        },
+        LabCommand::Vm { command } => vm_command(&lab, command),
+    }
+}
+
+fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
+    match command {
+        VmCommand::Create(c) => {
+            lab.create_dirs()?;
+            let key = targets::ensure_ssh_key(lab)?;
+            let request = vms::VmRequest {
+                name: c.name,
+                distro: c.distro,
+                arch: c.arch,
+                mac: c.mac,
+                ip: c.ip,
+                boot: if c.diskless {
+                    BootMode::Nfsroot
+                } else {
+                    BootMode::Install
+                },
+            };
+            let existing = vms::load_all(&lab.dir("vms"))?;
+            let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
+            targets::create_disk(lab, &vm.name, &c.disk_size)?;
+            vms::write_new(&lab.dir("vms"), &vm)?;
+            println!(
+                "defined {} (MAC {}, IP {})",
+                vm.name,
+                vm.mac,
+                vm.ip.map(|i| i.to_string()).unwrap_or_default()
+            );
+            Ok(())
+        }
+        VmCommand::Start {
+            name,
+            firmware,
+            accel,
+        } => {
+            let vm = targets::definition(lab, &name)?;
+            let accel = qemu::resolve_accel(accel, vm.arch, &lab.dir("run"))?;
+            targets::start_vm(lab, &vm, firmware, accel)?;
+            println!("{name} started; console: cargo xtask lab vm console {name} --follow");
+            Ok(())
+        }
+        VmCommand::Stop { name } => {
+            qemu::stop(
+                &lab.vm_file(&name, VmFile::Pid),
+                &lab.vm_file(&name, VmFile::Qmp),
+                Duration::from_secs(10),
+            )?;
+            println!("{name} stopped");
+            Ok(())
+        }
+        VmCommand::List => status(lab),
+        VmCommand::Console { name, follow } => {
+            let log = lab.vm_file(&name, VmFile::Console);
+            if !log.exists() {
+                bail!(
+                    "no console log for {name:?} at {}: has it been started?",
+                    log.display()
+                );
+            }
+            let sh = xshell::Shell::new()?;
+            if follow {
+                xshell::cmd!(sh, "tail -n 50 -f {log}").run()?;
+            } else {
+                xshell::cmd!(sh, "cat {log}").run()?;
+            }
+            Ok(())
+        }
+        VmCommand::Logs { name } => {
+            let (status, body) = stack::get(lab, &format!("/vms/{name}/timeline"))?;
+            if status != 200 {
+                bail!("the stack answered {status}: {}", body.trim());
+            }
+            print!("{body}");
+            Ok(())
+        }
+        VmCommand::Ssh { name, command } => {
+            let vm = targets::definition(lab, &name)?;
+            let status = targets::ssh(lab, &vm, &command)?.status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        VmCommand::Reprovision { name } => targets::reprovision(lab, &name),
+        VmCommand::Rm { name } => targets::remove(lab, &name),
+    }
+}
+
+fn stack_status(lab: &Lab) -> Result<()> {
+    match qemu::running_pid(&lab.stack_pidfile()) {
+        None => println!("stack: not running"),
+        Some(pid) => match stack::get(lab, "/healthz") {
+            Ok((200, _)) => println!(
+                "stack: running (pid {pid}), healthy, http://{}/",
+                lab.net()?.subnet.gateway()
+            ),
+            Ok((code, body)) => println!(
+                "stack: running (pid {pid}), unhealthy: HTTP {code} {}",
+                body.trim()
+            ),
+            Err(e) => println!("stack: running (pid {pid}), not answering: {e:#}"),
+        },
+    }
+    Ok(())
+}
+
+fn status(lab: &Lab) -> Result<()> {
+    stack_status(lab)?;
+    let vms = vms::load_all(&lab.dir("vms"))?;
+    if vms.is_empty() {
+        println!("no VMs defined: `cargo xtask lab up` or `cargo xtask lab vm create <name>`");
+        return Ok(());
+    }
+    let states = follow::fetch_status(lab).unwrap_or_default();
+    println!(
+        "{:<16} {:<18} {:<15} {:<10} {:<8} {:<11} {}",
+        "NAME", "MAC", "IP", "DISTRO", "BOOT", "QEMU", "STATE / LAST EVENT"
+    );
+    for vm in vms {
+        let running = if qemu::running_pid(&lab.vm_file(&vm.name, VmFile::Pid)).is_some() {
+            "running"
+        } else {
+            "stopped"
+        };
+        let state = states
+            .iter()
+            .find(|s| s.name == vm.name)
+            .map(follow::describe)
+            .unwrap_or_else(|| "-".into());
+        let boot = match vm.boot {
+            BootMode::Install => "install",
+            BootMode::Nfsroot => "nfsroot",
+        };
+        let ip = vm.ip.map(|i| i.to_string()).unwrap_or_default();
+        println!(
+            "{:<16} {:<18} {:<15} {:<10} {:<8} {:<11} {}",
+            vm.name, vm.mac, ip, vm.distro, boot, running, state
+        );
+    }
+    Ok(())
+}
+
+/// Stops everything this lab started and removes the namespace; disks stay unless `purge`.
+pub fn down(lab: &Lab, purge: bool) -> Result<()> {
+    let mut stopped = 0;
+    for vm in vms::load_all(&lab.dir("vms")).unwrap_or_default() {
+        let pid = lab.vm_file(&vm.name, VmFile::Pid);
+        if qemu::running_pid(&pid).is_some() {
+            stopped += 1;
+        }
+        qemu::stop(
+            &pid,
+            &lab.vm_file(&vm.name, VmFile::Qmp),
+            Duration::from_secs(5),
+        )?;
+    }
+    // Pid files of VMs whose definition is gone still name processes this lab started.
+    if let Ok(entries) = std::fs::read_dir(lab.dir("run")) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(vm) = name.strip_suffix(".pid").filter(|n| *n != "stack") {
+                qemu::stop(&path, &lab.vm_file(vm, VmFile::Qmp), Duration::from_secs(5))?;
+            }
+        }
+    }
+    stack::stop(lab)?;
+    let net = lab.net()?;
+    if net.exists() {
+        net::require_root("delete the lab network namespace")?;
+        net.destroy()?;
+    }
+    let _ = std::fs::remove_dir_all(lab.dir("run"));
+    if purge {
+        for d in ["vms", "disks", "state", "logs", "initrds", "tftp"] {
+            let dir = lab.dir(d);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing {}", dir.display()))?;
+            }
+        }
+        let _ = std::fs::remove_file(lab.home.join("lab.json"));
+    }
+    println!(
+        "lab down: {stopped} VM(s) stopped, stack stopped, namespace {} removed{}",
+        net.ns,
+        if purge { ", VMs and disks purged" } else { "" }
+    );
+    Ok(())
+}
+
+/// Where build outputs for `arch` are (the repository's `build/stack/<arch>/`).
+pub fn stack_build_dir(arch: Arch) -> PathBuf {
+    crate::util::project_root()
+        .join("build")
+        .join("stack")
+        .join(arch.as_str())
+}

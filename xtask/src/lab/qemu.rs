@@ -1,0 +1,364 @@
+//! QEMU for lab targets: the command line for each firmware path, the accelerator probe, and
+//! starting/stopping a daemonised VM through its pid file and QMP socket.
+
+use std::{
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use pxelab_contract::{Arch, Mac};
+
+/// How a target's firmware reaches iPXE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Firmware {
+    /// OVMF with QEMU's iPXE NIC ROM: straight to HTTP (fastest).
+    Uefi,
+    /// OVMF without a NIC ROM: firmware PXE → TFTP `ipxe.efi` (the real-hardware path).
+    UefiPxe,
+    /// SeaBIOS → PXE → TFTP `undionly.kpxe`.
+    Bios,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelChoice {
+    /// KVM if a real tiny boot under KVM works, else TCG (with a warning).
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// Everything that makes one target's QEMU command line.
+pub struct Target<'a> {
+    pub name: &'a str,
+    pub arch: Arch,
+    pub mac: Mac,
+    pub tap: &'a str,
+    pub disk: &'a Path,
+    /// UEFI firmware code (shared, read-only) and this VM's private copy of the variable store;
+    /// `None` for BIOS.
+    pub uefi: Option<(&'a Path, &'a Path)>,
+    pub console_log: &'a Path,
+    pub qmp: &'a Path,
+    pub pidfile: &'a Path,
+    /// A file holding the bytes `f8 03` (see [`sercon_file`]).
+    pub sercon: &'a Path,
+    pub firmware: Firmware,
+    pub accel: Accel,
+    pub memory_mib: u32,
+}
+
+pub fn binary(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "qemu-system-x86_64",
+        Arch::Aarch64 => "qemu-system-aarch64",
+    }
+}
+
+/// UEFI firmware code and variable-store template for `arch`, from Debian's ovmf/qemu-efi packages.
+pub fn uefi_firmware(arch: Arch) -> Result<(PathBuf, PathBuf)> {
+    let (code, vars, package) = match arch {
+        Arch::X86_64 => (
+            "/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+            "ovmf",
+        ),
+        Arch::Aarch64 => (
+            "/usr/share/AAVMF/AAVMF_CODE.fd",
+            "/usr/share/AAVMF/AAVMF_VARS.fd",
+            "qemu-efi-aarch64",
+        ),
+    };
+    for path in [code, vars] {
+        if !Path::new(path).exists() {
+            bail!("UEFI firmware {path} not found: apt-get install {package}");
+        }
+    }
+    Ok((code.into(), vars.into()))
+}
+
+/// The command line (without the binary) for a daemonised target.
+pub fn args(t: &Target) -> Result<Vec<String>> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", t.name]);
+    match t.arch {
+        Arch::X86_64 => push(&["-machine", "q35"]),
+        Arch::Aarch64 => push(&["-machine", "virt"]),
+    }
+    match t.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    let mem = t.memory_mib.to_string();
+    push(&["-m", &mem, "-smp", "2"]);
+    match (t.firmware, t.uefi) {
+        (Firmware::Bios, _) if t.arch != Arch::X86_64 => {
+            bail!("--firmware bios exists only for x86_64 targets")
+        }
+        (Firmware::Bios, _) => {}
+        (_, Some((code, vars))) => {
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,readonly=on,file={}", code.display()),
+            ]);
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,file={}", vars.display()),
+            ]);
+            // Without this OVMF tries IPv6 PXE and HTTP boot before the disk: an installed
+            // target took 172 s instead of 25 s to reach its disk.
+            push(&["-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=no"]);
+        }
+        (_, None) => bail!("UEFI firmware paths missing for {}", t.name),
+    }
+    // The NIC boots first on every power-on: the boot handler decides (installer, or "boot from
+    // disk" once installed), which is what makes boot-once work without touching the firmware.
+    let rom = if t.firmware == Firmware::UefiPxe {
+        ",romfile="
+    } else {
+        ""
+    };
+    push(&[
+        "-netdev",
+        &format!("tap,id=net0,ifname={},script=no,downscript=no", t.tap),
+    ]);
+    push(&[
+        "-device",
+        &format!("virtio-net-pci,netdev=net0,mac={},bootindex=1{rom}", t.mac),
+    ]);
+    push(&[
+        "-drive",
+        &format!("file={},if=none,id=disk0,format=qcow2", t.disk.display()),
+    ]);
+    push(&["-device", "virtio-blk-pci,drive=disk0,bootindex=2"]);
+    push(&["-display", "none", "-vga", "none"]);
+    if t.arch == Arch::X86_64 {
+        push(&[
+            "-fw_cfg",
+            &format!("name=etc/sercon-port,file={}", t.sercon.display()),
+        ]);
+    }
+    push(&[
+        "-chardev",
+        &format!("file,id=console,path={},append=on", t.console_log.display()),
+    ]);
+    push(&["-serial", "chardev:console"]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", t.qmp.display()),
+    ]);
+    push(&["-pidfile", &t.pidfile.display().to_string(), "-daemonize"]);
+    Ok(a)
+}
+
+/// SeaBIOS and iPXE print to the serial port only when told its I/O port (0x3f8) this way.
+pub fn sercon_file(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("sercon-port");
+    if !path.exists() {
+        crate::store::write_atomic(&path, &[0xf8, 0x03])?;
+    }
+    Ok(path)
+}
+
+/// Picks the accelerator. KVM is trusted only after a real tiny boot under it prints on the
+/// serial port: some hosts expose a `/dev/kvm` that cannot run a guest (FIELD-NOTES).
+pub fn resolve_accel(choice: AccelChoice, arch: Arch, scratch: &Path) -> Result<Accel> {
+    let native = cfg!(target_arch = "x86_64") && arch == Arch::X86_64
+        || cfg!(target_arch = "aarch64") && arch == Arch::Aarch64;
+    match choice {
+        AccelChoice::Tcg => Ok(Accel::Tcg),
+        AccelChoice::Kvm if !native => bail!("--accel kvm needs a {arch} host; use --accel tcg"),
+        AccelChoice::Kvm => Ok(Accel::Kvm),
+        AccelChoice::Auto if native && arch == Arch::X86_64 && kvm_boots(scratch) => Ok(Accel::Kvm),
+        AccelChoice::Auto => {
+            eprintln!(
+                "warning: KVM is not usable here: running targets under TCG emulation (slower)"
+            );
+            Ok(Accel::Tcg)
+        }
+    }
+}
+
+/// Boots a 512-byte boot sector that writes "OK" to COM1 and halts, under KVM, for at most 10 s.
+///
+/// The CPU must also offer hardware virtualisation (vmx/svm): a paravirtual `/dev/kvm` without
+/// it runs that boot sector fine and then hangs in real firmware (measured: OVMF never printed).
+fn kvm_boots(scratch: &Path) -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw_virt = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !hw_virt
+        || std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+    {
+        return false;
+    }
+    let mut sector = vec![
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'O', 0xee, // mov al, 'O'; out dx, al
+        0xb0, b'K', 0xee, // mov al, 'K'; out dx, al
+        0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp back to hlt
+    ];
+    sector.resize(510, 0);
+    sector.extend([0x55, 0xaa]);
+    let image = scratch.join("kvm-probe.img");
+    if std::fs::write(&image, &sector).is_err() {
+        return false;
+    }
+    let child = Command::new(binary(Arch::X86_64))
+        .args([
+            "-accel",
+            "kvm",
+            "-display",
+            "none",
+            "-vga",
+            "none",
+            "-serial",
+            "stdio",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=ide", image.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(2).any(|w| w == b"OK") {
+                let _ = tx.send(());
+                break;
+            }
+        }
+    });
+    let ok = rx.recv_timeout(Duration::from_secs(10)).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&image);
+    ok
+}
+
+/// The pid in `pidfile` if that process is alive.
+pub fn running_pid(pidfile: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    // SAFETY: signal 0 only checks that the process exists.
+    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+}
+
+/// Stops a target: QMP `quit` (the disk stays consistent: QEMU flushes it), then SIGKILL after
+/// `grace`. Removes the pid file and QMP socket.
+pub fn stop(pidfile: &Path, qmp: &Path, grace: Duration) -> Result<()> {
+    if let Some(pid) = running_pid(pidfile) {
+        let _ = qmp_command(qmp, "quit");
+        let deadline = Instant::now() + grace;
+        while running_pid(pidfile).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if running_pid(pidfile).is_some() {
+            // SAFETY: plain kill of a pid we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while running_pid(pidfile).is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if running_pid(pidfile).is_some() {
+                bail!("QEMU (pid {pid}) did not stop even after SIGKILL");
+            }
+        }
+    }
+    let _ = std::fs::remove_file(pidfile);
+    let _ = std::fs::remove_file(qmp);
+    Ok(())
+}
+
+/// Sends one QMP command (after the mandatory capabilities handshake).
+pub fn qmp_command(socket: &Path, command: &str) -> Result<()> {
+    let mut s = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to QMP socket {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut greeting = [0u8; 4096];
+    let _ = s.read(&mut greeting)?;
+    s.write_all(br#"{"execute":"qmp_capabilities"}"#)?;
+    let _ = s.read(&mut greeting)?;
+    s.write_all(format!(r#"{{"execute":"{command}"}}"#).as_bytes())?;
+    let _ = s.read(&mut greeting);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target<'a>(firmware: Firmware, p: &'a Path) -> Target<'a> {
+        Target {
+            name: "t1",
+            arch: Arch::X86_64,
+            mac: "0a:00:00:00:00:01".parse().unwrap(),
+            tap: "pxt0",
+            disk: p,
+            uefi: (firmware != Firmware::Bios).then_some((Path::new("/fw/CODE.fd"), p)),
+            console_log: p,
+            qmp: p,
+            pidfile: p,
+            sercon: p,
+            firmware,
+            accel: Accel::Tcg,
+            memory_mib: 1024,
+        }
+    }
+
+    #[test]
+    fn firmware_paths_shape_the_command_line() {
+        let p = Path::new("/x");
+        let bios = args(&target(Firmware::Bios, p)).unwrap().join(" ");
+        assert!(!bios.contains("pflash"), "{bios}");
+        assert!(
+            bios.contains("mac=0a:00:00:00:00:01,bootindex=1 "),
+            "{bios}"
+        );
+        assert!(bios.contains("-accel tcg -cpu max"));
+        let pxe = args(&target(Firmware::UefiPxe, p)).unwrap().join(" ");
+        assert!(pxe.contains("bootindex=1,romfile= "), "{pxe}");
+        assert!(pxe.contains("readonly=on,file=/fw/CODE.fd"));
+        assert!(
+            pxe.contains("IPv6Support,string=no"),
+            "OVMF must not try IPv6 boot first"
+        );
+        let uefi = args(&target(Firmware::Uefi, p)).unwrap().join(" ");
+        assert!(uefi.contains("bootindex=1 "), "the NIC ROM stays: {uefi}");
+        let arm = Target {
+            arch: Arch::Aarch64,
+            ..target(Firmware::Bios, p)
+        };
+        assert!(args(&arm)
+            .unwrap_err()
+            .to_string()
+            .contains("only for x86_64"));
+    }
+}

@@ -1,0 +1,341 @@
+//! Targets: their disks, keys and QEMU processes, and `lab up`, which strings everything
+//! together.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context, Result};
+use pxelab_contract::{BootMode, VmDefinition};
+use xshell::{cmd, Shell};
+
+use crate::hostdeps::{HostDep, Probe};
+
+use super::{
+    follow,
+    home::{tap_name, Lab, VmFile},
+    net,
+    qemu::{self, Accel, Firmware},
+    stack, vms, UpArgs,
+};
+
+pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
+    net::require_root("bring the lab up")?;
+    crate::hostdeps::ensure(&LAB_TOOLS)?;
+    if lab.home.join("lab.json").exists() {
+        if a.subnet != super::home::DEFAULT_SUBNET && a.subnet != lab.config.subnet {
+            bail!("this lab already uses subnet {}: `cargo xtask lab down --purge` before changing it", lab.config.subnet);
+        }
+    } else {
+        lab.config.subnet = a.subnet.parse::<net::Subnet>()?.to_string();
+    }
+    lab.create_dirs()?;
+    lab.save_config()?;
+
+    let distro = super::artifacts::prepare(&lab, a.arch, &a.distro)?;
+
+    let net = lab.net()?;
+    net.create()?;
+    let binary = stack_binary(&lab)?;
+    if stack::start(&lab, &binary)? {
+        eprintln!(
+            "stack started in namespace {} at http://{}/",
+            net.ns,
+            net.subnet.gateway()
+        );
+    }
+    stack::wait_healthy(&lab, Duration::from_secs(20))?;
+
+    let key = ensure_ssh_key(&lab)?;
+    let accel = qemu::resolve_accel(a.accel, a.arch, &lab.dir("run"))?;
+    let mut existing = vms::load_all(&lab.dir("vms"))?;
+    let mut chosen = Vec::new();
+    for i in 1..=a.targets {
+        let name = format!("target-{i}");
+        let vm = match existing.iter().find(|v| v.name == name) {
+            Some(vm) => vm.clone(),
+            None => {
+                let request = vms::VmRequest {
+                    name: name.clone(),
+                    distro: distro.clone(),
+                    arch: a.arch,
+                    mac: None,
+                    ip: None,
+                    boot: BootMode::Install,
+                };
+                let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
+                create_disk(&lab, &name, "20G")?;
+                vms::write_new(&lab.dir("vms"), &vm)?;
+                existing.push(vm.clone());
+                vm
+            }
+        };
+        chosen.push(vm);
+    }
+    // The stack watches the VMs directory; a SIGHUP makes the new reservations immediate.
+    if let Some(pid) = qemu::running_pid(&lab.stack_pidfile()) {
+        // SAFETY: signalling the stack this lab started.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut started = BTreeMap::new();
+    for vm in &chosen {
+        let pidfile = lab.vm_file(&vm.name, VmFile::Pid);
+        if qemu::running_pid(&pidfile).is_none() {
+            start_vm(&lab, vm, a.firmware, accel)?;
+        }
+        let since = std::fs::metadata(&pidfile).and_then(|m| m.modified()).ok();
+        let ms = since
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_else(follow::now_ms);
+        started.insert(vm.name.clone(), ms);
+    }
+    eprintln!(
+        "following {} target(s) ({:?}, {:?} firmware); Ctrl-C leaves them running",
+        chosen.len(),
+        accel,
+        a.firmware
+    );
+    let rows = follow::wait_all(&lab, &chosen, &started, Duration::from_secs(a.timeout))?;
+    follow::print_summary(&rows);
+    println!(
+        "ssh: cargo xtask lab vm ssh {}   stop: cargo xtask lab down",
+        chosen[0].name
+    );
+    Ok(())
+}
+
+/// Host tools the lab runs, with the Debian package providing each.
+pub const LAB_TOOLS: [HostDep; 7] = [
+    HostDep {
+        probe: Probe::Bin("qemu-system-x86_64"),
+        package: "qemu-system-x86",
+    },
+    HostDep {
+        probe: Probe::File("/usr/lib/ipxe/qemu/efi-virtio.rom"),
+        package: "ipxe-qemu",
+    },
+    HostDep {
+        probe: Probe::Bin("qemu-img"),
+        package: "qemu-utils",
+    },
+    HostDep {
+        probe: Probe::Bin("ip"),
+        package: "iproute2",
+    },
+    HostDep {
+        probe: Probe::Bin("ssh"),
+        package: "openssh-client",
+    },
+    HostDep {
+        probe: Probe::Bin("ssh-keygen"),
+        package: "openssh-client",
+    },
+    HostDep {
+        probe: Probe::File("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+        package: "ovmf",
+    },
+];
+
+/// The static stack binary that `build-stack` produced for the host architecture.
+pub fn stack_binary(_lab: &Lab) -> Result<PathBuf> {
+    let host = if cfg!(target_arch = "aarch64") {
+        pxelab_contract::Arch::Aarch64
+    } else {
+        pxelab_contract::Arch::X86_64
+    };
+    let path = super::stack_build_dir(host).join("pxelab-stack");
+    if !path.exists() {
+        bail!(
+            "{} is missing: run `cargo xtask build-stack`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The lab's SSH public key, generating the pair on first use (private key mode 0600).
+pub fn ensure_ssh_key(lab: &Lab) -> Result<String> {
+    let key = lab.ssh_key();
+    let public = key.with_extension("pub");
+    if !key.exists() || !public.exists() {
+        std::fs::create_dir_all(lab.dir("ssh"))?;
+        let _ = std::fs::remove_file(&key);
+        let _ = std::fs::remove_file(&public);
+        let sh = Shell::new()?;
+        cmd!(sh, "ssh-keygen -q -t ed25519 -N '' -C pxelab-lab -f {key}")
+            .quiet()
+            .run()
+            .context("generating the lab SSH key")?;
+    }
+    std::fs::read_to_string(&public).with_context(|| format!("reading {}", public.display()))
+}
+
+pub fn create_disk(lab: &Lab, name: &str, size: &str) -> Result<()> {
+    let disk = lab.vm_file(name, VmFile::Disk);
+    if disk.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(lab.dir("disks"))?;
+    let sh = Shell::new()?;
+    cmd!(sh, "qemu-img create -q -f qcow2 {disk} {size}")
+        .quiet()
+        .run()
+        .with_context(|| format!("creating {}", disk.display()))
+}
+
+pub fn definition(lab: &Lab, name: &str) -> Result<VmDefinition> {
+    vms::load_all(&lab.dir("vms"))?
+        .into_iter()
+        .find(|v| v.name == name)
+        .with_context(|| {
+            format!("no VM named {name:?}: `cargo xtask lab vm list` shows the defined ones")
+        })
+}
+
+/// Starts QEMU for `vm` inside the lab namespace (daemonised; pid file, QMP socket, console log).
+pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) -> Result<()> {
+    net::require_root("start a lab VM")?;
+    let net = lab.net()?;
+    if !net.exists() {
+        bail!("the lab network does not exist: run `cargo xtask lab up` first");
+    }
+    let tap = tap_name(&vm.name);
+    net.add_tap(&tap)?;
+    let disk = lab.vm_file(&vm.name, VmFile::Disk);
+    if !disk.exists() {
+        create_disk(lab, &vm.name, "20G")?;
+    }
+    let vars = lab.vm_file(&vm.name, VmFile::Vars);
+    let code = if firmware == Firmware::Bios {
+        None
+    } else {
+        let (code, template) = qemu::uefi_firmware(vm.arch)?;
+        if !vars.exists() {
+            std::fs::copy(&template, &vars)
+                .with_context(|| format!("copying {} to {}", template.display(), vars.display()))?;
+        }
+        Some(code)
+    };
+    let sercon = qemu::sercon_file(&lab.dir("run"))?;
+    let (pid, qmp, console) = (
+        lab.vm_file(&vm.name, VmFile::Pid),
+        lab.vm_file(&vm.name, VmFile::Qmp),
+        lab.vm_file(&vm.name, VmFile::Console),
+    );
+    let target = qemu::Target {
+        name: &vm.name,
+        arch: vm.arch,
+        mac: vm.mac,
+        tap: &tap,
+        disk: &disk,
+        uefi: code.as_deref().map(|c| (c, vars.as_path())),
+        console_log: &console,
+        qmp: &qmp,
+        pidfile: &pid,
+        sercon: &sercon,
+        firmware,
+        accel,
+        memory_mib: 2048,
+    };
+    let args = qemu::args(&target)?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.ns, qemu::binary(vm.arch)])
+        .args(&args)
+        .output()
+        .with_context(|| format!("running {}", qemu::binary(vm.arch)))?;
+    if !out.status.success() {
+        bail!(
+            "QEMU for {} failed to start: {}",
+            vm.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// An `ssh` to the VM run inside the lab namespace, with the lab key and a lab-private
+/// known_hosts (first contact is trusted; a reprovision forgets the old key).
+pub fn ssh(lab: &Lab, vm: &VmDefinition, command: &[String]) -> Result<Command> {
+    let net = lab.net()?;
+    let ip = vm
+        .ip
+        .with_context(|| format!("{} has no IP address", vm.name))?;
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &net.ns, "ssh", "-q", "-i"])
+        .arg(lab.ssh_key())
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+        ])
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            lab.dir("ssh").join("known_hosts").display()
+        ))
+        .arg(format!("pxelab@{ip}"))
+        .args(command);
+    Ok(c)
+}
+
+/// Forget the install: the next boot runs the installer again on a blank disk.
+pub fn reprovision(lab: &Lab, name: &str) -> Result<()> {
+    let vm = definition(lab, name)?;
+    qemu::stop(
+        &lab.vm_file(name, VmFile::Pid),
+        &lab.vm_file(name, VmFile::Qmp),
+        Duration::from_secs(10),
+    )?;
+    let _ = std::fs::remove_file(lab.vm_file(name, VmFile::Disk));
+    create_disk(lab, name, "20G")?;
+    // The stack keeps `installed` in its state file; removing it makes /ipxe answer "install".
+    let _ = std::fs::remove_file(lab.dir("state").join(format!("{name}.state")));
+    forget_host_key(lab, &vm)?;
+    println!("{name}: disk blanked and install state cleared; `cargo xtask lab vm start {name}` installs it again");
+    Ok(())
+}
+
+pub fn remove(lab: &Lab, name: &str) -> Result<()> {
+    let vm = definition(lab, name)?;
+    qemu::stop(
+        &lab.vm_file(name, VmFile::Pid),
+        &lab.vm_file(name, VmFile::Qmp),
+        Duration::from_secs(10),
+    )?;
+    for kind in [
+        VmFile::Definition,
+        VmFile::Disk,
+        VmFile::Vars,
+        VmFile::Console,
+    ] {
+        let _ = std::fs::remove_file(lab.vm_file(name, kind));
+    }
+    for suffix in ["state", "timeline.jsonl"] {
+        let _ = std::fs::remove_file(lab.dir("state").join(format!("{name}.{suffix}")));
+    }
+    forget_host_key(lab, &vm)?;
+    println!("{name} removed");
+    Ok(())
+}
+
+fn forget_host_key(lab: &Lab, vm: &VmDefinition) -> Result<()> {
+    let known = lab.dir("ssh").join("known_hosts");
+    if let (Some(ip), true) = (vm.ip, known.exists()) {
+        let sh = Shell::new()?;
+        let ip = ip.to_string();
+        cmd!(sh, "ssh-keygen -q -R {ip} -f {known}")
+            .quiet()
+            .ignore_stderr()
+            .ignore_stdout()
+            .run()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! `cargo xtask test`: make sure the host tools exist, then run the test tiers.
+//!
+//! Tiers, in order: `lock` (recipes and lock agree, no network), `unit` (everything not named
+//! `sys_*`), `sys` (tests named `sys_*`: they need root, host tools, QEMU or Debian's mirror),
+//! `e2e` (`cargo xtask e2e`: the whole lab under QEMU, as root). Each tier prints a header, and
+//! a summary line at the end says which failed; every tier runs even if an earlier one failed.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use xshell::{cmd, Shell};
+
+use crate::util::project_root;
+
+const TIERS: [&str; 4] = ["lock", "unit", "sys", "e2e"];
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Run only this tier: lock, unit, sys or e2e.
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(TIERS))]
+    pub tier: Option<String>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let tiers: Vec<&str> = match &args.tier {
+        Some(t) => vec![TIERS.iter().copied().find(|x| x == t).unwrap_or("unit")],
+        None => TIERS.to_vec(),
+    };
+    if tiers.contains(&"sys") || tiers.contains(&"e2e") {
+        crate::hostdeps::ensure(crate::hostdeps::HOST_DEPS)?;
+    }
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut results = Vec::new();
+    for tier in &tiers {
+        let started = Instant::now();
+        let ok = match *tier {
+            "lock" => {
+                eprintln!("\n==> tier lock: cargo xtask lock --check");
+                let r = crate::lock::run(crate::lock::Args {
+                    check: true,
+                    recipes: None,
+                    lock: None,
+                });
+                if let Err(e) = &r {
+                    eprintln!("error: {e:#}");
+                }
+                r.is_ok()
+            }
+            "unit" => {
+                eprintln!("\n==> tier unit: cargo test --workspace -- --skip sys_");
+                cmd!(sh, "{cargo} test --workspace -- --skip sys_")
+                    .run()
+                    .is_ok()
+            }
+            "sys" => {
+                eprintln!("\n==> tier sys: cargo test --workspace sys_");
+                cmd!(sh, "{cargo} test --workspace sys_").run().is_ok()
+            }
+            _ => {
+                eprintln!("\n==> tier e2e: cargo xtask e2e");
+                // A separate process: the lab installs signal handlers and namespaces of its own.
+                let exe = std::env::current_exe()?;
+                cmd!(sh, "{exe} e2e").run().is_ok()
+            }
+        };
+        results.push((*tier, ok, started.elapsed().as_secs_f64()));
+    }
+    let line: Vec<String> = results
+        .iter()
+        .map(|(t, ok, s)| format!("{t} {} ({s:.0}s)", if *ok { "ok" } else { "FAILED" }))
+        .collect();
+    eprintln!("\ntest summary: {}", line.join(", "));
+    let failed: Vec<&str> = results.iter().filter(|r| !r.1).map(|r| r.0).collect();
+    if !failed.is_empty() {
+        bail!("tier(s) failed: {}", failed.join(", "));
+    }
+    Ok(())
+}

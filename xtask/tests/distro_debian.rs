@@ -1,0 +1,167 @@
+//! `distro pull debian` for real (x86_64): Debian's mirror, the pinned closure of
+//! recipes/distros/debian-12.lock, mmdebstrap. Needs root (or unprivileged user namespaces),
+//! network access to deb.debian.org and the packages mmdebstrap, kmod.
+//!
+//! One test function: the pull reads PXELAB_HOME/PXELAB_CACHE from the environment.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::time::Instant;
+
+use pxelab_contract::Arch;
+use xtask::distro::{self, modules::list_archive, DistroLock, PullArgs};
+use xtask::store::Store;
+
+fn require(tool: &str, package: &str) {
+    let found = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+        .iter()
+        .any(|d| Path::new(d).join(tool).exists());
+    assert!(found, "{tool} not found: apt-get install {package}");
+}
+
+/// Small files' contents and every path of a rootfs.tar.zst, read as a stream.
+fn scan(path: &Path) -> (Vec<String>, BTreeMap<String, Vec<u8>>) {
+    let wanted = ["etc/hostname", "etc/resolv.conf", "etc/apt/sources.list"];
+    let decoder = zstd::stream::read::Decoder::new(fs::File::open(path).unwrap()).unwrap();
+    let mut archive = tar::Archive::new(decoder);
+    let mut paths = Vec::new();
+    let mut contents = BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let p = entry
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
+        if wanted.contains(&p.as_str()) {
+            let mut buf = Vec::new();
+            entry.read_to_end(&mut buf).unwrap();
+            contents.insert(p.clone(), buf);
+        }
+        paths.push(p);
+    }
+    (paths, contents)
+}
+
+fn pull(cache: &Path) -> distro::PullReport {
+    std::env::set_var("PXELAB_CACHE", cache);
+    let args = PullArgs {
+        name: "debian".into(),
+        arch: Arch::X86_64,
+        modules: None,
+        mirror: None,
+        recipes: None,
+    };
+    distro::pull(&args, &xtask::ui::Ui::plain())
+        .unwrap_or_else(|e| panic!("distro pull debian failed: {e:#}"))
+}
+
+#[test]
+fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
+    require("mmdebstrap", "mmdebstrap");
+    require("depmod", "kmod");
+    let work = tempfile::tempdir().unwrap();
+    let home = work.path().join("home");
+    std::env::set_var("PXELAB_HOME", &home);
+    std::env::remove_var("SOURCE_DATE_EPOCH");
+
+    let t = Instant::now();
+    let first = pull(&work.path().join("cache1"));
+    eprintln!("cold pull: {:.1} s", t.elapsed().as_secs_f64());
+    assert!(!first.cached);
+    let out = home.join("images/debian-12/x86_64");
+    let m = &first.manifest;
+    let kver = &m.contract.kernel_version;
+    assert!(kver.ends_with("-cloud-amd64"), "{kver}");
+    for f in [
+        Some(&m.contract.rootfs),
+        m.contract.kernel.as_ref(),
+        m.contract.modules.as_ref(),
+    ] {
+        let f = f.unwrap();
+        let bytes = fs::read(out.join(&f.file)).unwrap();
+        assert_eq!(bytes.len() as u64, f.size, "{}", f.file);
+        assert_eq!(pxelab_tests::sha256_hex(&bytes), f.sha256, "{}", f.file);
+    }
+    assert!(m.grub_install && m.update_grub && m.cloud_init, "{m:?}");
+    assert_eq!(
+        m.initrd.as_deref(),
+        Some(format!("/boot/initrd.img-{kver}").as_str())
+    );
+
+    let names = list_archive(&out.join("modules.cpio.zst")).unwrap();
+    let base = format!("lib/modules/{kver}");
+    assert!(
+        names.contains(&format!("{base}/kernel/drivers/net/virtio_net.ko")),
+        "virtio_net.ko missing"
+    );
+    assert!(
+        names.contains(&format!("{base}/modules.dep"))
+            && names.contains(&format!("{base}/modules.dep.bin"))
+    );
+    assert!(!names
+        .iter()
+        .any(|n| n.ends_with(".ko.xz") || n.ends_with(".ko.zst")));
+
+    let (paths, contents) = scan(&out.join("rootfs.tar.zst"));
+    for p in [
+        "usr/sbin/grub-install",
+        "usr/sbin/update-grub",
+        "usr/bin/cloud-init",
+        &format!("boot/vmlinuz-{kver}"),
+    ] {
+        assert!(paths.iter().any(|x| x == p), "{p} is not in the rootfs");
+    }
+    assert!(
+        !paths.iter().any(|p| p.starts_with("etc/ssh/ssh_host_")),
+        "SSH host keys must not ship"
+    );
+    assert_eq!(contents["etc/hostname"], b"localhost\n");
+    assert!(contents["etc/resolv.conf"].is_empty());
+    let sources = String::from_utf8_lossy(&contents["etc/apt/sources.list"]).into_owned();
+    assert!(
+        sources.contains("deb http://deb.debian.org/debian bookworm main")
+            && !sources.contains("copy:"),
+        "{sources}"
+    );
+
+    // Warm: everything from the action cache, nothing rewritten.
+    let t = Instant::now();
+    let warm = pull(&work.path().join("cache1"));
+    let warm_secs = t.elapsed().as_secs_f64();
+    eprintln!("warm pull: {warm_secs:.3} s");
+    assert!(warm.cached && warm.up_to_date && warm_secs < 2.0);
+
+    // Second build from an empty store (sharing only the downloaded .debs): identical bytes.
+    let lock: DistroLock = toml::from_str(
+        &fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/distros/debian-12.lock"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let first_store = Store::open(&work.path().join("cache1")).unwrap();
+    let second_store = Store::open(&work.path().join("cache2")).unwrap();
+    for deb in &lock.arch["x86_64"].deb {
+        second_store
+            .insert_bytes(&first_store.read(&deb.pin.sha256).unwrap())
+            .unwrap();
+    }
+    drop((first_store, second_store));
+    fs::remove_dir_all(&home).unwrap();
+    let t = Instant::now();
+    let second = pull(&work.path().join("cache2"));
+    eprintln!(
+        "second cold build (debs present): {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(!second.cached);
+    assert_eq!(
+        second.manifest.contract.rootfs, m.contract.rootfs,
+        "rootfs.tar.zst differs between builds"
+    );
+    assert_eq!(second.manifest, *m);
+}

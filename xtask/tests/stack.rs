@@ -1,0 +1,777 @@
+//! `cargo xtask build-stack` end to end, on the real pinned inputs: reproducibility from empty
+//! stores, the no-op rerun, the installer-only rebuild, the initrd's content and budget, the
+//! image under skopeo/umoci/podman, and the initrd booting as PID 1 under QEMU.
+//!
+//! Every test here is `sys_`: they need the network (Debian's mirror), root, and host tools.
+//! The first build is shared by the tests of this file (it takes minutes); each test still
+//! checks one thing a user would notice.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use xtask::stack::{self, archive, INITRD_BUDGET};
+
+/// Fail loudly when a host tool is missing.
+fn need(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .chain(["/usr/sbin".into(), "/sbin".into()])
+                .any(|d| d.join(tool).is_file())
+        })
+        .unwrap_or(false);
+    assert!(found, "{tool} not found: apt-get install {package}");
+}
+
+fn need_root() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (network namespaces, chroot, podman, QEMU)"
+    );
+}
+
+/// Run a command; on failure panic with the command line, working directory, stdout and stderr.
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}) in {}\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// `cargo xtask build-stack` of the workspace at `root` into `out`, with its own store.
+fn build_stack(root: &Path, store: &Path, out: &Path) -> (String, Duration) {
+    let t = Instant::now();
+    let o = run(Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["build-stack", "--out"])
+        .arg(out)
+        .arg("--workspace-root")
+        .arg(root)
+        .env("PXELAB_CACHE", store)
+        .env_remove("SOURCE_DATE_EPOCH"));
+    (String::from_utf8_lossy(&o.stdout).into_owned(), t.elapsed())
+}
+
+/// Scratch space for this file's tests, at a fixed place under the cargo target directory: it
+/// is wiped piece by piece at the start of a run (nothing accumulates), and the static builds
+/// of the snapshots below stay warm from one run to the next.
+fn scratch_base() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| xtask::util::project_root().join("target"));
+    let base = target.join("stack-test");
+    std::fs::create_dir_all(&base).unwrap();
+    base
+}
+
+/// An empty directory `name` in the scratch space.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = scratch_base().join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("clearing {}: {e}", dir.display()));
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A copy of the workspace sources in `dest`: the builds compare like with like even while
+/// someone edits the checkout.
+fn snapshot(from: &Path, dest: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("target") || [".git", "build", "bench"].contains(&name.as_str()) {
+            continue;
+        }
+        run(Command::new("cp").arg("-a").arg(entry.path()).arg(dest));
+    }
+}
+
+struct First {
+    root: std::path::PathBuf,
+    store: std::path::PathBuf,
+    out: std::path::PathBuf,
+    cold: Duration,
+    /// Held for the life of the test process: two runs of this file at once would wipe each
+    /// other's scratch space.
+    _lock: std::fs::File,
+}
+
+/// The first build from an empty store, shared by every test in this file.
+fn first() -> &'static First {
+    static FIRST: OnceLock<First> = OnceLock::new();
+    FIRST.get_or_init(|| {
+        let lock = std::fs::File::create(scratch_base().join("run.lock")).unwrap();
+        lock.lock().unwrap();
+        let root = scratch("workspace");
+        snapshot(&xtask::util::project_root(), &root);
+        let (store, out) = (scratch("store-a"), scratch("out-a"));
+        let (stdout, cold) = build_stack(&root, &store, &out);
+        eprintln!(
+            "build-stack from an empty store: {:.1} s\n{stdout}",
+            cold.as_secs_f64()
+        );
+        First {
+            root,
+            store,
+            out,
+            cold,
+            _lock: lock,
+        }
+    })
+}
+
+fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+fn sha256_file(p: &Path) -> String {
+    pxelab_tests::sha256_hex(
+        &std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display())),
+    )
+}
+
+#[test]
+fn sys_build_stack_is_reproducible_and_a_noop_rerun_does_nothing() {
+    let a = first();
+    let m = manifest(a.out.as_path());
+    let outputs = m["outputs"].as_array().unwrap();
+    for o in outputs {
+        let name = o["name"].as_str().unwrap();
+        assert_eq!(
+            sha256_file(&a.out.as_path().join(name)),
+            o["sha256"].as_str().unwrap(),
+            "{name} matches the manifest"
+        );
+    }
+    for name in [
+        "pxelab-stack",
+        "pxelab-installer",
+        "initrd-x86_64.img",
+        "pxeboot-stack.oci.tar",
+        "pxeboot-stack.docker.tar",
+        "tftp/boot.ipxe",
+        "tftp/ipxe.efi",
+        "tftp/snponly.efi",
+        "tftp/undionly.kpxe",
+        "tftp/ipxe-arm64.efi",
+    ] {
+        assert!(
+            outputs.iter().any(|o| o["name"] == name),
+            "{name} is in the manifest"
+        );
+    }
+
+    // A second build from another empty store gives the same bytes.
+    let (store_b, out_b) = (scratch("store-b"), scratch("out-b"));
+    build_stack(&a.root, &store_b, &out_b);
+    assert_eq!(
+        std::fs::read_to_string(a.out.as_path().join("manifest.json")).unwrap(),
+        std::fs::read_to_string(out_b.as_path().join("manifest.json")).unwrap(),
+        "manifest.json (every output's sha256 and the image digest) differs between two clean builds"
+    );
+    for o in outputs {
+        let name = o["name"].as_str().unwrap();
+        assert_eq!(
+            sha256_file(&out_b.as_path().join(name)),
+            o["sha256"].as_str().unwrap(),
+            "{name} is reproducible"
+        );
+    }
+
+    // Nothing changed: nothing is built or copied.
+    let (stdout, noop) = build_stack(&a.root, &a.store, &a.out);
+    assert!(
+        stdout.contains("nothing to do"),
+        "the no-op rerun must say so:\n{stdout}"
+    );
+    assert!(
+        !stdout.contains(" built "),
+        "the no-op rerun built something:\n{stdout}"
+    );
+    eprintln!(
+        "cold build: {:.1} s, no-op rerun: {:.3} s",
+        a.cold.as_secs_f64(),
+        noop.as_secs_f64()
+    );
+    assert!(noop < Duration::from_secs(3), "no-op rerun took {noop:?}");
+}
+
+#[test]
+fn sys_changing_only_the_installer_rebuilds_installer_initrd_and_image() {
+    need_root();
+    let a = first();
+    // Another copy of the first build's snapshot, in which one installer file changes.
+    let copy = scratch("workspace-incremental");
+    snapshot(&a.root, &copy);
+    let store = xtask::store::Store::open(a.store.as_path()).unwrap();
+    let build = |out: &Path| {
+        let args = stack::Args {
+            arch: stack::Arch::X86_64,
+            compression: stack::Compression::Zstd,
+            out: Some(out.to_path_buf()),
+            offline: true,
+            root: Some(copy.clone()),
+        };
+        stack::build(&store, &args, &xtask::ui::Ui::plain()).unwrap()
+    };
+    // Baseline: the copy as it is (normally all cached from the first build).
+    let out = scratch("out-incremental");
+    let before = build(&out);
+    // A change that must reach the binary: a string the optimizer cannot drop.
+    let main = copy.join("installer/src/main.rs");
+    let text = std::fs::read_to_string(&main).unwrap();
+    let at = text
+        .find("fn main(")
+        .and_then(|i| text[i..].find('{').map(|j| i + j + 1))
+        .expect("installer/src/main.rs has fn main");
+    let text = format!(
+        "{}\n    std::hint::black_box(\"build-stack incremental test\");{}",
+        &text[..at],
+        &text[at..]
+    );
+    std::fs::write(&main, text).unwrap();
+    let after = build(&out);
+    let built: Vec<&str> = after
+        .artifacts
+        .iter()
+        .filter(|a| !a.cached)
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(
+        built,
+        [
+            "pxelab-installer",
+            "initrd-x86_64.img",
+            "pxeboot-stack.oci.tar",
+            "pxeboot-stack.docker.tar"
+        ],
+        "only the installer's chain may rebuild"
+    );
+    assert_ne!(before.image_digest, after.image_digest);
+    assert!(
+        after.copied,
+        "the new outputs were copied to the output directory"
+    );
+}
+
+fn initrd_listing() -> (Vec<archive::Listed>, u64) {
+    let path = first().out.as_path().join("initrd-x86_64.img");
+    let bytes = std::fs::read(&path).unwrap();
+    (
+        archive::list(&archive::decompress(&bytes).unwrap()).unwrap(),
+        bytes.len() as u64,
+    )
+}
+
+#[test]
+fn sys_initrd_lists_the_expected_paths_and_fits_the_budget() {
+    need("cpio", "cpio");
+    let (list, size) = initrd_listing();
+    assert!(
+        size <= INITRD_BUDGET,
+        "initrd is {size} bytes, over the {INITRD_BUDGET} budget"
+    );
+    let m = manifest(first().out.as_path());
+    let epoch = m["source_date_epoch"].as_u64().unwrap() as u32;
+    let get = |p: &str| {
+        list.iter()
+            .find(|l| l.path == p)
+            .unwrap_or_else(|| panic!("{p} missing from the initrd"))
+    };
+    assert_eq!(get("/init").mode, 0o100755);
+    assert_eq!(get("/bin/pxelab-installer").mode, 0o100755);
+    assert_eq!(
+        (get("/dev/console").mode, get("/dev/console").rdev),
+        (0o020600, (5, 1))
+    );
+    assert_eq!(
+        (get("/dev/null").mode, get("/dev/null").rdev),
+        (0o020666, (1, 3))
+    );
+    // The loader every dynamic tool names, and the three filesystem tools.
+    assert!(list
+        .iter()
+        .any(|l| l.path.ends_with("/ld-linux-x86-64.so.2") && l.mode & 0o170000 == 0o100000));
+    for tool in ["mke2fs", "mkfs.fat", "sfdisk", "busybox"] {
+        assert!(
+            list.iter().any(|l| l.path.ends_with(&format!("/{tool}"))),
+            "{tool} missing"
+        );
+    }
+    assert!(
+        !list.iter().any(|l| l.path.contains("/lib/modules/")),
+        "no kernel modules in the installer initrd"
+    );
+    for l in &list {
+        assert_eq!(
+            (l.uid, l.gid, l.mtime),
+            (0, 0, epoch),
+            "{} has owner/mtime leaking from the host",
+            l.path
+        );
+    }
+    let paths: Vec<&str> = list.iter().map(|l| l.path.as_str()).collect();
+    let mut sorted = paths.clone();
+    sorted.sort();
+    assert_eq!(paths, sorted, "entries are written sorted");
+
+    // An independent reader (GNU cpio) agrees on the member list.
+    let mut child = Command::new("cpio")
+        .args(["-it", "--quiet"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let raw = archive::decompress(
+        &std::fs::read(first().out.as_path().join("initrd-x86_64.img")).unwrap(),
+    )
+    .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&raw));
+    let mut text = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(child.wait().unwrap().success());
+    let gnu: Vec<String> = text.lines().map(|l| format!("/{l}")).collect();
+    assert_eq!(gnu, paths);
+}
+
+/// Unpack the OCI archive into a layout directory (what umoci reads).
+fn oci_layout(dir: &Path) {
+    let f = std::fs::File::open(first().out.as_path().join("pxeboot-stack.oci.tar")).unwrap();
+    tar::Archive::new(f).unpack(dir).unwrap();
+}
+
+#[test]
+fn sys_image_passes_skopeo_and_umoci_and_its_dnsmasq_runs() {
+    need_root();
+    need("skopeo", "skopeo");
+    need("umoci", "umoci");
+    let out = first().out.as_path();
+    let m = manifest(out);
+    let digest = m["image_digest"].as_str().unwrap();
+    let oci = run(Command::new("skopeo").arg("inspect").arg(format!(
+        "oci-archive:{}",
+        out.join("pxeboot-stack.oci.tar").display()
+    )));
+    let oci: serde_json::Value = serde_json::from_slice(&oci.stdout).unwrap();
+    assert_eq!(oci["Digest"], digest, "skopeo sees the digest we recorded");
+    assert_eq!(oci["Architecture"], "amd64");
+    assert_eq!(oci["Layers"].as_array().unwrap().len(), 3);
+    let docker = run(Command::new("skopeo").arg("inspect").arg(format!(
+        "docker-archive:{}",
+        out.join("pxeboot-stack.docker.tar").display()
+    )));
+    let docker: serde_json::Value = serde_json::from_slice(&docker.stdout).unwrap();
+    assert_eq!(docker["Architecture"], "amd64");
+    let cfg = run(Command::new("skopeo")
+        .arg("inspect")
+        .arg("--config")
+        .arg(format!(
+            "oci-archive:{}",
+            out.join("pxeboot-stack.oci.tar").display()
+        )));
+    let cfg: serde_json::Value = serde_json::from_slice(&cfg.stdout).unwrap();
+    assert_eq!(
+        cfg["config"]["Entrypoint"],
+        serde_json::json!(["/usr/bin/pxelab-stack"])
+    );
+    for port in ["67/udp", "69/udp", "80/tcp"] {
+        assert!(
+            cfg["config"]["ExposedPorts"].get(port).is_some(),
+            "{port} not exposed"
+        );
+    }
+
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    oci_layout(&layout);
+    let bundle = work.path().join("bundle");
+    run(Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:latest", layout.display()))
+        .arg(&bundle));
+    let rootfs = bundle.join("rootfs");
+    // What a container runtime provides and dnsmasq needs (it seeds its RNG from /dev/urandom).
+    std::fs::create_dir_all(rootfs.join("dev")).unwrap();
+    for (name, minor) in [("null", 3), ("urandom", 9)] {
+        let p = std::ffi::CString::new(rootfs.join("dev").join(name).to_str().unwrap()).unwrap();
+        let rc = unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, minor)) };
+        assert_eq!(rc, 0, "mknod /dev/{name} in the unpacked rootfs");
+    }
+    for p in [
+        "usr/bin/pxelab-stack",
+        "usr/bin/pxelab-installer",
+        "var/lib/pxelab/initrds/x86_64/initrd.img",
+        "var/lib/pxelab/tftp/undionly.kpxe",
+        "var/lib/pxelab/tftp/boot.ipxe",
+    ] {
+        assert!(
+            rootfs.join(p).is_file(),
+            "{p} missing from the unpacked image"
+        );
+    }
+    let v = run(Command::new("chroot")
+        .arg(&rootfs)
+        .args(["/usr/sbin/dnsmasq", "--version"]));
+    assert!(
+        String::from_utf8_lossy(&v.stdout).starts_with("Dnsmasq version"),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+    let v = run(Command::new("chroot")
+        .arg(&rootfs)
+        .args(["/usr/bin/pxelab-stack", "--version"]));
+    assert!(String::from_utf8_lossy(&v.stdout).contains("pxelab-stack"));
+}
+
+/// A network namespace with a lab interface; deleted (with everything in it) on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(addr: &str) -> Netns {
+        let name = format!("pxelab-stack-test-{}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns(name);
+        run(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]));
+        // A veth pair with both ends inside: a lab interface with carrier and no way out.
+        run(Command::new("ip").args([
+            "-n", &ns.0, "link", "add", "lab0", "type", "veth", "peer", "name", "lab1",
+        ]));
+        run(Command::new("ip").args(["-n", &ns.0, "addr", "add", addr, "dev", "lab0"]));
+        run(Command::new("ip").args(["-n", &ns.0, "link", "set", "lab1", "up"]));
+        run(Command::new("ip").args(["-n", &ns.0, "link", "set", "lab0", "up"]));
+        ns
+    }
+
+    /// Run `f` on a thread that has joined this namespace.
+    fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                use std::os::fd::AsRawFd;
+                let fd = std::fs::File::open(&path).unwrap();
+                assert_eq!(
+                    unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
+                    0,
+                    "setns {path}"
+                );
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+/// Removes the container and the image on drop.
+struct Podman {
+    container: String,
+    image: String,
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rm", "-f", "-v", &self.container])
+            .output();
+        let _ = Command::new("podman")
+            .args(["rmi", "-f", &self.image])
+            .output();
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+#[test]
+fn sys_podman_runs_the_supervisor_and_stops_within_two_seconds() {
+    need_root();
+    need("podman", "podman");
+    need("runc", "runc");
+    need("ip", "iproute2");
+    let out = first().out.as_path();
+    // podman names an image by the sha256 of its config, which the docker archive is named after.
+    let image_id = {
+        let f = std::fs::File::open(out.join("pxeboot-stack.docker.tar")).unwrap();
+        let mut ar = tar::Archive::new(f);
+        let mut e = ar
+            .entries()
+            .unwrap()
+            .map(Result::unwrap)
+            .find(|e| e.path().unwrap().as_os_str() == "manifest.json")
+            .unwrap();
+        let mut text = String::new();
+        e.read_to_string(&mut text).unwrap();
+        let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        m[0]["Config"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches(".json")
+            .to_string()
+    };
+    let guard = Podman {
+        container: format!("pxelab-stack-test-{}", std::process::id()),
+        image: image_id.clone(),
+    };
+    run(Command::new("podman")
+        .arg("load")
+        .arg("-q")
+        .arg("-i")
+        .arg(out.join("pxeboot-stack.docker.tar")));
+    let ns = Netns::new("10.213.0.1/24");
+    run(Command::new("podman").args([
+        "run",
+        "-d",
+        "--name",
+        &guard.container,
+        "--runtime",
+        "runc",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1000:1000",
+        "--network",
+        &format!("ns:/run/netns/{}", ns.0),
+        "--cap-add",
+        "NET_ADMIN",
+        "--cap-add",
+        "NET_RAW",
+        "-e",
+        "PXELAB_INTERFACE=lab0",
+        "-e",
+        "PXELAB_SERVER_IP=10.213.0.1/24",
+        // The default listens on the lab address only; loopback too for this check.
+        "-e",
+        "PXELAB_LISTEN=0.0.0.0:80",
+        &image_id,
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = ns.within(|| http_get("127.0.0.1:80", "/healthz"));
+        if last
+            .as_deref()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let logs = |c: &str| {
+        String::from_utf8_lossy(
+            &Command::new("podman")
+                .args(["logs", c])
+                .output()
+                .unwrap()
+                .stderr,
+        )
+        .into_owned()
+    };
+    assert!(
+        last.as_deref().is_some_and(|r| r.contains(" 200 ")),
+        "/healthz did not answer 200 on loopback: {last:?}\ncontainer log:\n{}",
+        logs(&guard.container)
+    );
+    // dnsmasq (supervised) has the DHCP port open in the namespace.
+    let udp = ns.within(|| std::fs::read_to_string("/proc/thread-self/net/udp").unwrap());
+    assert!(
+        udp.lines().any(|l| l
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|a| a.ends_with(":0043"))),
+        "no UDP :67 socket:\n{udp}\n{}",
+        logs(&guard.container)
+    );
+
+    let t = Instant::now();
+    run(Command::new("podman").args(["stop", "-t", "10", &guard.container]));
+    let stop = t.elapsed();
+    let code = run(Command::new("podman").args([
+        "inspect",
+        "--format",
+        "{{.State.ExitCode}}",
+        &guard.container,
+    ]));
+    eprintln!("podman stop took {:.2} s", stop.as_secs_f64());
+    assert!(
+        stop < Duration::from_secs(2),
+        "podman stop took {stop:?}: PID 1 must handle SIGTERM"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&code.stdout).trim(),
+        "0",
+        "exit code after SIGTERM\n{}",
+        logs(&guard.container)
+    );
+}
+
+/// vmlinuz from the pinned kernel package (the default store doubles as a download cache).
+fn pinned_vmlinuz(dest: &Path) {
+    let lock = xtask::lock::Lock::load_default().unwrap();
+    let store = xtask::store::Store::open_default().unwrap();
+    let pins = lock.select("kernel", "amd64").unwrap();
+    for pin in &pins {
+        let paths = xtask::lock::fetch_inputs(&store, &[*pin], false).unwrap();
+        let deb = pxelab_debian::Deb::open(&paths[0]).unwrap();
+        let entries = deb.data_entries().unwrap();
+        if let Some(e) = entries.iter().find(|e| e.path.starts_with("boot/vmlinuz-")) {
+            std::fs::write(dest, deb.read_data_file(&e.path).unwrap()).unwrap();
+            return;
+        }
+    }
+    panic!("no pinned kernel package has boot/vmlinuz-*: check recipes/kernel.toml and run `cargo xtask lock`");
+}
+
+/// Kills QEMU on drop.
+struct Qemu(std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What `initrd/init` prints once it runs as PID 1, and what it prints in debug mode
+/// (`pxelab.mode=shell`) before it starts the console shell.
+const INIT_MARKER: &str = "pxelab-init: started";
+const SHELL_MARKER: &str = "pxelab-init: console shell";
+
+#[test]
+fn sys_qemu_boots_the_initrd_and_its_tools_run_as_pid_1s_children() {
+    need("qemu-system-x86_64", "qemu-system-x86");
+    let work = tempfile::tempdir().unwrap();
+    let vmlinuz = work.path().join("vmlinuz");
+    pinned_vmlinuz(&vmlinuz);
+    let initrd = first().out.as_path().join("initrd-x86_64.img");
+    let t = Instant::now();
+    let mut qemu = Qemu(
+        Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg",
+                "-cpu",
+                "max",
+                "-m",
+                "512",
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-reboot",
+            ])
+            .args(["-display", "none", "-serial", "stdio", "-kernel"])
+            .arg(&vmlinuz)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 panic=-1 pxelab.mode=shell"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting qemu-system-x86_64"),
+    );
+    // The console, collected by a reader thread.
+    let console = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let mut stdout = qemu.0.stdout.take().unwrap();
+    let sink = console.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let text = || String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+    let wait_for = |what: &str, until: Instant| {
+        while Instant::now() < until {
+            if text().contains(what) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    };
+    let deadline = t + Duration::from_secs(90);
+    assert!(
+        wait_for(INIT_MARKER, deadline),
+        "no {INIT_MARKER:?} on the serial console within 90 s:\n{}",
+        text()
+    );
+    eprintln!(
+        "/init running as PID 1 after {:.1} s under TCG",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        wait_for(SHELL_MARKER, deadline),
+        "no debug shell:\n{}",
+        text()
+    );
+    // The dynamic tools start: their loader and libraries are where the ELF headers say.
+    // Full paths: busybox's shell prefers its own applets (it has a mke2fs too).
+    std::thread::sleep(Duration::from_millis(500));
+    let stdin = qemu.0.stdin.as_mut().unwrap();
+    stdin
+        .write_all(b"/sbin/mke2fs -V; /sbin/sfdisk --version; /sbin/mkfs.fat --help | head -1; /bin/pxelab-installer; echo TOOLS\"\"-DONE\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    assert!(
+        wait_for("TOOLS-DONE", deadline),
+        "the tools did not finish:\n{}",
+        text()
+    );
+    let out = text();
+    for expect in [
+        "mke2fs 1.47",
+        "sfdisk from util-linux",
+        "mkfs.fat 4.2",
+        "pxelab-installer",
+    ] {
+        assert!(
+            out.contains(expect),
+            "{expect:?} missing from the console:\n{out}"
+        );
+    }
+    assert!(
+        !out.contains("error while loading shared libraries"),
+        "{out}"
+    );
+}
