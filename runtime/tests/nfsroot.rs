@@ -259,7 +259,8 @@ fn diskless_vm_without_ganesha_is_told_what_to_install() {
             r.assert_one_line();
             assert!(
                 r.text().contains("/nonexistent/ganesha.nfsd not found")
-                    && r.text().contains("apt-get install nfs-ganesha nfs-ganesha-vfs"),
+                    && r.text()
+                        .contains("apt-get install nfs-ganesha nfs-ganesha-vfs"),
                 "{}",
                 r.text()
             );

@@ -7,7 +7,8 @@
 //!    and reports its own name as hostname.
 //! 3. SeaBIOS → TFTP undionly.kpxe and OVMF without NIC ROM → TFTP ipxe.efi each reach
 //!    "installer started".
-//! 4. `lab down` leaves no namespace and no process behind.
+//! 4. Two diskless targets boot from one read-only NFS export (see `e2e_diskless`).
+//! 5. `lab down` leaves no namespace and no process behind (QEMU, stack, dnsmasq, ganesha).
 
 use std::{
     path::PathBuf,
@@ -32,6 +33,16 @@ pub struct Args {
     /// Distro to install.
     #[arg(long, default_value = "debian")]
     distro: String,
+    /// Run only one part (while debugging it); the default runs all of them.
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Install,
+    Firmware,
+    Diskless,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -46,7 +57,7 @@ pub fn run(args: Args) -> Result<()> {
         armed: true,
     };
     let started = Instant::now();
-    let result = scenario(&args.distro);
+    let result = scenario(&args.distro, args.only);
     match &result {
         Ok(()) => eprintln!("e2e: passed in {:.0}s", started.elapsed().as_secs_f64()),
         Err(e) => eprintln!(
@@ -58,25 +69,54 @@ pub fn run(args: Args) -> Result<()> {
     result.and(clean)
 }
 
-fn scenario(distro: &str) -> Result<()> {
+fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
+    let runs = |part: Part| only.is_none_or(|o| o == part);
     step("bad VM definitions are rejected and change nothing");
     rejects_bad_definitions()?;
 
-    step("lab up: install target-1 (UEFI) with a stack restart during the rootfs stream");
-    let restarted = AtomicBool::new(false);
-    let done = AtomicBool::new(false);
     let up = UpArgs {
-        targets: 1,
+        targets: if runs(Part::Install) { 1 } else { 0 },
         distro: distro.to_string(),
         arch: Arch::X86_64,
         firmware: qemu::Firmware::Uefi,
         accel: qemu::AccelChoice::Auto,
         subnet: lab::home::DEFAULT_SUBNET.into(),
+        stack: stack::StackKind::Process,
         timeout: 1500,
     };
+    if runs(Part::Install) {
+        step("lab up: install target-1 (UEFI) with a stack restart during the rootfs stream");
+        install_with_restart(&up)?;
+    } else {
+        step("lab up: the stack only");
+        targets::up(Lab::open()?, &up)?;
+    }
+    let lab = Lab::open()?;
+    let distro = crate::distro::canonical_name(distro)?;
+    if runs(Part::Firmware) {
+        for (name, firmware) in [
+            ("bios-1", qemu::Firmware::Bios),
+            ("uefipxe-1", qemu::Firmware::UefiPxe),
+        ] {
+            step(&format!(
+                "{name}: {firmware:?} firmware reaches the installer"
+            ));
+            reaches_installer(&lab, name, &distro, firmware)?;
+        }
+    }
+    if runs(Part::Diskless) {
+        step("diskless-1 and diskless-2 boot from one read-only NFS export");
+        crate::e2e_diskless::scenario(&lab, &distro)?;
+    }
+    Ok(())
+}
+
+fn install_with_restart(up: &UpArgs) -> Result<()> {
+    let restarted = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
     std::thread::scope(|s| -> Result<()> {
         let chaos = s.spawn(|| restart_during_stream(&done, &restarted));
-        let result = targets::up(Lab::open()?, &up);
+        let result = targets::up(Lab::open()?, up);
         done.store(true, Ordering::SeqCst);
         chaos
             .join()
@@ -110,16 +150,6 @@ fn scenario(distro: &str) -> Result<()> {
         hostname == "target-1",
         "hostname is {hostname:?}, expected target-1 (cloud-init seed not applied)"
     );
-
-    for (name, firmware) in [
-        ("bios-1", qemu::Firmware::Bios),
-        ("uefipxe-1", qemu::Firmware::UefiPxe),
-    ] {
-        step(&format!(
-            "{name}: {firmware:?} firmware reaches the installer"
-        ));
-        reaches_installer(&lab, name, distro, firmware)?;
-    }
     Ok(())
 }
 
@@ -216,7 +246,7 @@ fn restart_during_stream(done: &AtomicBool, restarted: &AtomicBool) -> Result<()
                 done_bytes, total
             );
             stack::stop(&lab)?;
-            stack::start(&lab, &targets::stack_binary(&lab)?)?;
+            stack::start(&lab)?;
             stack::wait_healthy(&lab, Duration::from_secs(20))?;
             restarted.store(true, Ordering::SeqCst);
             return Ok(());
@@ -228,12 +258,9 @@ fn restart_during_stream(done: &AtomicBool, restarted: &AtomicBool) -> Result<()
 fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmware) -> Result<()> {
     let key = targets::ensure_ssh_key(lab)?;
     let existing = vms::load_all(&lab.dir("vms"))?;
-    let distro = targets::definition(lab, "target-1")
-        .map(|v| v.distro)
-        .unwrap_or_else(|_| distro.to_string());
     let request = vms::VmRequest {
         name: name.into(),
-        distro,
+        distro: distro.to_string(),
         arch: Arch::X86_64,
         mac: None,
         ip: None,
@@ -321,12 +348,13 @@ fn teardown(home: &std::path::Path) -> Result<()> {
         })
         .unwrap_or_default();
     let ns = lab.config.namespace.clone();
+    let nfs = crate::e2e_diskless::nfs_server_pid(&lab);
     lab::down(&lab, true)?;
     ensure!(
         !PathBuf::from("/run/netns").join(&ns).exists(),
         "namespace {ns} still exists after lab down"
     );
-    for pid in pids {
+    for pid in pids.into_iter().chain(nfs) {
         // SAFETY: signal 0 only checks existence.
         ensure!(
             unsafe { libc::kill(pid, 0) } != 0,

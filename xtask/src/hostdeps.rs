@@ -71,6 +71,14 @@ pub const HOST_DEPS: &[HostDep] = &[
     bin("mmdebstrap", "mmdebstrap"),
     bin("podman", "podman"),
     bin("runc", "runc"),
+    // Diskless targets: the stack's NFS server, and a userspace client for the tests (the
+    // build machines' kernels have no NFS client).
+    bin("ganesha.nfsd", "nfs-ganesha"),
+    file(
+        "/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so",
+        "nfs-ganesha-vfs",
+    ),
+    bin("nfs-cat", "libnfs-utils"),
 ];
 
 impl HostDep {

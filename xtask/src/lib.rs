@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cache_cmd;
 pub mod distro;
 pub mod e2e;
+pub mod e2e_diskless;
 pub mod fetch;
 pub mod hostdeps;
 pub mod lab;

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -329,57 +328,17 @@ fn httpdate(epoch: u64) -> String {
     )
 }
 
-/// A decompressing reader for an ar member named `<stem>.tar[.xz|.zst|.gz]`.
-fn member_reader(name: &str, data: Vec<u8>) -> Result<Box<dyn Read>> {
-    let cursor = std::io::Cursor::new(data);
-    Ok(if name.ends_with(".xz") {
-        Box::new(liblzma::read::XzDecoder::new(cursor))
-    } else if name.ends_with(".zst") {
-        Box::new(zstd::stream::read::Decoder::new(cursor)?)
-    } else if name.ends_with(".gz") {
-        Box::new(flate2::read::GzDecoder::new(cursor))
-    } else {
-        Box::new(cursor)
-    })
-}
-
-/// The bytes of the ar member whose name starts with `prefix`, and its name.
-fn deb_member(deb: &Path, prefix: &str) -> Result<(String, Vec<u8>)> {
-    let mut archive = ar::Archive::new(fs::File::open(deb)?);
-    while let Some(entry) = archive.next_entry() {
-        let mut entry = entry?;
-        let name = String::from_utf8_lossy(entry.header().identifier()).into_owned();
-        if name.starts_with(prefix) {
-            let mut data = Vec::new();
-            entry.read_to_end(&mut data)?;
-            return Ok((name, data));
-        }
-    }
-    bail!("{} has no {prefix}* member: not a .deb", deb.display())
-}
-
 /// The `control` file of a .deb.
 pub fn control_of(deb: &Path) -> Result<String> {
-    let (name, data) = deb_member(deb, "control.tar")?;
-    let mut tar = tar::Archive::new(member_reader(&name, data)?);
-    for entry in tar.entries()? {
-        let mut entry = entry?;
-        if entry.path()?.file_name().is_some_and(|n| n == "control") {
-            let mut text = String::new();
-            entry.read_to_string(&mut text)?;
-            return Ok(text);
-        }
-    }
-    bail!("{} has no control file", deb.display())
+    let control = pxelab_debian::Deb::open(deb)?.control()?;
+    Ok(control.text().to_string())
 }
 
 /// Unpacks a .deb's data (files, dirs, symlinks) under `dest`.
 pub fn extract_data(deb: &Path, dest: &Path) -> Result<()> {
-    let (name, data) = deb_member(deb, "data.tar")?;
     fs::create_dir_all(dest)?;
-    let mut tar = tar::Archive::new(member_reader(&name, data)?);
-    tar.set_preserve_permissions(false);
-    tar.unpack(dest)
+    pxelab_debian::Deb::open(deb)?
+        .extract_to(dest)
         .with_context(|| format!("cannot unpack {}", deb.display()))?;
     Ok(())
 }

@@ -100,6 +100,12 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
+/// The recipe name for `name`, resolving family aliases (`debian` → `debian-12`).
+pub fn canonical_name(name: &str) -> Result<String> {
+    let recipes = recipe::load_all(&recipes_dir(&None))?;
+    Ok(recipe::find(&recipes, name)?.name.clone())
+}
+
 fn recipes_dir(dir: &Option<PathBuf>) -> PathBuf {
     dir.clone()
         .unwrap_or_else(|| crate::util::project_root().join("recipes/distros"))

@@ -27,6 +27,8 @@ pub const DEFAULT_SUBNET: &str = "10.77.0.0/24";
 pub struct LabConfig {
     pub namespace: String,
     pub subnet: String,
+    #[serde(default)]
+    pub stack: super::stack::StackKind,
 }
 
 pub struct Lab {
@@ -48,6 +50,7 @@ impl Lab {
             Err(_) => LabConfig {
                 namespace: default_namespace(&home),
                 subnet: DEFAULT_SUBNET.into(),
+                stack: Default::default(),
             },
         };
         Ok(Lab { home, config })

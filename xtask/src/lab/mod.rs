@@ -72,6 +72,9 @@ pub struct UpArgs {
     /// The lab subnet (only used when the lab is first created).
     #[arg(long, default_value = home::DEFAULT_SUBNET)]
     pub subnet: String,
+    /// Run the stack as a plain process or as the built OCI image under podman.
+    #[arg(long, value_enum, default_value = "process")]
+    pub stack: stack::StackKind,
     /// Give up on a target after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
@@ -155,8 +158,7 @@ pub fn run(args: Args) -> Result<()> {
             StackCommand::Restart => {
                 net::require_root("restart the stack")?;
                 stack::stop(&lab)?;
-                let binary = targets::stack_binary(&lab)?;
-                stack::start(&lab, &binary)?;
+                stack::start(&lab)?;
                 stack::wait_healthy(&lab, Duration::from_secs(20))?;
                 println!("stack restarted");
                 Ok(())

@@ -271,23 +271,16 @@ pub fn running_pid(pidfile: &Path) -> Option<i32> {
     (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
 }
 
-/// Stops a target: QMP `quit` (the disk stays consistent: QEMU flushes it), then SIGKILL after
-/// `grace`. Removes the pid file and QMP socket.
+/// Stops a target: QMP `quit` (QEMU flushes the disk), then SIGKILL after `grace`. Waits for
+/// the process itself, not the pid file (QEMU removes that before it has finished exiting).
+/// Removes the pid file and QMP socket.
 pub fn stop(pidfile: &Path, qmp: &Path, grace: Duration) -> Result<()> {
     if let Some(pid) = running_pid(pidfile) {
         let _ = qmp_command(qmp, "quit");
-        let deadline = Instant::now() + grace;
-        while running_pid(pidfile).is_some() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if running_pid(pidfile).is_some() {
+        if !wait_gone(pid, grace) {
             // SAFETY: plain kill of a pid we started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while running_pid(pidfile).is_some() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if running_pid(pidfile).is_some() {
+            if !wait_gone(pid, Duration::from_secs(5)) {
                 bail!("QEMU (pid {pid}) did not stop even after SIGKILL");
             }
         }
@@ -295,6 +288,24 @@ pub fn stop(pidfile: &Path, qmp: &Path, grace: Duration) -> Result<()> {
     let _ = std::fs::remove_file(pidfile);
     let _ = std::fs::remove_file(qmp);
     Ok(())
+}
+
+/// Whether `pid` is gone within `timeout`. Reaps it when it is our own child (the stack started
+/// by this process, e.g. in `lab stack restart`), so a zombie does not count as alive.
+pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: non-blocking waitpid on one pid; fails harmlessly if it is not our child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        // SAFETY: signal 0 only checks existence.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Sends one QMP command (after the mandatory capabilities handshake).

@@ -4,23 +4,91 @@
 use std::{
     fs::OpenOptions,
     os::unix::process::CommandExt,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+use pxelab_contract::Arch;
+use serde::{Deserialize, Serialize};
+use xshell::{cmd, Shell};
 
-use super::{home::Lab, net::BRIDGE, qemu::running_pid};
+use super::{
+    home::Lab,
+    net::BRIDGE,
+    qemu::{running_pid, wait_gone},
+};
 
-/// Starts `binary` (the static `pxelab-stack`) in the lab namespace unless it already runs.
-/// Returns whether it was started now.
-pub fn start(lab: &Lab, binary: &Path) -> Result<bool> {
+/// How the lab runs the stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StackKind {
+    /// The static `pxelab-stack` binary, run directly inside the namespace.
+    #[default]
+    Process,
+    /// The built OCI image, run by podman (runc) with the namespace as its network.
+    Container,
+}
+
+/// Name of the lab's stack container (one per namespace, so one per lab home).
+fn container_name(lab: &Lab) -> String {
+    format!("{}-stack", lab.config.namespace)
+}
+
+/// Starts the stack in the lab namespace unless it already runs. Returns whether it was
+/// started now. Either way the pid file names the stack's process as the host sees it, so
+/// `reload` (SIGHUP) and liveness checks work the same for both kinds.
+pub fn start(lab: &Lab) -> Result<bool> {
     if running_pid(&lab.stack_pidfile()).is_some() {
         return Ok(false);
     }
+    let pid = match lab.config.stack {
+        StackKind::Process => start_process(lab, &stack_binary()?)?,
+        StackKind::Container => start_container(lab)?,
+    };
+    crate::store::write_atomic(&lab.stack_pidfile(), format!("{pid}\n").as_bytes())?;
+    Ok(true)
+}
+
+/// The static stack binary that `build-stack` produced for the host architecture.
+pub fn stack_binary() -> Result<PathBuf> {
+    let path = super::stack_build_dir(host_arch()).join("pxelab-stack");
+    if !path.exists() {
+        bail!(
+            "{} is missing: run `cargo xtask build-stack`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn host_arch() -> Arch {
+    if cfg!(target_arch = "aarch64") {
+        Arch::Aarch64
+    } else {
+        Arch::X86_64
+    }
+}
+
+/// The flags that place the stack on the lab network (the same for both kinds).
+fn stack_flags(lab: &Lab, data_dir: &Path) -> Result<Vec<String>> {
     let net = lab.net()?;
     let gateway = net.subnet.gateway();
+    Ok(vec![
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--interface".into(),
+        BRIDGE.into(),
+        "--server-ip".into(),
+        format!("{gateway}/{}", net.subnet.prefix()),
+        "--listen".into(),
+        format!("{gateway}:80"),
+    ])
+}
+
+fn start_process(lab: &Lab, binary: &Path) -> Result<u32> {
+    let net = lab.net()?;
     let log_path = lab.dir("logs").join("stack.log");
     let log = OpenOptions::new()
         .create(true)
@@ -30,13 +98,7 @@ pub fn start(lab: &Lab, binary: &Path) -> Result<bool> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &net.ns])
         .arg(binary)
-        .arg("--data-dir")
-        .arg(&lab.home)
-        .args(["--interface", BRIDGE])
-        .arg("--server-ip")
-        .arg(format!("{gateway}/{}", net.subnet.prefix()))
-        .arg("--listen")
-        .arg(format!("{gateway}:80"))
+        .args(stack_flags(lab, &lab.home)?)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -46,8 +108,48 @@ pub fn start(lab: &Lab, binary: &Path) -> Result<bool> {
         .spawn()
         .with_context(|| format!("starting {} in namespace {}", binary.display(), net.ns))?;
     // `ip netns exec` execs the stack in place, so this pid is the stack's.
-    crate::store::write_atomic(&lab.stack_pidfile(), format!("{}\n", child.id()).as_bytes())?;
-    Ok(true)
+    Ok(child.id())
+}
+
+/// Loads the built OCI archive into podman and runs it on the lab namespace. The flags are
+/// the ones FIELD-NOTES found necessary here: runc (crun fails on hybrid cgroups) and explicit
+/// rlimits (the defaults fail with EPERM); NET_ADMIN/NET_RAW for dnsmasq's DHCP.
+fn start_container(lab: &Lab) -> Result<u32> {
+    let archive = super::stack_build_dir(host_arch()).join("pxeboot-stack.oci.tar");
+    if !archive.exists() {
+        bail!(
+            "{} is missing: run `cargo xtask build-stack`",
+            archive.display()
+        );
+    }
+    let sh = Shell::new()?;
+    let net = lab.net()?;
+    let name = container_name(lab);
+    let image = crate::stack::IMAGE_REF;
+    cmd!(sh, "podman load -q -i {archive}")
+        .quiet()
+        .ignore_stdout()
+        .run()
+        .context("podman load of the stack image")?;
+    let netns = format!("ns:/run/netns/{}", net.ns);
+    let volume = format!("{}:/var/lib/pxelab", lab.home.display());
+    let flags = stack_flags(lab, Path::new("/var/lib/pxelab"))?;
+    cmd!(
+        sh,
+        "podman run -d --replace --name {name} --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1000:1000
+            --network {netns} --cap-add NET_ADMIN,NET_RAW,NET_BIND_SERVICE -v {volume} {image} {flags...}"
+    )
+    .quiet()
+    .ignore_stdout()
+    .run()
+    .context("podman run of the stack image")?;
+    let format = "{{.State.Pid}}";
+    let pid = cmd!(sh, "podman container inspect -f {format} {name}")
+        .quiet()
+        .read()?;
+    pid.trim()
+        .parse()
+        .with_context(|| format!("podman reported pid {pid:?} for {name}"))
 }
 
 /// Waits until `GET /healthz` answers 200 inside the namespace.
@@ -79,6 +181,21 @@ pub fn wait_healthy(lab: &Lab, timeout: Duration) -> Result<()> {
 /// SIGTERM, then SIGKILL after 5 s. Removes the pid file.
 pub fn stop(lab: &Lab) -> Result<()> {
     let pidfile = lab.stack_pidfile();
+    if lab.config.stack == StackKind::Container {
+        let sh = Shell::new()?;
+        let name = container_name(lab);
+        // Absent containers are fine: stop is idempotent.
+        let _ = cmd!(sh, "podman stop -t 2 {name}")
+            .quiet()
+            .ignore_stdout()
+            .ignore_stderr()
+            .run();
+        let _ = cmd!(sh, "podman rm -f {name}")
+            .quiet()
+            .ignore_stdout()
+            .ignore_stderr()
+            .run();
+    }
     if let Some(pid) = running_pid(&pidfile) {
         // SAFETY: signalling a pid this lab started.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -92,24 +209,6 @@ pub fn stop(lab: &Lab) -> Result<()> {
     }
     let _ = std::fs::remove_file(pidfile);
     Ok(())
-}
-
-/// Whether `pid` is gone within `timeout`. Reaps it when it is our own child (the stack started
-/// by this process, e.g. in `lab stack restart`), so a zombie does not count as alive.
-fn wait_gone(pid: i32, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        // SAFETY: non-blocking waitpid on one pid; fails harmlessly if it is not our child.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-        // SAFETY: signal 0 only checks existence.
-        if unsafe { libc::kill(pid, 0) } != 0 {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `GET http://<stack>/<path>` from inside the lab namespace: (status, body).

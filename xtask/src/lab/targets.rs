@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     process::Command,
     time::{Duration, UNIX_EPOCH},
 };
@@ -32,6 +31,17 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
     } else {
         lab.config.subnet = a.subnet.parse::<net::Subnet>()?.to_string();
     }
+    if a.stack != lab.config.stack {
+        if qemu::running_pid(&lab.stack_pidfile()).is_some() {
+            bail!(
+                "the stack already runs as a {:?}: `cargo xtask lab stack restart` keeps that kind; \
+                 `cargo xtask lab down` first to switch to --stack {:?}",
+                lab.config.stack,
+                a.stack
+            );
+        }
+        lab.config.stack = a.stack;
+    }
     lab.create_dirs()?;
     lab.save_config()?;
 
@@ -39,8 +49,7 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
 
     let net = lab.net()?;
     net.create()?;
-    let binary = stack_binary(&lab)?;
-    if stack::start(&lab, &binary)? {
+    if stack::start(&lab)? {
         eprintln!(
             "stack started in namespace {} at http://{}/",
             net.ns,
@@ -94,6 +103,14 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
             .unwrap_or_else(follow::now_ms);
         started.insert(vm.name.clone(), ms);
     }
+    if chosen.is_empty() {
+        println!(
+            "stack is up at http://{}/ (namespace {}); no targets requested",
+            net.subnet.gateway(),
+            net.ns
+        );
+        return Ok(());
+    }
     eprintln!(
         "following {} target(s) ({:?}, {:?} firmware); Ctrl-C leaves them running",
         chosen.len(),
@@ -140,23 +157,6 @@ pub const LAB_TOOLS: [HostDep; 7] = [
         package: "ovmf",
     },
 ];
-
-/// The static stack binary that `build-stack` produced for the host architecture.
-pub fn stack_binary(_lab: &Lab) -> Result<PathBuf> {
-    let host = if cfg!(target_arch = "aarch64") {
-        pxelab_contract::Arch::Aarch64
-    } else {
-        pxelab_contract::Arch::X86_64
-    };
-    let path = super::stack_build_dir(host).join("pxelab-stack");
-    if !path.exists() {
-        bail!(
-            "{} is missing: run `cargo xtask build-stack`",
-            path.display()
-        );
-    }
-    Ok(path)
-}
 
 /// The lab's SSH public key, generating the pair on first use (private key mode 0600).
 pub fn ensure_ssh_key(lab: &Lab) -> Result<String> {
