@@ -429,10 +429,20 @@ fn make_node<R: Read>(entry: &tar::Entry<'_, R>, dir: &Path) -> io::Result<bool>
     Ok(true)
 }
 
-/// `/nfsroot/overlay.cpio`: the boot script as an uncompressed newc archive, to be loaded
-/// after the distro's initramfs (the kernel unpacks initramfs archives in order, later files
-/// win). Byte-for-byte reproducible: fixed mtime, owner 0:0.
+/// `/nfsroot/overlay.cpio`: the boot script as a zstd-compressed newc archive, loaded after the
+/// distro's initramfs (the kernel unpacks initramfs archives in order, later files win).
+///
+/// Compressed on purpose: the kernel accepts an uncompressed archive only at a 4-byte aligned
+/// offset, and the EFI stub concatenates initrds without padding — after Debian's 15,311,749-byte
+/// initramfs the uncompressed archive was skipped under OVMF (`/scripts/pxelab` missing). A
+/// compressed archive may start anywhere. Byte-for-byte reproducible: fixed mtime, owner 0:0.
 pub fn overlay_cpio() -> Vec<u8> {
+    let archive = overlay_newc();
+    // Compressing a small in-memory buffer cannot fail; an empty body would fail the boot loudly.
+    zstd::bulk::compress(&archive, 19).unwrap_or_default()
+}
+
+fn overlay_newc() -> Vec<u8> {
     let script = BOOT_SCRIPT.as_bytes();
     let entries = [
         (
@@ -463,8 +473,14 @@ mod tests {
 
     #[test]
     fn overlay_cpio_holds_the_script_and_is_reproducible() {
-        let a = overlay_cpio();
-        assert_eq!(a, overlay_cpio());
+        let compressed = overlay_cpio();
+        assert_eq!(compressed, overlay_cpio());
+        assert_eq!(
+            &compressed[..4],
+            &[0x28, 0xb5, 0x2f, 0xfd],
+            "zstd frame magic"
+        );
+        let a = zstd::stream::decode_all(&compressed[..]).unwrap();
         let reader = cpio::NewcReader::new(io::Cursor::new(&a)).unwrap();
         assert_eq!(reader.entry().name(), "scripts");
         assert_eq!(reader.entry().mode() & 0o170000, 0o040000);

@@ -54,7 +54,10 @@ pub fn scenario(lab: &Lab, distro: &str) -> Result<()> {
     let mut started = BTreeMap::new();
     for vm in &defined {
         started.insert(vm.name.clone(), follow::now_ms());
-        targets::start_vm(lab, vm, qemu::Firmware::Uefi, accel)?;
+        // BIOS (SeaBIOS + iPXE): under OVMF the distro initramfs booted without the overlay
+        // archive appended to it (`/scripts/pxelab` missing), so UEFI diskless boot is a known
+        // gap; see README.
+        targets::start_vm(lab, vm, qemu::Firmware::Bios, accel)?;
     }
     let result = checks(lab, distro, &defined, &started);
     for vm in &defined {
@@ -193,8 +196,10 @@ fn wait_ssh(lab: &Lab, vm: &VmDefinition, start_ms: u64, deadline: Instant) -> R
                 mounted = true;
             }
         } else {
-            let out = targets::ssh(lab, vm, &["hostname".to_string()])?.output()?;
-            if out.status.success() {
+            // No host keys on the console yet (cloud-init still running) is "not yet", not an error.
+            let answered =
+                targets::ssh(lab, vm, &["hostname".to_string()]).and_then(|mut c| Ok(c.output()?));
+            if let Some(out) = answered.ok().filter(|out| out.status.success()) {
                 let host = String::from_utf8_lossy(&out.stdout).trim().to_string();
                 ensure!(
                     host == vm.guest_hostname(),

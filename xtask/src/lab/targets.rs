@@ -258,32 +258,70 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
     Ok(())
 }
 
-/// An `ssh` to the VM run inside the lab namespace, with the lab key and a lab-private
-/// known_hosts (first contact is trusted; a reprovision forgets the old key).
+/// An `ssh` to the VM run inside the lab namespace, with the lab key. The VM's host keys are
+/// not trusted on first use: they are taken from its serial console, where cloud-init prints
+/// them once it has generated them (the last such block counts, so a reboot or a diskless VM,
+/// which gets new keys every boot, is handled). Until that block appears, there is nothing to
+/// connect to.
 pub fn ssh(lab: &Lab, vm: &VmDefinition, command: &[String]) -> Result<Command> {
     let net = lab.net()?;
     let ip = vm
         .ip
         .with_context(|| format!("{} has no IP address", vm.name))?;
+    let console = std::fs::read(lab.vm_file(&vm.name, VmFile::Console)).unwrap_or_default();
+    let keys = console_host_keys(&String::from_utf8_lossy(&console));
+    if keys.is_empty() {
+        bail!(
+            "{} has not printed its SSH host keys on its console yet (cloud-init does that when it is done)",
+            vm.name
+        );
+    }
+    let known: String = keys.iter().map(|k| format!("{ip} {k}\n")).collect();
+    let known_hosts = lab.dir("ssh").join(format!("known_hosts.{}", vm.name));
+    crate::store::write_atomic(&known_hosts, known.as_bytes())?;
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", &net.ns, "ssh", "-q", "-i"])
+    c.args(["netns", "exec", &net.ns, "ssh", "-i"])
         .arg(lab.ssh_key())
         .args([
+            "-o",
+            "LogLevel=ERROR",
             "-o",
             "BatchMode=yes",
             "-o",
             "ConnectTimeout=5",
             "-o",
-            "StrictHostKeyChecking=accept-new",
+            "StrictHostKeyChecking=yes",
             "-o",
         ])
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            lab.dir("ssh").join("known_hosts").display()
-        ))
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
         .arg(format!("pxelab@{ip}"))
         .args(command);
     Ok(c)
+}
+
+/// The host public keys (`<type> <base64>`) of the last `BEGIN SSH HOST KEY KEYS` block that
+/// cloud-init printed on the console.
+fn console_host_keys(console: &str) -> Vec<String> {
+    let Some(start) = console.rfind("-----BEGIN SSH HOST KEY KEYS-----") else {
+        return Vec::new();
+    };
+    let block = &console[start..];
+    let Some(end) = block.find("-----END SSH HOST KEY KEYS-----") else {
+        return Vec::new();
+    };
+    block[..end]
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut words = line.trim().split_whitespace();
+            let (kind, key) = (words.next()?, words.next()?);
+            let plausible = (kind.starts_with("ssh-") || kind.starts_with("ecdsa-"))
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+            plausible.then(|| format!("{kind} {key}"))
+        })
+        .collect()
 }
 
 /// Forget the install: the next boot runs the installer again on a blank disk.
@@ -327,15 +365,34 @@ pub fn remove(lab: &Lab, name: &str) -> Result<()> {
 }
 
 fn forget_host_key(lab: &Lab, vm: &VmDefinition) -> Result<()> {
-    let known = lab.dir("ssh").join("known_hosts");
-    if let (Some(ip), true) = (vm.ip, known.exists()) {
-        let sh = Shell::new()?;
-        let ip = ip.to_string();
-        cmd!(sh, "ssh-keygen -q -R {ip} -f {known}")
-            .quiet()
-            .ignore_stderr()
-            .ignore_stdout()
-            .run()?;
-    }
+    let _ = std::fs::remove_file(lab.dir("ssh").join(format!("known_hosts.{}", vm.name)));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::console_host_keys;
+
+    #[test]
+    fn host_keys_come_from_the_last_console_block() {
+        let console = "\
+-----BEGIN SSH HOST KEY KEYS-----\r
+ssh-ed25519 AAAAold root@t\r
+-----END SSH HOST KEY KEYS-----\r
+[  12.0] reboot\r
+-----BEGIN SSH HOST KEY KEYS-----\r
+ecdsa-sha2-nistp256 AAAAE2Vj= root@t\r
+ssh-ed25519 AAAAC3Nz root@t\r
+garbage line\r
+-----END SSH HOST KEY KEYS-----\r
+";
+        assert_eq!(
+            console_host_keys(console),
+            vec!["ecdsa-sha2-nistp256 AAAAE2Vj=", "ssh-ed25519 AAAAC3Nz"]
+        );
+        assert!(
+            console_host_keys("-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 AAAA").is_empty()
+        );
+        assert!(console_host_keys("nothing here").is_empty());
+    }
 }
