@@ -51,6 +51,7 @@ pub const HOST_DEPS: &[HostDep] = &[
     bin("mcopy", "mtools"),
     bin("fusefat", "fusefat"),
     bin("depmod", "kmod"),
+    bin("gcc", "gcc"),
     bin("qemu-img", "qemu-utils"),
     bin("ssh", "openssh-client"),
     bin("sfdisk", "fdisk"),
