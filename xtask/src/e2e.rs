@@ -5,7 +5,7 @@
 //!    restarted in the middle of the rootfs stream: the install still completes, the target
 //!    reboots from its disk without fetching the installer again, answers SSH with the lab key
 //!    and reports its own name as hostname.
-//! 3. SeaBIOS → TFTP undionly.kpxe and OVMF without NIC ROM → TFTP ipxe.efi each reach
+//! 3. SeaBIOS (QEMU's iPXE NIC ROM) and OVMF without NIC ROM → TFTP ipxe.efi each reach
 //!    "installer started".
 //! 4. Two diskless targets boot from one read-only NFS export (see `e2e_diskless`).
 //! 5. `lab down` leaves no namespace and no process behind (QEMU, stack, dnsmasq, ganesha).
