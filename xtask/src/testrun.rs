@@ -63,8 +63,9 @@ pub fn run(args: Args) -> Result<()> {
             _ => {
                 eprintln!("\n==> tier e2e: cargo xtask e2e");
                 // A separate process: the lab installs signal handlers and namespaces of its own.
-                let exe = std::env::current_exe()?;
-                cmd!(sh, "{exe} e2e").run().is_ok()
+                // Through cargo, not current_exe(): the sys tier's `cargo test` may have rebuilt
+                // (replaced) this very binary.
+                cmd!(sh, "{cargo} xtask e2e").run().is_ok()
             }
         };
         results.push((*tier, ok, started.elapsed().as_secs_f64()));

@@ -609,14 +609,26 @@ fn sys_podman_runs_the_supervisor_and_stops_within_two_seconds() {
         "/healthz did not answer 200 on loopback: {last:?}\ncontainer log:\n{}",
         logs(&guard.container)
     );
-    // dnsmasq (supervised) has the DHCP port open in the namespace.
-    let udp = ns.within(|| std::fs::read_to_string("/proc/thread-self/net/udp").unwrap());
+    // dnsmasq (supervised) has the DHCP port open in the namespace. The stack logs the spawn,
+    // not the bind, so give dnsmasq a moment to open it.
+    let has_dhcp = |udp: &str| {
+        udp.lines().any(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(":0043"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let udp = loop {
+        let udp = ns.within(|| std::fs::read_to_string("/proc/thread-self/net/udp").unwrap());
+        if has_dhcp(&udp) || Instant::now() > deadline {
+            break udp;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(
-        udp.lines().any(|l| l
-            .split_whitespace()
-            .nth(1)
-            .is_some_and(|a| a.ends_with(":0043"))),
-        "no UDP :67 socket:\n{udp}\n{}",
+        has_dhcp(&udp),
+        "no UDP :67 socket after 15 s:\n{udp}\n{}",
         logs(&guard.container)
     );
 
