@@ -1,14 +1,17 @@
 //! `cargo xtask e2e`: the lab end to end, as root under TCG, in a throw-away lab home.
 //!
 //! 1. `lab vm create` rejects a bad MAC and a duplicate IP and changes nothing.
-//! 2. `lab up --targets 1 --distro debian` (UEFI with the NIC's iPXE ROM) while the stack is
-//!    restarted in the middle of the rootfs stream: the install still completes, the target
+//! 2. `lab up --targets 1 --distro debian` (UEFI with the NIC's iPXE ROM, stack as a process)
+//!    while, in the middle of the rootfs stream, the stack is swapped for its container image
+//!    (`lab stack reload --image`): the install still completes (resumed download), the target
 //!    reboots from its disk without fetching the installer again, answers SSH with the lab key
 //!    and reports its own name as hostname.
-//! 3. SeaBIOS (QEMU's iPXE NIC ROM) and OVMF without NIC ROM → TFTP ipxe.efi each reach
-//!    "installer started".
-//! 4. Two diskless targets boot from one read-only NFS export (see `e2e_diskless`).
-//! 5. `lab down` leaves no namespace and no process behind (QEMU, stack, dnsmasq, ganesha).
+//! 3. On that container stack: SeaBIOS (QEMU's iPXE NIC ROM) and OVMF without NIC ROM → TFTP
+//!    ipxe.efi each reach "installer started".
+//! 4. Two diskless targets boot from one read-only NFS export served by the container's
+//!    ganesha (see `e2e_diskless`).
+//! 5. `lab down` leaves no namespace, container or process behind (QEMU, stack, dnsmasq,
+//!    ganesha).
 
 use std::{
     path::PathBuf,
@@ -81,11 +84,11 @@ fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
         firmware: qemu::Firmware::Uefi,
         accel: qemu::AccelChoice::Auto,
         subnet: lab::home::DEFAULT_SUBNET.into(),
-        stack: stack::StackKind::Process,
+        stack: Some(stack::StackKind::Process),
         timeout: 1500,
     };
     if runs(Part::Install) {
-        step("lab up: install target-1 (UEFI) with a stack restart during the rootfs stream");
+        step("lab up: install target-1 (UEFI); mid-stream the stack is swapped for its container image");
         install_with_restart(&up)?;
     } else {
         step("lab up: the stack only");
@@ -128,6 +131,11 @@ fn install_with_restart(up: &UpArgs) -> Result<()> {
         "the stack was never restarted during the rootfs stream: the fault was not injected"
     );
     let lab = Lab::open()?;
+    ensure!(
+        lab.config.stack == stack::StackKind::Container,
+        "after `reload --image` the lab should run a container stack, not {:?}",
+        lab.config.stack
+    );
     let timeline = follow::timeline(&lab, "target-1")?;
     let installed = timeline
         .iter()
@@ -222,7 +230,9 @@ fn snapshot(dir: &std::path::Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
     Ok(out)
 }
 
-/// Restarts the stack once target-1 has streamed some of its rootfs.
+/// Once target-1 has streamed some of its rootfs, replaces the stack process with the stack's
+/// container image (`lab stack reload --image`): a restart, and the switch to container mode
+/// that the rest of the e2e (firmware, diskless) then runs on.
 fn restart_during_stream(done: &AtomicBool, restarted: &AtomicBool) -> Result<()> {
     while !done.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(500));
@@ -242,12 +252,12 @@ fn restart_during_stream(done: &AtomicBool, restarted: &AtomicBool) -> Result<()
         };
         if done_bytes * 10 >= total && done_bytes * 10 < total * 8 {
             eprintln!(
-                "e2e: restarting the stack at {}/{} rootfs bytes",
+                "e2e: swapping the stack for its container image at {}/{} rootfs bytes",
                 done_bytes, total
             );
-            stack::stop(&lab)?;
-            stack::start(&lab)?;
-            stack::wait_healthy(&lab, Duration::from_secs(20))?;
+            let mut lab = lab;
+            let image = lab::stack_build_dir(Arch::X86_64).join("pxeboot-stack.oci.tar");
+            stack::reload_image(&mut lab, &image)?;
             restarted.store(true, Ordering::SeqCst);
             return Ok(());
         }
@@ -349,7 +359,15 @@ fn teardown(home: &std::path::Path) -> Result<()> {
         .unwrap_or_default();
     let ns = lab.config.namespace.clone();
     let nfs = crate::e2e_diskless::nfs_server_pid(&lab);
+    let container = stack::container_name(&lab);
     lab::down(&lab, true)?;
+    let exists = std::process::Command::new("podman")
+        .args(["container", "exists", &container])
+        .status();
+    ensure!(
+        !exists.is_ok_and(|s| s.success()),
+        "container {container} still exists after lab down"
+    );
     ensure!(
         !PathBuf::from("/run/netns").join(&ns).exists(),
         "namespace {ns} still exists after lab down"

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::fetch::{Fetch, Fetcher};
-use crate::recipe::{self, Request, Spec};
+use crate::recipe::{self, Request, Spec, DEFAULT_DEBIAN_MIRROR};
 use crate::store::Store;
 use crate::ui::Ui;
 
@@ -90,18 +90,12 @@ impl LockedInput {
 
     /// The download for this pin; Debian files honour `PXELAB_DEBIAN_MIRROR`.
     pub fn to_fetch(&self) -> Fetch {
-        let mirror = std::env::var("PXELAB_DEBIAN_MIRROR")
-            .ok()
-            .filter(|m| !m.is_empty());
-        let (url, gone_hint) = match (&self.filename, mirror) {
-            (Some(filename), Some(m)) => {
-                (format!("{}/{}", m.trim_end_matches('/'), filename), Some(m))
-            }
-            (Some(_), None) => (self.url.clone(), None),
-            (None, _) => (self.url.clone(), None),
+        let (url, mirror) = match &self.filename {
+            Some(_) => debian_url(&self.url),
+            None => (self.url.clone(), None),
         };
         let gone_hint = self.filename.as_ref().map(|_| {
-            let from = gone_hint.unwrap_or_else(|| "Debian's mirror".to_string());
+            let from = mirror.unwrap_or_else(|| "Debian's mirror".to_string());
             format!(
                 "Debian package {} {} ({}, {}) is no longer on {from}, which keeps only current versions; \
                  run `cargo xtask lock` to refresh the pins, or set PXELAB_DEBIAN_MIRROR to a snapshot \
@@ -119,6 +113,20 @@ impl LockedInput {
             size: Some(self.size),
             gone_hint,
         }
+    }
+}
+
+/// A pinned Debian URL moved to `PXELAB_DEBIAN_MIRROR` when that is set and the pin is on
+/// Debian's main archive (security updates live in another archive and keep their URL).
+/// Returns the URL and the mirror it was moved to.
+pub fn debian_url(url: &str) -> (String, Option<String>) {
+    let mirror = std::env::var("PXELAB_DEBIAN_MIRROR")
+        .ok()
+        .filter(|m| !m.is_empty());
+    let main = format!("{DEFAULT_DEBIAN_MIRROR}/");
+    match (mirror, url.strip_prefix(&main)) {
+        (Some(m), Some(rest)) => (format!("{}/{rest}", m.trim_end_matches('/')), Some(m)),
+        _ => (url.to_string(), None),
     }
 }
 
@@ -378,7 +386,15 @@ pub fn run(args: Args) -> Result<()> {
     let requests = recipe::load_dir(&dir)?;
     if args.check {
         let lock = Lock::load(&path)?;
-        let problems = lock.check(&requests);
+        let mut problems = lock.check(&requests);
+        // The distro locks sit beside the project's, one per distro recipe.
+        let distros = dir.join("distros");
+        let mut unlocked = Vec::new();
+        if distros.is_dir() {
+            let (p, u) = crate::distro::check_locks(&distros)?;
+            problems.extend(p);
+            unlocked = u;
+        }
         if !problems.is_empty() {
             bail!(
                 "{} does not match the recipes in {}:\n  {}\nrun `cargo xtask lock` to update it",
@@ -388,11 +404,14 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
         eprintln!(
-            "{} matches the recipes: {} sets, {} pinned files",
+            "{} matches the recipes: {} sets, {} pinned files; distro locks match their recipes",
             path.display(),
             lock.sets.len(),
             lock.inputs.len()
         );
+        for name in unlocked {
+            eprintln!("{name}: no lock yet (written by its first `cargo xtask distro pull`)");
+        }
         return Ok(());
     }
     let ui = Ui::new();

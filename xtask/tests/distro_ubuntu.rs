@@ -374,5 +374,92 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
         serde_json::from_slice::<distro::PullManifest>(&buf).unwrap(),
         *m
     );
+
+    // Killed pulls (SIGKILL or Ctrl-C's SIGINT, at growing delays, each switching the module
+    // set so that a finished pull replaces the artifacts): whatever moment the kill hits, the
+    // published directory is one whole, verified set — the old one or the new one.
+    let mut finished = 0;
+    for (i, delay_ms) in [30u64, 100, 250, 500, 800, 1200, 1800, 2500, 4000]
+        .into_iter()
+        .enumerate()
+    {
+        let modules = if i % 2 == 0 { "all" } else { "installer" };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["distro", "pull", "ubuntu", "--modules", modules, "--mirror"])
+            .arg(server.url("/"))
+            .arg("--recipes")
+            .arg(&recipe_dir)
+            .env("PXELAB_HOME", &home)
+            .env("PXELAB_CACHE", work.path().join(format!("cache-kill-{i}")))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let signal = if i % 2 == 0 {
+            libc::SIGKILL
+        } else {
+            libc::SIGINT
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        if child.wait().unwrap().success() {
+            finished += 1;
+        }
+        assert_whole(&out, &format!("after a kill at {delay_ms} ms"));
+    }
+    assert!(
+        finished < 9,
+        "no pull was ever interrupted: the test injected no fault"
+    );
+    // A pull after the kills finishes and leaves no staging directory behind.
+    let after = pull(&args, &work.path().join("cache1")).expect("pull after the kills");
+    assert_eq!(after.manifest, *m);
+    assert_whole(&out, "after the final pull");
+    let left: Vec<_> = fs::read_dir(home.join("images/ubuntu-24.04"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left,
+        [std::ffi::OsString::from("x86_64")],
+        "staging dirs cleaned"
+    );
     std::io::stderr().flush().unwrap();
+}
+
+/// `dir` holds exactly the files its manifest names, each with the manifest's digest and size.
+fn assert_whole(dir: &Path, when: &str) {
+    let manifest: distro::PullManifest =
+        serde_json::from_slice(&fs::read(dir.join("manifest.json")).unwrap())
+            .unwrap_or_else(|e| panic!("{when}: manifest.json unreadable: {e}"));
+    let c = &manifest.contract;
+    let mut expected = vec!["manifest.json".to_string()];
+    for f in [Some(&c.rootfs), c.kernel.as_ref(), c.modules.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        let bytes = fs::read(dir.join(&f.file)).unwrap();
+        assert_eq!(
+            (sha256_hex(&bytes), bytes.len() as u64),
+            (f.sha256.clone(), f.size),
+            "{when}: {} does not match its manifest",
+            f.file
+        );
+        expected.push(f.file.clone());
+    }
+    let mut present: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    present.sort();
+    expected.sort();
+    assert_eq!(
+        present,
+        expected,
+        "{when}: stray files in {}",
+        dir.display()
+    );
 }

@@ -101,7 +101,9 @@ fn size_mismatch_is_an_error() {
     it.size = Some(4000);
     let err = format!(
         "{:#}",
-        fetcher(&store).fetch_all(&[it.clone()]).unwrap_err()
+        fetcher(&store)
+            .fetch_all(std::slice::from_ref(&it))
+            .unwrap_err()
     );
     assert!(
         err.contains(&it.url)
@@ -120,7 +122,9 @@ fn cut_download_resumes_with_range_and_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let it = item(&server, "/big.bin", &body);
-    let summary = fetcher(&store).fetch_all(&[it.clone()]).unwrap();
+    let summary = fetcher(&store)
+        .fetch_all(std::slice::from_ref(&it))
+        .unwrap();
     assert_eq!(summary.downloaded.len(), 1);
     assert_eq!(fs::read(store.blob_path(&it.sha256)).unwrap(), body);
     let reqs = server.requests();
@@ -140,7 +144,9 @@ fn connection_cut_every_time_still_completes_through_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let it = item(&server, "/c.bin", &body);
-    fetcher(&store).fetch_all(&[it.clone()]).unwrap();
+    fetcher(&store)
+        .fetch_all(std::slice::from_ref(&it))
+        .unwrap();
     assert_eq!(store.read(&it.sha256).unwrap(), body);
     assert_eq!(server.hits("/c.bin"), 4);
 }
@@ -181,7 +187,9 @@ fn server_ignoring_range_still_ends_with_the_right_file() {
         vec![0xAA; 300_000],
     )
     .unwrap();
-    fetcher(&store).fetch_all(&[it.clone()]).unwrap();
+    fetcher(&store)
+        .fetch_all(std::slice::from_ref(&it))
+        .unwrap();
     assert_eq!(fs::read(store.blob_path(&it.sha256)).unwrap(), body);
     let reqs = server.requests();
     assert_eq!(
@@ -291,7 +299,9 @@ fn corrupted_store_blob_is_detected_and_fetched_again() {
     let it = item(&server, "/c.bin", &body);
     {
         let store = Store::open(dir.path()).unwrap();
-        fetcher(&store).fetch_all(&[it.clone()]).unwrap();
+        fetcher(&store)
+            .fetch_all(std::slice::from_ref(&it))
+            .unwrap();
         // Bit rot in place: same inode, same size.
         let p = store.blob_path(&it.sha256);
         use std::os::unix::fs::PermissionsExt;
@@ -301,7 +311,9 @@ fn corrupted_store_blob_is_detected_and_fetched_again() {
         fs::write(&p, bytes).unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
-    let summary = fetcher(&store).fetch_all(&[it.clone()]).unwrap();
+    let summary = fetcher(&store)
+        .fetch_all(std::slice::from_ref(&it))
+        .unwrap();
     assert_eq!(
         summary.downloaded.len(),
         1,
@@ -334,7 +346,9 @@ fn concurrent_fetches_of_one_input_download_once() {
                 s.spawn(|| {
                     let store = Store::open(dir.path()).unwrap();
                     barrier.wait();
-                    let r = fetcher(&store).fetch_all(&[it.clone()]).map(|_| ());
+                    let r = fetcher(&store)
+                        .fetch_all(std::slice::from_ref(&it))
+                        .map(|_| ());
                     r.map(|_| fs::read(store.blob_path(&it.sha256)).unwrap())
                 })
             })

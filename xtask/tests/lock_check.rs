@@ -198,7 +198,7 @@ fn debian_mirror_override_redirects_pinned_debs() {
         set: "s".into(),
         arch: "amd64".into(),
         name: "hello".into(),
-        url: format!("http://127.0.0.1:9/debian/{filename}"),
+        url: format!("http://deb.debian.org/debian/{filename}"),
         size: body.len() as u64,
         sha256: pxelab_tests::sha256_hex(&body),
         package: Some("hello".into()),
@@ -209,7 +209,12 @@ fn debian_mirror_override_redirects_pinned_debs() {
     };
     std::env::set_var("PXELAB_DEBIAN_MIRROR", server.url("/snapshot/debian/"));
     let fetch = input.to_fetch();
+    // Security updates are another archive: the override (a mirror of the main one) keeps off.
+    let security =
+        "http://deb.debian.org/debian-security/pool/updates/main/a/apt/apt_2.6.2_amd64.deb";
+    let kept = xtask::lock::debian_url(security);
     std::env::remove_var("PXELAB_DEBIAN_MIRROR");
+    assert_eq!(kept, (security.to_string(), None));
     assert_eq!(
         fetch.url,
         server.url(&format!("/snapshot/debian/{filename}"))

@@ -444,6 +444,59 @@ fn sys_image_passes_skopeo_and_umoci_and_its_dnsmasq_runs() {
         .arg(&rootfs)
         .args(["/usr/bin/pxelab-stack", "--version"]));
     assert!(String::from_utf8_lossy(&v.stdout).contains("pxelab-stack"));
+    ganesha_serves_from(&rootfs);
+}
+
+/// nfs-ganesha runs from the image's files alone: with a one-export NFSv4 config (the shape
+/// the stack renders) in a network namespace of its own, it initializes and listens on 2049.
+fn ganesha_serves_from(rootfs: &Path) {
+    std::fs::create_dir_all(rootfs.join("proc")).unwrap();
+    std::fs::create_dir_all(rootfs.join("export/etc")).unwrap();
+    std::fs::create_dir_all(rootfs.join("work/recovery")).unwrap();
+    std::fs::write(rootfs.join("export/etc/hostname"), "exported\n").unwrap();
+    std::fs::write(
+        rootfs.join("work/ganesha.conf"),
+        "NFS_CORE_PARAM { Protocols = 4; NFS_Port = 2049; Enable_NLM = false; Enable_RQUOTA = false; Enable_UDP = false; }\n\
+         NFSV4 { Graceless = true; Only_Numeric_Owners = true; RecoveryBackend = fs; RecoveryRoot = \"/work/recovery\"; }\n\
+         NFS_KRB5 { Active_krb5 = false; }\n\
+         EXPORT { Export_Id = 7; Path = \"/export\"; Pseudo = \"/export\"; Access_Type = RO; Squash = No_Root_Squash;\n\
+         Protocols = 4; Transports = TCP; SecType = sys; FSAL { Name = VFS; } }\n",
+    )
+    .unwrap();
+    let script = format!(
+        "mount -t proc proc {root}/proc && ip link set lo up && exec chroot {root} /usr/bin/ganesha.nfsd \
+         -F -f /work/ganesha.conf -L /work/ganesha.log -p /work/ganesha.pid -N NIV_EVENT",
+        root = rootfs.display()
+    );
+    // unshare and sh exec in place: the child's pid is ganesha's.
+    let mut child = Command::new("unshare")
+        .args(["--net", "--mount", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    let log = rootfs.join("work/ganesha.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut listening = false;
+    while Instant::now() < deadline && !listening {
+        std::thread::sleep(Duration::from_millis(300));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        let tables = ["tcp", "tcp6"].map(|t| {
+            std::fs::read_to_string(format!("/proc/{}/net/{t}", child.id())).unwrap_or_default()
+        });
+        // Local address column `…:0801` (2049) in state 0A (LISTEN).
+        listening = tables.iter().flat_map(|t| t.lines()).any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[1].ends_with(":0801") && cols[3] == "0A"
+        });
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        listening && text.contains("NFS SERVER INITIALIZED"),
+        "ganesha from the image did not serve NFS:\n{text}"
+    );
 }
 
 /// A network namespace with a lab interface; deleted (with everything in it) on drop.

@@ -98,7 +98,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         firmware: qemu::Firmware::Uefi,
         accel: choice,
         subnet: crate::lab::home::DEFAULT_SUBNET.into(),
-        stack: crate::lab::stack::StackKind::Process,
+        stack: Some(crate::lab::stack::StackKind::Process),
         timeout,
     };
 

@@ -251,6 +251,49 @@ fn pin_fingerprint(recipe: &Recipe, arch: Arch) -> Result<String> {
     Ok(sha256_hex(format!("{arch} {what}").as_bytes()))
 }
 
+/// `lock --check` for distros, without network: every arch a lock pins was pinned from the
+/// recipe as it reads now, and the lock pins no arch the recipe lacks. Returns the problems and
+/// the recipes that have no lock yet (Ubuntu's is written at the first pull: its image digest
+/// comes from the release's SHA256SUMS).
+pub fn check_locks(dir: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let mut problems = Vec::new();
+    let mut unlocked = Vec::new();
+    for recipe in recipe::load_all(dir)? {
+        let path = lock_path(dir, &recipe);
+        if !path.exists() {
+            unlocked.push(recipe.name.clone());
+            continue;
+        }
+        let lock = load_lock(&path)?;
+        for arch in recipe.arches.keys() {
+            match lock.arch.get(arch.as_str()) {
+                None => problems.push(format!(
+                    "{}: {arch} is not pinned: run `cargo xtask distro lock {} --arch {arch}`",
+                    path.display(),
+                    recipe.name
+                )),
+                Some(pins) if pins.fingerprint != pin_fingerprint(&recipe, *arch)? => {
+                    problems.push(format!(
+                        "{}: {arch} was pinned from another version of the recipe: run `cargo xtask distro lock {} --arch {arch}`",
+                        path.display(),
+                        recipe.name
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        for arch in lock.arch.keys() {
+            if !recipe.arches.keys().any(|a| a.as_str() == arch) {
+                problems.push(format!(
+                    "{}: pins {arch}, which the recipe no longer has",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok((problems, unlocked))
+}
+
 fn lock(args: &LockArgs, ui: &Ui) -> Result<()> {
     let dir = recipes_dir(&args.recipes);
     let recipes = recipe::load_all(&dir)?;
@@ -444,7 +487,7 @@ pub fn pull(args: &PullArgs, ui: &Ui) -> Result<PullReport> {
                 .iter()
                 .map(|p| Fetch {
                     label: format!("{}/{}", recipe.name, p.pin.package),
-                    url: p.pin.url.clone(),
+                    url: crate::lock::debian_url(&p.pin.url).0,
                     sha256: p.pin.sha256.clone(),
                     size: Some(p.pin.size),
                     gone_hint: Some(format!(
@@ -715,6 +758,7 @@ fn publish(store: &Store, files: &[StepFile], dest: &Path) -> Result<()> {
     for f in files {
         store.materialize(&f.digest, &staging.path().join(&f.name))?;
     }
+    keep_current_exports(files, dest, staging.path())?;
     fs::File::open(staging.path())?.sync_all()?;
     if dest.exists() {
         exchange(staging.path(), dest)?;
@@ -724,6 +768,31 @@ fn publish(store: &Store, files: &[StepFile], dest: &Path) -> Result<()> {
         fs::rename(&staging, dest).with_context(|| format!("cannot publish {}", dest.display()))?;
     }
     fs::File::open(parent)?.sync_all()?;
+    Ok(())
+}
+
+/// The stack unpacks a rootfs for diskless targets into `nfsroot-<digest prefix>/` beside it
+/// and exports that directory over NFS. An export of the rootfs being published moves into the
+/// new directory (a rename: the NFS server's file handles stay valid); exports of other
+/// rootfs versions are left in the old directory and go with it.
+fn keep_current_exports(files: &[StepFile], dest: &Path, staging: &Path) -> Result<()> {
+    let Some(rootfs) = files.iter().find(|f| f.name == "rootfs.tar.zst") else {
+        return Ok(());
+    };
+    let Ok(entries) = fs::read_dir(dest) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let current = name
+            .strip_prefix("nfsroot-")
+            .is_some_and(|prefix| !prefix.is_empty() && rootfs.digest.starts_with(prefix));
+        if current && entry.path().is_dir() {
+            fs::rename(entry.path(), staging.join(&name)).with_context(|| {
+                format!("cannot keep the diskless export {}", entry.path().display())
+            })?;
+        }
+    }
     Ok(())
 }
 
@@ -822,6 +891,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lock_check_flags_an_edited_recipe_and_a_missing_arch() {
+        let dir = tempfile::tempdir().unwrap();
+        let projects = crate::util::project_root().join("recipes/distros");
+        for name in ["debian-12.toml", "debian-12.lock", "ubuntu-24.04.toml"] {
+            fs::copy(projects.join(name), dir.path().join(name)).unwrap();
+        }
+        let (problems, unlocked) = check_locks(dir.path()).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(unlocked, ["ubuntu-24.04"]);
+
+        let recipe = dir.path().join("debian-12.toml");
+        let text = fs::read_to_string(&recipe).unwrap();
+        fs::write(&recipe, text.replace("\"sudo\", ", "")).unwrap();
+        let (problems, _) = check_locks(dir.path()).unwrap();
+        assert_eq!(problems.len(), 2, "both arches are stale: {problems:?}");
+        assert!(
+            problems[0].contains("cargo xtask distro lock debian-12"),
+            "{problems:?}"
+        );
+
+        fs::write(&recipe, text).unwrap();
+        let lock_file = dir.path().join("debian-12.lock");
+        let mut lock = load_lock(&lock_file).unwrap();
+        lock.arch.remove("aarch64");
+        save_lock(&lock_file, &lock).unwrap();
+        let (problems, _) = check_locks(dir.path()).unwrap();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("aarch64 is not pinned"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn serials_map_to_their_day() {
         assert_eq!(serial_epoch("20250115").unwrap(), 1_736_899_200);
         assert_eq!(serial_epoch("20240423.1").unwrap(), 1_713_830_400);
@@ -879,5 +982,46 @@ mod tests {
             [std::ffi::OsString::from("x86_64")],
             "no staging dir left behind"
         );
+    }
+
+    #[test]
+    fn republishing_keeps_the_export_of_the_same_rootfs_and_drops_stale_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let step = |rootfs: &'static [u8], modules: &'static [u8]| {
+            store
+                .step("t", 1)
+                .param("c", format!("{rootfs:?}{modules:?}"))
+                .run(|out| {
+                    fs::write(out.join("rootfs.tar.zst"), rootfs)?;
+                    fs::write(out.join("modules.cpio.zst"), modules)?;
+                    Ok(())
+                })
+                .unwrap()
+        };
+        let dest = dir.path().join("images/d/x86_64");
+        let first = step(b"root v1", b"modules a");
+        publish(&store, &first.files, &dest).unwrap();
+        let digest = &first.get("rootfs.tar.zst").unwrap().digest;
+        let export = dest.join(format!("nfsroot-{}", &digest[..16]));
+        fs::create_dir_all(export.join("etc")).unwrap();
+        fs::write(export.join("etc/hostname"), "x").unwrap();
+
+        // Another module set, same rootfs: the export stays where the NFS server serves it.
+        let second = step(b"root v1", b"modules b");
+        publish(&store, &second.files, &dest).unwrap();
+        assert_eq!(
+            fs::read(dest.join("modules.cpio.zst")).unwrap(),
+            b"modules b"
+        );
+        assert_eq!(
+            fs::read_to_string(export.join("etc/hostname")).unwrap(),
+            "x"
+        );
+
+        // A new rootfs: the old export goes with the old artifacts.
+        let third = step(b"root v2", b"modules b");
+        publish(&store, &third.files, &dest).unwrap();
+        assert!(!export.exists(), "stale export {} kept", export.display());
     }
 }

@@ -29,6 +29,10 @@ pub struct LabConfig {
     pub subnet: String,
     #[serde(default)]
     pub stack: super::stack::StackKind,
+    /// The OCI archive a container stack runs, when `lab stack reload --image` chose one
+    /// (otherwise the one `build-stack` wrote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
 }
 
 pub struct Lab {
@@ -51,6 +55,7 @@ impl Lab {
                 namespace: default_namespace(&home),
                 subnet: DEFAULT_SUBNET.into(),
                 stack: Default::default(),
+                image: None,
             },
         };
         Ok(Lab { home, config })

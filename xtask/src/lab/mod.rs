@@ -72,9 +72,10 @@ pub struct UpArgs {
     /// The lab subnet (only used when the lab is first created).
     #[arg(long, default_value = home::DEFAULT_SUBNET)]
     pub subnet: String,
-    /// Run the stack as a plain process or as the built OCI image under podman.
-    #[arg(long, value_enum, default_value = "process")]
-    pub stack: stack::StackKind,
+    /// Run the stack as a plain process or as the built OCI image under podman
+    /// [default: what the lab already runs, else process].
+    #[arg(long, value_enum)]
+    pub stack: Option<stack::StackKind>,
     /// Give up on a target after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
@@ -86,8 +87,15 @@ enum StackCommand {
     Status,
     /// Stop and start the stack (VMs keep running; installs resume).
     Restart,
-    /// Ask the stack to re-read VM definitions now (SIGHUP).
-    Reload,
+    /// Ask the stack to re-read VM definitions now (SIGHUP); with --image, swap in a stack
+    /// image instead.
+    Reload {
+        /// Run the stack from this OCI archive (e.g. a rebuilt build/stack/x86_64/
+        /// pxeboot-stack.oci.tar) under podman from now on. VMs keep running; a target in the
+        /// middle of its install resumes its download.
+        #[arg(long, value_name = "OCI_ARCHIVE")]
+        image: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -148,7 +156,7 @@ struct CreateArgs {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let lab = Lab::open()?;
+    let mut lab = Lab::open()?;
     match args.command {
         LabCommand::Up(up) => targets::up(lab, &up),
         LabCommand::Status => status(&lab),
@@ -163,7 +171,19 @@ pub fn run(args: Args) -> Result<()> {
                 println!("stack restarted");
                 Ok(())
             }
-            StackCommand::Reload => {
+            StackCommand::Reload { image: Some(image) } => {
+                net::require_root("restart the stack")?;
+                if qemu::running_pid(&lab.stack_pidfile()).is_none() {
+                    bail!("the stack is not running: `cargo xtask lab up` first");
+                }
+                stack::reload_image(&mut lab, &image)?;
+                println!(
+                    "stack now runs {} under podman; VMs untouched",
+                    image.display()
+                );
+                Ok(())
+            }
+            StackCommand::Reload { image: None } => {
                 let pid = qemu::running_pid(&lab.stack_pidfile())
                     .context("the stack is not running: `cargo xtask lab up`")?;
                 // SAFETY: signalling the stack this lab started.
@@ -287,8 +307,8 @@ fn status(lab: &Lab) -> Result<()> {
     }
     let states = follow::fetch_status(lab).unwrap_or_default();
     println!(
-        "{:<16} {:<18} {:<15} {:<10} {:<8} {:<11} {}",
-        "NAME", "MAC", "IP", "DISTRO", "BOOT", "QEMU", "STATE / LAST EVENT"
+        "{:<16} {:<18} {:<15} {:<10} {:<8} {:<11} STATE / LAST EVENT",
+        "NAME", "MAC", "IP", "DISTRO", "BOOT", "QEMU"
     );
     for vm in vms {
         let running = if qemu::running_pid(&lab.vm_file(&vm.name, VmFile::Pid)).is_some() {

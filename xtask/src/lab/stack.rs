@@ -32,7 +32,7 @@ pub enum StackKind {
 }
 
 /// Name of the lab's stack container (one per namespace, so one per lab home).
-fn container_name(lab: &Lab) -> String {
+pub fn container_name(lab: &Lab) -> String {
     format!("{}-stack", lab.config.namespace)
 }
 
@@ -113,31 +113,39 @@ fn start_process(lab: &Lab, binary: &Path) -> Result<u32> {
 
 /// Loads the built OCI archive into podman and runs it on the lab namespace. The flags are
 /// the ones FIELD-NOTES found necessary here: runc (crun fails on hybrid cgroups) and explicit
-/// rlimits (the defaults fail with EPERM); NET_ADMIN/NET_RAW for dnsmasq's DHCP.
+/// rlimits (the defaults fail with EPERM); NET_ADMIN/NET_RAW for dnsmasq's DHCP,
+/// DAC_READ_SEARCH for ganesha's VFS backend (it opens exported files by handle).
 fn start_container(lab: &Lab) -> Result<u32> {
-    let archive = super::stack_build_dir(host_arch()).join("pxeboot-stack.oci.tar");
+    let archive = match &lab.config.image {
+        Some(chosen) => chosen.clone(),
+        None => super::stack_build_dir(host_arch()).join("pxeboot-stack.oci.tar"),
+    };
     if !archive.exists() {
         bail!(
-            "{} is missing: run `cargo xtask build-stack`",
+            "{} is missing: run `cargo xtask build-stack` (or `cargo xtask lab stack reload --image <archive>`)",
             archive.display()
         );
     }
     let sh = Shell::new()?;
     let net = lab.net()?;
     let name = container_name(lab);
-    let image = crate::stack::IMAGE_REF;
-    cmd!(sh, "podman load -q -i {archive}")
+    let loaded = cmd!(sh, "podman load -q -i {archive}")
         .quiet()
-        .ignore_stdout()
-        .run()
-        .context("podman load of the stack image")?;
+        .read()
+        .with_context(|| format!("podman load of {}", archive.display()))?;
+    let image = loaded_ref(&loaded).with_context(|| {
+        format!(
+            "podman loaded {} but named no image: {loaded:?}",
+            archive.display()
+        )
+    })?;
     let netns = format!("ns:/run/netns/{}", net.ns);
     let volume = format!("{}:/var/lib/pxelab", lab.home.display());
     let flags = stack_flags(lab, Path::new("/var/lib/pxelab"))?;
     cmd!(
         sh,
         "podman run -d --replace --name {name} --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1000:1000
-            --network {netns} --cap-add NET_ADMIN,NET_RAW,NET_BIND_SERVICE -v {volume} {image} {flags...}"
+            --network {netns} --cap-add NET_ADMIN,NET_RAW,NET_BIND_SERVICE,DAC_READ_SEARCH -v {volume} {image} {flags...}"
     )
     .quiet()
     .ignore_stdout()
@@ -150,6 +158,31 @@ fn start_container(lab: &Lab) -> Result<u32> {
     pid.trim()
         .parse()
         .with_context(|| format!("podman reported pid {pid:?} for {name}"))
+}
+
+/// The image reference in `podman load` output (`Loaded image: <ref>`, or `Loaded image(s):
+/// <ref>, …` from older podman).
+fn loaded_ref(output: &str) -> Option<String> {
+    output.lines().rev().find_map(|line| {
+        let (_, refs) = line
+            .split_once(':')
+            .filter(|(k, _)| k.starts_with("Loaded image"))?;
+        let first = refs.split(',').next()?.trim();
+        (!first.is_empty()).then(|| first.to_string())
+    })
+}
+
+/// Swaps the stack for one run from the OCI archive `image` (container mode from now on),
+/// leaving the VMs alone: they keep running and retry whatever they were fetching.
+pub fn reload_image(lab: &mut Lab, image: &Path) -> Result<()> {
+    let image = std::fs::canonicalize(image)
+        .with_context(|| format!("{}: no such OCI archive", image.display()))?;
+    stop(lab)?;
+    lab.config.stack = StackKind::Container;
+    lab.config.image = Some(image);
+    lab.save_config()?;
+    start(lab)?;
+    wait_healthy(lab, Duration::from_secs(30))
 }
 
 /// Waits until `GET /healthz` answers 200 inside the namespace.

@@ -31,16 +31,17 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
     } else {
         lab.config.subnet = a.subnet.parse::<net::Subnet>()?.to_string();
     }
-    if a.stack != lab.config.stack {
+    if let Some(kind) = a.stack.filter(|k| *k != lab.config.stack) {
         if qemu::running_pid(&lab.stack_pidfile()).is_some() {
             bail!(
                 "the stack already runs as a {:?}: `cargo xtask lab stack restart` keeps that kind; \
-                 `cargo xtask lab down` first to switch to --stack {:?}",
+                 `cargo xtask lab down` first to switch to --stack {kind:?}",
                 lab.config.stack,
-                a.stack
             );
         }
-        lab.config.stack = a.stack;
+        lab.config.stack = kind;
+        // A kind chosen here runs what `build-stack` wrote, not an earlier reload's image.
+        lab.config.image = None;
     }
     lab.create_dirs()?;
     lab.save_config()?;
@@ -313,7 +314,7 @@ fn console_host_keys(console: &str) -> Vec<String> {
         .lines()
         .skip(1)
         .filter_map(|line| {
-            let mut words = line.trim().split_whitespace();
+            let mut words = line.split_whitespace();
             let (kind, key) = (words.next()?, words.next()?);
             let plausible = (kind.starts_with("ssh-") || kind.starts_with("ecdsa-"))
                 && key

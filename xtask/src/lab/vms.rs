@@ -165,7 +165,7 @@ mod tests {
     #[test]
     fn allocates_distinct_addresses() {
         let a = plan(&[], &req("a"), subnet(), KEY).unwrap();
-        let b = plan(&[a.clone()], &req("b"), subnet(), KEY).unwrap();
+        let b = plan(std::slice::from_ref(&a), &req("b"), subnet(), KEY).unwrap();
         assert_eq!(a.ip, Some(Ipv4Addr::new(10, 77, 0, 10)));
         assert_eq!(b.ip, Some(Ipv4Addr::new(10, 77, 0, 11)));
         assert_ne!(a.mac, b.mac);

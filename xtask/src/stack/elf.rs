@@ -222,7 +222,7 @@ pub fn closure(
     for p in programs {
         let r = tree.resolve(p)?.with_context(|| {
             format!(
-                "{p} is not in the extracted initrd packages; add its package to the initrd recipe"
+                "{p} is not in the extracted packages; add its package to the recipe that pins them"
             )
         })?;
         out.add(&r);
@@ -240,11 +240,11 @@ pub fn closure(
         }
         let d = deps(&data).with_context(|| format!("parsing ELF {file}"))?;
         if d.machine != machine {
-            bail!("{file} is for ELF machine {}, not {machine}: the initrd packages are for the wrong architecture", d.machine);
+            bail!("{file} is for ELF machine {}, not {machine}: the packages are for the wrong architecture", d.machine);
         }
         if let Some(interp) = &d.interp {
             let r = tree.resolve(interp)?.with_context(|| {
-                format!("{file} needs the loader {interp}, which no initrd package provides; add libc6 to the initrd recipe")
+                format!("{file} needs the loader {interp}, which none of the packages provides; add libc6 to their recipe")
             })?;
             out.add(&r);
             queue.push_back((file.clone(), r.file));
@@ -259,7 +259,7 @@ pub fn closure(
             }
             let r = found.with_context(|| {
                 format!(
-                    "{file} (needed by {wanted_by}) needs {lib}, which none of the initrd packages provide (searched {}); add its package to the initrd recipe",
+                    "{file} (needed by {wanted_by}) needs {lib}, which none of the packages provide (searched {}); add its package to their recipe",
                     lib_dirs.join(", ")
                 )
             })?;

@@ -1,12 +1,13 @@
 //! What goes into the stack's container image, layer by layer, and how it runs.
 //!
-//! - layer 1, dnsmasq: `/usr/sbin/dnsmasq` from the pinned `dnsmasq-base` and the shared
-//!   libraries it loads (found by ELF `DT_NEEDED`, as for the initrd), nothing else from the
-//!   packages: no docs, no maintainer scripts.
+//! - layer 1, daemons: `/usr/sbin/dnsmasq` and `/usr/bin/ganesha.nfsd` (with its VFS backend and
+//!   libnfsidmap's nsswitch plugin, both loaded with dlopen) from the pinned packages, the shared
+//!   libraries they load (found by ELF `DT_NEEDED`, as for the initrd) and `/etc/netconfig`;
+//!   nothing else from the packages: no docs, no maintainer scripts.
 //! - layer 2, pxelab: the static `pxelab-stack` and `pxelab-installer`, the iPXE set in the TFTP
 //!   root and the installer initrd where the boot handler serves it.
-//! - layer 3, config: `/etc/passwd` and `/etc/group` (dnsmasq looks its user up), the data
-//!   directory skeleton, `/tmp` and `/run`.
+//! - layer 3, config: `/etc/passwd` and `/etc/group` (dnsmasq looks its user up), `/etc/mtab`
+//!   (ganesha's VFS backend reads the mount table), the data directory skeleton, `/tmp`, `/run`.
 //!
 //! The supervisor is the entrypoint and PID 1 (it handles SIGTERM itself); everything it needs
 //! to know comes from `PXELAB_*` environment variables, so `podman run -e PXELAB_INTERFACE=…
@@ -22,11 +23,12 @@ use super::elf::{self, Tree};
 use super::{oci, Arch, IMAGE_REF};
 
 /// Bump when the layout below changes (it is part of the image step's cache key).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The runtime's data directory inside the image (its `--data-dir`).
 pub const DATA_DIR: &str = "/var/lib/pxelab";
 pub const DNSMASQ: &str = "/usr/sbin/dnsmasq";
+pub const GANESHA: &str = "/usr/bin/ganesha.nfsd";
 pub const STACK_BIN: &str = "/usr/bin/pxelab-stack";
 pub const INSTALLER_BIN: &str = "/usr/bin/pxelab-installer";
 
@@ -77,15 +79,21 @@ pub fn add_closure(a: &mut Archive, tree: &Tree, closure: &elf::Closure) -> Resu
     Ok(())
 }
 
-fn dnsmasq_layer(i: &Inputs) -> Result<Archive> {
-    let lib_dirs = elf::library_dirs(i.arch.multiarch());
-    let closure = elf::closure(
-        i.tree,
-        &[DNSMASQ.to_string()],
-        i.arch.elf_machine(),
-        &lib_dirs,
-    )
-    .context("collecting dnsmasq and its libraries from the pinned stack packages")?;
+fn daemons_layer(i: &Inputs) -> Result<Archive> {
+    let multiarch = i.arch.multiarch();
+    let mut lib_dirs = elf::library_dirs(multiarch);
+    // ganesha's libraries are private: ganesha.nfsd and its backends find them by RUNPATH.
+    lib_dirs.push("/usr/lib/ganesha".to_string());
+    let programs = [
+        DNSMASQ.to_string(),
+        GANESHA.to_string(),
+        format!("/usr/lib/{multiarch}/ganesha/libfsalvfs.so"),
+        format!("/usr/lib/{multiarch}/libnfsidmap/nsswitch.so"),
+        "/etc/netconfig".to_string(),
+    ];
+    let closure = elf::closure(i.tree, &programs, i.arch.elf_machine(), &lib_dirs).context(
+        "collecting dnsmasq, nfs-ganesha and their libraries from the pinned stack packages",
+    )?;
     let mut a = Archive::new();
     add_closure(&mut a, i.tree, &closure)?;
     Ok(a)
@@ -129,6 +137,12 @@ fn config_layer() -> Result<Archive> {
         text("root:x:0:0:root:/root:/usr/sbin/nologin\ndnsmasq:x:100:65534:dnsmasq:/nonexistent:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
     )?;
     a.add("/etc/group", text("root:x:0:\nnogroup:x:65534:\n"))?;
+    a.add(
+        "/etc/mtab",
+        Record::Symlink {
+            target: "../proc/self/mounts".to_string(),
+        },
+    )?;
     for d in ["vms", "images", "state"] {
         a.add(&format!("{DATA_DIR}/{d}"), Record::Dir { mode: 0o755 })?;
     }
@@ -148,7 +162,7 @@ pub fn run_config() -> oci::RunConfig {
             format!("PXELAB_DATA_DIR={DATA_DIR}"),
             format!("PXELAB_DNSMASQ={DNSMASQ}"),
         ],
-        exposed_ports: ["53/tcp", "53/udp", "67/udp", "69/udp", "80/tcp"]
+        exposed_ports: ["53/tcp", "53/udp", "67/udp", "69/udp", "80/tcp", "2049/tcp"]
             .map(String::from)
             .to_vec(),
         volumes: volumes(),
@@ -158,7 +172,7 @@ pub fn run_config() -> oci::RunConfig {
             ("org.opencontainers.image.title", "pxeboot-stack"),
             (
                 "org.opencontainers.image.description",
-                "pxelab PXE stack: boot handler and dnsmasq (DHCP, TFTP, DNS)",
+                "pxelab PXE stack: boot handler, dnsmasq (DHCP, TFTP, DNS) and nfs-ganesha (NFS roots)",
             ),
         ]
         .iter()
@@ -172,8 +186,8 @@ pub fn build(i: &Inputs) -> Result<oci::Image> {
     let mtime = i.epoch;
     let layers = vec![
         oci::LayerInput {
-            tar: dnsmasq_layer(i)?.to_tar(mtime)?,
-            created_by: "pxelab: dnsmasq and its libraries (Debian)".into(),
+            tar: daemons_layer(i)?.to_tar(mtime)?,
+            created_by: "pxelab: dnsmasq, nfs-ganesha and their libraries (Debian)".into(),
         },
         oci::LayerInput {
             tar: pxelab_layer(i)?.to_tar(mtime)?,
