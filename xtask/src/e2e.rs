@@ -59,6 +59,7 @@ pub fn run(args: Args) -> Result<()> {
         keep: args.keep,
         armed: true,
     };
+    lab::down_on_interrupt(home.clone(), args.keep)?;
     let started = Instant::now();
     let result = scenario(&args.distro, args.only);
     match &result {

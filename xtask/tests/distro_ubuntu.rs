@@ -355,16 +355,7 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
         err.contains("SHA256SUMS") && err.contains("sha256"),
         "{err}"
     );
-    let left: Vec<_> = fs::read_dir(home.join("images/ubuntu-24.04"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert_eq!(
-        left,
-        [std::ffi::OsString::from("x86_64")],
-        "no staging dirs left behind"
-    );
+    assert_no_staging(&home);
     let mut buf = Vec::new();
     fs::File::open(out.join("manifest.json"))
         .unwrap()
@@ -416,6 +407,12 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
     let after = pull(&args, &work.path().join("cache1")).expect("pull after the kills");
     assert_eq!(after.manifest, *m);
     assert_whole(&out, "after the final pull");
+    assert_no_staging(&home);
+    std::io::stderr().flush().unwrap();
+}
+
+/// The distro's images directory holds the published arch and no staging directory.
+fn assert_no_staging(home: &Path) {
     let left: Vec<_> = fs::read_dir(home.join("images/ubuntu-24.04"))
         .unwrap()
         .flatten()
@@ -424,9 +421,8 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
     assert_eq!(
         left,
         [std::ffi::OsString::from("x86_64")],
-        "staging dirs cleaned"
+        "staging dirs left behind"
     );
-    std::io::stderr().flush().unwrap();
 }
 
 /// `dir` holds exactly the files its manifest names, each with the manifest's digest and size.

@@ -91,6 +91,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
 
     let home = ctx.lab_home();
     let lab_guard = LabGuard(home.clone());
+    crate::lab::down_on_interrupt(home.clone(), false)?;
     let up = |targets: u32, timeout: u64| UpArgs {
         targets,
         distro: "debian".into(),

@@ -948,21 +948,25 @@ mod tests {
         );
     }
 
+    /// A cached step whose outputs are `files` (name, content).
+    fn outputs(store: &Store, files: &[(&str, &[u8])]) -> StepOutputs {
+        store
+            .step("t", 1)
+            .param("c", format!("{files:?}"))
+            .run(|out| {
+                for (name, content) in files {
+                    fs::write(out.join(name), content)?;
+                }
+                Ok(())
+            })
+            .unwrap()
+    }
+
     #[test]
     fn publish_swaps_whole_directories() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("store")).unwrap();
-        let step = |content: &'static [u8]| {
-            store
-                .step("t", 1)
-                .param("c", String::from_utf8_lossy(content))
-                .run(|out| {
-                    fs::write(out.join("a"), content)?;
-                    fs::write(out.join("manifest.json"), content)?;
-                    Ok(())
-                })
-                .unwrap()
-        };
+        let step = |content: &[u8]| outputs(&store, &[("a", content), ("manifest.json", content)]);
         let dest = dir.path().join("images/d/x86_64");
         let one = step(b"one");
         assert!(!published_matches(&dest, &one.files));
@@ -988,16 +992,11 @@ mod tests {
     fn republishing_keeps_the_export_of_the_same_rootfs_and_drops_stale_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("store")).unwrap();
-        let step = |rootfs: &'static [u8], modules: &'static [u8]| {
-            store
-                .step("t", 1)
-                .param("c", format!("{rootfs:?}{modules:?}"))
-                .run(|out| {
-                    fs::write(out.join("rootfs.tar.zst"), rootfs)?;
-                    fs::write(out.join("modules.cpio.zst"), modules)?;
-                    Ok(())
-                })
-                .unwrap()
+        let step = |rootfs: &[u8], modules: &[u8]| {
+            outputs(
+                &store,
+                &[("rootfs.tar.zst", rootfs), ("modules.cpio.zst", modules)],
+            )
         };
         let dest = dir.path().join("images/d/x86_64");
         let first = step(b"root v1", b"modules a");

@@ -383,6 +383,31 @@ pub fn down(lab: &Lab, purge: bool) -> Result<()> {
     Ok(())
 }
 
+/// For throw-away labs (e2e, bench): on Ctrl-C or SIGTERM, take the lab at `home` down
+/// (VMs, stack, namespace, files) and exit, so an interrupted run leaves nothing behind. With
+/// `keep`, say where the lab is instead and leave it up for inspection.
+pub fn down_on_interrupt(home: PathBuf, keep: bool) -> Result<()> {
+    ctrlc::set_handler(move || {
+        if keep {
+            eprintln!(
+                "\ninterrupted: lab kept at {} (`PXELAB_HOME={} cargo xtask lab down --purge` when done)",
+                home.display(),
+                home.display()
+            );
+        } else {
+            eprintln!("\ninterrupted: taking the lab at {} down", home.display());
+            match Lab::at(home.clone()).and_then(|lab| down(&lab, true)) {
+                Ok(()) => {
+                    let _ = std::fs::remove_dir_all(&home);
+                }
+                Err(e) => eprintln!("lab down failed: {e:#}"),
+            }
+        }
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")
+}
+
 /// Where build outputs for `arch` are (the repository's `build/stack/<arch>/`).
 pub fn stack_build_dir(arch: Arch) -> PathBuf {
     crate::util::project_root()

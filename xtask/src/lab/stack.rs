@@ -140,12 +140,24 @@ fn start_container(lab: &Lab) -> Result<u32> {
         )
     })?;
     let netns = format!("ns:/run/netns/{}", net.ns);
-    let volume = format!("{}:/var/lib/pxelab", lab.home.display());
-    let flags = stack_flags(lab, Path::new("/var/lib/pxelab"))?;
+    // Exactly the image's declared volumes, each bound to the lab home's directory: a bind of
+    // the whole data dir would be shadowed by the anonymous volumes podman creates for them.
+    // The installer initrd and the TFTP root stay the image's own.
+    let mut volumes = Vec::new();
+    for path in crate::stack::image::volumes() {
+        let name = Path::new(&path)
+            .file_name()
+            .context("a volume path has a name")?;
+        let dir = lab.home.join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        volumes.push("-v".to_string());
+        volumes.push(format!("{}:{path}", dir.display()));
+    }
+    let flags = stack_flags(lab, Path::new(crate::stack::image::DATA_DIR))?;
     cmd!(
         sh,
         "podman run -d --replace --name {name} --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1000:1000
-            --network {netns} --cap-add NET_ADMIN,NET_RAW,NET_BIND_SERVICE,DAC_READ_SEARCH -v {volume} {image} {flags...}"
+            --network {netns} --cap-add NET_ADMIN,NET_RAW,NET_BIND_SERVICE,DAC_READ_SEARCH {volumes...} {image} {flags...}"
     )
     .quiet()
     .ignore_stdout()
@@ -193,10 +205,13 @@ pub fn wait_healthy(lab: &Lab, timeout: Duration) -> Result<()> {
             Ok((200, _)) => return Ok(()),
             result => {
                 if running_pid(&lab.stack_pidfile()).is_none() {
-                    bail!(
-                        "the stack exited during start-up: see {}",
-                        lab.dir("logs").join("stack.log").display()
-                    );
+                    let log = match lab.config.stack {
+                        StackKind::Process => {
+                            lab.dir("logs").join("stack.log").display().to_string()
+                        }
+                        StackKind::Container => format!("`podman logs {}`", container_name(lab)),
+                    };
+                    bail!("the stack exited during start-up: see {log}");
                 }
                 if Instant::now() > deadline {
                     let why = match result {
