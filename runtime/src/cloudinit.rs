@@ -5,6 +5,10 @@
 //! NIC matched by MAC (renamed `lan0` so every renderer — netplan, networkd, ifupdown — agrees
 //! on the name). Strings are emitted as JSON strings, which YAML reads as double-quoted scalars,
 //! so an SSH key comment cannot break the document.
+//!
+//! First boot is kept short (measured under TCG: RSA host key generation and grub-dpkg's
+//! debconf run were 10 s of cloud-init's 31 s): ed25519 and ECDSA host keys only, and no
+//! grub-dpkg (the installer already made the disk bootable).
 
 use pxelab_contract::VmDefinition;
 
@@ -47,6 +51,9 @@ pub fn user_data(vm: &VmDefinition, domain: &str) -> String {
          manage_etc_hosts: true\n\
          ssh_pwauth: false\n\
          disable_root: true\n\
+         ssh_genkeytypes: [ed25519, ecdsa]\n\
+         grub_dpkg:\n\
+         \x20 enabled: false\n\
          users:\n\
          \x20 - name: {USER}\n\
          \x20   gecos: pxelab lab user\n\

@@ -341,6 +341,9 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
         ("0x5d:0009", "ipxe.efi"),
         ("0x5d:000b", "ipxe-arm64.efi"),
         ("0xaf:1501", "http://10.231.0.1/boot.ipxe"),
+        // UEFI HTTP boot (x64, arm64): a URL that fails at once, so the firmware moves on.
+        ("0x5d:0010", "http://10.231.0.1/no-uefi-http-boot"),
+        ("0x5d:0013", "http://10.231.0.1/no-uefi-http-boot"),
     ] {
         let lease = lab.dhcp(data, &["-x", extra]).expect("no lease");
         assert_eq!(get(&lease, "boot_file"), Some(file), "{extra}: {lease:?}");

@@ -404,7 +404,9 @@ fn offline_lists_exactly_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let (ia, ib) = (item(&server, "/a", &a), item(&server, "/b", &b));
-    fetcher(&store).fetch_all(std::slice::from_ref(&ia)).unwrap();
+    fetcher(&store)
+        .fetch_all(std::slice::from_ref(&ia))
+        .unwrap();
     let f = fetcher(&store);
     let items = [ia.clone(), ib.clone()];
     let missing = f.missing(&items).unwrap();

@@ -6,6 +6,7 @@
 use std::{fmt, fs::File, net::Ipv4Addr, os::fd::AsRawFd, path::PathBuf, str::FromStr};
 
 use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
 use xshell::{cmd, Shell};
 
 /// An IPv4 subnet such as `10.77.0.0/24`.
@@ -127,10 +128,40 @@ impl LabNet {
                     .quiet()
                     .run()?;
             }
+            // An IPv6 prefix on the bridge lets the stack's dnsmasq send router advertisements;
+            // without any, iPXE solicits a router five times (16 s here) before it boots.
+            let ula = self.ula();
+            let shown = cmd!(sh, "ip -n {ns} -6 addr show dev {BRIDGE}")
+                .quiet()
+                .read()?;
+            if !shown.contains(&ula) {
+                cmd!(sh, "ip -n {ns} addr add {ula} dev {BRIDGE} nodad")
+                    .quiet()
+                    .run()?;
+            }
             cmd!(sh, "ip -n {ns} link set {BRIDGE} up").quiet().run()?;
             Ok(())
         };
         setup().with_context(|| format!("setting up bridge {BRIDGE} in namespace {ns}"))
+    }
+
+    /// The bridge's IPv6 address: a unique local /64 (RFC 4193) whose global ID comes from
+    /// the namespace name, so two labs on one host never share a prefix.
+    pub fn ula(&self) -> String {
+        let id = Sha256::digest(self.ns.as_bytes());
+        let word = |hi: u8, lo: u8| u16::from_be_bytes([hi, lo]);
+        // Printed the way iproute2 prints it (RFC 5952), so `addr show` output matches.
+        let addr = std::net::Ipv6Addr::new(
+            word(0xfd, id[0]),
+            word(id[1], id[2]),
+            word(id[3], id[4]),
+            0,
+            0,
+            0,
+            0,
+            1,
+        );
+        format!("{addr}/64")
     }
 
     /// Adds a tap enslaved to the bridge (QEMU opens it from inside the namespace). Idempotent.
@@ -262,6 +293,16 @@ mod tests {
             routes.trim(),
             "10.99.0.0/24 dev pxbr0 proto kernel scope link src 10.99.0.1 linkdown"
         );
+        // IPv6: the bridge carries the lab's ULA (for router advertisements), and no route
+        // leads anywhere else.
+        let ula = net.ula();
+        assert!(ula.starts_with("fd") && ula.ends_with("::1/64"), "{ula}");
+        let v6 = cmd!(sh, "ip -n {ns} -6 addr show dev pxbr0")
+            .read()
+            .unwrap();
+        assert!(v6.contains(&ula), "{ula} not on the bridge: {v6}");
+        let routes6 = cmd!(sh, "ip -n {ns} -6 route show").read().unwrap();
+        assert!(!routes6.contains("default"), "{routes6}");
         let links = cmd!(sh, "ip -n {ns} -o link show").read().unwrap();
         assert!(
             links.contains("pxttest0") && links.contains("master pxbr0"),
