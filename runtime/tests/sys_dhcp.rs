@@ -3,9 +3,12 @@
 //! the Debian packages iproute2, dnsmasq-base and busybox; fails loudly without them.
 //! Everything it creates (namespaces, veth, processes) is removed by Drop guards, also on failure.
 
+mod common;
+
+use common::{must, require, run, StackProcess};
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    path::Path,
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -13,13 +16,6 @@ const SERVER_IP: &str = "10.231.0.1";
 const MAC: &str = "52:54:00:aa:bb:01";
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab";
-
-fn require(tool: &str, package: &str) {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .any(|d| d.join(tool).is_file());
-    assert!(found, "{tool} not found: apt-get install {package}");
-}
 
 fn prerequisites() {
     // SAFETY: geteuid has no preconditions.
@@ -31,24 +27,6 @@ fn prerequisites() {
     require("ip", "iproute2");
     require("dnsmasq", "dnsmasq-base");
     require("busybox", "busybox");
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    out
-}
-
-fn must(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Two namespaces joined by a veth pair; deleted (with the veth) on drop.
@@ -190,28 +168,6 @@ fn get<'a>(lease: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
-}
-
-/// The stack process; killed (with its process group) on drop if a test fails mid-way, and its
-/// log printed so the failure explains itself.
-struct StackProcess {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Drop for StackProcess {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- stack log\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
 }
 
 fn write_vm(dir: &Path, ip: &str) {

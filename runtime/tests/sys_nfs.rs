@@ -9,23 +9,16 @@ mod common;
 
 use std::{
     os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    path::Path,
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{rootfs_tar_zst, sha256_of, KEY, KVER};
+use common::{must, require, rootfs_tar_zst, run, sha256_of, StackProcess, KEY, KVER};
 
 const SERVER_IP: &str = "10.232.0.1";
 const CLIENT_IP: &str = "10.232.0.50";
 const MAC: &str = "52:54:00:aa:bb:07";
-
-fn require(tool: &str, package: &str) {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .any(|d| d.join(tool).is_file());
-    assert!(found, "{tool} not found: apt-get install {package}");
-}
 
 fn prerequisites() {
     // SAFETY: geteuid has no preconditions.
@@ -44,23 +37,6 @@ fn prerequisites() {
     );
     require("nfs-cat", "libnfs-utils");
     require("nfs-cp", "libnfs-utils");
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn must(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Server and client namespaces joined by a veth pair; deleted (with the veth) on drop.
@@ -114,28 +90,6 @@ impl Drop for Lab {
     fn drop(&mut self) {
         for ns in [&self.srv, &self.cli] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// The stack process; killed on drop if the test fails mid-way (ganesha follows it through
-/// its parent-death signal), and its log printed.
-struct StackProcess {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Drop for StackProcess {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- stack log\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
         }
     }
 }
