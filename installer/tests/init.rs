@@ -6,6 +6,9 @@
 //!
 //! Needs root, iproute2 (`ip`), util-linux (`unshare`) and a static busybox (busybox-static).
 
+mod common;
+
+use common::{require, sh};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -16,31 +19,6 @@ use std::time::{Duration, Instant};
 
 fn initrd_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../initrd")
-}
-
-fn require(tool: &str, package: &str) {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success());
-    assert!(
-        ok.unwrap_or(false),
-        "{tool} not found: apt-get install {package}"
-    );
-}
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn write_exec(path: &Path, text: &str) {

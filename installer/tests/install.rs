@@ -6,6 +6,9 @@
 //! `sys_*` tests need root, losetup, sfdisk, blkid, mke2fs, mkfs.fat and a static busybox; they
 //! run one at a time (loop devices, mounts and /dev/disk are machine-wide).
 
+mod common;
+
+use common::{require, sh};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -48,30 +51,8 @@ fn require_root_and_tools() {
         ("zstd", "zstd"),
         ("mtype", "mtools"),
     ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| o.status.success());
-        assert!(
-            found.unwrap_or(false),
-            "{tool} not found: apt-get install {package}"
-        );
+        require(tool, package);
     }
-}
-
-/// Runs a host command; on failure panics with everything needed to see why.
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A sparse disk image attached to a loop device (with partition scanning). Drop unmounts
