@@ -271,7 +271,15 @@ pub fn spawn(binary: &Path, settings: &DnsmasqSettings) -> std::io::Result<Child
         .append(true)
         .open(settings.log_path())?;
     let mut cmd = Command::new(binary);
-    cmd.arg("--keep-in-foreground")
+    // In a user namespace that denies setgroups (a rootless lab), dnsmasq's switch to
+    // `user`/`group` fails ("failed to change group-id"); --no-daemon skips that switch and is
+    // otherwise --keep-in-foreground (it also answers DNS over TCP without forking).
+    let foreground = if setgroups_denied() {
+        "--no-daemon"
+    } else {
+        "--keep-in-foreground"
+    };
+    cmd.arg(foreground)
         .arg(format!("--conf-file={}", settings.conf_path().display()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -287,6 +295,12 @@ pub fn spawn(binary: &Path, settings: &DnsmasqSettings) -> std::io::Result<Child
         });
     }
     cmd.spawn()
+}
+
+/// True in a user namespace set up without root help (`unshare --map-root-user`), where
+/// `setgroups(2)` is denied so that the gid map could be written.
+fn setgroups_denied() -> bool {
+    fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny")
 }
 
 pub fn signal(child: &Child, sig: libc::c_int) {

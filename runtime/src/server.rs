@@ -16,8 +16,11 @@
 use std::{
     fs::File,
     io::{self, Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::{
+        fd::AsRawFd,
+        unix::net::{UnixListener, UnixStream},
+    },
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -159,12 +162,32 @@ impl Server {
         options: ServerOptions,
     ) -> io::Result<Server> {
         let addr = listener.local_addr()?;
+        Server::spawn(listener, addr, handler, options)
+    }
+
+    /// Serves `handler` on a Unix socket: the local control channel (a peer there is reported
+    /// as 127.0.0.1, and `addr` is the public address that URLs in replies name).
+    pub fn start_unix(
+        listener: UnixListener,
+        addr: SocketAddr,
+        handler: Arc<dyn Handler>,
+        options: ServerOptions,
+    ) -> io::Result<Server> {
+        Server::spawn(listener, addr, handler, options)
+    }
+
+    fn spawn<L: Listen>(
+        listener: L,
+        addr: SocketAddr,
+        handler: Arc<dyn Handler>,
+        options: ServerOptions,
+    ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(listener, handler, options, stop2))?;
+            .spawn(move || accept_loop(listener, addr, handler, options, stop2))?;
         Ok(Server {
             addr,
             stop,
@@ -186,8 +209,79 @@ impl Server {
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
+/// A listening socket the accept loop can serve: TCP for the network, Unix for local control.
+trait Listen: AsRawFd + Send + 'static {
+    type Conn: Conn;
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
+    /// A new connection and the peer's IP.
+    fn accept_conn(&self) -> io::Result<(Self::Conn, IpAddr)>;
+}
+
+/// A connected stream; the methods are the inherent ones of `TcpStream` and `UnixStream`.
+trait Conn: Read + Write + AsRawFd + Send + 'static {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn write_timeout(&self) -> io::Result<Option<Duration>>;
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
+    fn shutdown_write(&self);
+    /// The address the client connected to, where the socket has one.
+    fn local(&self) -> Option<SocketAddr>;
+}
+
+impl Listen for TcpListener {
+    type Conn = TcpStream;
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        TcpListener::set_nonblocking(self, on)
+    }
+    fn accept_conn(&self) -> io::Result<(TcpStream, IpAddr)> {
+        let (stream, peer) = self.accept()?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer.ip().to_canonical()))
+    }
+}
+
+impl Listen for UnixListener {
+    type Conn = UnixStream;
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        UnixListener::set_nonblocking(self, on)
+    }
+    fn accept_conn(&self) -> io::Result<(UnixStream, IpAddr)> {
+        let (stream, _) = self.accept()?;
+        Ok((stream, IpAddr::V4(Ipv4Addr::LOCALHOST)))
+    }
+}
+
+macro_rules! conn_impl {
+    ($t:ty, $local:expr) => {
+        impl Conn for $t {
+            fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                <$t>::set_read_timeout(self, t)
+            }
+            fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                <$t>::set_write_timeout(self, t)
+            }
+            fn write_timeout(&self) -> io::Result<Option<Duration>> {
+                <$t>::write_timeout(self)
+            }
+            fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+                <$t>::set_nonblocking(self, on)
+            }
+            fn shutdown_write(&self) {
+                let _ = self.shutdown(std::net::Shutdown::Write);
+            }
+            fn local(&self) -> Option<SocketAddr> {
+                let local: fn(&$t) -> Option<SocketAddr> = $local;
+                local(self)
+            }
+        }
+    };
+}
+conn_impl!(TcpStream, |s| s.local_addr().ok());
+conn_impl!(UnixStream, |_| None);
+
+fn accept_loop<L: Listen>(
+    listener: L,
+    addr: SocketAddr,
     handler: Arc<dyn Handler>,
     options: ServerOptions,
     stop: Arc<AtomicBool>,
@@ -195,7 +289,7 @@ fn accept_loop(
     let live = Arc::new(AtomicUsize::new(0));
     let mut last_error_log: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
+        match listener.accept_conn() {
             Ok((stream, peer)) => {
                 if live.load(Ordering::SeqCst) >= options.max_connections {
                     refuse_busy(stream, options.max_connections);
@@ -209,7 +303,8 @@ fn accept_loop(
                     .stack_size(512 * 1024)
                     .spawn(move || {
                         let _guard = guard;
-                        serve_connection(stream, peer, &*handler, &options);
+                        let local = stream.local().unwrap_or(addr);
+                        serve_connection(stream, peer, local, &*handler, &options);
                     });
                 if let Err(e) = spawned {
                     // The closure (and its guard and stream) was dropped: the client sees a reset.
@@ -239,7 +334,7 @@ impl Drop for LiveGuard {
     }
 }
 
-fn wait_readable(listener: &TcpListener, timeout_ms: i32) {
+fn wait_readable(listener: &impl AsRawFd, timeout_ms: i32) {
     let mut fds = libc::pollfd {
         fd: listener.as_raw_fd(),
         events: libc::POLLIN,
@@ -249,7 +344,7 @@ fn wait_readable(listener: &TcpListener, timeout_ms: i32) {
     unsafe { libc::poll(&mut fds, 1, timeout_ms) };
 }
 
-fn refuse_busy(mut stream: TcpStream, limit: usize) {
+fn refuse_busy(mut stream: impl Conn, limit: usize) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
     let body = format!("server busy: {limit} connections open, retry shortly\n");
     let reply = format!(
@@ -259,7 +354,7 @@ fn refuse_busy(mut stream: TcpStream, limit: usize) {
     let _ = stream.write_all(reply.as_bytes());
     // Briefly drain what the client sent so the close is a FIN, not a RST that could destroy
     // the reply (bounded: this runs on the accept thread).
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+    stream.shutdown_write();
     let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
     let mut sink = [0u8; 4096];
     for _ in 0..4 {
@@ -278,19 +373,14 @@ enum Stop {
 }
 
 fn serve_connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: impl Conn,
+    peer_ip: IpAddr,
+    local: SocketAddr,
     handler: &dyn Handler,
     options: &ServerOptions,
 ) {
-    let local = match stream.local_addr() {
-        Ok(a) => a,
-        Err(_) => return,
-    };
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(options.write_timeout));
-    let peer_ip = peer.ip().to_canonical();
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
         let deadline = Instant::now() + options.request_timeout;
@@ -338,8 +428,8 @@ fn serve_connection(
 /// Closes after an early error reply without destroying it: closing a socket that still has
 /// unread request bytes makes the kernel send RST, and the client may then lose our reply. So
 /// half-close, and discard what the client still sends for a short while.
-fn linger(stream: &mut TcpStream) {
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+fn linger(stream: &mut impl Conn) {
+    stream.shutdown_write();
     let deadline = Instant::now() + Duration::from_millis(500);
     let mut sink = [0u8; 8192];
     let mut total = 0usize;
@@ -382,7 +472,7 @@ fn wants_keep_alive(request: &Request) -> bool {
 
 /// Reads until `buf` holds a complete head, then the body; leaves pipelined bytes in `buf`.
 fn read_request(
-    stream: &mut TcpStream,
+    stream: &mut impl Conn,
     buf: &mut Vec<u8>,
     deadline: Instant,
     peer: IpAddr,
@@ -502,7 +592,7 @@ fn is_timeout(e: &io::Error) -> bool {
 
 /// One `read` bounded by what is left until `deadline`.
 fn read_some(
-    stream: &mut TcpStream,
+    stream: &mut impl Conn,
     buf: &mut Vec<u8>,
     deadline: Instant,
     cap: usize,
@@ -548,7 +638,7 @@ fn reason(status: u16) -> &'static str {
 }
 
 fn write_response(
-    stream: &mut TcpStream,
+    stream: &mut impl Conn,
     response: Response,
     keep_alive: bool,
     head_only: bool,
@@ -596,7 +686,7 @@ fn write_response(
 /// here (a test caught a stalled reader being fed 512 MiB), so the socket is non-blocking and
 /// every wait for room is a `poll` bounded by `timeout`.
 fn send_file(
-    stream: &TcpStream,
+    stream: &impl Conn,
     file: &File,
     start: u64,
     len: u64,

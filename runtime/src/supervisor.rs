@@ -13,17 +13,20 @@
 //! unpacked; its config lists exactly those roots. When that set changes it is restarted
 //! (graceless: ~1 s; booted diskless clients reconnect), and the handler offers a root to
 //! iPXE only once ganesha accepts connections with it exported.
+//!
+//! The same HTTP API is also served on `<state>/control.sock` (mode 0600) for local tools.
 
 use std::{
     fs,
     net::{SocketAddr, TcpListener},
+    os::unix::{fs::PermissionsExt, net::UnixListener},
     path::{Path, PathBuf},
     process::Child,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use pxelab_contract::{Event, Phase};
+use pxelab_contract::{Event, Phase, CONTROL_SOCKET};
 
 use crate::{
     dnsmasq::{self, DnsmasqSettings},
@@ -115,8 +118,17 @@ pub fn run(opts: Options) -> Result<(), String> {
             opts.listen
         )
     })?;
-    let server = Server::start(listener, Arc::new(context), opts.server.clone())
+    let context = Arc::new(context);
+    let server = Server::start(listener, context.clone(), opts.server.clone())
         .map_err(|e| format!("cannot start the HTTP server: {e}"))?;
+    let control_path = opts.state_dir.join(CONTROL_SOCKET);
+    let control = match start_control(&control_path, server.local_addr(), context, &opts.server) {
+        Ok(c) => c,
+        Err(e) => {
+            server.shutdown();
+            return Err(e);
+        }
+    };
     log!(
         "listening on http://{} (VMs {}, images {}, initrds {}, state {})",
         server.local_addr(),
@@ -129,6 +141,8 @@ pub fn run(opts: Options) -> Result<(), String> {
     if let Some(d) = dns.as_mut() {
         if let Err(e) = d.start() {
             server.shutdown();
+            control.shutdown();
+            let _ = fs::remove_file(&control_path);
             return Err(e);
         }
     }
@@ -172,6 +186,8 @@ pub fn run(opts: Options) -> Result<(), String> {
         n.terminate();
     }
     server.shutdown();
+    control.shutdown();
+    let _ = fs::remove_file(&control_path);
     if let Some(mut d) = dns {
         d.stop();
     }
@@ -182,6 +198,37 @@ pub fn run(opts: Options) -> Result<(), String> {
     }
     log!("stopped");
     Ok(())
+}
+
+/// The same API on a Unix socket in the state directory, for tools on the stack's host: they
+/// reach it through the file system wherever the stack's network is (a lab namespace, a
+/// container), and only users who may open the state directory can use it.
+fn start_control(
+    path: &Path,
+    public: SocketAddr,
+    handler: Arc<Context>,
+    options: &ServerOptions,
+) -> Result<Server, String> {
+    // A previous stack that died leaves its socket file; binding needs the name free.
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove the old {}: {e}", path.display())),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        format!(
+            "cannot create the control socket {}: {e} (the path must be shorter than 108 bytes: choose a shorter --state-dir)",
+            path.display()
+        )
+    })?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
+    let options = ServerOptions {
+        access_log: false,
+        ..options.clone()
+    };
+    Server::start_unix(listener, public, handler, options)
+        .map_err(|e| format!("cannot serve the control socket: {e}"))
 }
 
 /// As a container's PID 1 we inherit every orphan (e.g. a dnsmasq TCP helper whose parent

@@ -3,8 +3,9 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read, Write},
     net::SocketAddr,
+    os::unix::{fs::PermissionsExt, net::UnixStream},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -142,6 +143,22 @@ fn serves_and_stops_on_sigterm() {
         "{logged}"
     );
 
+    // The same API on the control socket, which only the owner may open; URLs in replies name
+    // the public address, since a client there has no Host of its own to offer.
+    let control = root.join("state/control.sock");
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+    let r = unix_get(&control, &format!("/ipxe?mac={}", common::MAC));
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains(&format!(
+            "kernel http://{addr}/images/debian-12/x86_64/vmlinuz"
+        )),
+        "{}",
+        r.text()
+    );
+    assert_eq!(unix_get(&control, "/healthz").status, 200);
+
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(running.0.id() as i32, libc::SIGTERM) };
     let t = Instant::now();
@@ -160,4 +177,13 @@ fn serves_and_stops_on_sigterm() {
         std::net::TcpStream::connect(addr).is_err(),
         "still listening after exit"
     );
+    assert!(!control.exists(), "control socket left behind");
+}
+
+fn unix_get(path: &std::path::Path, target: &str) -> common::Reply {
+    let mut stream = UnixStream::connect(path).unwrap();
+    write!(stream, "GET {target} HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).unwrap();
+    common::parse_reply(&out).expect("a complete HTTP reply")
 }

@@ -49,7 +49,10 @@ enum Part {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    net::require_root("run the end-to-end test (namespaces, taps, QEMU)")?;
+    net::require_root(
+        "the end-to-end test",
+        "it runs the container stack and diskless targets",
+    )?;
     let home = std::env::temp_dir().join(format!("pxelab-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&home)?;
     // SAFETY (edition 2021: set_var is safe): single-threaded at this point.

@@ -150,6 +150,10 @@ pub struct InvalidVm {
     pub error: String,
 }
 
+/// The stack serves its HTTP API also on this Unix socket in its state directory (mode 0600),
+/// for local tools that cannot reach its network (a namespace, a container).
+pub const CONTROL_SOCKET: &str = "control.sock";
+
 /// The body of `GET /status`: every valid VM (sorted by name) and every rejected file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StackStatus {

@@ -9,7 +9,9 @@ mod installer;
 mod mac;
 mod vm;
 
-pub use event::{Event, InvalidVm, Phase, StackStatus, TimelineEntry, VmState, VmStatus};
+pub use event::{
+    Event, InvalidVm, Phase, StackStatus, TimelineEntry, VmState, VmStatus, CONTROL_SOCKET,
+};
 pub use installer::{
     Artifact, ConfigReply, DistroManifest, InstallerConfig, ManifestFile, ESP_SIZE_MIB,
 };

@@ -27,7 +27,10 @@ const DISK_SIZE: u64 = 8 << 30;
 const PEER: &str = "curl | zstd -d | tar -x";
 
 pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
-    crate::lab::net::require_root("benchmark the installer (loop devices, mkfs, mount)")?;
+    crate::lab::net::require_root(
+        "benchmarking the installer",
+        "it writes to loop devices and mounts them",
+    )?;
     crate::hostdeps::ensure(&TOOLS)?;
     let stack = ctx.stack_dir()?;
     let pulled = ctx.distro()?;

@@ -43,7 +43,10 @@ const MILESTONES: [(&str, Phase); 7] = [
 ];
 
 pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
-    crate::lab::net::require_root("benchmark provisioning (network namespace, taps, QEMU)")?;
+    crate::lab::net::require_root(
+        "benchmarking provisioning",
+        "its host-side peer unpacks onto a tmpfs it mounts",
+    )?;
     crate::hostdeps::ensure(&targets::LAB_TOOLS)?;
     ctx.stack_dir()?;
     let pulled = ctx.distro()?;

@@ -30,6 +30,24 @@ pub fn prepare(lab: &Lab, arch: Arch, distro: &str) -> Result<String> {
         .and_then(|n| n.to_str())
         .context("distro pull returned an unexpected directory")?
         .to_string();
+    let report = prepare_stack(lab, arch, &ui)?;
+    eprintln!(
+        "artifacts: stack {} ({}), distro {name} {}",
+        if report.all_cached() {
+            "cached"
+        } else {
+            "built"
+        },
+        report.out_dir.display(),
+        if pulled.cached { "cached" } else { "pulled" }
+    );
+    Ok(name)
+}
+
+/// Builds (or reuses) the stack for `arch` and installs what the lab serves from it: the
+/// installer initrd and the TFTP files (the stack binary, always the host's, is
+/// [`super::stack::stack_binary`]'s job).
+pub fn prepare_stack(lab: &Lab, arch: Arch, ui: &Ui) -> Result<crate::stack::Report> {
     let stack_arch = match arch {
         Arch::X86_64 => crate::stack::Arch::X86_64,
         Arch::Aarch64 => crate::stack::Arch::Aarch64,
@@ -41,7 +59,7 @@ pub fn prepare(lab: &Lab, arch: Arch, distro: &str) -> Result<String> {
         offline: false,
         root: None,
     };
-    let report = crate::stack::build(&crate::store::Store::open_default()?, &args, &ui)?;
+    let report = crate::stack::build(&crate::store::Store::open_default()?, &args, ui)?;
     let built = &report.out_dir;
     install(
         &built.join(format!("initrd-{arch}.img")),
@@ -52,21 +70,12 @@ pub fn prepare(lab: &Lab, arch: Arch, distro: &str) -> Result<String> {
         let entry = entry?;
         install(&entry.path(), &lab.dir("tftp").join(entry.file_name()))?;
     }
-    eprintln!(
-        "artifacts: stack {} ({}), distro {name} {}",
-        if report.all_cached() {
-            "cached"
-        } else {
-            "built"
-        },
-        built.display(),
-        if pulled.cached { "cached" } else { "pulled" }
-    );
-    Ok(name)
+    Ok(report)
 }
 
-/// Copies `src` to `dest` atomically unless `dest` already has the same bytes.
-fn install(src: &Path, dest: &Path) -> Result<()> {
+/// Copies `src` to `dest` atomically (with its permissions) unless `dest` already has the same
+/// bytes.
+pub fn install(src: &Path, dest: &Path) -> Result<()> {
     let bytes = std::fs::read(src).with_context(|| {
         format!(
             "{} is missing: run `cargo xtask build-stack`",
@@ -77,5 +86,7 @@ fn install(src: &Path, dest: &Path) -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(dest.parent().context("destination has no parent")?)?;
-    crate::store::write_atomic(dest, &bytes)
+    crate::store::write_atomic(dest, &bytes)?;
+    let mode = std::fs::metadata(src)?.permissions();
+    std::fs::set_permissions(dest, mode).with_context(|| format!("chmod {}", dest.display()))
 }

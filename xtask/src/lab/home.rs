@@ -6,9 +6,10 @@
 //! images/<distro>/<arch>/  distro artifacts (`distro pull`), served as /images/
 //! initrds/<arch>/          installer initrd (`build-stack`), served as /initrds/
 //! tftp/                    iPXE first stages and boot.ipxe (dnsmasq's TFTP root)
-//! state/                   the stack's VM states, timelines, dnsmasq files
+//! state/                   the stack's VM states, timelines, dnsmasq files, control.sock
 //! disks/<name>.qcow2       target disks, and <name>-vars.fd UEFI variable stores
-//! run/                     pid files, QMP sockets (gone after `lab down`)
+//! bin/pxelab-stack         the stack binary the lab runs (copied from `build-stack`)
+//! run/                     pid files, QMP sockets, a rootless lab's netns holder (gone after `lab down`)
 //! logs/                    stack.log, <name>.console.log
 //! ssh/id_ed25519           the lab's key pair (private key mode 0600)
 //! ```
@@ -69,10 +70,11 @@ impl Lab {
     }
 
     pub fn net(&self) -> Result<LabNet> {
-        Ok(LabNet {
-            ns: self.config.namespace.clone(),
-            subnet: self.subnet()?,
-        })
+        Ok(LabNet::new(
+            self.config.namespace.clone(),
+            self.subnet()?,
+            self.dir("run").join("netns.pid"),
+        ))
     }
 
     pub fn subnet(&self) -> Result<Subnet> {

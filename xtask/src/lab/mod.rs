@@ -164,7 +164,6 @@ pub fn run(args: Args) -> Result<()> {
         LabCommand::Stack { command } => match command {
             StackCommand::Status => stack_status(&lab),
             StackCommand::Restart => {
-                net::require_root("restart the stack")?;
                 stack::stop(&lab)?;
                 stack::start(&lab)?;
                 stack::wait_healthy(&lab, Duration::from_secs(20))?;
@@ -172,7 +171,6 @@ pub fn run(args: Args) -> Result<()> {
                 Ok(())
             }
             StackCommand::Reload { image: Some(image) } => {
-                net::require_root("restart the stack")?;
                 if qemu::running_pid(&lab.stack_pidfile()).is_none() {
                     bail!("the stack is not running: `cargo xtask lab up` first");
                 }
@@ -199,6 +197,9 @@ pub fn run(args: Args) -> Result<()> {
 fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
     match command {
         VmCommand::Create(c) => {
+            if c.diskless {
+                net::require_root("a diskless target", net::NO_ROOTLESS_NFS)?;
+            }
             lab.create_dirs()?;
             let key = targets::ensure_ssh_key(lab)?;
             let request = vms::VmRequest {
@@ -360,10 +361,7 @@ pub fn down(lab: &Lab, purge: bool) -> Result<()> {
     }
     stack::stop(lab)?;
     let net = lab.net()?;
-    if net.exists() {
-        net::require_root("delete the lab network namespace")?;
-        net.destroy()?;
-    }
+    net.destroy()?;
     let _ = std::fs::remove_dir_all(lab.dir("run"));
     if purge {
         for d in ["vms", "disks", "state", "logs", "initrds", "tftp"] {

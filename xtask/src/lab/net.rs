@@ -1,9 +1,18 @@
 //! The lab network: one network namespace holding a bridge, the stack's address and one tap per
 //! VM. Nothing links the namespace to the host (no veth, no route, no NAT), so lab traffic can
-//! never leave through the host's default route. Everything that talks to a VM runs inside it:
-//! child processes through `ip netns exec`, and in-process HTTP through [`in_netns`].
+//! never leave through the host's default route. Everything that talks to a VM runs inside it,
+//! through [`LabNet::command`]; the stack itself is also reachable over its control socket.
 
-use std::{fmt, fs::File, net::Ipv4Addr, os::fd::AsRawFd, path::PathBuf, str::FromStr};
+use std::{
+    fmt,
+    io::Read,
+    net::Ipv4Addr,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Command, Stdio},
+    str::FromStr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -85,23 +94,47 @@ impl fmt::Display for Subnet {
 pub const BRIDGE: &str = "pxbr0";
 
 /// A lab network namespace (it may or may not exist yet).
+///
+/// As root it is a named namespace (`ip netns`, visible in `ip netns list`). As a normal user
+/// it is held by a `sleep` that `unshare` started in a new user namespace (where the user is
+/// root) and a new network namespace; everything that runs in the lab enters both with
+/// `nsenter`. Nothing needs privileges on the host beyond a usable `/dev/net/tun`.
 #[derive(Clone, Debug)]
 pub struct LabNet {
     pub ns: String,
     pub subnet: Subnet,
+    /// Where a rootless lab records its holder's pid.
+    holder: PathBuf,
 }
 
 impl LabNet {
+    pub fn new(ns: String, subnet: Subnet, holder: PathBuf) -> LabNet {
+        LabNet { ns, subnet, holder }
+    }
+
     pub fn exists(&self) -> bool {
-        netns_path(&self.ns).exists()
+        if rootless() {
+            self.holder_pid().is_some()
+        } else {
+            netns_path(&self.ns).exists()
+        }
+    }
+
+    /// The holder of a rootless lab, if it runs (a live pid in another network namespace).
+    fn holder_pid(&self) -> Option<i32> {
+        let pid = super::qemu::running_pid(&self.holder)?;
+        let ns_of = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
+        let theirs = ns_of(&pid.to_string())?;
+        (Some(theirs) != ns_of("self")).then_some(pid)
     }
 
     /// Creates the namespace, its loopback and the bridge with the stack's address. Idempotent.
     pub fn create(&self) -> Result<()> {
-        require_root("create the lab network namespace")?;
-        let sh = Shell::new()?;
-        let ns = &self.ns;
-        if !self.exists() {
+        if rootless() {
+            self.start_holder()?;
+        } else if !self.exists() {
+            let sh = Shell::new()?;
+            let ns = &self.ns;
             cmd!(sh, "ip netns add {ns}")
                 .quiet()
                 .run()
@@ -109,40 +142,81 @@ impl LabNet {
         }
         let addr = format!("{}/{}", self.subnet.gateway(), self.subnet.prefix());
         let setup = || -> Result<()> {
-            cmd!(sh, "ip -n {ns} link set lo up").quiet().run()?;
-            if cmd!(sh, "ip -n {ns} link show {BRIDGE}")
-                .quiet()
-                .ignore_stderr()
-                .output()
-                .is_err()
-            {
-                cmd!(sh, "ip -n {ns} link add {BRIDGE} type bridge")
-                    .quiet()
-                    .run()?;
+            self.ip(&["link", "set", "lo", "up"])?;
+            if self.ip(&["link", "show", BRIDGE]).is_err() {
+                self.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
             }
-            let shown = cmd!(sh, "ip -n {ns} -4 addr show dev {BRIDGE}")
-                .quiet()
-                .read()?;
-            if !shown.contains(&addr) {
-                cmd!(sh, "ip -n {ns} addr add {addr} dev {BRIDGE}")
-                    .quiet()
-                    .run()?;
+            if !self
+                .ip(&["-4", "addr", "show", "dev", BRIDGE])?
+                .contains(&addr)
+            {
+                self.ip(&["addr", "add", &addr, "dev", BRIDGE])?;
             }
             // An IPv6 prefix on the bridge lets the stack's dnsmasq send router advertisements;
             // without any, iPXE solicits a router five times (16 s here) before it boots.
             let ula = self.ula();
-            let shown = cmd!(sh, "ip -n {ns} -6 addr show dev {BRIDGE}")
-                .quiet()
-                .read()?;
-            if !shown.contains(&ula) {
-                cmd!(sh, "ip -n {ns} addr add {ula} dev {BRIDGE} nodad")
-                    .quiet()
-                    .run()?;
+            if !self
+                .ip(&["-6", "addr", "show", "dev", BRIDGE])?
+                .contains(&ula)
+            {
+                self.ip(&["addr", "add", &ula, "dev", BRIDGE, "nodad"])?;
             }
-            cmd!(sh, "ip -n {ns} link set {BRIDGE} up").quiet().run()?;
+            self.ip(&["link", "set", BRIDGE, "up"])?;
             Ok(())
         };
-        setup().with_context(|| format!("setting up bridge {BRIDGE} in namespace {ns}"))
+        setup().with_context(|| format!("setting up bridge {BRIDGE} in namespace {}", self.ns))
+    }
+
+    /// Starts the process that holds a rootless lab's namespaces, unless it runs.
+    fn start_holder(&self) -> Result<()> {
+        if self.exists() {
+            return Ok(());
+        }
+        require_tun()?;
+        let mut child = Command::new("unshare")
+            .args([
+                "--user",
+                "--map-root-user",
+                "--net",
+                "--",
+                "sleep",
+                "infinity",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            // Its own process group: a Ctrl-C aimed at `cargo xtask` must not take the lab down.
+            .process_group(0)
+            .spawn()
+            .context("running unshare (util-linux) to create the lab's namespaces")?;
+        let pid = child.id() as i32;
+        let ours = std::fs::read_link("/proc/self/ns/net").ok();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!(
+                    "cannot create a user and network namespace ({status}: {}): this host forbids \
+                     unprivileged user namespaces; allow them (`sysctl kernel.unprivileged_userns_clone=1`, \
+                     or on Ubuntu `sysctl kernel.apparmor_restrict_unprivileged_userns=0`) or run as root",
+                    err.trim()
+                );
+            }
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+            if theirs.is_some() && theirs != ours {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("unshare did not create the lab's namespaces within 5 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        crate::store::write_atomic(&self.holder, format!("{pid}\n").as_bytes())
     }
 
     /// The bridge's IPv6 address: a unique local /64 (RFC 4193) whose global ID comes from
@@ -166,22 +240,11 @@ impl LabNet {
 
     /// Adds a tap enslaved to the bridge (QEMU opens it from inside the namespace). Idempotent.
     pub fn add_tap(&self, tap: &str) -> Result<()> {
-        let sh = Shell::new()?;
-        let ns = &self.ns;
-        if cmd!(sh, "ip -n {ns} link show {tap}")
-            .quiet()
-            .ignore_stderr()
-            .output()
-            .is_err()
-        {
-            cmd!(sh, "ip -n {ns} tuntap add dev {tap} mode tap")
-                .quiet()
-                .run()
-                .with_context(|| format!("creating tap {tap} in namespace {ns}"))?;
+        if self.ip(&["link", "show", tap]).is_err() {
+            self.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])
+                .with_context(|| format!("creating tap {tap} in namespace {}", self.ns))?;
         }
-        cmd!(sh, "ip -n {ns} link set {tap} master {BRIDGE} up")
-            .quiet()
-            .run()
+        self.ip(&["link", "set", tap, "master", BRIDGE, "up"])
             .with_context(|| format!("attaching tap {tap} to {BRIDGE}"))?;
         Ok(())
     }
@@ -189,6 +252,17 @@ impl LabNet {
     /// Deletes the namespace and with it the bridge and every tap. Processes still inside must
     /// have been stopped first (the caller does that).
     pub fn destroy(&self) -> Result<()> {
+        if rootless() {
+            if let Some(pid) = self.holder_pid() {
+                // SAFETY: killing the holder this lab started; the namespaces die with it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                if !super::qemu::wait_gone(pid, Duration::from_secs(5)) {
+                    bail!("the lab's namespace holder (pid {pid}) did not exit");
+                }
+            }
+            let _ = std::fs::remove_file(&self.holder);
+            return Ok(());
+        }
         if !self.exists() {
             return Ok(());
         }
@@ -200,9 +274,43 @@ impl LabNet {
             .with_context(|| format!("deleting namespace {ns}"))
     }
 
-    /// The argument prefix that runs a program inside the namespace.
-    pub fn exec_prefix(&self) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.ns.clone()]
+    /// A command that runs `program` inside the lab network (as root there).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let mut c;
+        if rootless() {
+            let pid = self
+                .holder_pid()
+                .context("the lab network does not exist: run `cargo xtask lab up` first")?;
+            c = Command::new("nsenter");
+            c.args(["--target", &pid.to_string(), "--user", "--net"])
+                // uid 0 inside is the user's own uid; without this nsenter would also try to
+                // switch groups, which an unprivileged user namespace forbids.
+                .arg("--preserve-credentials")
+                .arg("--");
+        } else {
+            c = Command::new("ip");
+            c.args(["netns", "exec", &self.ns]);
+        }
+        c.arg(program);
+        Ok(c)
+    }
+
+    /// Runs `ip <args>` in the namespace; its stdout, or an error with its stderr.
+    fn ip(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .command("ip")?
+            .args(args)
+            .output()
+            .context("running ip (iproute2)")?;
+        if !out.status.success() {
+            bail!(
+                "`ip {}` in namespace {}: {}",
+                args.join(" "),
+                self.ns,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 
@@ -210,38 +318,39 @@ fn netns_path(ns: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(ns)
 }
 
-pub fn require_root(what: &str) -> Result<()> {
+/// Whether this lab runs without root: in a user namespace of its own.
+pub fn rootless() -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "pxelab needs root to {what} (it creates a network namespace, a bridge and taps): \
-             run as root, e.g. `sudo -E cargo xtask …`"
-        );
+    unsafe { libc::geteuid() != 0 }
+}
+
+/// Why diskless targets need root: nfs-ganesha's VFS backend opens exported files by handle,
+/// which needs CAP_DAC_READ_SEARCH on the host, not just in a user namespace.
+pub const NO_ROOTLESS_NFS: &str =
+    "the stack's NFS server opens files by handle, which needs CAP_DAC_READ_SEARCH on the host";
+
+/// Things a rootless lab cannot do, with the reason (a one-line error).
+pub fn require_root(what: &str, why: &str) -> Result<()> {
+    if rootless() {
+        bail!("{what} needs root ({why}): run as root, e.g. `sudo -E cargo xtask …`");
     }
     Ok(())
 }
 
-/// Runs `f` on a thread that has joined the namespace `ns`, so every socket `f` opens belongs to
-/// the lab network. Only blocking, same-thread clients (std, ureq) may be used inside: a client
-/// with its own worker threads (reqwest) would open sockets in the host namespace.
-pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let file = File::open(netns_path(ns))
-        .with_context(|| format!("lab namespace {ns} does not exist: run `cargo xtask lab up`"))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!(
-                        "joining namespace {ns}: {}",
-                        std::io::Error::last_os_error()
-                    );
-                }
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("a thread inside namespace {ns} panicked"))?
-    })
+/// QEMU (and `ip tuntap`) open /dev/net/tun; udev makes it 0666 on a standard host, so that
+/// users can create taps in namespaces they own.
+fn require_tun() -> Result<()> {
+    let path = std::ffi::CString::new("/dev/net/tun")?;
+    // SAFETY: access(2) on a valid C string.
+    if unsafe { libc::access(path.as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
+        bail!(
+            "/dev/net/tun is not readable and writable by you ({}): a rootless lab needs it for \
+             its taps; on a standard host udev makes it mode 0666 — `sudo chmod 0666 /dev/net/tun`, \
+             or run as root",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -274,13 +383,34 @@ mod tests {
         }
     }
 
+    /// Runs `f` on a thread that has joined the named namespace `ns` (root only).
+    fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(netns_path(ns)).unwrap();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .unwrap()
+        })
+    }
+
     #[test]
     fn sys_lab_network_has_no_route_out_and_is_removed() {
-        require_root("run this test").unwrap();
-        let net = LabNet {
-            ns: format!("pxelab-test-{}", std::process::id()),
-            subnet: "10.99.0.0/24".parse().unwrap(),
-        };
+        assert!(
+            !rootless(),
+            "this test needs root (it creates a named namespace)"
+        );
+        let net = LabNet::new(
+            format!("pxelab-test-{}", std::process::id()),
+            "10.99.0.0/24".parse().unwrap(),
+            PathBuf::from("/nonexistent"),
+        );
         let guard = Cleanup(net.clone());
         net.create().unwrap();
         net.create().unwrap(); // idempotent
@@ -319,8 +449,7 @@ mod tests {
                 std::time::Duration::from_millis(300),
             )
             .is_ok()
-        })
-        .unwrap();
+        });
         assert!(!reached);
         net.destroy().unwrap();
         assert!(!net.exists());

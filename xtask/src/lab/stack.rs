@@ -1,16 +1,18 @@
 //! The stack as a lab process: started inside the lab namespace, health-checked and stopped
-//! there, and asked for VM status over HTTP from a thread that has joined the namespace.
+//! there, and asked for VM status over its control socket in the lab home.
 
 use std::{
     fs::OpenOptions,
+    io::{Read, Write},
+    os::unix::net::UnixStream,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use pxelab_contract::Arch;
+use pxelab_contract::{Arch, CONTROL_SOCKET};
 use serde::{Deserialize, Serialize};
 use xshell::{cmd, Shell};
 
@@ -44,23 +46,42 @@ pub fn start(lab: &Lab) -> Result<bool> {
         return Ok(false);
     }
     let pid = match lab.config.stack {
-        StackKind::Process => start_process(lab, &stack_binary()?)?,
+        StackKind::Process => start_process(lab, &stack_binary(lab)?)?,
         StackKind::Container => start_container(lab)?,
     };
     crate::store::write_atomic(&lab.stack_pidfile(), format!("{pid}\n").as_bytes())?;
     Ok(true)
 }
 
-/// The static stack binary that `build-stack` produced for the host architecture.
-pub fn stack_binary() -> Result<PathBuf> {
-    let path = super::stack_build_dir(host_arch()).join("pxelab-stack");
-    if !path.exists() {
+/// The lab's copy of the stack binary (`bin/pxelab-stack`), first refreshed from what
+/// `build-stack` last produced for the host architecture, so a (re)start runs the newest build.
+/// The copy keeps the lab home self-contained: a lab runs without access to the checkout.
+pub fn stack_binary(lab: &Lab) -> Result<PathBuf> {
+    let built = super::stack_build_dir(host_arch()).join("pxelab-stack");
+    let copy = lab.dir("bin").join("pxelab-stack");
+    if built.exists() {
+        super::artifacts::install(&built, &copy)?;
+    } else if !copy.exists() {
         bail!(
             "{} is missing: run `cargo xtask build-stack`",
-            path.display()
+            built.display()
         );
     }
-    Ok(path)
+    Ok(copy)
+}
+
+/// Whether the running stack was started from other bytes than the lab's current copy (a
+/// newer `build-stack`): `lab up` restarts it then.
+pub fn is_stale(lab: &Lab) -> bool {
+    let Some(pid) = running_pid(&lab.stack_pidfile()) else {
+        return false;
+    };
+    if lab.config.stack != StackKind::Process {
+        return false;
+    }
+    let running = std::fs::read(format!("/proc/{pid}/exe"));
+    let current = std::fs::read(lab.dir("bin").join("pxelab-stack"));
+    matches!((running, current), (Ok(a), Ok(b)) if a != b)
 }
 
 fn host_arch() -> Arch {
@@ -95,10 +116,8 @@ fn start_process(lab: &Lab, binary: &Path) -> Result<u32> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &net.ns])
-        .arg(binary)
-        .args(stack_flags(lab, &lab.home)?)
+    let mut cmd = net.command(binary)?;
+    cmd.args(stack_flags(lab, &lab.home)?)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -107,7 +126,7 @@ fn start_process(lab: &Lab, binary: &Path) -> Result<u32> {
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {} in namespace {}", binary.display(), net.ns))?;
-    // `ip netns exec` execs the stack in place, so this pid is the stack's.
+    // `ip netns exec` and `nsenter` exec the stack in place, so this pid is the stack's.
     Ok(child.id())
 }
 
@@ -116,6 +135,10 @@ fn start_process(lab: &Lab, binary: &Path) -> Result<u32> {
 /// rlimits (the defaults fail with EPERM); NET_ADMIN/NET_RAW for dnsmasq's DHCP,
 /// DAC_READ_SEARCH for ganesha's VFS backend (it opens exported files by handle).
 fn start_container(lab: &Lab) -> Result<u32> {
+    super::net::require_root(
+        "the container stack",
+        "podman joins the lab's named network namespace",
+    )?;
     let archive = match &lab.config.image {
         Some(chosen) => chosen.clone(),
         None => super::stack_build_dir(host_arch()).join("pxeboot-stack.oci.tar"),
@@ -259,25 +282,27 @@ pub fn stop(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// `GET http://<stack>/<path>` from inside the lab namespace: (status, body).
+/// `GET <path>` on the stack's control socket (`state/control.sock`, the same API as its HTTP
+/// port): (status, body). Through the file system, so it works wherever the stack's network
+/// is — a namespace this process may not join (rootless), or a container.
 pub fn get(lab: &Lab, path: &str) -> Result<(u16, String)> {
-    let net = lab.net()?;
-    let url = format!("http://{}{path}", net.subnet.gateway());
-    super::net::in_netns(&net.ns, move || -> Result<(u16, String)> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(5)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut response = agent
-            .get(&url)
-            .call()
-            .with_context(|| format!("GET {url}"))?;
-        let status = response.status().as_u16();
-        let body = response
-            .body_mut()
-            .read_to_string()
-            .with_context(|| format!("reading {url}"))?;
-        Ok((status, body))
-    })?
+    let socket = lab.dir("state").join(CONTROL_SOCKET);
+    let what = || format!("GET {path} on {}", socket.display());
+    let mut stream = UnixStream::connect(&socket).with_context(what)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").with_context(what)?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).with_context(what)?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut head = httparse::Response::new(&mut headers);
+    let body_at = match head.parse(&reply) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => bail!("{}: the stack sent an incomplete reply", what()),
+    };
+    let status = head.code.unwrap_or(0);
+    Ok((
+        status,
+        String::from_utf8_lossy(&reply[body_at..]).into_owned(),
+    ))
 }

@@ -22,7 +22,6 @@ use super::{
 };
 
 pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
-    net::require_root("bring the lab up")?;
     crate::hostdeps::ensure(&LAB_TOOLS)?;
     if lab.home.join("lab.json").exists() {
         if a.subnet != super::home::DEFAULT_SUBNET && a.subnet != lab.config.subnet {
@@ -50,6 +49,13 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
 
     let net = lab.net()?;
     net.create()?;
+    stack::stack_binary(&lab)?;
+    if stack::is_stale(&lab) {
+        eprintln!(
+            "the stack binary changed since the stack started: restarting it (VMs keep running)"
+        );
+        stack::stop(&lab)?;
+    }
     if stack::start(&lab)? {
         eprintln!(
             "stack started in namespace {} at http://{}/",
@@ -200,7 +206,9 @@ pub fn definition(lab: &Lab, name: &str) -> Result<VmDefinition> {
 
 /// Starts QEMU for `vm` inside the lab namespace (daemonised; pid file, QMP socket, console log).
 pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) -> Result<()> {
-    net::require_root("start a lab VM")?;
+    if vm.boot == BootMode::Nfsroot {
+        net::require_root(&format!("diskless {}", vm.name), net::NO_ROOTLESS_NFS)?;
+    }
     let net = lab.net()?;
     if !net.exists() {
         bail!("the lab network does not exist: run `cargo xtask lab up` first");
@@ -244,8 +252,8 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
         memory_mib: 2048,
     };
     let args = qemu::args(&target)?;
-    let out = Command::new("ip")
-        .args(["netns", "exec", &net.ns, qemu::binary(vm.arch)])
+    let out = net
+        .command(qemu::binary(vm.arch))?
         .args(&args)
         .output()
         .with_context(|| format!("running {}", qemu::binary(vm.arch)))?;
@@ -280,8 +288,8 @@ pub fn ssh(lab: &Lab, vm: &VmDefinition, command: &[String]) -> Result<Command> 
     let known: String = keys.iter().map(|k| format!("{ip} {k}\n")).collect();
     let known_hosts = lab.dir("ssh").join(format!("known_hosts.{}", vm.name));
     crate::store::write_atomic(&known_hosts, known.as_bytes())?;
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &net.ns, "ssh", "-i"])
+    let mut c = net.command("ssh")?;
+    c.arg("-i")
         .arg(lab.ssh_key())
         .args([
             "-o",

@@ -1,0 +1,222 @@
+//! A lab run by a normal user, without sudo: the namespace is held from a user namespace the
+//! user owns, the stack runs there, a target PXE-boots to its iPXE script, and `lab down`
+//! leaves no process behind.
+//!
+//! The test runs as root (to prepare a lab home and a user-readable copy of itself) and then
+//! runs its own binary again as `nobody`, which does the lab part through the same library
+//! calls `lab up` makes.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use pxelab_contract::{Arch, BootMode, Phase};
+use xtask::lab::{
+    artifacts, down,
+    follow::timeline,
+    home::{Lab, VmFile},
+    net,
+    qemu::{running_pid, Accel, Firmware},
+    stack, targets, vms,
+};
+
+/// Set in the environment of the unprivileged run: the lab home it works in.
+const CHILD: &str = "PXELAB_ROOTLESS_TEST_HOME";
+const NOBODY: u32 = 65534;
+
+#[test]
+fn sys_rootless_lab_boots_a_target_to_its_ipxe_script() {
+    if let Ok(home) = std::env::var(CHILD) {
+        return unprivileged(PathBuf::from(home));
+    }
+    assert!(
+        !net::rootless(),
+        "this test needs root (it prepares a lab for the user nobody): run it through `cargo xtask test`"
+    );
+    for tool in ["setpriv", "unshare", "nsenter"] {
+        assert!(
+            Command::new(tool).arg("--version").output().is_ok(),
+            "{tool} not found: apt-get install util-linux"
+        );
+    }
+    xtask::hostdeps::ensure(&targets::LAB_TOOLS).unwrap();
+
+    // Everything nobody needs lives in one directory it owns: its lab home (with the stack's
+    // files, as `lab up` installs them) and a copy of this test binary.
+    let dir = tempfile::Builder::new()
+        .prefix("pxelab-rootless-")
+        .tempdir()
+        .unwrap();
+    let guard = Cleanup(dir.path().join("lab"));
+    let lab = Lab::at(guard.0.clone()).unwrap();
+    lab.create_dirs().unwrap();
+    artifacts::prepare_stack(&lab, Arch::X86_64, &xtask::ui::Ui::new()).unwrap();
+    stack::stack_binary(&lab).unwrap();
+    let exe = dir.path().join("test-bin");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let chown = Command::new("chown")
+        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let _tun = TunMode::world_usable();
+
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "--",
+        ])
+        .arg(&exe)
+        .args([
+            "sys_rootless_lab_boots_a_target_to_its_ipxe_script",
+            "--exact",
+            "--nocapture",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", &guard.0)
+        .env("PXELAB_HOME", &guard.0)
+        .env(CHILD, &guard.0)
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the rootless run failed:\n{log}");
+    assert!(log.contains("reached LocalBoot"), "{log}");
+    // Nothing the user started is left: no process of nobody runs from this lab home.
+    let left = Command::new("pgrep")
+        .args(["-u", &NOBODY.to_string(), "-a", "-f"])
+        .arg(guard.0.to_string_lossy().as_ref())
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
+
+/// The part `nobody` runs: namespace, stack, one BIOS target to its iPXE script, lab down.
+fn unprivileged(home: PathBuf) {
+    assert!(net::rootless(), "the child must run without root");
+    let lab = Lab::at(home).unwrap();
+    lab.save_config().unwrap();
+    let net = lab.net().unwrap();
+    net.create().unwrap();
+    assert!(net.exists());
+    // Diskless targets and the container stack stay root-only, and say so.
+    let err = net::require_root("a diskless target", net::NO_ROOTLESS_NFS).unwrap_err();
+    assert!(err.to_string().contains("CAP_DAC_READ_SEARCH"), "{err}");
+
+    assert!(stack::start(&lab).unwrap());
+    stack::wait_healthy(&lab, Duration::from_secs(30)).unwrap();
+
+    let key = targets::ensure_ssh_key(&lab).unwrap();
+    let request = vms::VmRequest {
+        name: "target-1".into(),
+        distro: "debian-12".into(),
+        arch: Arch::X86_64,
+        mac: None,
+        ip: None,
+        boot: BootMode::Install,
+    };
+    let mut vm = vms::plan(&[], &request, lab.subnet().unwrap(), &key).unwrap();
+    // Told to boot from its (blank) disk, the target needs no distro pulled: DHCP, iPXE and
+    // the stack's "boot from the local disk" script are the whole network path.
+    vm.pxeboot = false;
+    targets::create_disk(&lab, &vm.name, "1G").unwrap();
+    vms::write_new(&lab.dir("vms"), &vm).unwrap();
+    // The stack sees the definition within a second; the reservation must be in place
+    // before the target's first DHCP request.
+    std::thread::sleep(Duration::from_secs(2));
+    targets::start_vm(&lab, &vm, Firmware::Bios, Accel::Tcg).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let reached = loop {
+        let phases: Vec<Phase> = timeline(&lab, &vm.name)
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.event.phase)
+            .collect();
+        if phases.contains(&Phase::LocalBoot) {
+            assert!(phases.contains(&Phase::Dhcp), "no DHCP event: {phases:?}");
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let console =
+        std::fs::read_to_string(lab.vm_file(&vm.name, VmFile::Console)).unwrap_or_default();
+    let stack_log = std::fs::read_to_string(lab.dir("logs").join("stack.log")).unwrap_or_default();
+    let vm_pid = running_pid(&lab.vm_file(&vm.name, VmFile::Pid));
+    let stack_pid = running_pid(&lab.stack_pidfile());
+    down(&lab, true).unwrap();
+    assert!(
+        reached,
+        "target-1 never fetched its iPXE script; console:\n{console}\nstack log:\n{stack_log}"
+    );
+    println!("target-1 reached LocalBoot in a rootless lab");
+    assert!(!net.exists(), "the namespace holder survived lab down");
+    for pid in [vm_pid, stack_pid].into_iter().flatten() {
+        // SAFETY: signal 0 only checks existence.
+        assert!(
+            unsafe { libc::kill(pid, 0) } != 0,
+            "pid {pid} survived lab down"
+        );
+    }
+}
+
+/// Takes whatever the unprivileged run left (holder, stack, QEMU) down, even when it failed.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let run = self.0.join("run");
+        for entry in std::fs::read_dir(&run).into_iter().flatten().flatten() {
+            if let Some(pid) = running_pid(&entry.path()) {
+                // SAFETY: killing a process this test's lab started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// On a standard host udev makes /dev/net/tun 0666 (a rootless lab needs that); a machine
+/// without udev may have 0600. The test makes it usable and puts the old mode back.
+struct TunMode(Option<u32>);
+
+impl TunMode {
+    fn world_usable() -> TunMode {
+        let path = Path::new("/dev/net/tun");
+        let mode = std::fs::metadata(path)
+            .expect("/dev/net/tun missing: the kernel needs CONFIG_TUN")
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode & 0o666 == 0o666 {
+            return TunMode(None);
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        TunMode(Some(mode))
+    }
+}
+
+impl Drop for TunMode {
+    fn drop(&mut self) {
+        if let Some(mode) = self.0 {
+            let _ = std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(mode));
+        }
+    }
+}
