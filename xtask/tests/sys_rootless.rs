@@ -120,6 +120,15 @@ fn unprivileged(home: PathBuf) {
 
     assert!(stack::start(&lab).unwrap());
     stack::wait_healthy(&lab, Duration::from_secs(30)).unwrap();
+    // A new build in the lab home makes the running stack stale (`lab up` then restarts it).
+    assert!(!stack::is_stale(&lab));
+    let binary = lab.dir("bin").join("pxelab-stack");
+    let built = std::fs::read(&binary).unwrap();
+    let mut rebuilt = built.clone();
+    rebuilt.extend_from_slice(b"\0");
+    xtask::store::write_atomic(&binary, &rebuilt).unwrap();
+    assert!(stack::is_stale(&lab), "a changed stack binary went unnoticed");
+    xtask::store::write_atomic(&binary, &built).unwrap();
 
     let key = targets::ensure_ssh_key(&lab).unwrap();
     let request = vms::VmRequest {
