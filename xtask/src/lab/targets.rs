@@ -134,7 +134,21 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
 }
 
 /// Host tools the lab runs, with the Debian package providing each.
-pub const LAB_TOOLS: [HostDep; 7] = [
+pub const LAB_TOOLS: [HostDep; 10] = [
+    // The process stack runs the host's dnsmasq (the container image carries its own).
+    HostDep {
+        probe: Probe::Bin("dnsmasq"),
+        package: "dnsmasq-base",
+    },
+    // A rootless lab holds and enters its namespaces with these.
+    HostDep {
+        probe: Probe::Bin("unshare"),
+        package: "util-linux",
+    },
+    HostDep {
+        probe: Probe::Bin("nsenter"),
+        package: "util-linux",
+    },
     HostDep {
         probe: Probe::Bin("qemu-system-x86_64"),
         package: "qemu-system-x86",
@@ -162,6 +176,18 @@ pub const LAB_TOOLS: [HostDep; 7] = [
     HostDep {
         probe: Probe::File("/usr/share/OVMF/OVMF_CODE_4M.fd"),
         package: "ovmf",
+    },
+];
+
+/// What a process stack needs to serve diskless targets (the container image carries both).
+const NFS_TOOLS: [HostDep; 2] = [
+    HostDep {
+        probe: Probe::Bin("ganesha.nfsd"),
+        package: "nfs-ganesha",
+    },
+    HostDep {
+        probe: Probe::File("/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so"),
+        package: "nfs-ganesha-vfs",
     },
 ];
 
@@ -208,6 +234,9 @@ pub fn definition(lab: &Lab, name: &str) -> Result<VmDefinition> {
 pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) -> Result<()> {
     if vm.boot == BootMode::Nfsroot {
         net::require_root(&format!("diskless {}", vm.name), net::NO_ROOTLESS_NFS)?;
+        if lab.config.stack == stack::StackKind::Process {
+            crate::hostdeps::ensure(&NFS_TOOLS)?;
+        }
     }
     let net = lab.net()?;
     if !net.exists() {
