@@ -96,6 +96,12 @@ pub const NFSROOT_OVERLAY: &str = "pxelab-nfsroot.cpio";
 /// dsmode `local`, so its network stage finds the HTTP seed, then exits "in local mode" and the
 /// boot ends on the fallback datasource (no hostname, no user, no SSH host keys — measured).
 /// Later cloud-init versions still accept `nocloud-net`.
+///
+/// `network-config=disabled` keeps cloud-init away from the NIC: it otherwise rendered the
+/// initramfs's lease for ifupdown and ran `ifup` on it, so dhclient asked for the lease again
+/// (5 s of the boot) and `systemctl stop networking` (every shutdown) flushed the address under
+/// the NFS root (measured: "nfs: server … not responding"). The boot script writes
+/// `/etc/resolv.conf` from the initramfs's lease instead.
 pub fn nfsroot_script(vm: &VmDefinition, base: &str, nfs_server: &str, export: &str) -> String {
     let images = format!("{base}/images/{}/{}", vm.distro, vm.arch);
     let kernel = format!("{images}/{}", kernel_file(vm));
@@ -103,7 +109,7 @@ pub fn nfsroot_script(vm: &VmDefinition, base: &str, nfs_server: &str, export: &
     format!(
         "#!ipxe\n\
          echo pxelab: diskless boot of {name} ({mac}): {distro} ({arch}), root {nfs_server}:{export} over NFS\n\
-         kernel {kernel} {console} boot=pxelab ip=dhcp BOOTIF=01-{bootif} nfsroot={nfs_server}:{export} rw pxelab.events={base}/events/{mac} ds=nocloud-net;s={base}/cloud-init/{name}/ initrd={DISTRO_INITRD} initrd={NFSROOT_OVERLAY} || goto failed\n\
+         kernel {kernel} {console} boot=pxelab ip=dhcp BOOTIF=01-{bootif} nfsroot={nfs_server}:{export} rw pxelab.events={base}/events/{mac} ds=nocloud-net;s={base}/cloud-init/{name}/ network-config=disabled initrd={DISTRO_INITRD} initrd={NFSROOT_OVERLAY} || goto failed\n\
          initrd --name {DISTRO_INITRD} {base}/nfsroot/{distro}/{arch}/{DISTRO_INITRD} || goto failed\n\
          initrd --name {NFSROOT_OVERLAY} {base}/nfsroot/overlay.cpio || goto failed\n\
          boot || goto failed\n\

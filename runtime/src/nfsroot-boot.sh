@@ -57,6 +57,30 @@ pxelab_links_up()
 	done
 }
 
+# The booted system runs no DHCP client on the NIC that carries its root (the stack boots it
+# with network-config=disabled for cloud-init): renewing, releasing or re-asking for that lease
+# flushed the address under the NFS root, and `ifdown -a` at shutdown cut it for good. So the
+# system keeps the address ipconfig got here, and gets its resolver from the same lease
+# (configure_networking sourced /run/net-<dev>.conf: IPV4DNS0/1, DNSDOMAIN, DOMAINSEARCH).
+pxelab_resolv_conf()
+{
+	conf="${rootmnt}/etc/resolv.conf"
+	# A symlink (systemd-resolved, resolvconf) belongs to a resolver that manages the file.
+	[ -L "$conf" ] && return 0
+	{
+		echo "# Written by pxelab's diskless boot from the DHCP lease of ${DEVICE}"
+		[ -n "${DNSDOMAIN}" ] && echo "domain ${DNSDOMAIN}"
+		search="${DOMAINSEARCH:-${DNSDOMAIN}}"
+		[ -n "$search" ] && echo "search $search"
+		for ns in "${IPV4DNS0}" "${IPV4DNS1}"; do
+			case "$ns" in
+			""|0.0.0.0) ;;
+			*) echo "nameserver $ns" ;;
+			esac
+		done
+	} > "$conf" || echo "pxelab: cannot write $conf (continuing without a resolver)"
+}
+
 pxelab_mount_root()
 {
 	nfs_top
@@ -75,8 +99,11 @@ pxelab_mount_root()
 	mkdir -p "$lower" "$rw"
 
 	/sbin/modprobe nfsv4 || panic "pxelab: the initramfs has no nfsv4 module (MODULES=most needed)"
+	# The export never changes while machines run from it (a new rootfs gets a new export), so
+	# cache attributes for a day and skip close-to-open revalidation: without this every open()
+	# sent a GETATTR, 13,000 of the 33,000 round trips of a boot (~6 ms each under TCG).
 	tries=0
-	until mount -t nfs4 -o "ro,vers=4.1,proto=tcp,hard,timeo=100,addr=${server}" \
+	until mount -t nfs4 -o "ro,vers=4.1,proto=tcp,hard,timeo=100,nocto,actimeo=86400,addr=${server}" \
 			"${server}:${export_path}" "$lower"; do
 		tries=$((tries + 1))
 		[ "$tries" -lt 60 ] || panic "pxelab: cannot mount ${server}:${export_path} over NFSv4"
@@ -92,6 +119,7 @@ pxelab_mount_root()
 		|| panic "pxelab: cannot load the overlay module from ${lower}/lib/modules/$(uname -r)"
 	mount -t overlay -o "lowerdir=${lower},upperdir=${rw}/upper,workdir=${rw}/work" \
 		pxelab-root "${rootmnt}" || panic "pxelab: cannot mount the overlay root"
+	pxelab_resolv_conf
 	echo "pxelab: root is ${server}:${export_path} (read-only) + tmpfs overlay (${rwsize})"
 	pxelab_event nfs-root "root ${server}:${export_path} mounted with a tmpfs overlay"
 }

@@ -509,6 +509,10 @@ mod tests {
         // The properties diskless boots rely on, so an edit cannot drop one unnoticed.
         for needle in [
             "mount -t nfs4 -o \"ro,",
+            // Boot time: no GETATTR per open() on a root that cannot change.
+            "nocto,actimeo=",
+            // No DHCP client runs in the system, so the resolver comes from the initramfs.
+            "echo \"nameserver $ns\"",
             "mount -t tmpfs",
             "mount -t overlay -o \"lowerdir=${lower},upperdir=${rw}/upper,workdir=${rw}/work\"",
             "configure_networking",

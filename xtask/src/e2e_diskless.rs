@@ -1,10 +1,14 @@
 //! The diskless part of `cargo xtask e2e` (issue 9): two targets with `boot: nfsroot` boot the
-//! same distro export from the stack's NFS server at the same time.
+//! same distro export from the stack's NFS server at the same time, one under SeaBIOS and one
+//! under OVMF (the lab's default firmware), both through QEMU's iPXE NIC ROM.
 //!
-//! Checked: each reaches SSH with its own hostname (cloud-init's NoCloud seed applied); `/` is
-//! an overlay (tmpfs over the read-only NFS root); a file written on one is not visible on the
-//! other; writing the NFS root itself is refused; the timeline shows DHCP → iPXE → kernel →
-//! NFS root; and the export on the stack side is byte-for-byte unchanged afterwards.
+//! Checked: each reaches SSH with its own hostname (cloud-init's NoCloud seed applied) and its
+//! kernel was started by the firmware it was given; `/` is an overlay (tmpfs over the read-only
+//! NFS root); a file written on one is not visible on the other; writing the NFS root itself is
+//! refused; the other VM's name resolves (the resolver comes from the initramfs's lease) and
+//! `systemctl stop networking`, the first step of every shutdown, leaves the root alone; the
+//! timeline shows DHCP → iPXE → kernel → DHCP (initramfs) → NFS root; and the
+//! export on the stack side is byte-for-byte unchanged afterwards.
 //!
 //! Call [`scenario`] with the lab up (stack running); it leaves the two VMs stopped but
 //! defined. After `lab down`, [`nfs_server_pid`] (read before) must name no live process.
@@ -27,14 +31,19 @@ use crate::lab::{
     qemu, targets, vms,
 };
 
-/// The diskless VMs this scenario defines.
-pub const NAMES: [&str; 2] = ["diskless-1", "diskless-2"];
+/// The diskless VMs this scenario defines and the firmware each boots with. UEFI is what
+/// `lab vm start` uses unless told otherwise; one UEFI VM instead of a third VM keeps the
+/// e2e's time (both boot at once).
+pub const VMS: [(&str, qemu::Firmware); 2] = [
+    ("diskless-1", qemu::Firmware::Bios),
+    ("diskless-2", qemu::Firmware::Uefi),
+];
 
-/// Boots [`NAMES`] diskless from `distro` (a pulled distro, e.g. `debian-12`) and checks them.
+/// Boots [`VMS`] diskless from `distro` (a pulled distro, e.g. `debian-12`) and checks them.
 pub fn scenario(lab: &Lab, distro: &str) -> Result<()> {
     let key = targets::ensure_ssh_key(lab)?;
     let mut defined = Vec::new();
-    for name in NAMES {
+    for (name, _) in VMS {
         let existing = vms::load_all(&lab.dir("vms"))?;
         let request = vms::VmRequest {
             name: name.into(),
@@ -52,12 +61,9 @@ pub fn scenario(lab: &Lab, distro: &str) -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.dir("run"))?;
     let mut started = BTreeMap::new();
-    for vm in &defined {
+    for (vm, (_, firmware)) in defined.iter().zip(VMS) {
         started.insert(vm.name.clone(), follow::now_ms());
-        // BIOS (SeaBIOS + iPXE): under OVMF the distro initramfs booted without the overlay
-        // archive appended to it (`/scripts/pxelab` missing), so UEFI diskless boot is a known
-        // gap; see README.
-        targets::start_vm(lab, vm, qemu::Firmware::Bios, accel)?;
+        targets::start_vm(lab, vm, firmware, accel)?;
     }
     let result = checks(lab, distro, &defined, &started);
     for vm in &defined {
@@ -80,8 +86,24 @@ fn checks(
     started: &BTreeMap<String, u64>,
 ) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(900);
-    for vm in defined {
+    for (vm, (_, firmware)) in defined.iter().zip(VMS) {
         wait_ssh(lab, vm, started[&vm.name], deadline)?;
+        // The kernel's view of how it was started, so a wrong QEMU command line cannot pass.
+        let booted = ssh_output(
+            lab,
+            vm,
+            "if [ -d /sys/firmware/efi ]; then echo uefi; else echo bios; fi",
+        )?;
+        let expected = if firmware == qemu::Firmware::Bios {
+            "bios"
+        } else {
+            "uefi"
+        };
+        ensure!(
+            booted == expected,
+            "{} was started with {firmware:?} firmware but its kernel booted from {booted}",
+            vm.name
+        );
     }
     // Taken once both root filesystems are mounted; every write below goes to a tmpfs.
     let export = export_dir(lab, distro)?;
@@ -133,15 +155,39 @@ fn checks(
         "root on {} could write the NFS root directly",
         two.name
     );
+    // No DHCP client manages the root's NIC (cloud-init's networking is off), so the resolver
+    // comes from the initramfs's lease: the other VM's name resolves through the stack's DNS.
+    let seen = ssh_output(lab, one, &format!("getent hosts {}", two.name))?;
+    let ip = two.ip.map(|i| i.to_string()).unwrap_or_default();
+    ensure!(
+        !ip.is_empty() && seen.split_whitespace().next() == Some(ip.as_str()),
+        "{} resolves {} to {seen:?}, expected {ip} (resolv.conf from the initramfs's lease)",
+        one.name,
+        two.name
+    );
+    // What every shutdown does first. When ifupdown managed the NIC, this flushed the address
+    // under the NFS root and the VM hung ("nfs: server … not responding").
+    let alive = ssh_output_within(
+        lab,
+        one,
+        "sudo systemctl stop networking.service && cat /etc/hostname",
+        Duration::from_secs(90),
+    )?;
+    ensure!(
+        alive == one.guest_hostname(),
+        "{} after `systemctl stop networking`: {alive:?}",
+        one.name
+    );
 
     for vm in defined {
         let timeline = follow::timeline(lab, &vm.name)?;
-        let since: Vec<Phase> = timeline
+        let entries: Vec<_> = timeline
             .iter()
             .filter(|e| e.at_ms >= started[&vm.name])
-            .map(|e| e.event.phase)
             .collect();
-        let order = [Phase::Dhcp, Phase::Ipxe, Phase::Kernel, Phase::NfsRoot];
+        let since: Vec<Phase> = entries.iter().map(|e| e.event.phase).collect();
+        let first = |phase: Phase| entries.iter().find(|e| e.event.phase == phase);
+        let order = [Phase::Ipxe, Phase::Kernel, Phase::NfsRoot];
         let mut at = 0;
         for phase in &since {
             if at < order.len() && *phase == order[at] {
@@ -150,7 +196,32 @@ fn checks(
         }
         ensure!(
             at == order.len(),
-            "timeline of {} lacks dhcp → ipxe → kernel → nfs-root: {since:?}",
+            "timeline of {} lacks ipxe → kernel → nfs-root: {since:?}",
+            vm.name
+        );
+        // Two leases before the root: iPXE's and the initramfs's. The stack records a lease
+        // when it next reads dnsmasq's log (every 100 ms), and under OVMF iPXE asks for its
+        // script within that time, so iPXE's lease may be written just after the `ipxe` event.
+        let (Some(ipxe), Some(root), Some(lease)) = (
+            first(Phase::Ipxe),
+            first(Phase::NfsRoot),
+            first(Phase::Dhcp),
+        ) else {
+            bail!("timeline of {} has no dhcp event: {since:?}", vm.name);
+        };
+        ensure!(
+            lease.at_ms <= ipxe.at_ms + 1000,
+            "timeline of {}: the first lease came {} ms after iPXE asked for its script: {since:?}",
+            vm.name,
+            lease.at_ms.saturating_sub(ipxe.at_ms)
+        );
+        let leases = entries
+            .iter()
+            .filter(|e| e.event.phase == Phase::Dhcp && e.at_ms < root.at_ms)
+            .count();
+        ensure!(
+            leases >= 2,
+            "timeline of {} has {leases} lease(s) before nfs-root, expected iPXE's and the initramfs's: {since:?}",
             vm.name
         );
         ensure!(
@@ -228,6 +299,43 @@ fn wait_ssh(lab: &Lab, vm: &VmDefinition, start_ms: u64, deadline: Instant) -> R
 
 fn ssh_output(lab: &Lab, vm: &VmDefinition, command: &str) -> Result<String> {
     let out = targets::ssh(lab, vm, &[command.to_string()])?.output()?;
+    ensure!(
+        out.status.success(),
+        "ssh {} {command:?} failed: {}",
+        vm.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Like [`ssh_output`], but gives up (and kills ssh) after `limit`: a VM that lost its root
+/// keeps the connection open without answering.
+fn ssh_output_within(
+    lab: &Lab,
+    vm: &VmDefinition,
+    command: &str,
+    limit: Duration,
+) -> Result<String> {
+    let mut child = targets::ssh(lab, vm, &[command.to_string()])?
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting ssh to {}", vm.name))?;
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "ssh {} {command:?} did not finish within {} s\n{}",
+                vm.name,
+                limit.as_secs(),
+                follow::console_tail(lab, &vm.name)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output()?;
     ensure!(
         out.status.success(),
         "ssh {} {command:?} failed: {}",

@@ -57,6 +57,9 @@ pub const HOST_DEPS: &[HostDep] = &[
     bin("sfdisk", "fdisk"),
     bin("losetup", "util-linux"),
     bin("mount", "util-linux"),
+    // The rootless lab test runs as `nobody` and checks that nothing of it is left running.
+    bin("setpriv", "util-linux"),
+    bin("pgrep", "procps"),
     bin("gpgv", "gpgv"),
     file(
         "/usr/share/keyrings/debian-archive-keyring.gpg",
@@ -81,6 +84,23 @@ pub const HOST_DEPS: &[HostDep] = &[
     ),
     bin("nfs-cat", "libnfs-utils"),
 ];
+
+/// What `distro pull` of a Debian recipe runs (and `tool_version` asks for the store key).
+pub const DEBIAN_PULL: [HostDep; 2] = [bin("mmdebstrap", "mmdebstrap"), bin("depmod", "kmod")];
+
+/// What `distro pull` of an Ubuntu recipe runs on the cloud image.
+pub const UBUNTU_PULL: [HostDep; 2] = [bin("qemu-img", "qemu-utils"), bin("depmod", "kmod")];
+
+/// What a pull for the foreign `arch` needs besides [`HOST_DEPS`]: qemu-user (static, so it
+/// also runs inside the rootfs chroot; its package ships the binfmt.d registrations) and
+/// arch-test, which mmdebstrap runs to decide on emulation. Only such pulls install them.
+pub fn emulation_deps(arch: pxelab_contract::Arch) -> [HostDep; 2] {
+    let qemu = match arch {
+        pxelab_contract::Arch::X86_64 => "qemu-x86_64-static",
+        pxelab_contract::Arch::Aarch64 => "qemu-aarch64-static",
+    };
+    [bin(qemu, "qemu-user-static"), bin("arch-test", "arch-test")]
+}
 
 impl HostDep {
     pub fn present(&self) -> bool {
@@ -123,7 +143,6 @@ pub fn missing(deps: &[HostDep]) -> Vec<(&'static str, Vec<&'static str>)> {
 pub fn ensure(deps: &[HostDep]) -> Result<()> {
     let missing = missing(deps);
     if missing.is_empty() {
-        eprintln!("host tools: all {} present", deps.len());
         return Ok(());
     }
     let packages: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
@@ -135,7 +154,7 @@ pub fn ensure(deps: &[HostDep]) -> Result<()> {
     if !can_apt() {
         bail!(
             "missing host packages: {}. Install them (Debian/Ubuntu: `sudo apt-get install --no-install-recommends {}`) \
-             or run `cargo xtask test` as root on Debian/Ubuntu to have it done",
+             or run this as root on Debian/Ubuntu to have it done",
             detail.join(", "),
             packages.join(" ")
         );
@@ -148,7 +167,8 @@ pub fn ensure(deps: &[HostDep]) -> Result<()> {
     let pkgs = packages.clone();
     cmd!(
         sh,
-        "apt-get install -y -q --no-install-recommends {pkgs...}"
+        // A fresh Ubuntu machine often runs unattended-upgrades at first boot: wait for its lock.
+        "apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 {pkgs...}"
     )
     .run()
     .with_context(|| format!("apt-get install {} failed", packages.join(" ")))?;

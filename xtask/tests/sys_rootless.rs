@@ -127,7 +127,10 @@ fn unprivileged(home: PathBuf) {
     let mut rebuilt = built.clone();
     rebuilt.extend_from_slice(b"\0");
     xtask::store::write_atomic(&binary, &rebuilt).unwrap();
-    assert!(stack::is_stale(&lab), "a changed stack binary went unnoticed");
+    assert!(
+        stack::is_stale(&lab),
+        "a changed stack binary went unnoticed"
+    );
     xtask::store::write_atomic(&binary, &built).unwrap();
 
     let key = targets::ensure_ssh_key(&lab).unwrap();

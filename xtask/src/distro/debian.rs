@@ -34,6 +34,11 @@ pub struct LockedDeb {
     pub priority: String,
 }
 
+const UPDATE_INITRAMFS: &str = "/usr/sbin/update-initramfs";
+
+/// Bump when [`build_rootfs`] makes something else from the same pins.
+pub const ROOTFS_STEP_VERSION: u32 = 3;
+
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 const DEBIAN_SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
 
@@ -129,7 +134,16 @@ pub fn build_rootfs(
     let sh = xshell::Shell::new()?;
     let suite = &src.suite;
     let deb_arch = arch.debian();
+    // Each package that touches the initramfs (the kernel, initramfs-tools, udev, …) would
+    // rebuild it while installing: three full runs for this set, ~12 min each under qemu-user.
+    // A no-op stands in for update-initramfs until everything is installed, then it runs once.
+    let essential_hooks = [format!(
+        r#"chroot "$1" dpkg-divert --quiet --local --rename --add {UPDATE_INITRAMFS} && printf '#!/bin/sh\nexit 0\n' > "$1{UPDATE_INITRAMFS}" && chmod 0755 "$1{UPDATE_INITRAMFS}""#
+    )];
     let hooks = [
+        format!(
+            r#"rm "$1{UPDATE_INITRAMFS}" && chroot "$1" dpkg-divert --quiet --local --rename --remove {UPDATE_INITRAMFS} && chroot "$1" update-initramfs -c -k all"#
+        ),
         // Host keys must be made per machine at first boot (cloud-init / ssh-keygen -A), and
         // would make every build differ.
         r#"rm -f "$1"/etc/ssh/ssh_host_*"#.to_string(),
@@ -140,9 +154,10 @@ pub fn build_rootfs(
         format!(r#"printf '%s' '{sources_list}' > "$1/etc/apt/sources.list" && chmod 0644 "$1/etc/apt/sources.list""#),
         r#"rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/archives/*.deb "$1"/var/cache/apt/*.bin"#.to_string(),
     ];
-    let hook_args: Vec<String> = hooks
+    let hook_args: Vec<String> = essential_hooks
         .iter()
-        .map(|h| format!("--customize-hook={h}"))
+        .map(|h| format!("--essential-hook={h}"))
+        .chain(hooks.iter().map(|h| format!("--customize-hook={h}")))
         .collect();
     let result = xshell::cmd!(
         sh,

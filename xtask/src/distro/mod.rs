@@ -10,6 +10,7 @@
 //! an arch that has none); the recipes themselves hold intent only.
 
 pub mod debian;
+mod emulation;
 pub mod modules;
 pub mod recipe;
 pub mod rootfs;
@@ -449,8 +450,7 @@ pub fn pull(args: &PullArgs, ui: &Ui) -> Result<PullReport> {
             let image_name = arch_recipe.image.as_deref().expect("validated");
             let outputs = step.run(|out| {
                 // Before any download: a missing tool should not cost a 600 MB fetch first.
-                tools::require("qemu-img", "qemu-utils")?;
-                tools::require("depmod", "kmod")?;
+                crate::hostdeps::ensure(&crate::hostdeps::UBUNTU_PULL)?;
                 let fetches: Vec<Fetch> = pins
                     .file
                     .iter()
@@ -502,9 +502,11 @@ pub fn pull(args: &PullArgs, ui: &Ui) -> Result<PullReport> {
                 .iter()
                 .map(|d| (d.clone(), store.blob_path(&d.pin.sha256)))
                 .collect();
+            // The key asks mmdebstrap for its version, so tools come first (installed when root).
+            crate::hostdeps::ensure(&crate::hostdeps::DEBIAN_PULL)?;
             // The rootfs does not depend on the module set: two steps, so `--modules` is cheap.
             let mut step = store
-                .step("distro-debian-rootfs", STEP_VERSION)
+                .step("distro-debian-rootfs", debian::ROOTFS_STEP_VERSION)
                 .param("arch", arch)
                 .param("suite", &d.suite)
                 .param("sources_list", d.sources_list.join("\n"))
@@ -514,8 +516,10 @@ pub fn pull(args: &PullArgs, ui: &Ui) -> Result<PullReport> {
                 step = step.input(&format!("deb:{}", p.pin.package), &p.pin.sha256);
             }
             let rootfs_out = step.run(|out| {
-                tools::require("mmdebstrap", "mmdebstrap")?;
-                tools::require("depmod", "kmod")?;
+                // mmdebstrap runs the rootfs's own maintainer scripts.
+                if emulation::is_foreign(arch) {
+                    emulation::ensure(arch, ui)?;
+                }
                 fetcher.fetch_all(&fetches)?;
                 let scratch = out.parent().context("step output dir has a parent")?;
                 let r = debian::build_rootfs(&debs, d, arch, epoch, scratch, out, ui)?;

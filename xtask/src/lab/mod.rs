@@ -204,7 +204,8 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
             let key = targets::ensure_ssh_key(lab)?;
             let request = vms::VmRequest {
                 name: c.name,
-                distro: c.distro,
+                // The stack finds images by recipe name (`debian-12`), not by alias (`debian`).
+                distro: crate::distro::canonical_name(&c.distro)?,
                 arch: c.arch,
                 mac: c.mac,
                 ip: c.ip,
