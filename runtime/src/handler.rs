@@ -20,7 +20,7 @@ use crate::{
     events::EventStore,
     files, ipxe, log,
     nfsroot::{self, NfsRoots, RootStatus},
-    server::{Handler, Request, Response},
+    server::{Body, Handler, Request, Response},
     vms::VmStore,
 };
 
@@ -45,6 +45,9 @@ impl Handler for Context {
         self.route(request)
     }
 }
+
+/// How long a target that cannot boot yet waits before asking `/ipxe` again.
+const RETRY_SECONDS: u32 = 10;
 
 const ROUTES: &str =
     "GET /healthz, /status, /boot.ipxe, /ipxe?mac=, /config/<mac>, /cloud-init/<name>/<doc>, \
@@ -184,13 +187,37 @@ impl Context {
                 ipxe::unknown_mac_script(mac).into_bytes(),
             );
         };
-        let state = match self.events.state(&vm) {
+        let base = self.base_url(r);
+        let reply = self.boot_script(r, &vm, &base);
+        // iPXE shows only an error number when `chain` gets an error status, and the chain
+        // script would then try undionly.kpxe or give up (under OVMF: the EFI shell). A script
+        // that prints the reason keeps it on the target's console and asks again, so the target
+        // boots by itself once the operator has pulled or built what was missing.
+        match (reply.status, &reply.body) {
+            (500..=599, Body::Bytes(text)) => {
+                let why = String::from_utf8_lossy(text).trim().to_string();
+                log!(
+                    "/ipxe for {}: {why} (told to ask again in {RETRY_SECONDS} s)",
+                    vm.name
+                );
+                Response::new(
+                    200,
+                    "text/plain; charset=utf-8",
+                    ipxe::retry_script(&vm, &base, &why, RETRY_SECONDS).into_bytes(),
+                )
+            }
+            _ => reply,
+        }
+    }
+
+    /// What `vm` boots now: the installer, its local disk, or its distro over NFS.
+    fn boot_script(&self, r: &Request, vm: &VmDefinition, base: &str) -> Response {
+        let state = match self.events.state(vm) {
             Ok(s) => s,
             Err(e) => return Response::line(500, &e.to_string()),
         };
-        let base = self.base_url(r);
         if vm.boot == BootMode::Nfsroot {
-            return self.nfsroot_ipxe(r, &vm, &base);
+            return self.nfsroot_ipxe(r, vm, base);
         }
         if state == VmState::Installed || !vm.pxeboot {
             let why = if vm.pxeboot {
@@ -200,7 +227,7 @@ impl Context {
             };
             if r.method == "GET" {
                 self.record(
-                    &vm,
+                    vm,
                     Phase::LocalBoot,
                     format!("boot from the local disk ({why})"),
                 );
@@ -208,17 +235,17 @@ impl Context {
             return Response::new(
                 200,
                 "text/plain; charset=utf-8",
-                ipxe::local_boot_script(&vm).into_bytes(),
+                ipxe::local_boot_script(vm).into_bytes(),
             );
         }
-        if let Some(reply) = self.check_install_files(&vm) {
+        if let Some(reply) = self.check_install_files(vm) {
             return reply;
         }
-        let script = ipxe::install_script(&vm, &base);
+        let script = ipxe::install_script(vm, base);
         // A HEAD (a human checking the URL) is not a boot.
         if r.method == "GET" {
             self.record(
-                &vm,
+                vm,
                 Phase::Ipxe,
                 format!("installer for {} ({}) from {base}", vm.distro, vm.arch),
             );
@@ -254,11 +281,12 @@ impl Context {
         let ready = match nfs.get(&vm.distro, vm.arch) {
             RootStatus::Ready(ready) => ready,
             RootStatus::Preparing(why) => {
+                let why = format!("the NFS root of {} is not ready yet ({why})", vm.name);
                 return Response::new(
                     200,
                     "text/plain; charset=utf-8",
                     ipxe::retry_script(vm, base, &why, 5).into_bytes(),
-                )
+                );
             }
             RootStatus::Missing(why) => return Response::line(503, &why),
             RootStatus::Failed(why) => return Response::line(500, &why),

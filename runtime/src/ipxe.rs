@@ -124,8 +124,10 @@ pub fn nfsroot_script(vm: &VmDefinition, base: &str, nfs_server: &str, export: &
     )
 }
 
-/// While a diskless VM's root is being unpacked or exported: wait and ask again. `why` is
-/// one line the stack wrote (paths and distro names it validated), shown on the console.
+/// While the VM cannot boot yet (its diskless root is being unpacked, its distro is not
+/// pulled, …): say why on the console, wait and ask again. `why` is one line the stack wrote
+/// (paths and distro names it validated). `--replace` runs the next script in place of this
+/// one, so a target that waits for an hour does not nest hundreds of scripts.
 pub fn retry_script(vm: &VmDefinition, base: &str, why: &str, seconds: u32) -> String {
     let why: String = why
         .chars()
@@ -133,10 +135,9 @@ pub fn retry_script(vm: &VmDefinition, base: &str, why: &str, seconds: u32) -> S
         .collect();
     format!(
         "#!ipxe\n\
-         echo pxelab: the NFS root of {name} is not ready yet ({why}); retrying in {seconds} s\n\
+         echo pxelab: {why}; retrying in {seconds} s\n\
          sleep {seconds}\n\
-         chain {base}/ipxe?mac={mac}\n",
-        name = vm.name,
+         chain --replace --autofree {base}/ipxe?mac={mac}\n",
         mac = vm.mac,
     )
 }

@@ -116,7 +116,7 @@ fn ipxe_scripts() {
         &ipxe::retry_script(
             &v[0],
             "http://10.77.0.1:8080",
-            "unpacking rootfs.tar.zst",
+            "the NFS root of arm-1 is not ready yet (unpacking rootfs.tar.zst)",
             5,
         ),
     );

@@ -96,7 +96,9 @@ fn diskless_boot_waits_for_the_export_then_boots_from_it() {
     assert!(text.starts_with("#!ipxe\n"), "{text}");
     assert!(text.contains("\nsleep 5\n"), "{text}");
     assert!(
-        text.contains(&format!("\nchain http://pxe.test/ipxe?mac={MAC}\n")),
+        text.contains(&format!(
+            "\nchain --replace --autofree http://pxe.test/ipxe?mac={MAC}\n"
+        )),
         "{text}"
     );
     // Retries are not boots: nothing on the timeline yet.
@@ -197,28 +199,20 @@ fn a_damaged_rootfs_is_refused_and_leaves_nothing_behind() {
         hidden_leftovers(&dir)
     );
     let r = s.get(&format!("/ipxe?mac={MAC}"));
-    assert_eq!(r.status, 500);
-    r.assert_one_line();
-    assert!(r.text().contains("distro pull"), "{}", r.text());
+    r.assert_told_to_wait_because("distro pull");
 }
 
 #[test]
-fn diskless_vm_of_an_unpulled_distro_is_503() {
+fn diskless_vm_of_an_unpulled_distro_waits_and_says_why() {
     let rootfs = rootfs_tar_zst();
     let (s, _roots) = diskless_stack(&rootfs, None);
     std::fs::remove_file(s.root().join("images/debian-12/x86_64/manifest.json")).unwrap();
     let r = s.get(&format!("/ipxe?mac={MAC}"));
-    assert_eq!(r.status, 503);
-    r.assert_one_line();
-    assert!(
-        r.text().contains("cargo xtask distro pull debian-12"),
-        "{}",
-        r.text()
-    );
+    r.assert_told_to_wait_because("run `cargo xtask distro pull debian-12`");
 }
 
-/// The stack binary with a diskless VM but no ganesha: the boot gets one clear line saying what
-/// to install, not an endless "retry".
+/// The stack binary with a diskless VM but no ganesha: the boot console says what to install,
+/// not only "not ready yet".
 #[test]
 fn diskless_vm_without_ganesha_is_told_what_to_install() {
     use std::io::{BufRead, BufReader};
@@ -257,15 +251,9 @@ fn diskless_vm_without_ganesha_is_told_what_to_install() {
             format!("GET /ipxe?mac={MAC} HTTP/1.1\r\nHost: pxe.test\r\nConnection: close\r\n\r\n")
                 .as_bytes(),
         );
-        if r.status == 500 {
-            r.assert_one_line();
-            assert!(
-                r.text().contains("/nonexistent/ganesha.nfsd not found")
-                    && r.text()
-                        .contains("apt-get install nfs-ganesha nfs-ganesha-vfs"),
-                "{}",
-                r.text()
-            );
+        if r.text().contains("\nsleep 10\n") {
+            r.assert_told_to_wait_because("/nonexistent/ganesha.nfsd not found");
+            r.assert_told_to_wait_because("apt-get install nfs-ganesha nfs-ganesha-vfs");
             break;
         }
         assert_eq!(r.status, 200, "{}", r.text());

@@ -164,6 +164,24 @@ impl Reply {
     }
 
     /// Error bodies are exactly one line.
+    /// An `/ipxe` reply for a target that cannot boot yet: a script that prints `reason` on its
+    /// console and asks again later (iPXE would show only an error number for an error status).
+    pub fn assert_told_to_wait_because(&self, reason: &str) {
+        let t = self.text();
+        assert_eq!(self.status, 200, "{t}");
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines.len() == 4
+                && lines[0] == "#!ipxe"
+                && lines[1].starts_with("echo pxelab: ")
+                && lines[1].contains(reason)
+                && lines[2] == "sleep 10"
+                && lines[3].starts_with("chain --replace --autofree http://")
+                && lines[3].contains("/ipxe?mac="),
+            "not a wait script saying {reason:?}: {t}"
+        );
+    }
+
     pub fn assert_one_line(&self) {
         let t = self.text();
         assert!(

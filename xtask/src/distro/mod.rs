@@ -502,8 +502,13 @@ pub fn pull(args: &PullArgs, ui: &Ui) -> Result<PullReport> {
                 .iter()
                 .map(|d| (d.clone(), store.blob_path(&d.pin.sha256)))
                 .collect();
-            // The key asks mmdebstrap for its version, so tools come first (installed when root).
-            crate::hostdeps::ensure(&crate::hostdeps::DEBIAN_PULL)?;
+            // The key asks mmdebstrap for its version, so tools come first (installed when root,
+            // with qemu-user for a foreign arch in the same apt run).
+            let mut tools = crate::hostdeps::DEBIAN_PULL.to_vec();
+            if emulation::is_foreign(arch) {
+                tools.extend(crate::hostdeps::emulation_deps(arch));
+            }
+            crate::hostdeps::ensure(&tools)?;
             // The rootfs does not depend on the module set: two steps, so `--modules` is cheap.
             let mut step = store
                 .step("distro-debian-rootfs", debian::ROOTFS_STEP_VERSION)
