@@ -298,18 +298,11 @@ fn wait_ssh(lab: &Lab, vm: &VmDefinition, start_ms: u64, deadline: Instant) -> R
 }
 
 fn ssh_output(lab: &Lab, vm: &VmDefinition, command: &str) -> Result<String> {
-    let out = targets::ssh(lab, vm, &[command.to_string()])?.output()?;
-    ensure!(
-        out.status.success(),
-        "ssh {} {command:?} failed: {}",
-        vm.name,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    ssh_output_within(lab, vm, command, Duration::from_secs(120))
 }
 
-/// Like [`ssh_output`], but gives up (and kills ssh) after `limit`: a VM that lost its root
-/// keeps the connection open without answering.
+/// Runs `command` on `vm` and gives up (and kills ssh) after `limit`: a VM that lost its root
+/// keeps the connection open without answering. Outputs are a few lines (no pipe fills up).
 fn ssh_output_within(
     lab: &Lab,
     vm: &VmDefinition,
