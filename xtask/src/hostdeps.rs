@@ -145,7 +145,6 @@ pub fn ensure(deps: &[HostDep]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let packages: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
     let detail: Vec<String> = missing
         .iter()
         .map(|(p, w)| format!("{p} ({})", w.join(", ")))
@@ -156,7 +155,7 @@ pub fn ensure(deps: &[HostDep]) -> Result<()> {
             "missing host packages: {}. Install them (Debian/Ubuntu: `sudo apt-get install --no-install-recommends {}`) \
              or run this as root on Debian/Ubuntu to have it done",
             detail.join(", "),
-            packages.join(" ")
+            missing.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(" ")
         );
     }
     let sh = Shell::new()?;
@@ -164,23 +163,36 @@ pub fn ensure(deps: &[HostDep]) -> Result<()> {
     cmd!(sh, "apt-get update -q")
         .run()
         .context("apt-get update failed")?;
-    let pkgs = packages.clone();
-    cmd!(
-        sh,
-        // A fresh Ubuntu machine often runs unattended-upgrades at first boot: wait for its lock.
-        "apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 {pkgs...}"
-    )
-    .run()
-    .with_context(|| format!("apt-get install {} failed", packages.join(" ")))?;
-    let still = self::missing(deps);
-    if !still.is_empty() {
-        let names: Vec<String> = still
-            .iter()
-            .map(|(p, w)| format!("{p} ({})", w.join(", ")))
-            .collect();
-        bail!("still missing after apt-get install: {}", names.join(", "));
+    let mut missing = missing;
+    // Two rounds: to install a new package apt may remove a present one that conflicts with it
+    // (measured: bookworm's qemu-system-x86 removed a backported qemu-utils, so qemu-img was
+    // gone afterwards); asked again, apt installs the version that fits.
+    for round in 0..2 {
+        let packages: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+        if round > 0 {
+            eprintln!(
+                "apt-get removed {} to resolve a conflict: installing the version that fits",
+                packages.join(" ")
+            );
+        }
+        let pkgs = packages.clone();
+        cmd!(
+            sh,
+            // A fresh Ubuntu machine often runs unattended-upgrades at first boot: wait for its lock.
+            "apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 {pkgs...}"
+        )
+        .run()
+        .with_context(|| format!("apt-get install {} failed", packages.join(" ")))?;
+        missing = self::missing(deps);
+        if missing.is_empty() {
+            return Ok(());
+        }
     }
-    Ok(())
+    let names: Vec<String> = missing
+        .iter()
+        .map(|(p, w)| format!("{p} ({})", w.join(", ")))
+        .collect();
+    bail!("still missing after apt-get install: {}", names.join(", "))
 }
 
 /// Root on a Debian-like system with apt-get.
