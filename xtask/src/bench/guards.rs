@@ -154,11 +154,22 @@ impl Drop for LoopDev {
         }) {
             unmount(&m);
         }
-        let _ = Command::new("losetup")
-            .arg("-d")
-            .arg(&self.dev)
-            .stderr(Stdio::null())
-            .status();
+        // `losetup -d` on a device that is still held (a filesystem is released a moment after
+        // its unmount) only marks it for autoclear: wait for the detach itself, up to 5 s.
+        let backing = Path::new("/sys/block")
+            .join(self.dev.trim_start_matches("/dev/"))
+            .join("loop/backing_file");
+        for _ in 0..50 {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .stderr(Stdio::null())
+                .status();
+            if !backing.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let _ = std::fs::remove_file(&self.image);
     }
 }
