@@ -51,14 +51,17 @@ pub fn run(args: Args) -> Result<()> {
                 r.is_ok()
             }
             "unit" => {
-                eprintln!("\n==> tier unit: cargo test --workspace -- --skip sys_");
-                cmd!(sh, "{cargo} test --workspace -- --skip sys_")
+                // --no-fail-fast: one failing test binary must not hide the others' results.
+                eprintln!("\n==> tier unit: cargo test --workspace --no-fail-fast -- --skip sys_");
+                cmd!(sh, "{cargo} test --workspace --no-fail-fast -- --skip sys_")
                     .run()
                     .is_ok()
             }
             "sys" => {
-                eprintln!("\n==> tier sys: cargo test --workspace sys_");
-                cmd!(sh, "{cargo} test --workspace sys_").run().is_ok()
+                eprintln!("\n==> tier sys: cargo test --workspace --no-fail-fast sys_");
+                cmd!(sh, "{cargo} test --workspace --no-fail-fast sys_")
+                    .run()
+                    .is_ok()
             }
             _ => {
                 eprintln!("\n==> tier e2e: cargo xtask e2e");
