@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -64,6 +65,8 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
     require("mmdebstrap", "mmdebstrap");
     require("depmod", "kmod");
     let work = tempfile::tempdir().unwrap();
+    // The first store is world-readable (as under /tmp), so apt's sandbox user can read it.
+    fs::set_permissions(work.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let home = work.path().join("home");
     std::env::set_var("PXELAB_HOME", &home);
     std::env::remove_var("SOURCE_DATE_EPOCH");
@@ -143,8 +146,14 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
         .unwrap(),
     )
     .unwrap();
+    // The second store lies in a private directory, like `~/.cache/pxelab` under a 0700 home:
+    // mmdebstrap then runs apt unsandboxed, which must not change a byte.
+    let private = work.path().join("private");
+    fs::create_dir(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    let cache2 = private.join("cache2");
     let first_store = Store::open(&work.path().join("cache1")).unwrap();
-    let second_store = Store::open(&work.path().join("cache2")).unwrap();
+    let second_store = Store::open(&cache2).unwrap();
     for deb in &lock.arch["x86_64"].deb {
         second_store
             .insert_bytes(&first_store.read(&deb.pin.sha256).unwrap())
@@ -153,7 +162,7 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
     drop((first_store, second_store));
     fs::remove_dir_all(&home).unwrap();
     let t = Instant::now();
-    let second = pull(&work.path().join("cache2"));
+    let second = pull(&cache2);
     eprintln!(
         "second cold build (debs present): {:.1} s",
         t.elapsed().as_secs_f64()

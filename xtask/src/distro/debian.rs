@@ -37,7 +37,7 @@ pub struct LockedDeb {
 const UPDATE_INITRAMFS: &str = "/usr/sbin/update-initramfs";
 
 /// Bump when [`build_rootfs`] makes something else from the same pins.
-pub const ROOTFS_STEP_VERSION: u32 = 3;
+pub const ROOTFS_STEP_VERSION: u32 = 4;
 
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 const DEBIAN_SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
@@ -153,6 +153,10 @@ pub fn build_rootfs(
         // The build's local repo must not be the installed system's source.
         format!(r#"printf '%s' '{sources_list}' > "$1/etc/apt/sources.list" && chmod 0644 "$1/etc/apt/sources.list""#),
         r#"rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/archives/*.deb "$1"/var/cache/apt/*.bin"#.to_string(),
+        // apt gives these to its sandbox user, but mmdebstrap runs apt unsandboxed when `_apt`
+        // cannot read the chroot (a store under a 0700 home): the owner would depend on where
+        // the store lives. Measured: `~/.cache/pxelab` and `/tmp/…` built different digests.
+        r#"mkdir -p "$1"/var/lib/apt/lists/partial && chroot "$1" chown _apt:root /var/lib/apt/lists/partial /var/cache/apt/archives/partial && chmod 0700 "$1"/var/lib/apt/lists/partial "$1"/var/cache/apt/archives/partial"#.to_string(),
     ];
     let hook_args: Vec<String> = essential_hooks
         .iter()
