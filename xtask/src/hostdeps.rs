@@ -145,16 +145,12 @@ pub fn ensure(deps: &[HostDep]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let detail: Vec<String> = missing
-        .iter()
-        .map(|(p, w)| format!("{p} ({})", w.join(", ")))
-        .collect();
-    eprintln!("host tools missing: {}", detail.join(", "));
+    eprintln!("host tools missing: {}", describe(&missing));
     if !can_apt() {
         bail!(
             "missing host packages: {}. Install them (Debian/Ubuntu: `sudo apt-get install --no-install-recommends {}`) \
              or run this as root on Debian/Ubuntu to have it done",
-            detail.join(", "),
+            describe(&missing),
             missing.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(" ")
         );
     }
@@ -188,11 +184,19 @@ pub fn ensure(deps: &[HostDep]) -> Result<()> {
             return Ok(());
         }
     }
-    let names: Vec<String> = missing
+    bail!(
+        "still missing after apt-get install: {}",
+        describe(&missing)
+    )
+}
+
+/// `pkg (tool, tool), pkg (tool)` for what [`missing`] returned.
+fn describe(missing: &[(&str, Vec<&str>)]) -> String {
+    let parts: Vec<String> = missing
         .iter()
         .map(|(p, w)| format!("{p} ({})", w.join(", ")))
         .collect();
-    bail!("still missing after apt-get install: {}", names.join(", "))
+    parts.join(", ")
 }
 
 /// Root on a Debian-like system with apt-get.
