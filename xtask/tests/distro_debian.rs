@@ -37,7 +37,10 @@ fn scan(path: &Path) -> (Vec<String>, BTreeMap<String, Vec<u8>>) {
             .to_string_lossy()
             .trim_start_matches("./")
             .to_string();
-        if wanted.contains(&p.as_str()) {
+        let cloudinit_pyc = p
+            .starts_with("usr/lib/python3/dist-packages/cloudinit/__pycache__/__init__.")
+            && p.ends_with(".pyc");
+        if wanted.contains(&p.as_str()) || cloudinit_pyc {
             let mut buf = Vec::new();
             entry.read_to_end(&mut buf).unwrap();
             contents.insert(p.clone(), buf);
@@ -123,6 +126,12 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
         "SSH host keys must not ship"
     );
     assert_eq!(contents["etc/hostname"], b"localhost\n");
+    // Unchecked-hash .pyc (PEP 552 flags = 1): an import does not read the source too.
+    let (_, pyc) = contents
+        .iter()
+        .find(|(p, _)| p.ends_with(".pyc"))
+        .expect("cloud-init's __init__ .pyc is in the rootfs");
+    assert_eq!(pyc[4..8], [1, 0, 0, 0], "pyc flags");
     assert!(contents["etc/resolv.conf"].is_empty());
     let sources = String::from_utf8_lossy(&contents["etc/apt/sources.list"]).into_owned();
     assert!(
