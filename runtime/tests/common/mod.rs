@@ -163,7 +163,6 @@ impl Reply {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 
-    /// Error bodies are exactly one line.
     /// An `/ipxe` reply for a target that cannot boot yet: a script that prints `reason` on its
     /// console and asks again later (iPXE would show only an error number for an error status).
     pub fn assert_told_to_wait_because(&self, reason: &str) {
@@ -182,6 +181,7 @@ impl Reply {
         );
     }
 
+    /// Error bodies are exactly one line.
     pub fn assert_one_line(&self) {
         let t = self.text();
         assert!(

@@ -26,10 +26,10 @@ pub fn is_foreign(arch: Arch) -> bool {
     arch.as_str() != std::env::consts::ARCH
 }
 
-/// Makes sure programs of the foreign `arch` run here (installs qemu-user-static when root), or
-/// fails with the command that makes them run.
+/// Makes sure programs of the foreign `arch` run here, or fails with the command that makes
+/// them run. The packages ([`crate::hostdeps::emulation_deps`]) are the caller's to ensure, with
+/// the pull's other tools in one apt run.
 pub fn ensure(arch: Arch, ui: &Ui) -> Result<()> {
-    crate::hostdeps::ensure(&crate::hostdeps::emulation_deps(arch))?;
     let name = entry_name(arch);
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
