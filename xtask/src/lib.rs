@@ -16,6 +16,7 @@ pub mod lab;
 pub mod labhome;
 pub mod lock;
 mod lock_debian;
+pub mod process;
 pub mod recipe;
 pub mod stack;
 pub mod store;

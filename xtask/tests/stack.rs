@@ -221,7 +221,7 @@ fn sys_changing_only_the_installer_rebuilds_installer_initrd_and_image() {
     let store = xtask::store::Store::open(a.store.as_path()).unwrap();
     let build = |out: &Path| {
         let args = stack::Args {
-            arch: stack::Arch::X86_64,
+            arch: pxelab_contract::Arch::X86_64,
             compression: stack::Compression::Zstd,
             out: Some(out.to_path_buf()),
             offline: true,

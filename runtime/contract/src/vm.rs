@@ -31,6 +31,22 @@ impl Arch {
         }
     }
 
+    /// Debian's multiarch directory name (`/usr/lib/<multiarch>/`).
+    pub fn multiarch(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-linux-gnu",
+            Arch::Aarch64 => "aarch64-linux-gnu",
+        }
+    }
+
+    /// The ELF `e_machine` of binaries for this architecture.
+    pub fn elf_machine(self) -> u16 {
+        match self {
+            Arch::X86_64 => 62,
+            Arch::Aarch64 => 183,
+        }
+    }
+
     /// The Rust target that pxelab builds static binaries for.
     pub fn rust_target(self) -> &'static str {
         match self {

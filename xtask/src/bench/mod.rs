@@ -202,7 +202,7 @@ impl Ctx {
 /// `build-stack` for x86_64 with the default compression, into `out` (default: build/stack).
 fn stack_args(out: Option<PathBuf>) -> crate::stack::Args {
     crate::stack::Args {
-        arch: crate::stack::Arch::X86_64,
+        arch: pxelab_contract::Arch::X86_64,
         compression: crate::stack::Compression::Zstd,
         out,
         offline: false,

@@ -20,12 +20,12 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     let cold_runs = ctx.runs(3, 1);
     let warm_runs = ctx.runs(5, 2);
     let root = crate::util::project_root();
-    let arch = crate::stack::Arch::X86_64;
+    let arch = pxelab_contract::Arch::X86_64;
     let lock = Lock::load(&root.join("recipes/pxelab.lock"))?;
     let mut inputs = Vec::new();
     for (recipe, a) in [
-        ("initrd", arch.deb_arch()),
-        ("stack", arch.deb_arch()),
+        ("initrd", arch.debian()),
+        ("stack", arch.debian()),
         ("ipxe", "all"),
     ] {
         inputs.extend(lock.select(recipe, a)?);

@@ -48,12 +48,8 @@ pub fn prepare(lab: &Lab, arch: Arch, distro: &str) -> Result<String> {
 /// installer initrd and the TFTP files (the stack binary, always the host's, is
 /// [`super::stack::stack_binary`]'s job).
 pub fn prepare_stack(lab: &Lab, arch: Arch, ui: &Ui) -> Result<crate::stack::Report> {
-    let stack_arch = match arch {
-        Arch::X86_64 => crate::stack::Arch::X86_64,
-        Arch::Aarch64 => crate::stack::Arch::Aarch64,
-    };
     let args = crate::stack::Args {
-        arch: stack_arch,
+        arch,
         compression: crate::stack::archive::Compression::Zstd,
         out: None,
         offline: false,

@@ -14,7 +14,9 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use xshell::{cmd, Shell};
 
-use super::{elf, Arch};
+use pxelab_contract::Arch;
+
+use super::elf;
 
 /// One binary we ship: which workspace package builds it and what it is called.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,7 +249,7 @@ pub fn build(root: &Path, bin: Binary, arch: Arch, target_dir: &Path, dest: &Pat
             "{} was built for ELF machine {}, not {}",
             built.display(),
             d.machine,
-            arch.name()
+            arch.as_str()
         );
     }
     std::fs::write(dest, &data).with_context(|| format!("writing {}", dest.display()))?;

@@ -20,7 +20,9 @@ use anyhow::{Context, Result};
 
 use super::archive::{Archive, Record, Source};
 use super::elf::{self, Tree};
-use super::{oci, Arch, IMAGE_REF};
+use pxelab_contract::Arch;
+
+use super::{oci, IMAGE_REF};
 
 /// Bump when the layout below changes (it is part of the image step's cache key).
 pub const LAYOUT_VERSION: u32 = 2;
@@ -117,7 +119,7 @@ fn pxelab_layer(i: &Inputs) -> Result<Archive> {
         )?;
     }
     a.add(
-        &format!("{DATA_DIR}/initrds/{}/initrd.img", i.arch.name()),
+        &format!("{DATA_DIR}/initrds/{}/initrd.img", i.arch.as_str()),
         Record::File {
             mode: 0o644,
             source: Source::File(i.initrd.to_path_buf()),
@@ -198,7 +200,7 @@ pub fn build(i: &Inputs) -> Result<oci::Image> {
             created_by: "pxelab: default configuration".into(),
         },
     ];
-    oci::build(layers, &run_config(), i.arch.oci_arch(), i.epoch, IMAGE_REF)
+    oci::build(layers, &run_config(), i.arch.debian(), i.epoch, IMAGE_REF)
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ use serde::Deserialize;
 
 use super::archive::{self, Archive, Compression, Record, Source};
 use super::elf::{self, Tree};
-use super::Arch;
 use crate::util::human_bytes;
+use pxelab_contract::Arch;
 
 /// `initrd/manifest.toml` as written.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -230,7 +230,7 @@ pub fn compose(
     let m = &spec.manifest;
     let mut a = Archive::new();
     for f in &m.files {
-        if f.arch.as_deref().is_some_and(|x| x != arch.name()) {
+        if f.arch.as_deref().is_some_and(|x| x != arch.as_str()) {
             continue;
         }
         let tree = pkgs.tree(&f.package)?;
@@ -405,7 +405,7 @@ fn complete_libraries(a: &mut Archive, pkgs: &Packages, arch: Arch) -> Result<Ve
                     bail!(
                         "{path} in the initrd is for ELF machine {}, not {}",
                         d.machine,
-                        arch.name()
+                        arch.as_str()
                     );
                 }
                 v.push((path, d));

@@ -35,6 +35,7 @@ use crate::lock::{Lock, LockedInput};
 use crate::store::{StepOutputs, Store};
 use crate::ui::Ui;
 use crate::util::{human_bytes, project_root};
+use pxelab_contract::Arch;
 
 pub use archive::Compression;
 
@@ -44,61 +45,12 @@ pub const INITRD_BUDGET: u64 = 8 * 1024 * 1024;
 /// Image reference written into both archives.
 pub const IMAGE_REF: &str = "pxelab/pxeboot-stack:latest";
 
-/// The machine architecture the stack is built for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Arch {
-    #[value(name = "x86_64")]
-    X86_64,
-    #[value(name = "aarch64")]
-    Aarch64,
-}
-
-impl Arch {
-    /// As in VM definitions and output paths (`x86_64`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86_64",
-            Arch::Aarch64 => "aarch64",
-        }
-    }
-    pub fn rust_target(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86_64-unknown-linux-gnu",
-            Arch::Aarch64 => "aarch64-unknown-linux-gnu",
-        }
-    }
-    /// Debian's name, also the lock's arch (`amd64`).
-    pub fn deb_arch(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "amd64",
-            Arch::Aarch64 => "arm64",
-        }
-    }
-    /// The OCI image config's `architecture`.
-    pub fn oci_arch(self) -> &'static str {
-        self.deb_arch()
-    }
-    /// Debian's multiarch library directory name.
-    pub fn multiarch(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86_64-linux-gnu",
-            Arch::Aarch64 => "aarch64-linux-gnu",
-        }
-    }
-    pub fn elf_machine(self) -> u16 {
-        match self {
-            Arch::X86_64 => 62,
-            Arch::Aarch64 => 183,
-        }
-    }
-}
-
 /// Build every artifact of the PXE stack (static binaries, installer initrd, iPXE set,
 /// container image) into build/stack/<arch>/.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// Architecture of the stack and its initrd.
-    #[arg(long, value_enum, default_value = "x86_64")]
+    #[arg(long, default_value = "x86_64")]
     pub arch: Arch,
     /// Compression of the installer initrd.
     #[arg(long = "compress", value_enum, default_value = "zstd")]
@@ -295,11 +247,11 @@ pub fn build(store: &Store, args: &Args, ui: &Ui) -> Result<Report> {
     let out_dir = args
         .out
         .clone()
-        .unwrap_or_else(|| root.join("build/stack").join(arch.name()));
+        .unwrap_or_else(|| root.join("build/stack").join(arch.as_str()));
     binaries::check_target(arch)?;
     let lock = Lock::load(&root.join("recipes/pxelab.lock"))?;
-    let initrd_debs = pins(&lock, "initrd", arch.deb_arch())?;
-    let stack_debs = pins(&lock, "stack", arch.deb_arch())?;
+    let initrd_debs = pins(&lock, "initrd", arch.debian())?;
+    let stack_debs = pins(&lock, "stack", arch.debian())?;
     let ipxe_debs = pins(&lock, "ipxe", "all")?;
     let mut all_debs: Vec<&LockedInput> = Vec::new();
     all_debs.extend(&initrd_debs);
@@ -361,14 +313,14 @@ pub fn build(store: &Store, args: &Args, ui: &Ui) -> Result<Report> {
     let stack_bin = bins[binaries::STACK.bin].get(binaries::STACK.bin)?.clone();
 
     // 2. Installer initrd.
-    let initrd_name = format!("initrd-{}.img", arch.name());
+    let initrd_name = format!("initrd-{}.img", arch.as_str());
     let spec = initrd::Spec::load(&root.join("initrd"))?;
     let (initrd_out, t) = timed(&initrd_name, || {
         let mut step = store
             .step("stack-initrd", 1)
             .input("installer", &installer.digest)
             .param("spec", spec.digest())
-            .param("arch", arch.name())
+            .param("arch", arch.as_str())
             .param("compression", args.compression.name())
             .param("source_date_epoch", epoch);
         for (name, d) in digests(&initrd_debs) {
@@ -439,7 +391,7 @@ pub fn build(store: &Store, args: &Args, ui: &Ui) -> Result<Report> {
             .input("pxelab-stack", &stack_bin.digest)
             .input("pxelab-installer", &installer.digest)
             .input("initrd", &initrd_file.digest)
-            .param("arch", arch.name())
+            .param("arch", arch.as_str())
             .param("layout", image::LAYOUT_VERSION)
             .param("source_date_epoch", epoch);
         for f in &ipxe_out.files {
@@ -527,7 +479,7 @@ fn publish(
         .map(|(name, f)| serde_json::json!({"name": name, "size": f.size, "sha256": f.digest}))
         .collect();
     let manifest = oci::canonical_json(&serde_json::json!({
-        "arch": arch.name(),
+        "arch": arch.as_str(),
         "image": IMAGE_REF,
         "image_digest": image_digest,
         "source_date_epoch": epoch,
