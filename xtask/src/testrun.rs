@@ -1,7 +1,8 @@
 //! `cargo xtask test`: make sure the host tools exist, then run the test tiers.
 //!
-//! Tiers, in order: `lock` (recipes and lock agree, no network), `unit` (everything not named
-//! `sys_*`), `sys` (tests named `sys_*`: they need root, host tools, QEMU or Debian's mirror),
+//! Tiers, in order: `lock` (recipes and lock agree, no network), `lint` (`cargo fmt --check`
+//! and `cargo clippy -D warnings` over the whole workspace), `unit` (everything not named
+//! `sys_*`, including the tidy test of the project's conventions), `sys` (tests named `sys_*`: they need root, host tools, QEMU or Debian's mirror),
 //! `e2e` (`cargo xtask e2e`: the whole lab under QEMU, as root). Each tier prints a header, and
 //! a summary line at the end says which failed; every tier runs even if an earlier one failed.
 
@@ -12,11 +13,11 @@ use xshell::{cmd, Shell};
 
 use crate::util::project_root;
 
-const TIERS: [&str; 4] = ["lock", "unit", "sys", "e2e"];
+const TIERS: [&str; 5] = ["lock", "lint", "unit", "sys", "e2e"];
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Run only this tier: lock, unit, sys or e2e.
+    /// Run only this tier: lock, lint, unit, sys or e2e.
     #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(TIERS))]
     pub tier: Option<String>,
 }
@@ -28,7 +29,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     // The unit tier needs some host tools too (the Ubuntu fixture test runs mke2fs, qemu-img,
     // gcc and depmod), so every tier but `lock` makes sure of them.
-    if tiers.iter().any(|t| *t != "lock") {
+    if tiers.iter().any(|t| !matches!(*t, "lock" | "lint")) {
         crate::hostdeps::ensure(crate::hostdeps::HOST_DEPS)?;
     }
     let sh = Shell::new()?;
@@ -49,6 +50,17 @@ pub fn run(args: Args) -> Result<()> {
                     eprintln!("error: {e:#}");
                 }
                 r.is_ok()
+            }
+            "lint" => {
+                eprintln!("\n==> tier lint: cargo fmt --check, cargo clippy -D warnings");
+                let fmt = cmd!(sh, "{cargo} fmt --all -- --check").run().is_ok();
+                let clippy = cmd!(
+                    sh,
+                    "{cargo} clippy --workspace --all-targets --no-deps -- -D warnings"
+                )
+                .run()
+                .is_ok();
+                fmt && clippy
             }
             "unit" => {
                 // --no-fail-fast: one failing test binary must not hide the others' results.

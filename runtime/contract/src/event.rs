@@ -1,3 +1,6 @@
+//! What a target reports while it installs and boots (`Event`, `Phase`), the timeline the
+//! stack keeps of it, and each machine's install state machine (`VmState`).
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};

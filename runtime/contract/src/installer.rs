@@ -1,3 +1,6 @@
+//! What the boot handler tells the installer (`InstallerConfig`, `ConfigReply`) and what a
+//! distro pull publishes for it to install (`DistroManifest`).
+
 use serde::{Deserialize, Serialize};
 
 use crate::Mac;

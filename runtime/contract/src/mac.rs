@@ -1,3 +1,5 @@
+//! A MAC address, parsed once at the edge into one canonical form that everything compares.
+
 use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};

@@ -1,3 +1,6 @@
+//! A target machine's definition (`VmDefinition`, the original pvmlab JSON plus pxelab's keys),
+//! its `Arch` and how it boots.
+
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use serde::{Deserialize, Serialize};

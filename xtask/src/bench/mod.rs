@@ -88,7 +88,6 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut ctx = Ctx::new(args.quick)?;
     let mut results = Results::load_or_new(&out_dir.join("results.json"));
-    results.machine = Machine::probe(results.machine.accel.take());
     for figure in figures {
         ctx.ui
             .println(format!("\n==> bench {}: {}", figure.name(), figure.title()));
@@ -107,10 +106,8 @@ pub fn run(args: Args) -> Result<()> {
                 .println(format!("bench {}: FAILED: {reason}", figure.name()));
             group.error = Some(reason);
         }
-        if let Some(accel) = group.facts.get("accel") {
-            results.machine.accel = Some(accel.clone());
-        }
-        results.put(group);
+        let machine = Machine::probe(group.facts.get("accel").cloned());
+        results.put(group, machine);
         // Saved after every group: a later group that hangs or is interrupted loses nothing.
         results.save(&out_dir)?;
     }
