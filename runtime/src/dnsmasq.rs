@@ -1,4 +1,4 @@
-//! dnsmasq: the configuration rendered from the VM definitions, and the child process.
+//! dnsmasq: the configuration rendered from the VM definitions, and its command line.
 //!
 //! The main file (`dnsmasq.conf`) depends only on the stack's settings; everything that depends
 //! on the VMs lives in two files dnsmasq re-reads on SIGHUP: `dhcp-hosts` (one reservation per
@@ -24,10 +24,8 @@ use std::{
     fmt::Write as _,
     fs,
     net::Ipv4Addr,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
 };
 
 use pxelab_contract::{Mac, VmDefinition};
@@ -249,27 +247,8 @@ impl LogFollower {
     }
 }
 
-/// Finds the dnsmasq binary: the given path, else `$PATH`, else `/usr/sbin` (not in a normal
-/// user's PATH on Debian).
-pub fn find_binary(given: &Path) -> Option<PathBuf> {
-    if given.components().count() > 1 {
-        return given.is_file().then(|| given.to_path_buf());
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(given))
-        .find(|p| p.is_file())
-}
-
-/// Starts dnsmasq in the foreground as our child: its own process group (a terminal's Ctrl-C
-/// reaches only us, and we stop it in order), killed by the kernel if we die first, stdio to
-/// the log file so it never holds a pipe of our caller open.
-pub fn spawn(binary: &Path, settings: &DnsmasqSettings) -> std::io::Result<Child> {
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(settings.log_path())?;
+/// dnsmasq's command line; [`crate::child::Supervised`] runs it.
+pub fn command(binary: &Path, settings: &DnsmasqSettings) -> Command {
     let mut cmd = Command::new(binary);
     // In a user namespace that denies setgroups (a rootless lab), dnsmasq's switch to
     // `user`/`group` fails ("failed to change group-id"); --no-daemon skips that switch and is
@@ -280,49 +259,14 @@ pub fn spawn(binary: &Path, settings: &DnsmasqSettings) -> std::io::Result<Child
         "--keep-in-foreground"
     };
     cmd.arg(foreground)
-        .arg(format!("--conf-file={}", settings.conf_path().display()))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
+        .arg(format!("--conf-file={}", settings.conf_path().display()));
+    cmd
 }
 
 /// True in a user namespace set up without root help (`unshare --map-root-user`), where
 /// `setgroups(2)` is denied so that the gid map could be written.
 fn setgroups_denied() -> bool {
     fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny")
-}
-
-pub fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: plain kill(2) on our own, not yet reaped, child.
-    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-}
-
-/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps the child.
-pub fn stop(child: &mut Child, grace: Duration) {
-    if matches!(child.try_wait(), Ok(Some(_))) {
-        return;
-    }
-    signal(child, libc::SIGTERM);
-    let start = Instant::now();
-    while start.elapsed() < grace {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[cfg(test)]

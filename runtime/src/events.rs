@@ -6,8 +6,8 @@
 //! - `<state>/<name>.state`: a [`StateRecord`], replaced atomically (and fsync'd when the state
 //!   changes, so `installed` survives a power cut).
 //!
-//! The state file is read on every use rather than cached, so deleting it (what a reprovision
-//! does) takes effect at once. A record for a different MAC than the VM's current one is stale
+//! The state file is read on every use rather than cached, so deleting it takes effect at once
+//! (a `reprovision` event replaces it). A record for a different MAC than the VM's current one is stale
 //! (the VM was redefined) and counts as `new`.
 
 use std::{
@@ -17,7 +17,7 @@ use std::{
     sync::Mutex,
 };
 
-use pxelab_contract::{Event, Mac, TimelineEntry, VmDefinition, VmState};
+use pxelab_contract::{Event, Mac, Phase, TimelineEntry, VmDefinition, VmState};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +79,11 @@ impl EventStore {
             event,
         };
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let before = read_record(&self.state_path(&vm.name), vm.mac)?;
+        let before = match read_record(&self.state_path(&vm.name), vm.mac) {
+            // A reset must work on a state file that cannot be read: it replaces it.
+            Err(_) if entry.event.phase == Phase::Reprovision => None,
+            other => other?,
+        };
         let old_state = before.as_ref().map(|r| r.state).unwrap_or_default();
         let new_state = old_state.after(entry.event.phase);
         let since_ms = match &before {

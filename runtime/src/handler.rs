@@ -17,10 +17,12 @@ use pxelab_contract::{
 
 use crate::{
     cloudinit,
-    events::EventStore,
-    files, ipxe, log,
+    events::{EventStore, StateRecord},
+    files,
+    images::{self, ManifestError},
+    ipxe, log,
     nfsroot::{self, NfsRoots, RootStatus},
-    server::{Body, Handler, Request, Response},
+    server::{Body, Channel, Handler, Request, Response},
     vms::VmStore,
 };
 
@@ -53,6 +55,8 @@ const ROUTES: &str =
     "GET /healthz, /status, /boot.ipxe, /ipxe?mac=, /config/<mac>, /cloud-init/<name>/<doc>, \
                       /vms/<name>/timeline, /images/…, /initrds/…, /nfsroot/overlay.cpio, \
                       /nfsroot/<distro>/<arch>/initrd.img; POST /events/<mac>";
+/// Routes served only on the control socket (operator actions), listed after [`ROUTES`] there.
+const CONTROL_ROUTES: &str = ", /vms/<name>/reprovision";
 
 impl Context {
     pub fn route(&self, r: &Request) -> Response {
@@ -89,11 +93,18 @@ impl Context {
                 get.then(|| self.distro_initrd(r, distro, arch)),
             ),
             ["events", mac] => ("POST", post.then(|| self.event(r, mac))),
+            ["vms", name, "reprovision"] if r.channel == Channel::Control => {
+                ("POST", post.then(|| self.reprovision(name)))
+            }
             _ => {
                 let shown: String = r.path.chars().take(120).collect();
+                let control = match r.channel {
+                    Channel::Control => CONTROL_ROUTES,
+                    Channel::Network => "",
+                };
                 return Response::line(
                     404,
-                    &format!("no such endpoint {shown:?}; endpoints: {ROUTES}"),
+                    &format!("no such endpoint {shown:?}; endpoints: {ROUTES}{control}"),
                 );
             }
         };
@@ -144,18 +155,10 @@ impl Context {
             invalid: set.invalid.clone(),
         };
         for vm in &set.vms {
-            let record = match self.events.record(vm) {
-                Ok(r) => r,
+            match self.events.record(vm) {
+                Ok(record) => status.vms.push(vm_status(vm, record)),
                 Err(e) => return Response::line(500, &e.to_string()),
-            };
-            status.vms.push(VmStatus {
-                name: vm.name.clone(),
-                mac: vm.mac,
-                ip: vm.ip,
-                state: record.as_ref().map(|r| r.state).unwrap_or_default(),
-                last_event: record.as_ref().and_then(|r| r.last_event.clone()),
-                since_ms: record.map(|r| r.since_ms),
-            });
+            }
         }
         Response::json(200, &status)
     }
@@ -428,7 +431,7 @@ impl Context {
             return Response::line(404, &format!("no VM is defined for MAC {mac}"));
         };
         let dir = self.images_dir.join(&vm.distro).join(vm.arch.as_str());
-        let manifest = match read_manifest(&dir, &vm) {
+        let manifest = match install_manifest(&dir, &vm) {
             Ok(m) => m,
             Err(reply) => return reply,
         };
@@ -550,65 +553,58 @@ impl Context {
                 return Response::line(400, &format!("invalid event JSON: {e}; expected e.g. {{\"phase\":\"rootfs\",\"message\":\"…\"}}"))
             }
         };
+        if event.phase == Phase::Reprovision {
+            return Response::line(
+                400,
+                "phase reprovision is not reported by machines: an operator resets a VM with POST /vms/<name>/reprovision on the stack's control socket",
+            );
+        }
         match self.events.append(&vm, event) {
-            Ok(record) => Response::json(
-                200,
-                &VmStatus {
-                    name: vm.name.clone(),
-                    mac: vm.mac,
-                    ip: vm.ip,
-                    state: record.state,
-                    since_ms: Some(record.since_ms),
-                    last_event: record.last_event,
-                },
-            ),
+            Ok(record) => Response::json(200, &vm_status(&vm, Some(record))),
+            Err(e) => Response::line(500, &e.to_string()),
+        }
+    }
+
+    /// Forgets that `name` is installed (control socket only): its next `/ipxe` hands out the
+    /// installer again.
+    fn reprovision(&self, name: &str) -> Response {
+        let set = self.vms.current();
+        let Some(vm) = set.by_name(name) else {
+            return Response::line(404, &format!("no VM named {name:?}"));
+        };
+        let event = Event {
+            phase: Phase::Reprovision,
+            message: "install state reset: the next network boot installs again".into(),
+            ..Event::default()
+        };
+        match self.events.append(vm, event) {
+            Ok(record) => {
+                log!("{}: install state reset (reprovision)", vm.name);
+                Response::json(200, &vm_status(vm, Some(record)))
+            }
             Err(e) => Response::line(500, &e.to_string()),
         }
     }
 }
 
-fn read_manifest(dir: &Path, vm: &VmDefinition) -> Result<DistroManifest, Response> {
-    let path = dir.join("manifest.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Response::line(
-                503,
-                &format!(
-                    "distro {} ({}) is not pulled: {} is missing; run `cargo xtask distro pull {}`",
-                    vm.distro,
-                    vm.arch,
-                    path.display(),
-                    vm.distro
-                ),
-            ))
-        }
-        Err(e) => {
-            return Err(Response::line(
-                500,
-                &format!("cannot read {}: {e}", path.display()),
-            ))
-        }
-    };
-    let manifest: DistroManifest = serde_json::from_str(&text).map_err(|e| {
-        Response::line(
-            500,
-            &format!(
-                "{} is invalid ({e}); re-run `cargo xtask distro pull {}`",
-                path.display(),
-                vm.distro
-            ),
-        )
-    })?;
-    manifest.rootfs.check().map_err(|e| {
-        Response::line(
-            500,
-            &format!(
-                "{}: {e}; re-run `cargo xtask distro pull {}`",
-                path.display(),
-                vm.distro
-            ),
-        )
+/// The contract's per-VM status from its definition and state record (`None`: state `new`).
+fn vm_status(vm: &VmDefinition, record: Option<StateRecord>) -> VmStatus {
+    VmStatus {
+        name: vm.name.clone(),
+        mac: vm.mac,
+        ip: vm.ip,
+        state: record.as_ref().map(|r| r.state).unwrap_or_default(),
+        since_ms: record.as_ref().map(|r| r.since_ms),
+        last_event: record.and_then(|r| r.last_event),
+    }
+}
+
+/// The distro manifest of `vm`, and its rootfs present with the manifest's size: what an
+/// install needs before the installer is given its config.
+fn install_manifest(dir: &Path, vm: &VmDefinition) -> Result<DistroManifest, Response> {
+    let manifest = images::read_manifest(dir, &vm.distro, vm.arch).map_err(|e| match e {
+        ManifestError::NotPulled(why) => Response::line(503, &why),
+        ManifestError::Invalid(why) => Response::line(500, &why),
     })?;
     let rootfs = dir.join(&manifest.rootfs.file);
     match std::fs::metadata(&rootfs) {

@@ -3,19 +3,22 @@
 //! thing in-process.
 //!
 //! Code map: [`server`] owns sockets and HTTP framing; [`handler`] lists every route and renders
-//! replies from [`ipxe`], [`cloudinit`], [`files`], [`events`] and [`vms`]; [`dnsmasq`] renders
-//! dnsmasq's configuration and runs it as a child; [`nfsroot`] unpacks distro roots for diskless
-//! targets and [`nfs`] runs ganesha to export them; [`supervisor`] wires them together and owns
-//! the main loop; [`signals`] turns SIGTERM/SIGINT/SIGHUP into flags that loop polls.
+//! replies from [`ipxe`], [`cloudinit`], [`files`], [`images`], [`events`] and [`vms`]; [`dnsmasq`] renders
+//! dnsmasq's configuration; [`nfsroot`] unpacks distro roots for diskless targets and [`nfs`]
+//! configures ganesha to export them; [`child`] runs either as a supervised child;
+//! [`supervisor`] wires them together and owns the main loop; [`signals`] turns
+//! SIGTERM/SIGINT/SIGHUP into flags that loop polls.
 //!
 //! Invariant: nothing here writes outside the state directory, except the diskless roots
 //! ([`nfsroot`]), which are unpacked next to the distro archive they come from.
 
+pub mod child;
 pub mod cloudinit;
 pub mod dnsmasq;
 pub mod events;
 pub mod files;
 pub mod handler;
+pub mod images;
 pub mod ipxe;
 pub mod nfs;
 pub mod nfsroot;
@@ -40,11 +43,16 @@ macro_rules! log {
     };
 }
 
-/// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync'd (when
-/// `durable`), then renamed over `path`. Readers see the old or the new file, never half of one.
+/// Writes `bytes` to `path` atomically: a temp file in the same directory, renamed over `path`.
+/// Readers see the old or the new file, never half of one. A `durable` write also survives a
+/// power cut once this returns: the file is fsynced before the rename and the directory (which
+/// holds the rename) after it.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -60,5 +68,31 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8], durable: bool) -> std:
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    result?;
+    if durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// fsync of a directory: makes the creations, renames and removals in it durable.
+pub fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn write_atomic_replaces_whole_files_and_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        for (text, durable) in [(&b"first"[..], false), (b"second, longer", true)] {
+            super::write_atomic(&path, text, durable).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), text);
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        let missing = dir.path().join("no-such-dir/f");
+        assert!(super::write_atomic(&missing, b"x", true).is_err());
+    }
 }

@@ -26,13 +26,14 @@ Examples:
   # The whole stack on a lab interface (as root or inside the lab's network namespace):
   pxelab-stack --data-dir /srv/pxelab --interface br-lab --server-ip 10.77.0.1/24
 
-  # Reinstall VM web-1 at its next network boot:
-  rm /srv/pxelab/state/web-1.state
+  # Reinstall VM web-1 at its next network boot (on the control socket: the stack's user only):
+  curl --unix-socket /srv/pxelab/state/control.sock -X POST http://stack/vms/web-1/reprovision
 
 HTTP endpoints: GET /healthz, /status, /boot.ipxe, /ipxe?mac=<mac>, /config/<mac>,
 /cloud-init/<name>/{meta-data,user-data,network-config,vendor-data}, /vms/<name>/timeline,
 /images/..., /initrds/... (Range, HEAD), /nfsroot/overlay.cpio, /nfsroot/<distro>/<arch>/initrd.img;
-POST /events/<mac>.
+POST /events/<mac>. The same API is served on <state>/control.sock (mode 0600), which alone
+also serves POST /vms/<name>/reprovision.
 VMs with \"boot\": \"nfsroot\" boot diskless: the stack unpacks their distro's rootfs once and
 exports it read-only over NFSv4 with nfs-ganesha (port 2049, on every address of the network
 namespace it runs in: run it in the lab's); each boot writes to its own tmpfs overlay.

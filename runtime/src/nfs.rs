@@ -1,5 +1,5 @@
 //! nfs-ganesha, the userspace NFS server of diskless targets: its configuration rendered from the
-//! exports that are ready, and the child process.
+//! exports that are ready, and its command line.
 //!
 //! Settings measured in FIELD-NOTES: NFSv4 only (no rpcbind, no NLM, no UDP), `Graceless`
 //! (else every start costs a 90 s grace period), root not squashed (the root filesystem has
@@ -19,9 +19,8 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
 };
 
 use pxelab_contract::Arch;
@@ -161,14 +160,9 @@ pub fn render_conf(settings: &NfsSettings, exports: &[Export]) -> String {
     c
 }
 
-/// Starts ganesha in the foreground as our child, like dnsmasq: own process group, killed by
-/// the kernel if we die first, stdio and its log to the log file.
-pub fn spawn(binary: &Path, settings: &NfsSettings) -> std::io::Result<Child> {
+/// ganesha's command line, in the foreground; [`crate::child::Supervised`] runs it.
+pub fn command(binary: &Path, settings: &NfsSettings) -> std::io::Result<Command> {
     fs::create_dir_all(settings.recovery_dir())?;
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(settings.log_path())?;
     let mut cmd = Command::new(binary);
     cmd.arg("-F")
         .arg("-f")
@@ -178,21 +172,8 @@ pub fn spawn(binary: &Path, settings: &NfsSettings) -> std::io::Result<Child> {
         .arg("-p")
         .arg(settings.pid_path())
         .args(["-N", "NIV_EVENT"])
-        .current_dir(&settings.work_dir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
+        .current_dir(&settings.work_dir);
+    Ok(cmd)
 }
 
 #[cfg(test)]

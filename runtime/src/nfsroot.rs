@@ -20,10 +20,10 @@ use std::{
     time::Instant,
 };
 
-use pxelab_contract::{Arch, DistroManifest};
+use pxelab_contract::Arch;
 use sha2::{Digest, Sha256};
 
-use crate::{log, nfs::Export};
+use crate::{images, log, nfs::Export};
 
 /// Hex digits of the rootfs sha256 in the export's directory name.
 pub const DIGEST_PREFIX: usize = 16;
@@ -120,7 +120,8 @@ impl NfsRoots {
         arch: Arch,
     ) -> Result<(Export, String), RootStatus> {
         let dir = self.images_dir.join(distro).join(arch.as_str());
-        let manifest = read_manifest(&dir, distro).map_err(RootStatus::Missing)?;
+        let manifest = images::read_manifest(&dir, distro, arch)
+            .map_err(|e| RootStatus::Missing(e.to_string()))?;
         let archive = dir.join(&manifest.rootfs.file);
         let dest = dir.join(format!(
             "nfsroot-{}",
@@ -212,43 +213,6 @@ impl NfsRoots {
     pub fn set_server_error(&self, error: Option<String>) {
         *self.server_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
     }
-}
-
-fn read_manifest(dir: &Path, distro: &str) -> Result<DistroManifest, String> {
-    let path = dir.join("manifest.json");
-    let text = fs::read_to_string(&path).map_err(|e| {
-        format!(
-            "distro {distro} is not pulled: cannot read {} ({e}); run `cargo xtask distro pull {distro}`",
-            path.display()
-        )
-    })?;
-    let manifest: DistroManifest = serde_json::from_str(&text).map_err(|e| {
-        format!(
-            "{} is invalid ({e}); re-run `cargo xtask distro pull {distro}`",
-            path.display()
-        )
-    })?;
-    manifest.rootfs.check().map_err(|e| {
-        format!(
-            "{}: {e}; re-run `cargo xtask distro pull {distro}`",
-            path.display()
-        )
-    })?;
-    if !plain_name(&manifest.kernel_version) {
-        return Err(format!(
-            "{}: kernel_version {:?} is not a plain name; re-run `cargo xtask distro pull {distro}`",
-            path.display(),
-            manifest.kernel_version
-        ));
-    }
-    Ok(manifest)
-}
-
-fn plain_name(s: &str) -> bool {
-    !s.is_empty()
-        && !s.starts_with('.')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-+~".contains(&b))
 }
 
 /// Hashes every byte read through it.

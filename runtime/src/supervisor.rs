@@ -21,7 +21,6 @@ use std::{
     net::{SocketAddr, TcpListener},
     os::unix::{fs::PermissionsExt, net::UnixListener},
     path::{Path, PathBuf},
-    process::Child,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -29,6 +28,7 @@ use std::{
 use pxelab_contract::{Event, Phase, CONTROL_SOCKET};
 
 use crate::{
+    child::{self, Supervised},
     dnsmasq::{self, DnsmasqSettings},
     events::EventStore,
     handler::Context,
@@ -170,8 +170,8 @@ pub fn run(opts: Options) -> Result<(), String> {
         }
         if std::process::id() == 1 {
             let own: Vec<u32> = [
-                dns.as_ref().and_then(|d| d.child.as_ref()).map(|c| c.id()),
-                nfs.as_ref().and_then(|n| n.child.as_ref()).map(|c| c.id()),
+                dns.as_ref().and_then(|d| d.child.pid()),
+                nfs.as_ref().and_then(|n| n.child.pid()),
             ]
             .into_iter()
             .flatten()
@@ -183,13 +183,13 @@ pub fn run(opts: Options) -> Result<(), String> {
     log!("stopping");
     // Both children get SIGTERM at once so their shutdowns overlap (ganesha takes ~1-2 s).
     if let Some(n) = nfs.as_ref() {
-        n.terminate();
+        n.child.signal(libc::SIGTERM);
     }
     server.shutdown();
     control.shutdown();
     let _ = fs::remove_file(&control_path);
     if let Some(mut d) = dns {
-        d.stop();
+        d.child.stop(Duration::from_secs(1));
     }
     if let Some(mut n) = nfs {
         // It has had SIGTERM since the start of the shutdown; a read-only, graceless server
@@ -257,11 +257,12 @@ fn reap_orphans(own_children: &[u32]) {
     }
 }
 
+/// dnsmasq as the supervisor runs it: started with the stack, its host files rewritten (and
+/// it sent SIGHUP) when the definitions change, restarted when it dies.
 struct DnsmasqRun {
     binary: PathBuf,
     settings: DnsmasqSettings,
-    child: Option<Child>,
-    started: Instant,
+    child: Supervised,
     log: dnsmasq::LogFollower,
 }
 
@@ -271,7 +272,7 @@ impl DnsmasqRun {
         settings: &DnsmasqSettings,
         vms: &VmStore,
     ) -> Result<DnsmasqRun, String> {
-        let found = dnsmasq::find_binary(binary).ok_or_else(|| {
+        let found = child::find_binary(binary).ok_or_else(|| {
             format!(
                 "dnsmasq not found ({}): apt-get install dnsmasq-base, pass --dnsmasq PATH, or --no-dnsmasq to run the HTTP handler alone",
                 binary.display()
@@ -308,32 +309,29 @@ impl DnsmasqRun {
         Ok(DnsmasqRun {
             binary: found,
             settings: settings.clone(),
-            child: None,
-            started: Instant::now(),
+            child: Supervised::new("dnsmasq", settings.log_path()),
             log: dnsmasq::LogFollower::at_end(settings.log_path()),
         })
     }
 
     fn start(&mut self) -> Result<(), String> {
-        let child = dnsmasq::spawn(&self.binary, &self.settings)
-            .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;
+        let pid = self
+            .child
+            .start(|| Ok(dnsmasq::command(&self.binary, &self.settings)))?;
         log!(
-            "dnsmasq started (pid {}, interface {}, config {}, log {})",
-            child.id(),
+            "dnsmasq started (pid {pid}, interface {}, config {}, log {})",
             self.settings.interface,
             self.settings.conf_path().display(),
             self.settings.log_path().display()
         );
-        self.child = Some(child);
-        self.started = Instant::now();
         Ok(())
     }
 
     fn sync_hosts(&mut self, vms: &VmStore) {
         match dnsmasq::write_hosts(&self.settings, &vms.current().vms) {
             Ok(true) => {
-                if let Some(child) = &self.child {
-                    dnsmasq::signal(child, libc::SIGHUP);
+                if self.child.pid().is_some() {
+                    self.child.signal(libc::SIGHUP);
                     log!("VM definitions changed: dnsmasq reloaded");
                 }
             }
@@ -368,37 +366,13 @@ impl DnsmasqRun {
         }
     }
 
-    /// Restarts dnsmasq if it died (not more often than every 2 s).
+    /// Restarts dnsmasq if it died.
     fn watch(&mut self) {
-        let exited = match self.child.as_mut().map(|c| c.try_wait()) {
-            Some(Ok(Some(status))) => Some(status.to_string()),
-            Some(Err(e)) => Some(e.to_string()),
-            _ => None,
-        };
-        if let Some(status) = exited {
-            self.child = None;
-            log!(
-                "dnsmasq exited ({status}); last lines of {}:",
-                self.settings.log_path().display()
-            );
-            let text = fs::read_to_string(self.settings.log_path()).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            for l in &lines[lines.len().saturating_sub(5)..] {
-                log!("  {l}");
-            }
-        }
-        if self.child.is_none() && self.started.elapsed() >= Duration::from_secs(2) {
+        self.child.reap();
+        if self.child.restart_due() {
             if let Err(e) = self.start() {
                 log!("{e}");
-                self.started = Instant::now();
             }
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            dnsmasq::stop(&mut child, Duration::from_secs(1));
-            log!("dnsmasq stopped");
         }
     }
 }
@@ -408,12 +382,9 @@ impl DnsmasqRun {
 struct NfsRun {
     settings: NfsSettings,
     roots: Arc<NfsRoots>,
-    binary: Option<PathBuf>,
-    child: Option<Child>,
+    child: Supervised,
     /// The exports the running (or next) ganesha has in its config.
     exports: Vec<Export>,
-    /// When ganesha was last started (restarts are at least 2 s apart).
-    started: Option<Instant>,
     /// True once ganesha accepted a connection since its start.
     listening: bool,
     last_error: Option<String>,
@@ -422,12 +393,10 @@ struct NfsRun {
 impl NfsRun {
     fn new(settings: NfsSettings, roots: Arc<NfsRoots>) -> NfsRun {
         NfsRun {
+            child: Supervised::new("nfs-ganesha", settings.log_path()),
             settings,
             roots,
-            binary: None,
-            child: None,
             exports: Vec::new(),
-            started: None,
             listening: false,
             last_error: None,
         }
@@ -471,33 +440,26 @@ impl NfsRun {
     }
 
     fn start(&mut self) {
-        if self.binary.is_none() {
-            self.binary = dnsmasq::find_binary(&self.settings.binary);
-        }
-        let Some(binary) = self.binary.clone() else {
-            let e = format!(
-                "{} not found: diskless VMs cannot boot; apt-get install nfs-ganesha nfs-ganesha-vfs, or pass --ganesha PATH",
-                self.settings.binary.display()
-            );
-            self.fail(e);
-            self.started = Some(Instant::now());
-            return;
-        };
-        self.started = Some(Instant::now());
         self.listening = false;
-        let conf = nfs::render_conf(&self.settings, &self.exports);
-        let written = fs::create_dir_all(&self.settings.work_dir)
-            .and_then(|()| crate::write_atomic(&self.settings.conf_path(), conf.as_bytes(), false));
-        if let Err(e) = written {
-            let e = format!("cannot write {}: {e}", self.settings.conf_path().display());
-            self.fail(e);
-            return;
-        }
-        match nfs::spawn(&binary, &self.settings) {
-            Ok(child) => {
+        let (settings, exports) = (&self.settings, &self.exports);
+        let started = self.child.start(|| {
+            let binary = child::find_binary(&settings.binary).ok_or_else(|| {
+                format!(
+                    "{} not found: diskless VMs cannot boot; apt-get install nfs-ganesha nfs-ganesha-vfs, or pass --ganesha PATH",
+                    settings.binary.display()
+                )
+            })?;
+            let conf = nfs::render_conf(settings, exports);
+            fs::create_dir_all(&settings.work_dir)
+                .and_then(|()| crate::write_atomic(&settings.conf_path(), conf.as_bytes(), false))
+                .map_err(|e| format!("cannot write {}: {e}", settings.conf_path().display()))?;
+            nfs::command(&binary, settings)
+                .map_err(|e| format!("cannot start {}: {e}", binary.display()))
+        });
+        match started {
+            Ok(pid) => {
                 log!(
-                    "nfs-ganesha started (pid {}, exports {}, config {}, log {})",
-                    child.id(),
+                    "nfs-ganesha started (pid {pid}, exports {}, config {}, log {})",
                     self.exports
                         .iter()
                         .map(|e| e.pseudo())
@@ -508,38 +470,19 @@ impl NfsRun {
                 );
                 self.roots.set_server_error(None);
                 self.last_error = None;
-                self.child = Some(child);
             }
-            Err(e) => {
-                let e = format!("cannot start {}: {e}", binary.display());
-                self.fail(e);
-            }
+            Err(e) => self.fail(e),
         }
     }
 
     /// Notices when ganesha starts accepting connections (then the exports are bootable) and
     /// restarts it when it died.
     fn watch(&mut self) {
-        let exited = match self.child.as_mut().map(|c| c.try_wait()) {
-            Some(Ok(Some(status))) => Some(status.to_string()),
-            Some(Err(e)) => Some(e.to_string()),
-            _ => None,
-        };
-        if let Some(status) = exited {
-            self.child = None;
+        if self.child.reap() {
             self.listening = false;
             self.roots.set_served(Vec::new());
-            log!(
-                "nfs-ganesha exited ({status}); last lines of {}:",
-                self.settings.log_path().display()
-            );
-            let text = fs::read_to_string(self.settings.log_path()).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            for l in &lines[lines.len().saturating_sub(5)..] {
-                log!("  {l}");
-            }
         }
-        if self.child.is_some() && !self.listening {
+        if self.child.pid().is_some() && !self.listening {
             let addr = SocketAddr::from(([127, 0, 0, 1], self.settings.port));
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
                 self.listening = true;
@@ -547,10 +490,7 @@ impl NfsRun {
                 log!("nfs-ganesha is serving on port {}", self.settings.port);
             }
         }
-        let due = self
-            .started
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
-        if self.child.is_none() && !self.exports.is_empty() && due {
+        if !self.exports.is_empty() && self.child.restart_due() {
             self.start();
         }
     }
@@ -565,17 +505,8 @@ impl NfsRun {
         self.last_error = Some(e);
     }
 
-    fn terminate(&self) {
-        if let Some(child) = &self.child {
-            dnsmasq::signal(child, libc::SIGTERM);
-        }
-    }
-
     fn stop(&mut self, grace: Duration) {
-        if let Some(mut child) = self.child.take() {
-            dnsmasq::stop(&mut child, grace);
-            log!("nfs-ganesha stopped");
-        }
+        self.child.stop(grace);
         self.listening = false;
     }
 }

@@ -202,13 +202,105 @@ fn boot_once_flow() {
         ]
     );
     assert!(timeline[0]["at_ms"].as_u64().unwrap() > 1_600_000_000_000);
+}
 
-    // A reprovision deletes the state file: the next boot installs again.
-    std::fs::remove_file(s.root().join("state/t1.state")).unwrap();
+/// Installs t1: the installer is handed out, then `installed` is reported.
+fn install(s: &common::Stack) {
     assert!(s
         .get(&format!("/ipxe?mac={MAC}"))
         .text()
         .contains("kernel "));
+    let r = s.send(
+        "POST",
+        &format!("/events/{MAC}"),
+        br#"{"phase":"installed"}"#,
+    );
+    assert_eq!(r.json()["state"], "installed");
+    assert!(s
+        .get(&format!("/ipxe?mac={MAC}"))
+        .text()
+        .contains("sanboot"));
+}
+
+#[test]
+fn reprovision_on_the_control_socket_installs_again() {
+    let mut s = Stack::new();
+    install(&s);
+    let r = s.control("POST", "/vms/t1/reprovision");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let status: pxelab_contract::VmStatus = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        (status.name.as_str(), status.mac.to_string()),
+        ("t1", MAC.to_string())
+    );
+    assert_eq!(status.state, pxelab_contract::VmState::New);
+    let last = status.last_event.expect("the reset is the last event");
+    assert_eq!(last.event.phase, pxelab_contract::Phase::Reprovision);
+    assert_eq!(status.since_ms, Some(last.at_ms));
+    assert_eq!(s.get("/status").json()["vms"][0]["state"], "new");
+    // The reset outlives a restart, and the next boot is an install.
+    s.start(
+        ServerOptions {
+            access_log: false,
+            ..ServerOptions::default()
+        },
+        true,
+    );
+    let t = s.get(&format!("/ipxe?mac={MAC}")).text();
+    assert!(t.contains("kernel ") && !t.contains("sanboot"), "{t}");
+    let phases: Vec<String> = s
+        .get("/vms/t1/timeline")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["phase"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        phases,
+        ["ipxe", "installed", "local-boot", "reprovision", "ipxe"]
+    );
+}
+
+#[test]
+fn reprovision_is_not_served_over_the_network() {
+    let s = Stack::new();
+    install(&s);
+    let r = s.send("POST", "/vms/t1/reprovision", b"");
+    assert_eq!(r.status, 404, "{}", r.text());
+    r.assert_one_line();
+    assert!(!r.text().contains("reprovision,"), "{}", r.text());
+    // Nor through the events a machine may post.
+    let r = s.send(
+        "POST",
+        &format!("/events/{MAC}"),
+        br#"{"phase":"reprovision"}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    r.assert_one_line();
+    assert!(
+        s.get(&format!("/ipxe?mac={MAC}"))
+            .text()
+            .contains("sanboot"),
+        "a network client reset an installed VM"
+    );
+}
+
+#[test]
+fn reprovision_of_an_unknown_vm_is_404() {
+    let s = Stack::new();
+    let r = s.control("POST", "/vms/nobody/reprovision");
+    assert_eq!(r.status, 404);
+    r.assert_one_line();
+    assert!(r.text().contains("nobody"), "{}", r.text());
+    let r = s.control("GET", "/vms/t1/reprovision");
+    assert_eq!((r.status, r.header("Allow")), (405, Some("POST")));
+    // The control socket lists its own route among the endpoints.
+    assert!(s
+        .control("GET", "/nope")
+        .text()
+        .contains("/vms/<name>/reprovision"));
+    assert_eq!(s.get("/vms/t1/timeline").json(), serde_json::json!([]));
 }
 
 #[test]

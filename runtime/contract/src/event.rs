@@ -41,6 +41,9 @@ pub enum Phase {
     /// A diskless VM mounted its root over NFS (reported by its initramfs); it is booting
     /// into the distro, with nothing to install.
     NfsRoot,
+    /// The operator reset the VM's install state (`POST /vms/<name>/reprovision` on the
+    /// control socket): its next network boot installs again. Never sent by a machine.
+    Reprovision,
 }
 
 impl Phase {
@@ -60,6 +63,7 @@ impl Phase {
             Phase::Installed => "installed",
             Phase::Failed => "failed",
             Phase::NfsRoot => "nfs-root",
+            Phase::Reprovision => "reprovision",
         }
     }
 }
@@ -116,6 +120,7 @@ impl VmState {
     /// (`ipxe`) starts over from any state but `installed`, which only a reprovision resets.
     pub fn after(self, phase: Phase) -> VmState {
         match (self, phase) {
+            (_, Phase::Reprovision) => VmState::New,
             (VmState::Installed, _) => VmState::Installed,
             (_, Phase::Ipxe) => VmState::Booting,
             // Observations of the network boot, not steps of the install.
@@ -154,7 +159,9 @@ pub struct InvalidVm {
 }
 
 /// The stack serves its HTTP API also on this Unix socket in its state directory (mode 0600),
-/// for local tools that cannot reach its network (a namespace, a container).
+/// for local tools that cannot reach its network (a namespace, a container). Operator actions
+/// are served only here: `POST /vms/<name>/reprovision` resets a VM's install state and
+/// answers its [`VmStatus`] (404 with a one-line reason for an unknown VM).
 pub const CONTROL_SOCKET: &str = "control.sock";
 
 /// The body of `GET /status`: every valid VM (sorted by name) and every rejected file.
@@ -186,6 +193,11 @@ mod tests {
         assert_eq!(walk(&[Ipxe, Installing, Failed, Ipxe]), VmState::Booting);
         assert_eq!(walk(&[Ipxe, Installed, Ipxe, Failed]), VmState::Installed);
         assert_eq!(walk(&[Dhcp, Ipxe, Kernel, NfsRoot]), VmState::Booting);
+        assert_eq!(walk(&[Ipxe, Installed, Reprovision]), VmState::New);
+        assert_eq!(
+            walk(&[Ipxe, Installed, Reprovision, Ipxe]),
+            VmState::Booting
+        );
     }
 
     #[test]

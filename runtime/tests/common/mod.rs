@@ -5,6 +5,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -24,6 +25,8 @@ pub const MAC: &str = "52:54:00:aa:bb:01";
 pub struct Stack {
     pub dir: tempfile::TempDir,
     pub server: Option<Server>,
+    /// The same handler on `<state>/control.sock`, as the stack serves it.
+    pub control: Option<Server>,
     pub addr: SocketAddr,
 }
 
@@ -61,6 +64,7 @@ impl Stack {
         let mut stack = Stack {
             dir,
             server: None,
+            control: None,
             addr: "127.0.0.1:1".parse().unwrap(),
         };
         stack.start(options, ip_check);
@@ -84,20 +88,43 @@ impl Stack {
         }
     }
 
-    /// (Re)starts the server on a fresh port over the same directories.
+    /// (Re)starts the server on a fresh port and the control socket over the same directories.
     pub fn start(&mut self, options: ServerOptions, ip_check: bool) {
-        if let Some(s) = self.server.take() {
+        for s in [self.server.take(), self.control.take()]
+            .into_iter()
+            .flatten()
+        {
             s.shutdown();
         }
+        let context = Arc::new(Stack::context(self.root(), ip_check));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let server = Server::start(
-            listener,
-            Arc::new(Stack::context(self.root(), ip_check)),
-            options,
-        )
-        .unwrap();
+        let server = Server::start(listener, context.clone(), options.clone()).unwrap();
         self.addr = server.local_addr();
         self.server = Some(server);
+        let path = self.control_path();
+        let _ = std::fs::remove_file(&path);
+        let unix = UnixListener::bind(&path).unwrap();
+        self.control = Some(Server::start_unix(unix, self.addr, context, options).unwrap());
+    }
+
+    pub fn control_path(&self) -> PathBuf {
+        self.root()
+            .join("state")
+            .join(pxelab_contract::CONTROL_SOCKET)
+    }
+
+    /// `method target` over the control socket.
+    pub fn control(&self, method: &str, target: &str) -> Reply {
+        let mut s = UnixStream::connect(self.control_path()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {target} HTTP/1.1\r\nHost: stack\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        parse_reply(&out).unwrap_or_else(|| panic!("no HTTP reply to {method} {target}: {out:?}"))
     }
 
     pub fn get(&self, target: &str) -> Reply {

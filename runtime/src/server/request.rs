@@ -1,0 +1,219 @@
+//! Reading one request off a connection: the head parsed by `httparse` within the deadline,
+//! the body by `Content-Length` (bounded), pipelined bytes kept for the next request.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    time::Instant,
+};
+
+use super::Conn;
+
+/// Longest request head (request line + headers) accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Longest request body accepted (events are a few hundred bytes).
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// Which listener a request came in on; routes that only local operators may use check it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// The HTTP port: the lab network, any client.
+    Network,
+    /// The control socket in the state directory: only users who may open that file.
+    Control,
+}
+
+/// A complete, parsed request.
+#[derive(Debug)]
+pub struct Request {
+    /// `GET`, `HEAD`, `POST`, … exactly as sent.
+    pub method: String,
+    /// The request target up to `?`, still percent-encoded.
+    pub path: String,
+    /// The part after `?` (without it), still percent-encoded; empty when absent.
+    pub query: String,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub peer: IpAddr,
+    /// The address the client connected to (the fallback for URLs we hand out).
+    pub local: SocketAddr,
+    pub channel: Channel,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why a connection ends early; each maps to a final error reply (or silence).
+pub(super) enum Stop {
+    /// The client closed, timed out before sending anything, or the socket failed.
+    Quiet,
+    Reply(u16, String),
+}
+
+pub(super) fn wants_keep_alive(request: &Request) -> bool {
+    let conn = request
+        .header("connection")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let http10 = request.header(":version").is_some_and(|v| v == "1.0");
+    if http10 {
+        conn.split(',').any(|t| t.trim() == "keep-alive")
+    } else {
+        !conn.split(',').any(|t| t.trim() == "close")
+    }
+}
+
+/// Reads until `buf` holds a complete head, then the body; leaves pipelined bytes in `buf`.
+pub(super) fn read_request(
+    stream: &mut impl Conn,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    peer: IpAddr,
+    local: SocketAddr,
+    channel: Channel,
+) -> Result<Request, Stop> {
+    let head_len = loop {
+        if !buf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Request::new(&mut headers);
+            match parsed.parse(buf) {
+                Ok(httparse::Status::Complete(n)) => break n,
+                Ok(httparse::Status::Partial) => {}
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(Stop::Reply(
+                        431,
+                        "too many request headers (at most 64)".into(),
+                    ))
+                }
+                Err(e) => return Err(Stop::Reply(400, format!("malformed HTTP request: {e}"))),
+            }
+            if buf.len() >= MAX_HEAD {
+                return Err(Stop::Reply(
+                    431,
+                    format!("request head larger than {MAX_HEAD} bytes"),
+                ));
+            }
+        }
+        match read_some(stream, buf, deadline, MAX_HEAD) {
+            Ok(0) => return Err(Stop::Quiet),
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) && !buf.is_empty() => {
+                return Err(Stop::Reply(408, "request not received in time".into()))
+            }
+            Err(_) => return Err(Stop::Quiet),
+        }
+    };
+
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if !matches!(parsed.parse(buf), Ok(httparse::Status::Complete(_))) {
+        return Err(Stop::Reply(400, "malformed HTTP request".into()));
+    }
+    let method = parsed.method.unwrap_or("").to_string();
+    let target = parsed.path.unwrap_or("");
+    let version = parsed.version.unwrap_or(1);
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_string(), q.to_string()),
+        None => (target.to_string(), String::new()),
+    };
+    let mut owned = Vec::with_capacity(parsed.headers.len() + 1);
+    for h in parsed.headers.iter() {
+        let value = std::str::from_utf8(h.value)
+            .map_err(|_| Stop::Reply(400, format!("header {} is not valid UTF-8", h.name)))?;
+        owned.push((h.name.to_ascii_lowercase(), value.trim().to_string()));
+    }
+    // A pseudo-header keeps the version next to the other request facts.
+    owned.push((
+        ":version".to_string(),
+        if version == 0 { "1.0" } else { "1.1" }.to_string(),
+    ));
+    buf.drain(..head_len);
+
+    let mut request = Request {
+        method,
+        path,
+        query,
+        headers: owned,
+        body: Vec::new(),
+        peer,
+        local,
+        channel,
+    };
+    if request.header("transfer-encoding").is_some() {
+        return Err(Stop::Reply(
+            411,
+            "chunked request bodies are not accepted: send a Content-Length".into(),
+        ));
+    }
+    let length = match request.header("content-length") {
+        None => 0,
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| Stop::Reply(400, format!("invalid Content-Length {v:?}")))?,
+    };
+    if length > MAX_BODY {
+        return Err(Stop::Reply(
+            413,
+            format!("request body of {length} bytes is over the limit of {MAX_BODY} bytes"),
+        ));
+    }
+    if length > buf.len()
+        && request
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+    {
+        let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    while buf.len() < length {
+        match read_some(stream, buf, deadline, MAX_BODY + MAX_HEAD) {
+            Ok(0) => return Err(Stop::Quiet),
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {
+                return Err(Stop::Reply(408, "request body not received in time".into()))
+            }
+            Err(_) => return Err(Stop::Quiet),
+        }
+    }
+    request.body = buf.drain(..length).collect();
+    Ok(request)
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// One `read` bounded by what is left until `deadline`.
+fn read_some(
+    stream: &mut impl Conn,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    cap: usize,
+) -> io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    stream.set_read_timeout(Some(left))?;
+    let mut chunk = [0u8; 8192];
+    let room = cap.saturating_sub(buf.len()).clamp(1, chunk.len());
+    loop {
+        match stream.read(&mut chunk[..room]) {
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
