@@ -4,7 +4,8 @@
 //!
 //! The test runs as root (to prepare a lab home and a user-readable copy of itself) and then
 //! runs its own binary again as `nobody`, which does the lab part through the same library
-//! calls `lab up` makes.
+//! calls `lab up` makes. It passes from a checkout nobody can enter (root's 0700 home) and with
+//! `TMPDIR` set to a private directory.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -48,7 +49,7 @@ fn sys_rootless_lab_boots_a_target_to_its_ipxe_script() {
     // files, as `lab up` installs them) and a copy of this test binary.
     let dir = tempfile::Builder::new()
         .prefix("pxelab-rootless-")
-        .tempdir()
+        .tempdir_in(temp_dir_for(NOBODY))
         .unwrap();
     let guard = Cleanup(dir.path().join("lab"));
     let lab = Lab::at(guard.0.clone()).unwrap();
@@ -66,7 +67,10 @@ fn sys_rootless_lab_boots_a_target_to_its_ipxe_script() {
     assert!(chown.success());
     let _tun = TunMode::world_usable();
 
+    // nobody starts in its own directory: the checkout this runs from may be one it cannot
+    // enter, and every command it runs would inherit that.
     let out = Command::new("setpriv")
+        .current_dir(dir.path())
         .args([
             &format!("--reuid={NOBODY}"),
             &format!("--regid={NOBODY}"),
@@ -104,6 +108,23 @@ fn sys_rootless_lab_boots_a_target_to_its_ipxe_script() {
         "left running: {}",
         String::from_utf8_lossy(&left.stdout)
     );
+}
+
+/// The temp dir if `uid` can reach it, else `/tmp`: `TMPDIR` may be a private (0700) directory.
+fn temp_dir_for(uid: u32) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let temp = std::env::temp_dir();
+    let reachable = temp.ancestors().all(|dir| {
+        std::fs::metadata(dir).is_ok_and(|m| {
+            let mode = m.mode();
+            mode & 0o001 != 0 || (m.uid() == uid && mode & 0o100 != 0)
+        })
+    });
+    if reachable {
+        temp
+    } else {
+        PathBuf::from("/tmp")
+    }
 }
 
 /// The part `nobody` runs: namespace, stack, one BIOS target to its iPXE script, lab down.
