@@ -255,7 +255,7 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
                     log.display()
                 );
             }
-            let sh = xshell::Shell::new()?;
+            let sh = process::shell()?;
             if follow {
                 xshell::cmd!(sh, "tail -n 50 -f {log}").run()?;
             } else {
