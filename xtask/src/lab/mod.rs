@@ -415,15 +415,26 @@ pub fn down_on_interrupt(home: PathBuf, keep: bool) -> Result<()> {
         } else {
             eprintln!("\ninterrupted: taking the lab at {} down", home.display());
             match Lab::at(home.clone()).and_then(|lab| down(&lab, true)) {
-                Ok(()) => {
-                    let _ = std::fs::remove_dir_all(&home);
-                }
+                Ok(()) => remove_while_written(&home),
                 Err(e) => eprintln!("lab down failed: {e:#}"),
             }
         }
         std::process::exit(130);
     })
     .context("installing the Ctrl-C handler")
+}
+
+/// Removes `dir` while the interrupted main thread, which runs on until `exit`, may still be
+/// creating files in it (a removal that meets a new file fails with "directory not empty").
+fn remove_while_written(dir: &std::path::Path) {
+    for _ in 0..50 {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Where build outputs for `arch` are (the repository's `build/stack/<arch>/`).
