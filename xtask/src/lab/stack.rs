@@ -284,8 +284,10 @@ pub fn reprovision(lab: &Lab, vm: &str) -> Result<VmStatus> {
     match post(lab, &path)? {
         (200, body) => serde_json::from_str(&body)
             .with_context(|| format!("the stack answered POST {path} with {body:?}")),
-        (404, _) => bail!(
-            "the stack does not know a VM named {vm:?}: is vms/{vm}.json valid? (`cargo xtask lab vm list`)"
+        (404, body) => bail!(
+            "the stack cannot reprovision {vm:?} ({}): `cargo xtask lab vm list` shows the VMs it \
+             knows; a stack started from an older build has no reprovision: `cargo xtask lab stack restart`",
+            body.trim()
         ),
         (status, body) => bail!("the stack answered POST {path} with {status}: {}", body.trim()),
     }
@@ -374,10 +376,13 @@ mod tests {
         let (_dir, lab) = lab();
         let server = serve_once(
             &lab.control_socket(),
-            "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found",
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 18\r\n\r\nno VM named \"ghost\"",
         );
         let err = reprovision(&lab, "ghost").unwrap_err().to_string();
-        assert!(err.contains("does not know a VM named \"ghost\""), "{err}");
+        assert!(
+            err.starts_with("the stack cannot reprovision \"ghost\" (no VM named \"ghost\"): "),
+            "{err}"
+        );
         server.join().unwrap();
     }
 
