@@ -22,10 +22,13 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use pxelab_contract::{Arch, Phase};
 
-use crate::lab::{
-    self, follow,
-    home::{Lab, VmFile},
-    net, qemu, stack, targets, vms, UpArgs,
+use crate::{
+    lab::{
+        self, follow,
+        home::{Lab, StackKind},
+        qemu, ssh, stack, targets, vms, UpArgs,
+    },
+    process::{self, pid},
 };
 
 #[derive(clap::Args)]
@@ -49,7 +52,7 @@ enum Part {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    net::require_root(
+    process::require_root(
         "the end-to-end test",
         "it runs the container stack and diskless targets",
     )?;
@@ -88,7 +91,7 @@ fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
         firmware: qemu::Firmware::Uefi,
         accel: qemu::AccelChoice::Auto,
         subnet: lab::home::DEFAULT_SUBNET.into(),
-        stack: Some(stack::StackKind::Process),
+        stack: Some(StackKind::Process),
         timeout: 1500,
     };
     if runs(Part::Install) {
@@ -136,7 +139,7 @@ fn install_with_restart(up: &UpArgs) -> Result<()> {
     );
     let lab = Lab::open()?;
     ensure!(
-        lab.config.stack == stack::StackKind::Container,
+        lab.config.stack == StackKind::Container,
         "after `reload --image` the lab should run a container stack, not {:?}",
         lab.config.stack
     );
@@ -172,7 +175,7 @@ fn step(what: &str) {
 fn rejects_bad_definitions() -> Result<()> {
     let lab = Lab::open()?;
     lab.create_dirs()?;
-    let key = targets::ensure_ssh_key(&lab)?;
+    let key = ssh::ensure_key(&lab)?;
     let subnet = lab.subnet()?;
     let request = |name: &str, mac: Option<&str>, ip: Option<&str>| vms::VmRequest {
         name: name.into(),
@@ -188,9 +191,9 @@ fn rejects_bad_definitions() -> Result<()> {
         subnet,
         &key,
     )?;
-    vms::write_new(&lab.dir("vms"), &first)?;
-    let before = snapshot(&lab.dir("vms"))?;
-    let existing = vms::load_all(&lab.dir("vms"))?;
+    vms::write_new(&lab.vms_dir(), &first)?;
+    let before = snapshot(&lab.vms_dir())?;
+    let existing = vms::load_all(&lab.vms_dir())?;
     let bad_mac = vms::plan(
         &existing,
         &request("bad-mac", Some("52:54:00:zz:00:01"), None),
@@ -217,7 +220,7 @@ fn rejects_bad_definitions() -> Result<()> {
         "the error does not name the VM holding the IP: {dup_ip}"
     );
     ensure!(
-        snapshot(&lab.dir("vms"))? == before,
+        snapshot(&lab.vms_dir())? == before,
         "a rejected definition changed the VMs directory"
     );
     targets::remove(&lab, "keep-1")
@@ -270,8 +273,8 @@ fn restart_during_stream(done: &AtomicBool, restarted: &AtomicBool) -> Result<()
 }
 
 fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmware) -> Result<()> {
-    let key = targets::ensure_ssh_key(lab)?;
-    let existing = vms::load_all(&lab.dir("vms"))?;
+    let key = ssh::ensure_key(lab)?;
+    let existing = vms::load_all(&lab.vms_dir())?;
     let request = vms::VmRequest {
         name: name.into(),
         distro: distro.to_string(),
@@ -281,10 +284,10 @@ fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmwa
         boot: pxelab_contract::BootMode::Install,
     };
     let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
-    targets::create_disk(lab, name, "20G")?;
-    vms::write_new(&lab.dir("vms"), &vm)?;
+    targets::create_disk(lab, name, targets::DEFAULT_DISK_SIZE)?;
+    vms::write_new(&lab.vms_dir(), &vm)?;
     std::thread::sleep(Duration::from_secs(3)); // the stack re-reads definitions within 2 s
-    let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.dir("run"))?;
+    let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.run_dir())?;
     let started = follow::now_ms();
     targets::start_vm(lab, &vm, firmware, accel)?;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -308,16 +311,12 @@ fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmwa
         }
         std::thread::sleep(Duration::from_secs(1));
     }
-    qemu::stop(
-        &lab.vm_file(name, VmFile::Pid),
-        &lab.vm_file(name, VmFile::Qmp),
-        Duration::from_secs(5),
-    )
+    targets::stop_vm(lab, name, Duration::from_secs(5))
 }
 
 fn ssh_output(lab: &Lab, name: &str, command: &str) -> Result<String> {
     let vm = targets::definition(lab, name)?;
-    let out = targets::ssh(lab, &vm, &[command.to_string()])?.output()?;
+    let out = ssh::command(lab, &vm, &[command.to_string()])?.output()?;
     ensure!(
         out.status.success(),
         "ssh {name} {command} failed: {}",
@@ -354,22 +353,19 @@ impl Drop for Teardown {
 
 fn teardown(home: &std::path::Path) -> Result<()> {
     let lab = Lab::at(home.to_path_buf())?;
-    let pids: Vec<i32> = std::fs::read_dir(lab.dir("run"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| qemu::running_pid(&e.path()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let pids: Vec<pid::Pid> = lab.pidfiles().iter().filter_map(|f| pid::read(f)).collect();
     let ns = lab.config.namespace.clone();
     let nfs = crate::e2e_diskless::nfs_server_pid(&lab);
     let container = stack::container_name(&lab);
     lab::down(&lab, true)?;
-    let exists = std::process::Command::new("podman")
-        .args(["container", "exists", &container])
-        .status();
+    let sh = process::shell()?;
+    let exists = xshell::cmd!(sh, "podman container exists {container}")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run();
     ensure!(
-        !exists.is_ok_and(|s| s.success()),
+        exists.is_err(),
         "container {container} still exists after lab down"
     );
     ensure!(
@@ -377,10 +373,10 @@ fn teardown(home: &std::path::Path) -> Result<()> {
         "namespace {ns} still exists after lab down"
     );
     for pid in pids.into_iter().chain(nfs) {
-        // SAFETY: signal 0 only checks existence.
         ensure!(
-            unsafe { libc::kill(pid, 0) } != 0,
-            "process {pid} still runs after lab down"
+            !pid.is_running(),
+            "process {} still runs after lab down",
+            pid.id()
         );
     }
     std::fs::remove_dir_all(home).with_context(|| format!("removing {}", home.display()))

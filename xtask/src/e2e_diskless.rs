@@ -25,10 +25,13 @@ use anyhow::{bail, ensure, Context, Result};
 use pxelab_contract::{Arch, BootMode, Phase, VmDefinition};
 use sha2::{Digest, Sha256};
 
-use crate::lab::{
-    follow,
-    home::{Lab, VmFile},
-    qemu, targets, vms,
+use crate::{
+    lab::{
+        follow,
+        home::{Lab, VmFile},
+        qemu, ssh, targets, vms,
+    },
+    process::pid,
 };
 
 /// The diskless VMs this scenario defines and the firmware each boots with. UEFI is what
@@ -41,10 +44,10 @@ pub const VMS: [(&str, qemu::Firmware); 2] = [
 
 /// Boots [`VMS`] diskless from `distro` (a pulled distro, e.g. `debian-12`) and checks them.
 pub fn scenario(lab: &Lab, distro: &str) -> Result<()> {
-    let key = targets::ensure_ssh_key(lab)?;
+    let key = ssh::ensure_key(lab)?;
     let mut defined = Vec::new();
     for (name, _) in VMS {
-        let existing = vms::load_all(&lab.dir("vms"))?;
+        let existing = vms::load_all(&lab.vms_dir())?;
         let request = vms::VmRequest {
             name: name.into(),
             distro: distro.into(),
@@ -54,12 +57,12 @@ pub fn scenario(lab: &Lab, distro: &str) -> Result<()> {
             boot: BootMode::Nfsroot,
         };
         let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
-        vms::write_new(&lab.dir("vms"), &vm)?;
+        vms::write_new(&lab.vms_dir(), &vm)?;
         defined.push(vm);
     }
     // The stack re-reads definitions within a second and starts unpacking the export.
     std::thread::sleep(Duration::from_secs(2));
-    let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.dir("run"))?;
+    let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.run_dir())?;
     let mut started = BTreeMap::new();
     for (vm, (_, firmware)) in defined.iter().zip(VMS) {
         started.insert(vm.name.clone(), follow::now_ms());
@@ -67,11 +70,7 @@ pub fn scenario(lab: &Lab, distro: &str) -> Result<()> {
     }
     let result = checks(lab, distro, &defined, &started);
     for vm in &defined {
-        let stopped = qemu::stop(
-            &lab.vm_file(&vm.name, VmFile::Pid),
-            &lab.vm_file(&vm.name, VmFile::Qmp),
-            Duration::from_secs(5),
-        );
+        let stopped = targets::stop_vm(lab, &vm.name, Duration::from_secs(5));
         if result.is_ok() {
             stopped?;
         }
@@ -246,7 +245,7 @@ fn checks(
 fn wait_ssh(lab: &Lab, vm: &VmDefinition, start_ms: u64, deadline: Instant) -> Result<()> {
     let mut mounted = false;
     loop {
-        if qemu::running_pid(&lab.vm_file(&vm.name, VmFile::Pid)).is_none() {
+        if pid::read(&lab.vm_file(&vm.name, VmFile::Pid)).is_none() {
             bail!(
                 "QEMU of {} is not running any more\n{}",
                 vm.name,
@@ -269,7 +268,7 @@ fn wait_ssh(lab: &Lab, vm: &VmDefinition, start_ms: u64, deadline: Instant) -> R
         } else {
             // No host keys on the console yet (cloud-init still running) is "not yet", not an error.
             let answered =
-                targets::ssh(lab, vm, &["hostname".to_string()]).and_then(|mut c| Ok(c.output()?));
+                ssh::command(lab, vm, &["hostname".to_string()]).and_then(|mut c| Ok(c.output()?));
             if let Some(out) = answered.ok().filter(|out| out.status.success()) {
                 let host = String::from_utf8_lossy(&out.stdout).trim().to_string();
                 ensure!(
@@ -309,7 +308,7 @@ fn ssh_output_within(
     command: &str,
     limit: Duration,
 ) -> Result<String> {
-    let mut child = targets::ssh(lab, vm, &[command.to_string()])?
+    let mut child = ssh::command(lab, vm, &[command.to_string()])?
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -340,7 +339,7 @@ fn ssh_output_within(
 
 /// The unpacked export the stack serves for `distro` (`images/<distro>/x86_64/nfsroot-*`).
 pub fn export_dir(lab: &Lab, distro: &str) -> Result<PathBuf> {
-    let dir = lab.dir("images").join(distro).join(Arch::X86_64.as_str());
+    let dir = lab.images_dir(distro, Arch::X86_64.as_str());
     let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .flatten()
@@ -407,13 +406,16 @@ fn tree_digest(root: &Path) -> Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// ganesha's pid while the stack runs it (read it before `lab down`, check it is gone after).
-pub fn nfs_server_pid(lab: &Lab) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(lab.dir("state").join("nfs/ganesha.pid"))
+/// ganesha's process while the stack runs it (read it before `lab down`, check it is gone
+/// after).
+pub fn nfs_server_pid(lab: &Lab) -> Option<pid::Pid> {
+    let pid: u32 = std::fs::read_to_string(lab.nfs_server_pidfile())
         .ok()?
         .trim()
         .parse()
         .ok()?;
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    (comm.trim() == "ganesha.nfsd").then_some(pid)
+    (comm.trim() == "ganesha.nfsd")
+        .then(|| pid::Pid::of(pid).ok())
+        .flatten()
 }

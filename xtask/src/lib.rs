@@ -13,7 +13,6 @@ pub mod e2e_diskless;
 pub mod fetch;
 pub mod hostdeps;
 pub mod lab;
-pub mod labhome;
 pub mod lock;
 mod lock_debian;
 pub mod process;

@@ -5,12 +5,39 @@
 //!
 //! It is the only module that turns an `xshell::Cmd` into a `std::process::Command` (the tidy
 //! test holds the rest of xtask to that), so every failure reads the same: the command, the
-//! directory it ran in, its status, and the tail of what it printed.
+//! directory it ran in, its status, and the tail of what it printed. Processes found again
+//! later through pid files, and signals to them, are [`pid`]'s.
+
+pub mod pid;
 
 use std::path::Path;
 use std::process::{Command, ExitStatus, Output, Stdio};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+
+/// A shell whose commands run in `/`, for commands given only absolute paths (the lab's). They
+/// then work wherever the caller stands, also in a directory that the user they run as cannot
+/// enter: xshell changes into its shell's directory before every command, and `cargo xtask
+/// test` runs the rootless lab as `nobody` from a checkout that may be in root's 0700 home.
+pub fn shell() -> Result<xshell::Shell> {
+    let sh = xshell::Shell::new()?;
+    sh.change_dir("/");
+    Ok(sh)
+}
+
+/// Whether this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// What needs root, with the reason: a one-line error otherwise.
+pub fn require_root(what: &str, why: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{what} needs root ({why}): run as root, e.g. `sudo -E cargo xtask …`");
+    }
+    Ok(())
+}
 
 /// How much of a failed command's stdout and stderr an error quotes.
 const TAIL_BYTES: usize = 4000;

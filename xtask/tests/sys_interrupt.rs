@@ -2,19 +2,23 @@
 //! throw-away lab down: no namespace, no stack, no QEMU and no lab home are left behind.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+use xshell::cmd;
+use xtask::process::{self, pid};
 
 #[test]
 fn sys_interrupted_e2e_leaves_no_lab_behind() {
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        process::is_root(),
         "this test needs root (network namespaces): run it through `cargo xtask test`"
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["e2e", "--only", "firmware"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+    let sh = process::shell().unwrap();
+    let xtask = env!("CARGO_BIN_EXE_xtask");
+    let mut child = process::command(cmd!(sh, "{xtask} e2e --only firmware"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let home = std::env::temp_dir().join(format!("pxelab-e2e-{}", child.id()));
@@ -34,25 +38,20 @@ fn sys_interrupted_e2e_leaves_no_lab_behind() {
         .as_str()
         .unwrap()
         .to_string();
-    let stack: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let stack = pid::read(&pidfile).expect("the pid file names the running stack");
     assert!(Path::new("/run/netns").join(&ns).exists());
 
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    pid::Pid::of(child.id()).unwrap().signal(libc::SIGINT);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "exit status after Ctrl-C");
     assert!(
         !Path::new("/run/netns").join(&ns).exists(),
         "namespace {ns} left behind"
     );
-    // SAFETY: signal 0 only checks existence.
     assert!(
-        unsafe { libc::kill(stack, 0) } != 0,
-        "the stack (pid {stack}) still runs"
+        !stack.is_running(),
+        "the stack (pid {}) still runs",
+        stack.id()
     );
     assert!(!home.exists(), "{} left behind", home.display());
 }

@@ -4,23 +4,27 @@
 //!
 //! The test runs as root (to prepare a lab home and a user-readable copy of itself) and then
 //! runs its own binary again as `nobody`, which does the lab part through the same library
-//! calls `lab up` makes.
+//! calls `lab up` makes. It passes from a checkout nobody can enter (root's 0700 home) and with
+//! `TMPDIR` set to a private directory.
 
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use pxelab_contract::{Arch, BootMode, Phase};
-use xtask::lab::{
-    artifacts, down,
-    follow::timeline,
-    home::{Lab, VmFile},
-    net,
-    qemu::{running_pid, Accel, Firmware},
-    stack, targets, vms,
+use xshell::cmd;
+use xtask::{
+    lab::{
+        artifacts, down,
+        follow::timeline,
+        home::{Lab, VmFile},
+        net,
+        qemu::{Accel, Firmware},
+        ssh, stack, targets, vms,
+    },
+    process::{self, pid},
 };
 
 /// Set in the environment of the unprivileged run: the lab home it works in.
@@ -33,13 +37,18 @@ fn sys_rootless_lab_boots_a_target_to_its_ipxe_script() {
         return unprivileged(PathBuf::from(home));
     }
     assert!(
-        !net::rootless(),
+        process::is_root(),
         "this test needs root (it prepares a lab for the user nobody): run it through `cargo xtask test`"
     );
-    for tool in ["setpriv", "unshare", "nsenter"] {
+    for tool in ["setpriv", "unshare", "nsenter", "pgrep"] {
+        let package = if tool == "pgrep" {
+            "procps"
+        } else {
+            "util-linux"
+        };
         assert!(
-            Command::new(tool).arg("--version").output().is_ok(),
-            "{tool} not found: apt-get install util-linux"
+            xtask::hostdeps::find_bin(tool).is_some(),
+            "{tool} not found: apt-get install {package}"
         );
     }
     xtask::hostdeps::ensure(&targets::LAB_TOOLS).unwrap();
@@ -48,7 +57,7 @@ fn sys_rootless_lab_boots_a_target_to_its_ipxe_script() {
     // files, as `lab up` installs them) and a copy of this test binary.
     let dir = tempfile::Builder::new()
         .prefix("pxelab-rootless-")
-        .tempdir()
+        .tempdir_in(temp_dir_for(NOBODY))
         .unwrap();
     let guard = Cleanup(dir.path().join("lab"));
     let lab = Lab::at(guard.0.clone()).unwrap();
@@ -58,34 +67,30 @@ fn sys_rootless_lab_boots_a_target_to_its_ipxe_script() {
     let exe = dir.path().join("test-bin");
     std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let chown = Command::new("chown")
-        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(chown.success());
+    let sh = process::shell().unwrap();
+    let (owner, top) = (format!("{NOBODY}:{NOBODY}"), dir.path());
+    process::output(cmd!(sh, "chown -R {owner} {top}")).unwrap();
     let _tun = TunMode::world_usable();
 
-    let out = Command::new("setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-            "--",
-        ])
-        .arg(&exe)
-        .args([
-            "sys_rootless_lab_boots_a_target_to_its_ipxe_script",
-            "--exact",
-            "--nocapture",
-        ])
+    // nobody starts in its own directory: the checkout this runs from may be one it cannot
+    // enter, and every command it runs would inherit that.
+    sh.change_dir(dir.path());
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let (uid, gid) = (format!("--reuid={NOBODY}"), format!("--regid={NOBODY}"));
+    let out = process::command(
+        cmd!(
+            sh,
+            "setpriv {uid} {gid} --clear-groups -- {exe}
+                sys_rootless_lab_boots_a_target_to_its_ipxe_script --exact --nocapture"
+        )
         .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PATH", path)
         .env("HOME", &guard.0)
         .env("PXELAB_HOME", &guard.0)
-        .env(CHILD, &guard.0)
-        .output()
-        .unwrap();
+        .env(CHILD, &guard.0),
+    )
+    .output()
+    .unwrap();
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -94,35 +99,49 @@ fn sys_rootless_lab_boots_a_target_to_its_ipxe_script() {
     assert!(out.status.success(), "the rootless run failed:\n{log}");
     assert!(log.contains("reached LocalBoot"), "{log}");
     // Nothing the user started is left: no process of nobody runs from this lab home.
-    let left = Command::new("pgrep")
-        .args(["-u", &NOBODY.to_string(), "-a", "-f"])
-        .arg(guard.0.to_string_lossy().as_ref())
-        .output()
+    let (user, home) = (NOBODY.to_string(), &guard.0);
+    let left = cmd!(sh, "pgrep -u {user} -a -f {home}")
+        .quiet()
+        .ignore_status()
+        .read()
         .unwrap();
-    assert!(
-        left.stdout.is_empty(),
-        "left running: {}",
-        String::from_utf8_lossy(&left.stdout)
-    );
+    assert!(left.is_empty(), "left running: {left}");
+}
+
+/// The temp dir if `uid` can reach it, else `/tmp`: `TMPDIR` may be a private (0700) directory.
+fn temp_dir_for(uid: u32) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let temp = std::env::temp_dir();
+    let reachable = temp.ancestors().all(|dir| {
+        std::fs::metadata(dir).is_ok_and(|m| {
+            let mode = m.mode();
+            mode & 0o001 != 0 || (m.uid() == uid && mode & 0o100 != 0)
+        })
+    });
+    if reachable {
+        temp
+    } else {
+        PathBuf::from("/tmp")
+    }
 }
 
 /// The part `nobody` runs: namespace, stack, one BIOS target to its iPXE script, lab down.
 fn unprivileged(home: PathBuf) {
-    assert!(net::rootless(), "the child must run without root");
+    assert!(!process::is_root(), "the child must run without root");
     let lab = Lab::at(home).unwrap();
     lab.save_config().unwrap();
     let net = lab.net().unwrap();
     net.create().unwrap();
     assert!(net.exists());
     // Diskless targets and the container stack stay root-only, and say so.
-    let err = net::require_root("a diskless target", net::NO_ROOTLESS_NFS).unwrap_err();
+    let err = process::require_root("a diskless target", net::NO_ROOTLESS_NFS).unwrap_err();
     assert!(err.to_string().contains("CAP_DAC_READ_SEARCH"), "{err}");
 
     assert!(stack::start(&lab).unwrap());
     stack::wait_healthy(&lab, Duration::from_secs(30)).unwrap();
     // A new build in the lab home makes the running stack stale (`lab up` then restarts it).
     assert!(!stack::is_stale(&lab));
-    let binary = lab.dir("bin").join("pxelab-stack");
+    let binary = lab.stack_binary();
     let built = std::fs::read(&binary).unwrap();
     let mut rebuilt = built.clone();
     rebuilt.extend_from_slice(b"\0");
@@ -133,7 +152,7 @@ fn unprivileged(home: PathBuf) {
     );
     xtask::store::write_atomic(&binary, &built).unwrap();
 
-    let key = targets::ensure_ssh_key(&lab).unwrap();
+    let key = ssh::ensure_key(&lab).unwrap();
     let request = vms::VmRequest {
         name: "target-1".into(),
         distro: "debian-12".into(),
@@ -147,7 +166,7 @@ fn unprivileged(home: PathBuf) {
     // the stack's "boot from the local disk" script are the whole network path.
     vm.pxeboot = false;
     targets::create_disk(&lab, &vm.name, "1G").unwrap();
-    vms::write_new(&lab.dir("vms"), &vm).unwrap();
+    vms::write_new(&lab.vms_dir(), &vm).unwrap();
     // The stack sees the definition within a second; the reservation must be in place
     // before the target's first DHCP request.
     std::thread::sleep(Duration::from_secs(2));
@@ -171,9 +190,9 @@ fn unprivileged(home: PathBuf) {
     };
     let console =
         std::fs::read_to_string(lab.vm_file(&vm.name, VmFile::Console)).unwrap_or_default();
-    let stack_log = std::fs::read_to_string(lab.dir("logs").join("stack.log")).unwrap_or_default();
-    let vm_pid = running_pid(&lab.vm_file(&vm.name, VmFile::Pid));
-    let stack_pid = running_pid(&lab.stack_pidfile());
+    let stack_log = std::fs::read_to_string(lab.stack_log()).unwrap_or_default();
+    let vm_pid = pid::read(&lab.vm_file(&vm.name, VmFile::Pid));
+    let stack_pid = pid::read(&lab.stack_pidfile());
     down(&lab, true).unwrap();
     assert!(
         reached,
@@ -182,11 +201,7 @@ fn unprivileged(home: PathBuf) {
     println!("target-1 reached LocalBoot in a rootless lab");
     assert!(!net.exists(), "the namespace holder survived lab down");
     for pid in [vm_pid, stack_pid].into_iter().flatten() {
-        // SAFETY: signal 0 only checks existence.
-        assert!(
-            unsafe { libc::kill(pid, 0) } != 0,
-            "pid {pid} survived lab down"
-        );
+        assert!(!pid.is_running(), "pid {} survived lab down", pid.id());
     }
 }
 
@@ -195,11 +210,12 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let run = self.0.join("run");
-        for entry in std::fs::read_dir(&run).into_iter().flatten().flatten() {
-            if let Some(pid) = running_pid(&entry.path()) {
-                // SAFETY: killing a process this test's lab started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+        let Ok(lab) = Lab::at(self.0.clone()) else {
+            return;
+        };
+        for file in lab.pidfiles() {
+            if let Some(pid) = pid::read(&file) {
+                let _ = pid.kill();
             }
         }
     }

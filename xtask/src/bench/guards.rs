@@ -8,6 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use xshell::cmd;
+
+use crate::process;
 
 /// A background server process, stopped with SIGTERM (then SIGKILL after 5 s) on drop. SIGTERM
 /// rather than SIGKILL so nginx's master takes its workers down with it.
@@ -18,7 +21,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `cmd` with stdout and stderr appended to `log` (never a pipe nobody reads).
+    /// Starts `cmd` (from [`process::command`]) with stdout and stderr appended to `log`
+    /// (never a pipe nobody reads).
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Server> {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
@@ -27,7 +31,7 @@ impl Server {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .with_context(|| format!("starting {name} ({cmd:?})"))?;
+            .with_context(|| format!("starting {name} ({})", process::describe(cmd)))?;
         Ok(Server {
             name: name.into(),
             child,
@@ -35,8 +39,11 @@ impl Server {
         })
     }
 
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+    /// Sends `signal` to the server unless it has exited.
+    pub fn signal(&self, signal: i32) {
+        if let Ok(pid) = process::pid::Pid::of(self.child.id()) {
+            pid.signal(signal);
+        }
     }
 
     /// An error (with the end of its log) if the process has exited.
@@ -79,8 +86,7 @@ impl Drop for Server {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
-        // SAFETY: signalling our own child, which has not been reaped yet (pid still ours).
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -126,20 +132,21 @@ impl LoopDev {
         File::create(image)
             .and_then(|f| f.set_len(size))
             .with_context(|| format!("creating the sparse disk image {}", image.display()))?;
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--partscan"])
-            .arg(image)
-            .output()
-            .context("running losetup (util-linux)")?;
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !out.status.success() || !dev.starts_with("/dev/loop") {
-            let _ = std::fs::remove_file(image);
-            bail!(
-                "losetup --find --show {} failed: {}",
-                image.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let sh = process::shell()?;
+        let dev =
+            process::read(cmd!(sh, "losetup --find --show --partscan {image}")).and_then(|dev| {
+                match dev.starts_with("/dev/loop") {
+                    true => Ok(dev),
+                    false => bail!("losetup named {dev:?}, not a loop device"),
+                }
+            });
+        let dev = match dev {
+            Ok(dev) => dev,
+            Err(e) => {
+                let _ = std::fs::remove_file(image);
+                return Err(e.context("attaching a loop device (losetup, util-linux)"));
+            }
+        };
         Ok(LoopDev {
             dev,
             image: image.to_path_buf(),
@@ -159,12 +166,10 @@ impl Drop for LoopDev {
         let backing = Path::new("/sys/block")
             .join(self.dev.trim_start_matches("/dev/"))
             .join("loop/backing_file");
+        let Ok(sh) = process::shell() else { return };
+        let dev = &self.dev;
         for _ in 0..50 {
-            let _ = Command::new("losetup")
-                .arg("-d")
-                .arg(&self.dev)
-                .stderr(Stdio::null())
-                .status();
+            let _ = process::status_logged(cmd!(sh, "losetup -d {dev}"), None);
             if !backing.exists() {
                 break;
             }
@@ -192,19 +197,8 @@ pub struct Mount(pub PathBuf);
 impl Mount {
     pub fn new(source: &str, at: &Path, args: &[&str]) -> Result<Mount> {
         std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
-        let out = Command::new("mount")
-            .args(args)
-            .arg(source)
-            .arg(at)
-            .output()
-            .context("running mount")?;
-        if !out.status.success() {
-            bail!(
-                "mount {source} {} failed: {}",
-                at.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let sh = process::shell()?;
+        process::output(cmd!(sh, "mount {args...} {source} {at}"))?;
         Ok(Mount(at.to_path_buf()))
     }
 }
@@ -216,17 +210,10 @@ impl Drop for Mount {
 }
 
 fn unmount(at: &Path) {
-    let ok = Command::new("umount")
-        .arg(at)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let Ok(sh) = process::shell() else { return };
+    let ok = process::status_logged(cmd!(sh, "umount {at}"), None).is_ok_and(|s| s.success());
     if !ok {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(at)
-            .stderr(Stdio::null())
-            .status();
+        let _ = process::status_logged(cmd!(sh, "umount -l {at}"), None);
     }
 }
 
@@ -260,7 +247,8 @@ impl LabGuard {
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
-        if self.0.join("lab.json").exists() {
+        let created = crate::lab::home::Lab::at(self.0.clone()).is_ok_and(|lab| lab.is_created());
+        if created {
             if let Err(e) = self.down() {
                 eprintln!(
                     "bench: warning: lab down in {} failed: {e:#}",
@@ -285,12 +273,7 @@ mod tests {
     /// A figure that fails half-way must leave no loop device, mount or image behind.
     #[test]
     fn sys_loop_device_and_mount_are_gone_after_drop() {
-        // SAFETY: geteuid cannot fail.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "this test needs root (losetup, mount)"
-        );
+        assert!(process::is_root(), "this test needs root (losetup, mount)");
         require("losetup", "util-linux");
         require("mke2fs", "e2fsprogs");
         let dir = tempfile::tempdir().unwrap();
@@ -298,30 +281,14 @@ mod tests {
         let at = dir.path().join("mnt");
         let dev = {
             let disk = LoopDev::attach(&image, 64 << 20).unwrap();
-            let out = Command::new("mke2fs")
-                .args(["-t", "ext4", "-F", "-q"])
-                .arg(&disk.dev)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "mke2fs: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let sh = process::shell().unwrap();
+            let dev = &disk.dev;
+            process::output(cmd!(sh, "mke2fs -t ext4 -F -q {dev}")).unwrap();
             let _mount = Mount::new(&disk.dev, &at, &[]).unwrap();
             // Left mounted on purpose: LoopDev's drop must unmount it too.
             let second = dir.path().join("again");
             std::fs::create_dir_all(&second).unwrap();
-            let out = Command::new("mount")
-                .arg(&disk.dev)
-                .arg(&second)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "mount: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            process::output(cmd!(sh, "mount {dev} {second}")).unwrap();
             assert_eq!(
                 mounts_where(|_, m| Path::new(m).starts_with(dir.path())).len(),
                 2
@@ -332,8 +299,8 @@ mod tests {
             mounts_where(|_, m| Path::new(m).starts_with(dir.path())).is_empty(),
             "mounts left behind"
         );
-        let list = Command::new("losetup").arg("-a").output().unwrap();
-        let list = String::from_utf8_lossy(&list.stdout);
+        let sh = process::shell().unwrap();
+        let list = process::read(cmd!(sh, "losetup -a")).unwrap();
         assert!(
             !list
                 .lines()

@@ -13,15 +13,16 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use pxelab_contract::{Arch, BootMode, Mac, VmDefinition};
+use xshell::cmd;
 
 use super::guards::Server;
 use super::report::{Better, Group, Row};
 use super::{free_port, mib, Ctx};
 use crate::hostdeps::{HostDep, Probe};
+use crate::process;
 
 const MAC: &str = "52:54:00:be:4c:01";
 const FILE_SIZE: u64 = 256 << 20;
@@ -57,16 +58,15 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     let data = dir.join("data");
     write_fixture(&data)?;
 
+    let sh = process::shell()?;
     let ours_port = free_port()?;
+    let listen = format!("127.0.0.1:{ours_port}");
     let mut ours = Server::spawn(
         "pxelab-stack",
-        Command::new(&stack_bin).arg("--data-dir").arg(&data).args([
-            "--no-dnsmasq",
-            "--no-access-log",
-            "--no-ip-check",
-            "--listen",
-            &format!("127.0.0.1:{ours_port}"),
-        ]),
+        &mut process::command(cmd!(
+            sh,
+            "{stack_bin} --data-dir {data} --no-dnsmasq --no-access-log --no-ip-check --listen {listen}"
+        )),
         &dir.join("pxelab-stack.log"),
     )?;
     let ours_base = format!("http://127.0.0.1:{ours_port}");
@@ -84,15 +84,10 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
 
     let nginx_port = free_port()?;
     let conf = write_nginx_conf(&dir, &data, nginx_port)?;
+    let (prefix, error_log) = (dir.join("nginx"), dir.join("nginx/error.log"));
     let mut nginx = Server::spawn(
         "nginx",
-        Command::new("nginx")
-            .arg("-p")
-            .arg(dir.join("nginx"))
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.join("nginx/error.log")),
+        &mut process::command(cmd!(sh, "nginx -p {prefix} -c {conf} -e {error_log}")),
         &dir.join("nginx.log"),
     )?;
     let nginx_base = format!("http://127.0.0.1:{nginx_port}");
@@ -233,32 +228,15 @@ fn wrk(dir: &Path, url: &str, clients: u32, secs: u32) -> Result<Wrk> {
     if !script.exists() {
         std::fs::write(&script, WRK_SCRIPT)?;
     }
-    let threads = clients.min(2);
-    let out = Command::new("wrk")
-        .args([
-            "-t",
-            &threads.to_string(),
-            "-c",
-            &clients.to_string(),
-            "-d",
-            &format!("{secs}s"),
-            "--timeout",
-            "60s",
-            "-s",
-        ])
-        .arg(&script)
-        .arg(url)
-        .output()
-        .context("running wrk")?;
+    let threads = clients.min(2).to_string();
+    let clients = clients.to_string();
+    let duration = format!("{secs}s");
+    let sh = process::shell()?;
+    let out = process::output(cmd!(
+        sh,
+        "wrk -t {threads} -c {clients} -d {duration} --timeout 60s -s {script} {url}"
+    ))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "wrk failed ({}): {}{}",
-            out.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
     let line = stdout
         .lines()
         .find_map(|l| l.strip_prefix("pxelab-wrk "))
@@ -395,8 +373,17 @@ fn chmod_755(p: &Path) -> Result<()> {
         .with_context(|| format!("chmod 755 {}", p.display()))
 }
 
+/// The output of a `--version`-like command, whatever its exit status (`wrk --version` exits 1).
+fn version_output(program: &str, flag: &str) -> Result<std::process::Output> {
+    let sh = process::shell()?;
+    Ok(cmd!(sh, "{program} {flag}")
+        .quiet()
+        .ignore_status()
+        .output()?)
+}
+
 fn nginx_version() -> String {
-    let out = Command::new("nginx").arg("-v").output();
+    let out = version_output("nginx", "-v");
     let text = out
         .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
         .unwrap_or_default();
@@ -409,7 +396,7 @@ fn nginx_version() -> String {
 }
 
 fn wrk_version() -> String {
-    let out = Command::new("wrk").arg("--version").output();
+    let out = version_output("wrk", "--version");
     let text = out
         .map(|o| {
             format!(

@@ -10,16 +10,18 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pxelab_contract::{Arch, BootMode, Mac, Phase, TimelineEntry, VmDefinition};
+use xshell::cmd;
 
 use super::guards::{http_get, LoopDev, Mount, MountsUnder, Server};
 use super::report::{Better, Group, Row};
 use super::{free_port, log_tail, mib, timed, Ctx};
 use crate::hostdeps::{HostDep, Probe};
+use crate::lab::home::Lab;
+use crate::process;
 
 const NAME: &str = "bench-install";
 const MAC: &str = "52:54:00:be:4c:02";
@@ -27,7 +29,7 @@ const DISK_SIZE: u64 = 8 << 30;
 const PEER: &str = "curl | zstd -d | tar -x";
 
 pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
-    crate::lab::net::require_root(
+    process::require_root(
         "benchmarking the installer",
         "it writes to loop devices and mounts them",
     )?;
@@ -59,20 +61,16 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     }
     let port = free_port()?;
     let base = format!("http://127.0.0.1:{port}");
+    let sh = process::shell()?;
+    let binary = stack.join("pxelab-stack");
+    let images = Lab::at(ctx.lab_home())?.images_root();
+    let listen = format!("127.0.0.1:{port}");
     let mut handler = Server::spawn(
         "pxelab-stack",
-        Command::new(stack.join("pxelab-stack"))
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--images-dir")
-            .arg(ctx.lab_home().join("images"))
-            .args([
-                "--no-dnsmasq",
-                "--no-access-log",
-                "--no-ip-check",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ]),
+        &mut process::command(cmd!(
+            sh,
+            "{binary} --data-dir {data} --images-dir {images} --no-dnsmasq --no-access-log --no-ip-check --listen {listen}"
+        )),
         &dir.join("pxelab-stack.log"),
     )?;
     handler.wait_ready(&format!("{base}/healthz"))?;
@@ -255,8 +253,8 @@ fn install_once(
         &data.join(format!("vms/{NAME}.json")),
         vm.to_json().as_bytes(),
     )?;
-    // SAFETY: signalling our own child: SIGHUP makes it re-read the VM definitions now.
-    unsafe { libc::kill(handler.pid(), libc::SIGHUP) };
+    // SIGHUP makes it re-read the VM definitions now.
+    handler.signal(libc::SIGHUP);
     let config_url = format!("{base}/config/{}", MAC.replace(':', "-"));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -274,9 +272,12 @@ fn install_once(
     }
     let log = dir.join(format!("installer-{i}.log"));
     let out = std::fs::File::create(&log)?;
-    let status = Command::new(installer)
-        .arg(format!("config_url={config_url}"))
-        .arg(format!("pxelab.target={}", target.display()))
+    let sh = process::shell()?;
+    let (config_arg, target_arg) = (
+        format!("config_url={config_url}"),
+        format!("pxelab.target={}", target.display()),
+    );
+    let status = process::command(cmd!(sh, "{installer} {config_arg} {target_arg}"))
         .stdout(out.try_clone()?)
         .stderr(out)
         .status()
@@ -318,48 +319,18 @@ fn install_once(
 /// `curl | zstd -d | tar -x` into a fresh ext4 on a new loop device; returns seconds.
 fn peer_once(dir: &Path, i: usize, url: &str) -> Result<f64> {
     let disk = LoopDev::attach(&dir.join(format!("disk-peer-{i}.img")), DISK_SIZE)?;
-    let out = Command::new("mke2fs")
-        .args([
-            "-t",
-            "ext4",
-            "-F",
-            "-q",
-            "-O",
-            "^orphan_file,^metadata_csum_seed",
-            "-E",
-            "lazy_itable_init=1,nodiscard",
-        ])
-        .arg(&disk.dev)
-        .output()
-        .context("running mke2fs")?;
-    if !out.status.success() {
-        bail!(
-            "mke2fs on {} failed: {}",
-            disk.dev,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let sh = process::shell()?;
+    let dev = &disk.dev;
+    process::output(cmd!(
+        sh,
+        "mke2fs -t ext4 -F -q -O ^orphan_file,^metadata_csum_seed -E lazy_itable_init=1,nodiscard {dev}"
+    ))?;
     let at = dir.join(format!("peer-{i}"));
     let mount = Mount::new(&disk.dev, &at, &[])?;
     let ((), secs) = timed(|| {
-        let out = Command::new("bash")
-            .args([
-                "-o",
-                "pipefail",
-                "-c",
-                "curl -fsS \"$1\" | zstd -dc | tar -x -C \"$2\"",
-                "bench",
-            ])
-            .arg(url)
-            .arg(&at)
-            .output()
-            .context("running bash")?;
-        if !out.status.success() {
-            bail!(
-                "{PEER} of {url} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let script = r#"curl -fsS "$1" | zstd -dc | tar -x -C "$2""#;
+        process::output(cmd!(sh, "bash -o pipefail -c {script} bench {url} {at}"))
+            .with_context(|| format!("{PEER} of {url}"))?;
         Ok(())
     })?;
     drop(mount);

@@ -14,20 +14,21 @@
 //! still records the milestones it reached, and the group records why it stopped.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::UNIX_EPOCH;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use pxelab_contract::{Arch, Phase, TimelineEntry};
+use xshell::cmd;
 
 use super::guards::{LabGuard, Mount};
 use super::report::{Better, Group, Row};
 use super::{mib, timed, Ctx};
 use crate::lab::{
     follow,
-    home::{Lab, VmFile},
+    home::{Lab, StackKind, VmFile},
     qemu, targets, UpArgs,
 };
+use crate::process;
 
 const HOST_PEER: &str = "zstd -dc | tar -x on the host (tmpfs)";
 
@@ -43,7 +44,7 @@ const MILESTONES: [(&str, Phase); 7] = [
 ];
 
 pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
-    crate::lab::net::require_root(
+    process::require_root(
         "benchmarking provisioning",
         "its host-side peer unpacks onto a tmpfs it mounts",
     )?;
@@ -68,25 +69,14 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     for i in 0..runs {
         let at = dir.join(format!("tar-{i}"));
         let _tmpfs = Mount::new("tmpfs", &at, &["-t", "tmpfs", "-o", "size=4g"])?;
+        let sh = process::shell()?;
+        let script = r#"zstd -dc "$1" | tar -x -C "$2""#;
         let ((), secs) = timed(|| {
-            let out = Command::new("bash")
-                .args([
-                    "-o",
-                    "pipefail",
-                    "-c",
-                    "zstd -dc \"$1\" | tar -x -C \"$2\"",
-                    "bench",
-                ])
-                .arg(&rootfs_path)
-                .arg(&at)
-                .output()
-                .context("running bash")?;
-            if !out.status.success() {
-                bail!(
-                    "{HOST_PEER} failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
+            process::output(cmd!(
+                sh,
+                "bash -o pipefail -c {script} bench {rootfs_path} {at}"
+            ))
+            .context(HOST_PEER)?;
             Ok(())
         })?;
         host.push(mib(rootfs_size) / secs);
@@ -102,7 +92,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         firmware: qemu::Firmware::Uefi,
         accel: choice,
         subnet: crate::lab::home::DEFAULT_SUBNET.into(),
-        stack: Some(crate::lab::stack::StackKind::Process),
+        stack: Some(StackKind::Process),
         timeout,
     };
 

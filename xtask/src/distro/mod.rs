@@ -568,7 +568,7 @@ pub fn pull(args: &PullArgs, ui: &Ui) -> Result<PullReport> {
     });
     files.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let images = crate::labhome::images_dir(&recipe.name, arch.as_str())?;
+    let images = crate::lab::home::images_dir(&recipe.name, arch.as_str())?;
     let up_to_date = published_matches(&images, &files);
     if !up_to_date {
         publish(&store, &files, &images)?;
@@ -861,7 +861,7 @@ fn list(args: &ListArgs) -> Result<()> {
             .map(|(f, _)| *f)
             .collect();
         for arch in r.arches.keys() {
-            let dir = crate::labhome::images_dir(&r.name, arch.as_str())?;
+            let dir = crate::lab::home::images_dir(&r.name, arch.as_str())?;
             let manifest: Option<DistroManifest> = fs::read(dir.join("manifest.json"))
                 .ok()
                 .and_then(|t| serde_json::from_slice(&t).ok());

@@ -57,14 +57,11 @@ pub fn prepare_stack(lab: &Lab, arch: Arch, ui: &Ui) -> Result<crate::stack::Rep
     };
     let report = crate::stack::build(&crate::store::Store::open_default()?, &args, ui)?;
     let built = &report.out_dir;
-    install(
-        &built.join(format!("initrd-{arch}.img")),
-        &lab.dir("initrds").join(arch.as_str()).join("initrd.img"),
-    )?;
+    install(&built.join(format!("initrd-{arch}.img")), &lab.initrd(arch))?;
     let tftp = built.join("tftp");
     for entry in std::fs::read_dir(&tftp).with_context(|| format!("reading {}", tftp.display()))? {
         let entry = entry?;
-        install(&entry.path(), &lab.dir("tftp").join(entry.file_name()))?;
+        install(&entry.path(), &lab.tftp_dir().join(entry.file_name()))?;
     }
     Ok(report)
 }

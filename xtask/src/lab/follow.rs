@@ -11,7 +11,11 @@ use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pxelab_contract::{Phase, StackStatus, TimelineEntry, VmDefinition, VmState, VmStatus};
 
-use super::{home::Lab, home::VmFile, qemu, stack, targets};
+use super::{
+    home::{Lab, VmFile},
+    ssh, stack,
+};
+use crate::process::pid;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -179,7 +183,7 @@ pub fn wait_all(
                     console_tail(lab, &vm.name)
                 );
             }
-            if qemu::running_pid(&lab.vm_file(&vm.name, VmFile::Pid)).is_none() {
+            if pid::read(&lab.vm_file(&vm.name, VmFile::Pid)).is_none() {
                 bail!(
                     "QEMU of {} is not running any more\n{}",
                     vm.name,
@@ -194,7 +198,7 @@ pub fn wait_all(
                     .is_none_or(|t| t.elapsed() > Duration::from_secs(3));
                 if due {
                     last_ssh_try.insert(vm.name.clone(), Instant::now());
-                    if let Ok(out) = targets::ssh(lab, vm, &["hostname".to_string()])
+                    if let Ok(out) = ssh::command(lab, vm, &["hostname".to_string()])
                         .and_then(|mut c| Ok(c.output()?))
                     {
                         let host = String::from_utf8_lossy(&out.stdout).trim().to_string();

@@ -9,6 +9,7 @@ pub mod follow;
 pub mod home;
 pub mod net;
 pub mod qemu;
+pub mod ssh;
 pub mod stack;
 pub mod targets;
 pub mod vms;
@@ -19,9 +20,11 @@ use anyhow::{bail, Context, Result};
 use pxelab_contract::{Arch, BootMode};
 
 use self::{
-    home::{Lab, VmFile},
+    home::{Lab, StackKind, VmFile},
+    net::LabNet,
     qemu::{AccelChoice, Firmware},
 };
+use crate::process::{self, pid};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -75,7 +78,7 @@ pub struct UpArgs {
     /// Run the stack as a plain process or as the built OCI image under podman
     /// [default: what the lab already runs, else process].
     #[arg(long, value_enum)]
-    pub stack: Option<stack::StackKind>,
+    pub stack: Option<StackKind>,
     /// Give up on a target after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
@@ -128,7 +131,8 @@ enum VmCommand {
         #[arg(trailing_var_arg = true)]
         command: Vec<String>,
     },
-    /// Install again at the next boot: forget the installed state, blank the disk, restart.
+    /// Install again at the next boot: stop it, blank its disk (same size), and have the stack
+    /// forget the install (the stack is started if it is not running).
     Reprovision { name: String },
     /// Stop a target and delete its definition, disk and logs.
     Rm { name: String },
@@ -150,8 +154,8 @@ struct CreateArgs {
     /// Boot diskless from an NFS root instead of installing.
     #[arg(long)]
     diskless: bool,
-    /// Disk size for qemu-img (e.g. 20G).
-    #[arg(long, default_value = "20G")]
+    /// Disk size for qemu-img (e.g. 20G); a reprovision keeps it.
+    #[arg(long, default_value = targets::DEFAULT_DISK_SIZE)]
     disk_size: String,
 }
 
@@ -171,7 +175,7 @@ pub fn run(args: Args) -> Result<()> {
                 Ok(())
             }
             StackCommand::Reload { image: Some(image) } => {
-                if qemu::running_pid(&lab.stack_pidfile()).is_none() {
+                if stack::running(&lab).is_none() {
                     bail!("the stack is not running: `cargo xtask lab up` first");
                 }
                 stack::reload_image(&mut lab, &image)?;
@@ -182,10 +186,9 @@ pub fn run(args: Args) -> Result<()> {
                 Ok(())
             }
             StackCommand::Reload { image: None } => {
-                let pid = qemu::running_pid(&lab.stack_pidfile())
-                    .context("the stack is not running: `cargo xtask lab up`")?;
-                // SAFETY: signalling the stack this lab started.
-                unsafe { libc::kill(pid, libc::SIGHUP) };
+                stack::running(&lab)
+                    .context("the stack is not running: `cargo xtask lab up`")?
+                    .signal(libc::SIGHUP);
                 println!("stack asked to reload VM definitions");
                 Ok(())
             }
@@ -198,10 +201,10 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
     match command {
         VmCommand::Create(c) => {
             if c.diskless {
-                net::require_root("a diskless target", net::NO_ROOTLESS_NFS)?;
+                process::require_root("a diskless target", net::NO_ROOTLESS_NFS)?;
             }
             lab.create_dirs()?;
-            let key = targets::ensure_ssh_key(lab)?;
+            let key = ssh::ensure_key(lab)?;
             let request = vms::VmRequest {
                 name: c.name,
                 // The stack finds images by recipe name (`debian-12`), not by alias (`debian`).
@@ -215,10 +218,10 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
                     BootMode::Install
                 },
             };
-            let existing = vms::load_all(&lab.dir("vms"))?;
+            let existing = vms::load_all(&lab.vms_dir())?;
             let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
             targets::create_disk(lab, &vm.name, &c.disk_size)?;
-            vms::write_new(&lab.dir("vms"), &vm)?;
+            vms::write_new(&lab.vms_dir(), &vm)?;
             println!(
                 "defined {} (MAC {}, IP {})",
                 vm.name,
@@ -233,17 +236,13 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
             accel,
         } => {
             let vm = targets::definition(lab, &name)?;
-            let accel = qemu::resolve_accel(accel, vm.arch, &lab.dir("run"))?;
+            let accel = qemu::resolve_accel(accel, vm.arch, &lab.run_dir())?;
             targets::start_vm(lab, &vm, firmware, accel)?;
             println!("{name} started; console: cargo xtask lab vm console {name} --follow");
             Ok(())
         }
         VmCommand::Stop { name } => {
-            qemu::stop(
-                &lab.vm_file(&name, VmFile::Pid),
-                &lab.vm_file(&name, VmFile::Qmp),
-                Duration::from_secs(10),
-            )?;
+            targets::stop_vm(lab, &name, Duration::from_secs(10))?;
             println!("{name} stopped");
             Ok(())
         }
@@ -256,7 +255,7 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
                     log.display()
                 );
             }
-            let sh = xshell::Shell::new()?;
+            let sh = process::shell()?;
             if follow {
                 xshell::cmd!(sh, "tail -n 50 -f {log}").run()?;
             } else {
@@ -274,7 +273,7 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
         }
         VmCommand::Ssh { name, command } => {
             let vm = targets::definition(lab, &name)?;
-            let status = targets::ssh(lab, &vm, &command)?.status()?;
+            let status = ssh::command(lab, &vm, &command)?.status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
         VmCommand::Reprovision { name } => targets::reprovision(lab, &name),
@@ -283,7 +282,7 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
 }
 
 fn stack_status(lab: &Lab) -> Result<()> {
-    match qemu::running_pid(&lab.stack_pidfile()) {
+    match stack::running(lab).map(|pid| pid.id()) {
         None => println!("stack: not running"),
         Some(pid) => match stack::get(lab, "/healthz") {
             Ok((200, _)) => println!(
@@ -302,7 +301,7 @@ fn stack_status(lab: &Lab) -> Result<()> {
 
 fn status(lab: &Lab) -> Result<()> {
     stack_status(lab)?;
-    let vms = vms::load_all(&lab.dir("vms"))?;
+    let vms = vms::load_all(&lab.vms_dir())?;
     if vms.is_empty() {
         println!("no VMs defined: `cargo xtask lab up` or `cargo xtask lab vm create <name>`");
         return Ok(());
@@ -313,7 +312,7 @@ fn status(lab: &Lab) -> Result<()> {
         "NAME", "MAC", "IP", "DISTRO", "BOOT", "QEMU"
     );
     for vm in vms {
-        let running = if qemu::running_pid(&lab.vm_file(&vm.name, VmFile::Pid)).is_some() {
+        let running = if pid::read(&lab.vm_file(&vm.name, VmFile::Pid)).is_some() {
             "running"
         } else {
             "stopped"
@@ -338,41 +337,12 @@ fn status(lab: &Lab) -> Result<()> {
 
 /// Stops everything this lab started and removes the namespace; disks stay unless `purge`.
 pub fn down(lab: &Lab, purge: bool) -> Result<()> {
-    let mut stopped = 0;
-    for vm in vms::load_all(&lab.dir("vms")).unwrap_or_default() {
-        let pid = lab.vm_file(&vm.name, VmFile::Pid);
-        if qemu::running_pid(&pid).is_some() {
-            stopped += 1;
-        }
-        qemu::stop(
-            &pid,
-            &lab.vm_file(&vm.name, VmFile::Qmp),
-            Duration::from_secs(5),
-        )?;
-    }
-    // Pid files of VMs whose definition is gone still name processes this lab started.
-    if let Ok(entries) = std::fs::read_dir(lab.dir("run")) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(vm) = name.strip_suffix(".pid").filter(|n| *n != "stack") {
-                qemu::stop(&path, &lab.vm_file(vm, VmFile::Qmp), Duration::from_secs(5))?;
-            }
-        }
-    }
-    stack::stop(lab)?;
+    let stopped = stop_processes(lab)?;
     let net = lab.net()?;
     net.destroy()?;
-    let _ = std::fs::remove_dir_all(lab.dir("run"));
+    let _ = std::fs::remove_dir_all(lab.run_dir());
     if purge {
-        for d in ["vms", "disks", "state", "logs", "initrds", "tftp"] {
-            let dir = lab.dir(d);
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("removing {}", dir.display()))?;
-            }
-        }
-        let _ = std::fs::remove_file(lab.home.join("lab.json"));
+        lab.purge()?;
     }
     println!(
         "lab down: {stopped} VM(s) stopped, stack stopped, namespace {} removed{}",
@@ -380,6 +350,55 @@ pub fn down(lab: &Lab, purge: bool) -> Result<()> {
         if purge { ", VMs and disks purged" } else { "" }
     );
     Ok(())
+}
+
+/// Stops every VM and the stack; how many VMs were running.
+fn stop_processes(lab: &Lab) -> Result<usize> {
+    let mut stopped = 0;
+    for vm in vms::load_all(&lab.vms_dir()).unwrap_or_default() {
+        if pid::read(&lab.vm_file(&vm.name, VmFile::Pid)).is_some() {
+            stopped += 1;
+        }
+        targets::stop_vm(lab, &vm.name, Duration::from_secs(5))?;
+    }
+    // Pid files of VMs whose definition is gone still name processes this lab started.
+    for vm in lab.vm_pidfiles() {
+        targets::stop_vm(lab, &vm, Duration::from_secs(5))?;
+    }
+    stack::stop(lab)?;
+    Ok(stopped)
+}
+
+/// The lab network, created if needed. Without it (a first `lab up`, or a reboot took it), no
+/// process of this lab can work: what a pid file still names is stopped, and `run/` starts empty.
+pub fn ensure_network(lab: &Lab) -> Result<LabNet> {
+    let net = lab.net()?;
+    forget_run_without(lab, &net)?;
+    net.create()?;
+    Ok(net)
+}
+
+/// Empties `run/` unless `net` exists.
+fn forget_run_without(lab: &Lab, net: &LabNet) -> Result<()> {
+    if net.exists() {
+        return Ok(());
+    }
+    stop_processes(lab)?;
+    let run = lab.run_dir();
+    if run.exists() {
+        std::fs::remove_dir_all(&run).with_context(|| format!("clearing {}", run.display()))?;
+    }
+    std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))
+}
+
+/// The stack, started (with its network) unless it runs, and healthy.
+pub fn ensure_stack(lab: &Lab) -> Result<()> {
+    if stack::running(lab).is_none() {
+        lab.create_dirs()?;
+        ensure_network(lab)?;
+        stack::start(lab)?;
+    }
+    stack::wait_healthy(lab, Duration::from_secs(20))
 }
 
 /// For throw-away labs (e2e, bench): on Ctrl-C or SIGTERM, take the lab at `home` down
@@ -396,9 +415,7 @@ pub fn down_on_interrupt(home: PathBuf, keep: bool) -> Result<()> {
         } else {
             eprintln!("\ninterrupted: taking the lab at {} down", home.display());
             match Lab::at(home.clone()).and_then(|lab| down(&lab, true)) {
-                Ok(()) => {
-                    let _ = std::fs::remove_dir_all(&home);
-                }
+                Ok(()) => remove_while_written(&home),
                 Err(e) => eprintln!("lab down failed: {e:#}"),
             }
         }
@@ -407,10 +424,71 @@ pub fn down_on_interrupt(home: PathBuf, keep: bool) -> Result<()> {
     .context("installing the Ctrl-C handler")
 }
 
+/// Removes `dir` while the interrupted main thread, which runs on until `exit`, may still be
+/// creating files in it (a removal that meets a new file fails with "directory not empty").
+fn remove_while_written(dir: &std::path::Path) {
+    for _ in 0..50 {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => return,
+        }
+    }
+}
+
 /// Where build outputs for `arch` are (the repository's `build/stack/<arch>/`).
 pub fn stack_build_dir(arch: Arch) -> PathBuf {
     crate::util::project_root()
         .join("build")
         .join("stack")
         .join(arch.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::pid::tests::Sleeper as Unrelated;
+
+    /// A lab whose pid files are stale (as after a reboot): they name `pid`, which now belongs
+    /// to an unrelated process. Both the old format (a pid alone) and a pid with another start
+    /// time.
+    fn lab_with_stale_pid_files(pid: u32) -> (tempfile::TempDir, Lab) {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = Lab::at(dir.path().join("lab")).unwrap();
+        lab.create_dirs().unwrap();
+        lab.save_config().unwrap();
+        let bare = format!("{pid}\n");
+        let other_start = format!("{pid} 1\n");
+        std::fs::write(lab.stack_pidfile(), &bare).unwrap();
+        std::fs::write(lab.vm_file("target-1", VmFile::Pid), &bare).unwrap();
+        std::fs::write(lab.vm_file("target-2", VmFile::Pid), &other_start).unwrap();
+        std::fs::write(lab.netns_holder_pidfile(), &other_start).unwrap();
+        (dir, lab)
+    }
+
+    #[test]
+    fn lab_down_never_signals_what_a_stale_pid_file_names() {
+        let mut unrelated = Unrelated::spawn();
+        let (_dir, lab) = lab_with_stale_pid_files(unrelated.0.id());
+        down(&lab, false).unwrap();
+        assert!(unrelated.alive(), "lab down killed an unrelated process");
+        assert!(!lab.run_dir().exists());
+    }
+
+    #[test]
+    fn run_is_cleared_when_the_namespace_is_gone() {
+        let mut unrelated = Unrelated::spawn();
+        let (_dir, lab) = lab_with_stale_pid_files(unrelated.0.id());
+        std::fs::write(lab.vm_file("target-1", VmFile::Qmp), "").unwrap();
+        let net = lab.net().unwrap();
+        assert!(!net.exists());
+        forget_run_without(&lab, &net).unwrap();
+        assert!(
+            unrelated.alive(),
+            "clearing run/ killed an unrelated process"
+        );
+        let left: Vec<_> = std::fs::read_dir(lab.run_dir()).unwrap().collect();
+        assert!(left.is_empty(), "left in run/: {left:?}");
+    }
 }

@@ -4,19 +4,43 @@
 //! through [`LabNet::command`]; the stack itself is also reachable over its control socket.
 
 use std::{
+    ffi::OsStr,
     fmt,
     io::Read,
     net::Ipv4Addr,
     os::unix::process::CommandExt,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Stdio,
     str::FromStr,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use xshell::{cmd, Shell};
+use xshell::{cmd, Cmd, Shell};
+
+use super::home::Lab;
+use crate::process::{self, pid};
+
+impl Lab {
+    /// This lab's network (it may or may not exist yet).
+    pub fn net(&self) -> Result<LabNet> {
+        Ok(LabNet::new(
+            self.config.namespace.clone(),
+            self.subnet()?,
+            self.netns_holder_pidfile(),
+        ))
+    }
+
+    pub fn subnet(&self) -> Result<Subnet> {
+        self.config.subnet.parse()
+    }
+}
+
+/// Tap names are at most 15 bytes; derived from the VM name so they are stable and unique.
+pub fn tap_name(vm: &str) -> String {
+    format!("pxt{}", &hex::encode(Sha256::digest(vm.as_bytes()))[..10])
+}
 
 /// An IPv4 subnet such as `10.77.0.0/24`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,11 +144,11 @@ impl LabNet {
         }
     }
 
-    /// The holder of a rootless lab, if it runs (a live pid in another network namespace).
-    fn holder_pid(&self) -> Option<i32> {
-        let pid = super::qemu::running_pid(&self.holder)?;
+    /// The holder of a rootless lab, if it runs (a live process in another network namespace).
+    fn holder_pid(&self) -> Option<pid::Pid> {
+        let pid = pid::read(&self.holder)?;
         let ns_of = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
-        let theirs = ns_of(&pid.to_string())?;
+        let theirs = ns_of(&pid.id().to_string())?;
         (Some(theirs) != ns_of("self")).then_some(pid)
     }
 
@@ -133,7 +157,7 @@ impl LabNet {
         if rootless() {
             self.start_holder()?;
         } else if !self.exists() {
-            let sh = Shell::new()?;
+            let sh = process::shell()?;
             let ns = &self.ns;
             cmd!(sh, "ip netns add {ns}")
                 .quiet()
@@ -173,22 +197,18 @@ impl LabNet {
             return Ok(());
         }
         require_tun()?;
-        let mut child = Command::new("unshare")
-            .args([
-                "--user",
-                "--map-root-user",
-                "--net",
-                "--",
-                "sleep",
-                "infinity",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            // Its own process group: a Ctrl-C aimed at `cargo xtask` must not take the lab down.
-            .process_group(0)
-            .spawn()
-            .context("running unshare (util-linux) to create the lab's namespaces")?;
+        let sh = process::shell()?;
+        let mut child = process::command(cmd!(
+            sh,
+            "unshare --user --map-root-user --net -- sleep infinity"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        // Its own process group: a Ctrl-C aimed at `cargo xtask` must not take the lab down.
+        .process_group(0)
+        .spawn()
+        .context("running unshare (util-linux) to create the lab's namespaces")?;
         let pid = child.id() as i32;
         let ours = std::fs::read_link("/proc/self/ns/net").ok();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -216,7 +236,7 @@ impl LabNet {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        crate::store::write_atomic(&self.holder, format!("{pid}\n").as_bytes())
+        pid::write(&self.holder, pid::Pid::of(child.id())?)
     }
 
     /// The bridge's IPv6 address: a unique local /64 (RFC 4193) whose global ID comes from
@@ -254,11 +274,8 @@ impl LabNet {
     pub fn destroy(&self) -> Result<()> {
         if rootless() {
             if let Some(pid) = self.holder_pid() {
-                // SAFETY: killing the holder this lab started; the namespaces die with it.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                if !super::qemu::wait_gone(pid, Duration::from_secs(5)) {
-                    bail!("the lab's namespace holder (pid {pid}) did not exit");
-                }
+                // The namespaces die with their holder.
+                pid.kill().context("stopping the lab's namespace holder")?;
             }
             let _ = std::fs::remove_file(&self.holder);
             return Ok(());
@@ -266,7 +283,7 @@ impl LabNet {
         if !self.exists() {
             return Ok(());
         }
-        let sh = Shell::new()?;
+        let sh = process::shell()?;
         let ns = &self.ns;
         cmd!(sh, "ip netns del {ns}")
             .quiet()
@@ -274,43 +291,34 @@ impl LabNet {
             .with_context(|| format!("deleting namespace {ns}"))
     }
 
-    /// A command that runs `program` inside the lab network (as root there).
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
-        let mut c;
+    /// `program` run inside the lab network (as root there): `ip netns exec` into the named
+    /// namespace, or, rootless, `nsenter` into the holder's user and network namespaces. Add
+    /// arguments, then run it with xshell or through [`crate::process`].
+    pub fn command<'a>(&self, sh: &'a Shell, program: impl AsRef<OsStr>) -> Result<Cmd<'a>> {
+        let program = program.as_ref();
         if rootless() {
             let pid = self
                 .holder_pid()
-                .context("the lab network does not exist: run `cargo xtask lab up` first")?;
-            c = Command::new("nsenter");
-            c.args(["--target", &pid.to_string(), "--user", "--net"])
-                // uid 0 inside is the user's own uid; without this nsenter would also try to
-                // switch groups, which an unprivileged user namespace forbids.
-                .arg("--preserve-credentials")
-                .arg("--");
+                .context("the lab network does not exist: run `cargo xtask lab up` first")?
+                .id()
+                .to_string();
+            // uid 0 inside is the user's own uid; without --preserve-credentials nsenter would
+            // also try to switch groups, which an unprivileged user namespace forbids.
+            Ok(cmd!(
+                sh,
+                "nsenter --target {pid} --user --net --preserve-credentials -- {program}"
+            ))
         } else {
-            c = Command::new("ip");
-            c.args(["netns", "exec", &self.ns]);
+            let ns = &self.ns;
+            Ok(cmd!(sh, "ip netns exec {ns} {program}"))
         }
-        c.arg(program);
-        Ok(c)
     }
 
     /// Runs `ip <args>` in the namespace; its stdout, or an error with its stderr.
     fn ip(&self, args: &[&str]) -> Result<String> {
-        let out = self
-            .command("ip")?
-            .args(args)
-            .output()
-            .context("running ip (iproute2)")?;
-        if !out.status.success() {
-            bail!(
-                "`ip {}` in namespace {}: {}",
-                args.join(" "),
-                self.ns,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let sh = process::shell()?;
+        process::read(self.command(&sh, "ip")?.args(args))
+            .with_context(|| format!("`ip {}` in namespace {}", args.join(" "), self.ns))
     }
 }
 
@@ -320,22 +328,13 @@ fn netns_path(ns: &str) -> PathBuf {
 
 /// Whether this lab runs without root: in a user namespace of its own.
 pub fn rootless() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() != 0 }
+    !process::is_root()
 }
 
 /// Why diskless targets need root: nfs-ganesha's VFS backend opens exported files by handle,
 /// which needs CAP_DAC_READ_SEARCH on the host, not just in a user namespace.
 pub const NO_ROOTLESS_NFS: &str =
     "the stack's NFS server opens files by handle, which needs CAP_DAC_READ_SEARCH on the host";
-
-/// Things a rootless lab cannot do, with the reason (a one-line error).
-pub fn require_root(what: &str, why: &str) -> Result<()> {
-    if rootless() {
-        bail!("{what} needs root ({why}): run as root, e.g. `sudo -E cargo xtask …`");
-    }
-    Ok(())
-}
 
 /// QEMU (and `ip tuntap`) open /dev/net/tun; udev makes it 0666 on a standard host, so that
 /// users can create taps in namespaces they own.
@@ -356,6 +355,12 @@ fn require_tun() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tap_names_fit_the_kernel_limit_and_differ() {
+        assert!(tap_name("a-very-long-vm-name-indeed").len() <= 15);
+        assert_ne!(tap_name("a"), tap_name("b"));
+    }
 
     #[test]
     fn subnet_parsing_and_hosts() {

@@ -5,12 +5,16 @@ use std::{
     io::{Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
+    process::Stdio,
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
 use pxelab_contract::{Arch, Mac};
+use xshell::cmd;
+
+use super::net::LabNet;
+use crate::process::{self, pid};
 
 /// How a target's firmware reaches iPXE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -220,26 +224,19 @@ fn kvm_boots(scratch: &Path) -> bool {
     if std::fs::write(&image, &sector).is_err() {
         return false;
     }
-    let child = Command::new(binary(Arch::X86_64))
-        .args([
-            "-accel",
-            "kvm",
-            "-display",
-            "none",
-            "-vga",
-            "none",
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide", image.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn();
+    let Ok(sh) = process::shell() else {
+        return false;
+    };
+    let qemu = binary(Arch::X86_64);
+    let drive = format!("file={},format=raw,if=ide", image.display());
+    let child = process::command(cmd!(
+        sh,
+        "{qemu} -accel kvm -display none -vga none -serial stdio -monitor none -no-reboot -drive {drive}"
+    ))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn();
     let Ok(mut child) = child else { return false };
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -264,48 +261,29 @@ fn kvm_boots(scratch: &Path) -> bool {
     ok
 }
 
-/// The pid in `pidfile` if that process is alive.
-pub fn running_pid(pidfile: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
-    // SAFETY: signal 0 only checks that the process exists.
-    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+/// Starts the daemonised QEMU of `t` inside the lab network; returns once QEMU runs (it
+/// reports a bad command line, a missing tap or firmware before it detaches).
+pub fn start(net: &LabNet, t: &Target) -> Result<pid::Pid> {
+    let sh = process::shell()?;
+    let args = args(t)?;
+    process::output(net.command(&sh, binary(t.arch))?.args(args))
+        .with_context(|| format!("QEMU for {} failed to start", t.name))?;
+    pid::adopt(t.pidfile)
 }
 
 /// Stops a target: QMP `quit` (QEMU flushes the disk), then SIGKILL after `grace`. Waits for
 /// the process itself, not the pid file (QEMU removes that before it has finished exiting).
 /// Removes the pid file and QMP socket.
 pub fn stop(pidfile: &Path, qmp: &Path, grace: Duration) -> Result<()> {
-    if let Some(pid) = running_pid(pidfile) {
+    if let Some(pid) = pid::read(pidfile) {
         let _ = qmp_command(qmp, "quit");
-        if !wait_gone(pid, grace) {
-            // SAFETY: plain kill of a pid we started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            if !wait_gone(pid, Duration::from_secs(5)) {
-                bail!("QEMU (pid {pid}) did not stop even after SIGKILL");
-            }
+        if !pid.wait_gone(grace) {
+            pid.kill().context("stopping QEMU")?;
         }
     }
     let _ = std::fs::remove_file(pidfile);
     let _ = std::fs::remove_file(qmp);
     Ok(())
-}
-
-/// Whether `pid` is gone within `timeout`. Reaps it when it is our own child (the stack started
-/// by this process, e.g. in `lab stack restart`), so a zombie does not count as alive.
-pub fn wait_gone(pid: i32, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        // SAFETY: non-blocking waitpid on one pid; fails harmlessly if it is not our child.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-        // SAFETY: signal 0 only checks existence.
-        if unsafe { libc::kill(pid, 0) } != 0 {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Sends one QMP command (after the mandatory capabilities handshake).

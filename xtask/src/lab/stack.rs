@@ -12,26 +12,14 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use pxelab_contract::{Arch, CONTROL_SOCKET};
-use serde::{Deserialize, Serialize};
-use xshell::{cmd, Shell};
+use pxelab_contract::{Arch, VmStatus};
+use xshell::cmd;
 
 use super::{
-    home::Lab,
+    home::{Lab, StackKind},
     net::BRIDGE,
-    qemu::{running_pid, wait_gone},
 };
-
-/// How the lab runs the stack.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StackKind {
-    /// The static `pxelab-stack` binary, run directly inside the namespace.
-    #[default]
-    Process,
-    /// The built OCI image, run by podman (runc) with the namespace as its network.
-    Container,
-}
+use crate::process::{self, pid};
 
 /// Name of the lab's stack container (one per namespace, so one per lab home).
 pub fn container_name(lab: &Lab) -> String {
@@ -42,15 +30,20 @@ pub fn container_name(lab: &Lab) -> String {
 /// started now. Either way the pid file names the stack's process as the host sees it, so
 /// `reload` (SIGHUP) and liveness checks work the same for both kinds.
 pub fn start(lab: &Lab) -> Result<bool> {
-    if running_pid(&lab.stack_pidfile()).is_some() {
+    if running(lab).is_some() {
         return Ok(false);
     }
     let pid = match lab.config.stack {
         StackKind::Process => start_process(lab, &stack_binary(lab)?)?,
         StackKind::Container => start_container(lab)?,
     };
-    crate::store::write_atomic(&lab.stack_pidfile(), format!("{pid}\n").as_bytes())?;
+    pid::write(&lab.stack_pidfile(), pid::Pid::of(pid)?)?;
     Ok(true)
+}
+
+/// The stack's process, if it runs.
+pub fn running(lab: &Lab) -> Option<pid::Pid> {
+    pid::read(&lab.stack_pidfile())
 }
 
 /// The lab's copy of the stack binary (`bin/pxelab-stack`), first refreshed from what
@@ -58,7 +51,7 @@ pub fn start(lab: &Lab) -> Result<bool> {
 /// The copy keeps the lab home self-contained: a lab runs without access to the checkout.
 pub fn stack_binary(lab: &Lab) -> Result<PathBuf> {
     let built = super::stack_build_dir(host_arch()).join("pxelab-stack");
-    let copy = lab.dir("bin").join("pxelab-stack");
+    let copy = lab.stack_binary();
     if built.exists() {
         super::artifacts::install(&built, &copy)?;
     } else if !copy.exists() {
@@ -73,14 +66,14 @@ pub fn stack_binary(lab: &Lab) -> Result<PathBuf> {
 /// Whether the running stack was started from other bytes than the lab's current copy (a
 /// newer `build-stack`): `lab up` restarts it then.
 pub fn is_stale(lab: &Lab) -> bool {
-    let Some(pid) = running_pid(&lab.stack_pidfile()) else {
+    let Some(pid) = running(lab) else {
         return false;
     };
     if lab.config.stack != StackKind::Process {
         return false;
     }
-    let running = std::fs::read(format!("/proc/{pid}/exe"));
-    let current = std::fs::read(lab.dir("bin").join("pxelab-stack"));
+    let running = std::fs::read(format!("/proc/{}/exe", pid.id()));
+    let current = std::fs::read(lab.stack_binary());
     matches!((running, current), (Ok(a), Ok(b)) if a != b)
 }
 
@@ -110,15 +103,18 @@ fn stack_flags(lab: &Lab, data_dir: &Path) -> Result<Vec<String>> {
 
 fn start_process(lab: &Lab, binary: &Path) -> Result<u32> {
     let net = lab.net()?;
-    let log_path = lab.dir("logs").join("stack.log");
+    let log_path = lab.stack_log();
     let log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut cmd = net.command(binary)?;
-    cmd.args(stack_flags(lab, &lab.home)?)
-        .stdin(Stdio::null())
+    let sh = process::shell()?;
+    let mut cmd = process::command(
+        net.command(&sh, binary)?
+            .args(stack_flags(lab, lab.home())?),
+    );
+    cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         // Its own process group: a Ctrl-C aimed at `cargo xtask` must not take the lab down.
@@ -135,7 +131,7 @@ fn start_process(lab: &Lab, binary: &Path) -> Result<u32> {
 /// rlimits (the defaults fail with EPERM); NET_ADMIN/NET_RAW for dnsmasq's DHCP,
 /// DAC_READ_SEARCH for ganesha's VFS backend (it opens exported files by handle).
 fn start_container(lab: &Lab) -> Result<u32> {
-    super::net::require_root(
+    process::require_root(
         "the container stack",
         "podman joins the lab's named network namespace",
     )?;
@@ -149,7 +145,7 @@ fn start_container(lab: &Lab) -> Result<u32> {
             archive.display()
         );
     }
-    let sh = Shell::new()?;
+    let sh = process::shell()?;
     let net = lab.net()?;
     let name = container_name(lab);
     let loaded = cmd!(sh, "podman load -q -i {archive}")
@@ -168,10 +164,7 @@ fn start_container(lab: &Lab) -> Result<u32> {
     // The installer initrd and the TFTP root stay the image's own.
     let mut volumes = Vec::new();
     for path in crate::stack::image::volumes() {
-        let name = Path::new(&path)
-            .file_name()
-            .context("a volume path has a name")?;
-        let dir = lab.home.join(name);
+        let dir = lab.volume_source(Path::new(&path))?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         volumes.push("-v".to_string());
         volumes.push(format!("{}:{path}", dir.display()));
@@ -227,11 +220,9 @@ pub fn wait_healthy(lab: &Lab, timeout: Duration) -> Result<()> {
         match get(lab, "/healthz") {
             Ok((200, _)) => return Ok(()),
             result => {
-                if running_pid(&lab.stack_pidfile()).is_none() {
+                if running(lab).is_none() {
                     let log = match lab.config.stack {
-                        StackKind::Process => {
-                            lab.dir("logs").join("stack.log").display().to_string()
-                        }
+                        StackKind::Process => lab.stack_log().display().to_string(),
                         StackKind::Container => format!("`podman logs {}`", container_name(lab)),
                     };
                     bail!("the stack exited during start-up: see {log}");
@@ -251,9 +242,8 @@ pub fn wait_healthy(lab: &Lab, timeout: Duration) -> Result<()> {
 
 /// SIGTERM, then SIGKILL after 5 s. Removes the pid file.
 pub fn stop(lab: &Lab) -> Result<()> {
-    let pidfile = lab.stack_pidfile();
     if lab.config.stack == StackKind::Container {
-        let sh = Shell::new()?;
+        let sh = process::shell()?;
         let name = container_name(lab);
         // Absent containers are fine: stop is idempotent.
         let _ = cmd!(sh, "podman stop -t 2 {name}")
@@ -267,18 +257,11 @@ pub fn stop(lab: &Lab) -> Result<()> {
             .ignore_stderr()
             .run();
     }
-    if let Some(pid) = running_pid(&pidfile) {
-        // SAFETY: signalling a pid this lab started.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        if !wait_gone(pid, Duration::from_secs(5)) {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            if !wait_gone(pid, Duration::from_secs(5)) {
-                bail!("the stack (pid {pid}) did not stop even after SIGKILL");
-            }
-        }
+    if let Some(pid) = running(lab) {
+        pid.terminate(Duration::from_secs(5))
+            .context("stopping the stack")?;
     }
-    let _ = std::fs::remove_file(pidfile);
+    let _ = std::fs::remove_file(lab.stack_pidfile());
     Ok(())
 }
 
@@ -286,12 +269,45 @@ pub fn stop(lab: &Lab) -> Result<()> {
 /// port): (status, body). Through the file system, so it works wherever the stack's network
 /// is — a namespace this process may not join (rootless), or a container.
 pub fn get(lab: &Lab, path: &str) -> Result<(u16, String)> {
-    let socket = lab.dir("state").join(CONTROL_SOCKET);
-    let what = || format!("GET {path} on {}", socket.display());
-    let mut stream = UnixStream::connect(&socket).with_context(what)?;
+    request(&lab.control_socket(), "GET", path)
+}
+
+/// `POST <path>` (without a body) on the control socket: (status, body).
+pub fn post(lab: &Lab, path: &str) -> Result<(u16, String)> {
+    request(&lab.control_socket(), "POST", path)
+}
+
+/// Asks the stack to forget that `vm` was installed: its next network boot runs the installer.
+/// The stack answers with the VM's status; it owns its state files, the lab never edits them.
+pub fn reprovision(lab: &Lab, vm: &str) -> Result<VmStatus> {
+    let path = format!("/vms/{vm}/reprovision");
+    match post(lab, &path)? {
+        (200, body) => serde_json::from_str(&body)
+            .with_context(|| format!("the stack answered POST {path} with {body:?}")),
+        (404, body) => bail!(
+            "the stack cannot reprovision {vm:?} ({}): `cargo xtask lab vm list` shows the VMs it \
+             knows; a stack started from an older build has no reprovision: `cargo xtask lab stack restart`",
+            body.trim()
+        ),
+        (status, body) => bail!("the stack answered POST {path} with {status}: {}", body.trim()),
+    }
+}
+
+fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
+    let what = || format!("{method} {path} on {}", socket.display());
+    let mut stream = UnixStream::connect(socket).with_context(what)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").with_context(what)?;
+    let length = if method == "GET" {
+        ""
+    } else {
+        "Content-Length: 0\r\n"
+    };
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\n{length}Connection: close\r\n\r\n"
+    )
+    .with_context(what)?;
     let mut reply = Vec::new();
     stream.read_to_end(&mut reply).with_context(what)?;
     let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -305,4 +321,86 @@ pub fn get(lab: &Lab, path: &str) -> Result<(u16, String)> {
         status,
         String::from_utf8_lossy(&reply[body_at..]).into_owned(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A control socket that answers one request with `reply`; returns what it was sent.
+    fn serve_once(socket: &Path, reply: &'static str) -> std::thread::JoinHandle<String> {
+        let listener = UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended before its head");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(reply.as_bytes()).unwrap();
+            String::from_utf8(seen).unwrap()
+        })
+    }
+
+    fn lab() -> (tempfile::TempDir, Lab) {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = Lab::at(dir.path().to_path_buf()).unwrap();
+        lab.create_dirs().unwrap();
+        (dir, lab)
+    }
+
+    #[test]
+    fn reprovision_posts_to_the_control_socket_and_reads_the_status() {
+        let (_dir, lab) = lab();
+        let server = serve_once(
+            &lab.control_socket(),
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 54\r\n\r\n\
+             {\"name\":\"t-1\",\"mac\":\"0a:00:00:00:00:01\",\"state\":\"new\"}",
+        );
+        let status = reprovision(&lab, "t-1").unwrap();
+        assert_eq!(status.name, "t-1");
+        assert_eq!(status.state, pxelab_contract::VmState::New);
+        let request = server.join().unwrap();
+        assert!(
+            request.starts_with("POST /vms/t-1/reprovision HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(request.contains("Content-Length: 0\r\n"), "{request}");
+    }
+
+    #[test]
+    fn reprovision_of_a_vm_the_stack_does_not_know_names_it() {
+        let (_dir, lab) = lab();
+        let server = serve_once(
+            &lab.control_socket(),
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 18\r\n\r\nno VM named \"ghost\"",
+        );
+        let err = reprovision(&lab, "ghost").unwrap_err().to_string();
+        assert!(
+            err.starts_with("the stack cannot reprovision \"ghost\" (no VM named \"ghost\"): "),
+            "{err}"
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_refusal_is_quoted_and_a_dead_socket_is_named() {
+        let (_dir, lab) = lab();
+        let server = serve_once(
+            &lab.control_socket(),
+            "HTTP/1.1 409 Conflict\r\nContent-Length: 12\r\n\r\nVM is busy\r\n",
+        );
+        let err = reprovision(&lab, "t-1").unwrap_err().to_string();
+        assert!(err.contains("409: VM is busy"), "{err}");
+        server.join().unwrap();
+        std::fs::remove_file(lab.control_socket()).unwrap();
+        let err = format!("{:#}", get(&lab, "/status").unwrap_err());
+        assert!(
+            err.contains("GET /status on") && err.contains("control.sock"),
+            "{err}"
+        );
+    }
 }

@@ -1,29 +1,35 @@
-//! Targets: their disks, keys and QEMU processes, and `lab up`, which strings everything
-//! together.
+//! Targets: their disks and QEMU processes, and `lab up`, which strings everything together.
 
 use std::{
     collections::BTreeMap,
-    process::Command,
+    path::Path,
     time::{Duration, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
 use pxelab_contract::{BootMode, VmDefinition};
-use xshell::{cmd, Shell};
+use xshell::cmd;
 
-use crate::hostdeps::{HostDep, Probe};
+use crate::{
+    hostdeps::{HostDep, Probe},
+    process::{self, pid},
+};
 
 use super::{
     follow,
-    home::{tap_name, Lab, VmFile},
-    net,
+    home::{Lab, StackKind, VmFile},
+    net::{self, tap_name},
     qemu::{self, Accel, Firmware},
-    stack, vms, UpArgs,
+    ssh, stack, vms, UpArgs,
 };
+
+/// The disk size of a target unless `lab vm create --disk-size` says otherwise (qemu-img's
+/// notation).
+pub const DEFAULT_DISK_SIZE: &str = "20G";
 
 pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
     crate::hostdeps::ensure(&LAB_TOOLS)?;
-    if lab.home.join("lab.json").exists() {
+    if lab.is_created() {
         if a.subnet != super::home::DEFAULT_SUBNET && a.subnet != lab.config.subnet {
             bail!("this lab already uses subnet {}: `cargo xtask lab down --purge` before changing it", lab.config.subnet);
         }
@@ -31,7 +37,7 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
         lab.config.subnet = a.subnet.parse::<net::Subnet>()?.to_string();
     }
     if let Some(kind) = a.stack.filter(|k| *k != lab.config.stack) {
-        if qemu::running_pid(&lab.stack_pidfile()).is_some() {
+        if stack::running(&lab).is_some() {
             bail!(
                 "the stack already runs as a {:?}: `cargo xtask lab stack restart` keeps that kind; \
                  `cargo xtask lab down` first to switch to --stack {kind:?}",
@@ -47,8 +53,7 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
 
     let distro = super::artifacts::prepare(&lab, a.arch, &a.distro)?;
 
-    let net = lab.net()?;
-    net.create()?;
+    let net = super::ensure_network(&lab)?;
     stack::stack_binary(&lab)?;
     if stack::is_stale(&lab) {
         eprintln!(
@@ -65,9 +70,9 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
     }
     stack::wait_healthy(&lab, Duration::from_secs(20))?;
 
-    let key = ensure_ssh_key(&lab)?;
-    let accel = qemu::resolve_accel(a.accel, a.arch, &lab.dir("run"))?;
-    let mut existing = vms::load_all(&lab.dir("vms"))?;
+    let key = ssh::ensure_key(&lab)?;
+    let accel = qemu::resolve_accel(a.accel, a.arch, &lab.run_dir())?;
+    let mut existing = vms::load_all(&lab.vms_dir())?;
     let mut chosen = Vec::new();
     for i in 1..=a.targets {
         let name = format!("target-{i}");
@@ -83,8 +88,8 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
                     boot: BootMode::Install,
                 };
                 let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
-                create_disk(&lab, &name, "20G")?;
-                vms::write_new(&lab.dir("vms"), &vm)?;
+                create_disk(&lab, &name, DEFAULT_DISK_SIZE)?;
+                vms::write_new(&lab.vms_dir(), &vm)?;
                 existing.push(vm.clone());
                 vm
             }
@@ -92,15 +97,14 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
         chosen.push(vm);
     }
     // The stack watches the VMs directory; a SIGHUP makes the new reservations immediate.
-    if let Some(pid) = qemu::running_pid(&lab.stack_pidfile()) {
-        // SAFETY: signalling the stack this lab started.
-        unsafe { libc::kill(pid, libc::SIGHUP) };
+    if let Some(pid) = stack::running(&lab) {
+        pid.signal(libc::SIGHUP);
         std::thread::sleep(Duration::from_millis(500));
     }
     let mut started = BTreeMap::new();
     for vm in &chosen {
         let pidfile = lab.vm_file(&vm.name, VmFile::Pid);
-        if qemu::running_pid(&pidfile).is_none() {
+        if pid::read(&pidfile).is_none() {
             start_vm(&lab, vm, a.firmware, accel)?;
         }
         let since = std::fs::metadata(&pidfile).and_then(|m| m.modified()).ok();
@@ -191,38 +195,53 @@ const NFS_TOOLS: [HostDep; 2] = [
     },
 ];
 
-/// The lab's SSH public key, generating the pair on first use (private key mode 0600).
-pub fn ensure_ssh_key(lab: &Lab) -> Result<String> {
-    let key = lab.ssh_key();
-    let public = key.with_extension("pub");
-    if !key.exists() || !public.exists() {
-        std::fs::create_dir_all(lab.dir("ssh"))?;
-        let _ = std::fs::remove_file(&key);
-        let _ = std::fs::remove_file(&public);
-        let sh = Shell::new()?;
-        cmd!(sh, "ssh-keygen -q -t ed25519 -N '' -C pxelab-lab -f {key}")
-            .quiet()
-            .run()
-            .context("generating the lab SSH key")?;
-    }
-    std::fs::read_to_string(&public).with_context(|| format!("reading {}", public.display()))
-}
-
+/// Creates `name`'s blank disk of `size` (qemu-img's notation or bytes) unless it exists.
 pub fn create_disk(lab: &Lab, name: &str, size: &str) -> Result<()> {
     let disk = lab.vm_file(name, VmFile::Disk);
     if disk.exists() {
         return Ok(());
     }
-    std::fs::create_dir_all(lab.dir("disks"))?;
-    let sh = Shell::new()?;
+    std::fs::create_dir_all(lab.disks_dir())?;
+    let sh = process::shell()?;
     cmd!(sh, "qemu-img create -q -f qcow2 {disk} {size}")
         .quiet()
         .run()
         .with_context(|| format!("creating {}", disk.display()))
 }
 
+/// Replaces `name`'s disk with a blank one of the size it had (the default size if it had
+/// none).
+pub fn blank_disk(lab: &Lab, name: &str) -> Result<()> {
+    let disk = lab.vm_file(name, VmFile::Disk);
+    let size = match disk.exists() {
+        true => virtual_size(&disk)?.to_string(),
+        false => DEFAULT_DISK_SIZE.to_string(),
+    };
+    std::fs::remove_file(&disk)
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(e),
+        })
+        .with_context(|| format!("removing {}", disk.display()))?;
+    create_disk(lab, name, &size)
+}
+
+/// The size a disk image shows its VM, in bytes.
+fn virtual_size(disk: &Path) -> Result<u64> {
+    let sh = process::shell()?;
+    let info = process::read(cmd!(sh, "qemu-img info --output=json {disk}"))?;
+    let info: serde_json::Value = serde_json::from_str(&info)
+        .with_context(|| format!("parsing `qemu-img info` of {}", disk.display()))?;
+    info["virtual-size"].as_u64().with_context(|| {
+        format!(
+            "`qemu-img info` names no virtual size for {}",
+            disk.display()
+        )
+    })
+}
+
 pub fn definition(lab: &Lab, name: &str) -> Result<VmDefinition> {
-    vms::load_all(&lab.dir("vms"))?
+    vms::load_all(&lab.vms_dir())?
         .into_iter()
         .find(|v| v.name == name)
         .with_context(|| {
@@ -233,8 +252,8 @@ pub fn definition(lab: &Lab, name: &str) -> Result<VmDefinition> {
 /// Starts QEMU for `vm` inside the lab namespace (daemonised; pid file, QMP socket, console log).
 pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) -> Result<()> {
     if vm.boot == BootMode::Nfsroot {
-        net::require_root(&format!("diskless {}", vm.name), net::NO_ROOTLESS_NFS)?;
-        if lab.config.stack == stack::StackKind::Process {
+        process::require_root(&format!("diskless {}", vm.name), net::NO_ROOTLESS_NFS)?;
+        if lab.config.stack == StackKind::Process {
             crate::hostdeps::ensure(&NFS_TOOLS)?;
         }
     }
@@ -246,7 +265,7 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
     net.add_tap(&tap)?;
     let disk = lab.vm_file(&vm.name, VmFile::Disk);
     if !disk.exists() {
-        create_disk(lab, &vm.name, "20G")?;
+        create_disk(lab, &vm.name, DEFAULT_DISK_SIZE)?;
     }
     let vars = lab.vm_file(&vm.name, VmFile::Vars);
     let code = if firmware == Firmware::Bios {
@@ -259,7 +278,7 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
         }
         Some(code)
     };
-    let sercon = qemu::sercon_file(&lab.dir("run"))?;
+    let sercon = qemu::sercon_file(&lab.run_dir())?;
     let (pid, qmp, console) = (
         lab.vm_file(&vm.name, VmFile::Pid),
         lab.vm_file(&vm.name, VmFile::Qmp),
@@ -280,112 +299,41 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
         accel,
         memory_mib: 2048,
     };
-    let args = qemu::args(&target)?;
-    let out = net
-        .command(qemu::binary(vm.arch))?
-        .args(&args)
-        .output()
-        .with_context(|| format!("running {}", qemu::binary(vm.arch)))?;
-    if !out.status.success() {
-        bail!(
-            "QEMU for {} failed to start: {}",
-            vm.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    qemu::start(&net, &target)?;
     Ok(())
 }
 
-/// An `ssh` to the VM run inside the lab namespace, with the lab key. The VM's host keys are
-/// not trusted on first use: they are taken from its serial console, where cloud-init prints
-/// them once it has generated them (the last such block counts, so a reboot or a diskless VM,
-/// which gets new keys every boot, is handled). Until that block appears, there is nothing to
-/// connect to.
-pub fn ssh(lab: &Lab, vm: &VmDefinition, command: &[String]) -> Result<Command> {
-    let net = lab.net()?;
-    let ip = vm
-        .ip
-        .with_context(|| format!("{} has no IP address", vm.name))?;
-    let console = std::fs::read(lab.vm_file(&vm.name, VmFile::Console)).unwrap_or_default();
-    let keys = console_host_keys(&String::from_utf8_lossy(&console));
-    if keys.is_empty() {
-        bail!(
-            "{} has not printed its SSH host keys on its console yet (cloud-init does that when it is done)",
-            vm.name
-        );
-    }
-    let known: String = keys.iter().map(|k| format!("{ip} {k}\n")).collect();
-    let known_hosts = lab.dir("ssh").join(format!("known_hosts.{}", vm.name));
-    crate::store::write_atomic(&known_hosts, known.as_bytes())?;
-    let mut c = net.command("ssh")?;
-    c.arg("-i")
-        .arg(lab.ssh_key())
-        .args([
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=5",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-        ])
-        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-        .arg(format!("pxelab@{ip}"))
-        .args(command);
-    Ok(c)
-}
-
-/// The host public keys (`<type> <base64>`) of the last `BEGIN SSH HOST KEY KEYS` block that
-/// cloud-init printed on the console.
-fn console_host_keys(console: &str) -> Vec<String> {
-    let Some(start) = console.rfind("-----BEGIN SSH HOST KEY KEYS-----") else {
-        return Vec::new();
-    };
-    let block = &console[start..];
-    let Some(end) = block.find("-----END SSH HOST KEY KEYS-----") else {
-        return Vec::new();
-    };
-    block[..end]
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let (kind, key) = (words.next()?, words.next()?);
-            let plausible = (kind.starts_with("ssh-") || kind.starts_with("ecdsa-"))
-                && key
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
-            plausible.then(|| format!("{kind} {key}"))
-        })
-        .collect()
-}
-
-/// Forget the install: the next boot runs the installer again on a blank disk.
-pub fn reprovision(lab: &Lab, name: &str) -> Result<()> {
-    let vm = definition(lab, name)?;
+/// Stops `name`'s QEMU (if it runs).
+pub fn stop_vm(lab: &Lab, name: &str, grace: Duration) -> Result<()> {
     qemu::stop(
         &lab.vm_file(name, VmFile::Pid),
         &lab.vm_file(name, VmFile::Qmp),
-        Duration::from_secs(10),
-    )?;
-    let _ = std::fs::remove_file(lab.vm_file(name, VmFile::Disk));
-    create_disk(lab, name, "20G")?;
-    // The stack keeps `installed` in its state file; removing it makes /ipxe answer "install".
-    let _ = std::fs::remove_file(lab.dir("state").join(format!("{name}.state")));
-    forget_host_key(lab, &vm)?;
+        grace,
+    )
+}
+
+/// Install again at the next boot: the VM stopped, a blank disk of the same size, and the
+/// stack told to forget the install (started first if it is not running).
+pub fn reprovision(lab: &Lab, name: &str) -> Result<()> {
+    let vm = definition(lab, name)?;
+    stop_vm(lab, name, Duration::from_secs(10))?;
+    blank_disk(lab, name)?;
+    super::ensure_stack(lab)?;
+    stack::reprovision(lab, &vm.name)?;
+    ssh::forget_host_key(lab, &vm.name);
     println!("{name}: disk blanked and install state cleared; `cargo xtask lab vm start {name}` installs it again");
     Ok(())
 }
 
+/// Stops a target and deletes its definition, disk and logs. The stack's records of it (state,
+/// timeline) are the stack's: a running stack is asked to forget the install, so a VM defined
+/// again under this name installs afresh.
 pub fn remove(lab: &Lab, name: &str) -> Result<()> {
     let vm = definition(lab, name)?;
-    qemu::stop(
-        &lab.vm_file(name, VmFile::Pid),
-        &lab.vm_file(name, VmFile::Qmp),
-        Duration::from_secs(10),
-    )?;
+    stop_vm(lab, name, Duration::from_secs(10))?;
+    if stack::running(lab).is_some() {
+        stack::reprovision(lab, &vm.name)?;
+    }
     for kind in [
         VmFile::Definition,
         VmFile::Disk,
@@ -394,43 +342,48 @@ pub fn remove(lab: &Lab, name: &str) -> Result<()> {
     ] {
         let _ = std::fs::remove_file(lab.vm_file(name, kind));
     }
-    for suffix in ["state", "timeline.jsonl"] {
-        let _ = std::fs::remove_file(lab.dir("state").join(format!("{name}.{suffix}")));
-    }
-    forget_host_key(lab, &vm)?;
+    ssh::forget_host_key(lab, &vm.name);
     println!("{name} removed");
-    Ok(())
-}
-
-fn forget_host_key(lab: &Lab, vm: &VmDefinition) -> Result<()> {
-    let _ = std::fs::remove_file(lab.dir("ssh").join(format!("known_hosts.{}", vm.name)));
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::console_host_keys;
+    use super::*;
 
+    /// A reprovisioned disk is blank and keeps the size its VM was created with.
     #[test]
-    fn host_keys_come_from_the_last_console_block() {
-        let console = "\
------BEGIN SSH HOST KEY KEYS-----\r
-ssh-ed25519 AAAAold root@t\r
------END SSH HOST KEY KEYS-----\r
-[  12.0] reboot\r
------BEGIN SSH HOST KEY KEYS-----\r
-ecdsa-sha2-nistp256 AAAAE2Vj= root@t\r
-ssh-ed25519 AAAAC3Nz root@t\r
-garbage line\r
------END SSH HOST KEY KEYS-----\r
-";
-        assert_eq!(
-            console_host_keys(console),
-            vec!["ecdsa-sha2-nistp256 AAAAE2Vj=", "ssh-ed25519 AAAAC3Nz"]
-        );
-        assert!(
-            console_host_keys("-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 AAAA").is_empty()
-        );
-        assert!(console_host_keys("nothing here").is_empty());
+    fn sys_lab_blank_disk_keeps_its_size() {
+        for tool in ["qemu-img", "qemu-io"] {
+            assert!(
+                crate::hostdeps::find_bin(tool).is_some(),
+                "{tool} not found: apt-get install qemu-utils"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let lab = Lab::at(dir.path().to_path_buf()).unwrap();
+        create_disk(&lab, "t-1", "64M").unwrap();
+        let disk = lab.vm_file("t-1", VmFile::Disk);
+        let sh = xshell::Shell::new().unwrap();
+        let written = |disk: &Path| {
+            cmd!(sh, "qemu-io -f qcow2 -c 'read -P 0xab 0 1M' {disk}")
+                .quiet()
+                .ignore_stdout()
+                .ignore_stderr()
+                .run()
+                .is_ok()
+        };
+        cmd!(sh, "qemu-io -f qcow2 -c 'write -P 0xab 0 1M' {disk}")
+            .quiet()
+            .ignore_stdout()
+            .run()
+            .unwrap();
+        assert!(written(&disk));
+        blank_disk(&lab, "t-1").unwrap();
+        assert_eq!(virtual_size(&disk).unwrap(), 64 << 20);
+        assert!(!written(&disk), "the disk still holds what was written");
+        std::fs::remove_file(&disk).unwrap();
+        blank_disk(&lab, "t-1").unwrap();
+        assert_eq!(virtual_size(&disk).unwrap(), 20 << 30, "the default size");
     }
 }
