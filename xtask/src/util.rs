@@ -1,4 +1,5 @@
-//! Small helpers shared by every command: the project root and human-readable sizes.
+//! Small helpers shared by every command: the project root, human-readable sizes, `/`-path
+//! normalization and UTC calendar fields.
 
 use std::path::PathBuf;
 
@@ -23,6 +24,22 @@ pub fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// `a/./b/../c` → `a/c`: a `/`-separated path with empty and `.` parts dropped and each `..`
+/// taking back the part before it (never above the start), without leading `/`.
+pub fn normalize_path(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    parts.join("/")
 }
 
 /// A Unix time as UTC calendar fields.
