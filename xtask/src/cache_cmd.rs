@@ -118,7 +118,7 @@ pub struct GcReport {
 
 /// Prune `store` to what `lock` reaches (see the module doc). Needs the exclusive store lock.
 pub fn gc(store: &Store, lock: &Lock, dry_run: bool) -> Result<GcReport> {
-    let mut keep: BTreeSet<String> = lock.inputs.iter().map(|i| i.sha256.clone()).collect();
+    let mut keep: BTreeSet<String> = lock.inputs.iter().map(|i| i.pin.sha256.clone()).collect();
     let actions = store.list_actions()?;
     let mut live = vec![false; actions.len()];
     loop {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use pxelab_tests::{sha256_hex, Behavior, FixtureServer};
 use xtask::fetch::{Fetch, Fetcher};
 use xtask::lock::{Lock, LockedInput};
+use xtask::pin::{DebFacts, Pin};
 use xtask::store::{BlobState, Store};
 use xtask::ui::Ui;
 
@@ -220,15 +221,13 @@ fn killed_process_leaves_no_store_entry_and_the_next_run_resumes() {
             recipe: "t".into(),
             set: "slow".into(),
             arch: "amd64".into(),
-            name: "slow".into(),
-            url: server.url("/slow.bin"),
-            size: body.len() as u64,
-            sha256: sha256_hex(&body),
-            package: None,
-            version: None,
-            deb_arch: None,
-            suite: None,
-            filename: None,
+            pin: Pin {
+                name: "slow".into(),
+                url: server.url("/slow.bin"),
+                size: body.len() as u64,
+                sha256: sha256_hex(&body),
+                deb: None,
+            },
         }],
     };
     lock.save(&lock_path).unwrap();
@@ -425,15 +424,19 @@ fn vanished_debian_pin_says_which_package_and_how_to_refresh() {
         recipe: "initrd".into(),
         set: "tools".into(),
         arch: "amd64".into(),
-        name: "busybox-static".into(),
-        url: server.url("/debian/pool/main/b/busybox/busybox-static_1.35.0-4+b3_amd64.deb"),
-        size: 10,
-        sha256: sha256_hex(b"0123456789"),
-        package: Some("busybox-static".into()),
-        version: Some("1:1.35.0-4+b3".into()),
-        deb_arch: Some("amd64".into()),
-        suite: Some("bookworm".into()),
-        filename: Some("pool/main/b/busybox/busybox-static_1.35.0-4+b3_amd64.deb".into()),
+        pin: Pin {
+            name: "busybox-static".into(),
+            url: server.url("/debian/pool/main/b/busybox/busybox-static_1.35.0-4+b3_amd64.deb"),
+            size: 10,
+            sha256: sha256_hex(b"0123456789"),
+            deb: Some(DebFacts {
+                version: "1:1.35.0-4+b3".into(),
+                arch: "amd64".into(),
+                suite: "bookworm".into(),
+                filename: "pool/main/b/busybox/busybox-static_1.35.0-4+b3_amd64.deb".into(),
+                priority: None,
+            }),
+        },
     };
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
@@ -571,15 +574,13 @@ fn gc_keeps_locked_and_reachable_outputs_and_drops_the_rest() {
             recipe: "r".into(),
             set: "s".into(),
             arch: "amd64".into(),
-            name: "pinned".into(),
-            url: "http://127.0.0.1:9/pinned".into(),
-            size: 12,
-            sha256: pinned.clone(),
-            package: None,
-            version: None,
-            deb_arch: None,
-            suite: None,
-            filename: None,
+            pin: Pin {
+                name: "pinned".into(),
+                url: "http://127.0.0.1:9/pinned".into(),
+                size: 12,
+                sha256: pinned.clone(),
+                deb: None,
+            },
         }],
     };
     let store = Store::open_exclusive(dir.path()).unwrap();
