@@ -12,12 +12,15 @@
 //! tmp/                      partial downloads (`<sha256>.part`, resumable) and step scratch dirs
 //! ```
 //!
+//! This module holds the blobs; the action cache is `step.rs`, pruning to the roots `gc.rs`.
+//!
 //! Nothing becomes a blob before it is complete: content is written under `tmp/`, fsynced,
 //! hashed and renamed into place. Every use of a blob compares its inode against the record
 //! written when it was last hashed (size, inode number, ctime: any write, chmod or replacement
 //! changes the ctime) and hashes it again on a difference, so checking costs one `stat`. A corrupt blob is reported and removed;
 //! callers then re-fetch or rebuild it.
 
+mod gc;
 mod step;
 
 use std::fs::{self, File};
@@ -28,6 +31,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+pub use gc::{gc, GcReport, Roots};
 pub use step::{ActionRecord, OutputFile, Step, StepFile, StepOutputs};
 
 /// A lower-case hex sha256.
