@@ -1,21 +1,22 @@
 //! `cargo xtask cache du|verify|gc`: report, check and prune the store.
 //!
-//! gc keeps exactly: blobs pinned by `recipes/pxelab.lock`, and for every action record whose
-//! input digests are all kept, that record and its outputs. It iterates to a fixed point, so a
-//! step built from another step's output survives as long as the chain leads back to the lock.
-//! Everything else is deleted: blobs of old pins, outputs of steps whose inputs changed, records
-//! of steps keyed on digests that are not in the store (e.g. a hash of source files: such a step
-//! is simply rebuilt on its next use), stale `.part` downloads, scratch dirs and per-item lock
-//! files. gc takes the store lock exclusively, so it waits until running builds finish.
+//! gc's roots ([`roots`]): the pins of `recipes/pxelab.lock`, the outputs named by this
+//! checkout's `build/stack/<arch>/manifest.json` (what `build-stack` last copied there) and by
+//! the lab home's `images/<distro>/<arch>/manifest.json` (what `distro pull` published). The
+//! store keeps those and the action records that produced them (see [`crate::store::gc`]), so
+//! `build-stack` or `distro pull` right after a gc is still a cache hit. gc takes the store lock
+//! exclusively, so it waits until running builds finish.
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use pxelab_contract::DistroManifest;
+use serde::Deserialize;
 
 use crate::lock::Lock;
-use crate::store::{BlobState, Store};
+use crate::store::{gc, BlobState, Roots, Store};
 use crate::util::human_bytes;
 
 #[derive(clap::Args, Debug)]
@@ -30,7 +31,8 @@ pub enum Command {
     Du,
     /// Hash every blob and report (and remove) corrupt ones.
     Verify,
-    /// Delete blobs and action records not reachable from the lock; report bytes freed.
+    /// Delete blobs and action records that neither the lock nor the published build outputs
+    /// (build/stack, the lab home's images) reach; report bytes freed.
     Gc {
         /// Lock file whose pins are kept (default: recipes/pxelab.lock).
         #[arg(long, value_name = "FILE")]
@@ -47,8 +49,9 @@ pub fn run(args: Args) -> Result<()> {
         Command::Verify => verify(&Store::open_default()?),
         Command::Gc { lock, dry_run } => {
             let lock = Lock::load(&lock.unwrap_or_else(Lock::default_path))?;
+            let roots = roots(&lock, &crate::util::project_root(), &lab_images()?)?;
             let store = Store::open_exclusive(&Store::default_root()?)?;
-            let r = gc(&store, &lock, dry_run)?;
+            let r = gc(&store, &roots, dry_run)?;
             let verb = if dry_run { "would free" } else { "freed" };
             eprintln!(
                 "gc: kept {} blobs and {} action records; {verb} {} ({} blobs, {} records, {} temp files)",
@@ -68,7 +71,7 @@ fn du(store: &Store) -> Result<()> {
     let blobs = store.list_blobs()?;
     let bytes: u64 = blobs.iter().map(|(_, n)| n).sum();
     let actions = store.list_actions()?;
-    let tmp = dir_size(&store.tmp_dir());
+    let tmp = crate::util::dir_size(&store.tmp_dir());
     let mut out = std::io::stdout().lock();
     writeln!(out, "store:   {}", store.root().display())?;
     writeln!(out, "blobs:   {} ({})", blobs.len(), human_bytes(bytes))?;
@@ -105,87 +108,75 @@ fn verify(store: &Store) -> Result<()> {
     Ok(())
 }
 
-/// What [`gc`] did (or would do).
-#[derive(Debug, Default)]
-pub struct GcReport {
-    pub kept_blobs: usize,
-    pub kept_actions: usize,
-    pub removed_blobs: usize,
-    pub removed_actions: usize,
-    pub removed_tmp: usize,
-    pub freed_bytes: u64,
+/// `<lab home>/images`, where `distro pull` publishes (read only here).
+fn lab_images() -> Result<PathBuf> {
+    Ok(crate::lab::home::Lab::open()?.images_root())
 }
 
-/// Prune `store` to what `lock` reaches (see the module doc). Needs the exclusive store lock.
-pub fn gc(store: &Store, lock: &Lock, dry_run: bool) -> Result<GcReport> {
-    let mut keep: BTreeSet<String> = lock.inputs.iter().map(|i| i.sha256.clone()).collect();
-    let actions = store.list_actions()?;
-    let mut live = vec![false; actions.len()];
-    loop {
-        let mut changed = false;
-        for (i, (_, rec)) in actions.iter().enumerate() {
-            if !live[i] && rec.inputs.values().all(|d| keep.contains(d)) {
-                live[i] = true;
-                changed = true;
-                keep.extend(rec.outputs.iter().map(|o| o.sha256.clone()));
-            }
-        }
-        if !changed {
-            break;
-        }
+/// gc's roots: the pins of `lock`, the outputs of every `<workspace>/build/stack/<arch>/
+/// manifest.json` and of every `<images>/<distro>/<arch>/manifest.json`. A directory that does
+/// not exist adds nothing; a manifest that cannot be read is an error (gc would otherwise drop
+/// what it names).
+pub fn roots(lock: &Lock, workspace: &Path, images: &Path) -> Result<Roots> {
+    #[derive(Deserialize)]
+    struct StackManifest {
+        outputs: Vec<StackOutput>,
     }
-    let mut r = GcReport::default();
-    for (digest, size) in store.list_blobs()? {
-        if keep.contains(&digest) {
-            r.kept_blobs += 1;
-        } else {
-            r.removed_blobs += 1;
-            r.freed_bytes += size;
-            if !dry_run {
-                store.remove_blob(&digest)?;
-            }
-        }
+    #[derive(Deserialize)]
+    struct StackOutput {
+        sha256: String,
     }
-    for ((path, _), live) in actions.iter().zip(&live) {
-        if *live {
-            r.kept_actions += 1;
-        } else {
-            r.removed_actions += 1;
-            if !dry_run {
-                std::fs::remove_file(path)?;
-            }
-        }
-    }
-    // Nobody else holds the store now, so partial downloads, scratch dirs and per-item lock
-    // files are leftovers.
-    if !dry_run {
-        for entry in std::fs::read_dir(store.root().join("locks"))? {
-            std::fs::remove_file(entry?.path())?;
-        }
-    }
-    for entry in std::fs::read_dir(store.tmp_dir())? {
-        let path = entry?.path();
-        r.removed_tmp += 1;
-        r.freed_bytes += dir_size(&path);
-        if !dry_run {
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path)?;
-            } else {
-                std::fs::remove_file(&path)?;
-            }
-        }
-    }
-    Ok(r)
-}
-
-fn dir_size(path: &std::path::Path) -> u64 {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return 0;
+    let mut roots = Roots {
+        pinned: lock.inputs.iter().map(|i| i.pin.sha256.clone()).collect(),
+        ..Roots::default()
     };
-    if !meta.is_dir() {
-        return meta.len();
+    for path in manifests(&workspace.join("build/stack"), 1)? {
+        let m: StackManifest = read_json(&path)?;
+        roots
+            .published
+            .extend(m.outputs.into_iter().map(|o| o.sha256));
     }
-    std::fs::read_dir(path)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| dir_size(&e.path())).sum())
-        .unwrap_or(0)
+    for path in manifests(images, 2)? {
+        let m: DistroManifest = read_json(&path)?;
+        let files = [Some(m.rootfs), m.kernel, m.modules];
+        roots
+            .published
+            .extend(files.into_iter().flatten().map(|f| f.sha256));
+    }
+    Ok(roots)
+}
+
+/// Every `manifest.json` exactly `depth` directories below `dir`, sorted.
+fn manifests(dir: &Path, depth: usize) -> Result<BTreeSet<PathBuf>> {
+    let mut dirs = BTreeSet::from([dir.to_path_buf()]);
+    for _ in 0..depth {
+        let mut next = BTreeSet::new();
+        for d in dirs {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries {
+                let e = e.with_context(|| format!("listing {}", d.display()))?;
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    next.insert(e.path());
+                }
+            }
+        }
+        dirs = next;
+    }
+    Ok(dirs
+        .into_iter()
+        .map(|d| d.join("manifest.json"))
+        .filter(|m| m.is_file())
+        .collect())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "{} is not a manifest gc can read: delete it (and its directory) or rebuild it",
+            path.display()
+        )
+    })
 }

@@ -1,4 +1,5 @@
-//! Verified, resumable, parallel downloads into the store, and the `cargo xtask fetch` command.
+//! Verified, resumable, parallel downloads into the store: the engine under `cargo xtask fetch`,
+//! the lock verbs' consumers and every build step that needs a pinned file.
 //!
 //! A download streams into `tmp/<sha256>.part` (named by the *expected* digest, so a later run
 //! resumes it) while hashing. It resumes with `Range: bytes=N-` and trusts only a 206 whose
@@ -401,85 +402,25 @@ pub fn offline_report(missing: &[&Fetch]) -> String {
     )
 }
 
+/// Make sure `items` are in the store (downloading what is missing unless `offline`) and return
+/// their blob paths, in order. Blobs are read-only; copy with [`Store::materialize`].
+pub fn ensure_all(store: &Store, items: &[Fetch], offline: bool) -> Result<Vec<PathBuf>> {
+    let fetcher = Fetcher::new(store, Ui::new())?;
+    if offline {
+        let missing = fetcher.missing(items)?;
+        if !missing.is_empty() {
+            bail!("{}", offline_report(&missing));
+        }
+    } else {
+        fetcher.fetch_all(items)?;
+    }
+    Ok(items.iter().map(|i| store.blob_path(&i.sha256)).collect())
+}
+
 /// Re-check a blob the caller is about to use: if it went corrupt, fetch it again.
 pub fn ensure(fetcher: &Fetcher, item: &Fetch) -> Result<PathBuf> {
     if fetcher.store.check(&item.sha256)? != BlobState::Good {
         fetcher.fetch_one(item)?;
     }
     Ok(fetcher.store.blob_path(&item.sha256))
-}
-
-/// `cargo xtask fetch`: put every locked input into the store.
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    /// Use the store only: download nothing, list exactly what is missing, fail if anything is.
-    #[arg(long)]
-    pub offline: bool,
-    /// Only inputs of this recipe (e.g. `initrd`).
-    #[arg(long)]
-    pub recipe: Option<String>,
-    /// Only inputs for this arch (e.g. `amd64`).
-    #[arg(long)]
-    pub arch: Option<String>,
-    /// Lock file to read (default: recipes/pxelab.lock).
-    #[arg(long, value_name = "FILE")]
-    pub lock: Option<PathBuf>,
-    /// Parallel downloads.
-    #[arg(long, short = 'j', default_value_t = 4)]
-    pub jobs: usize,
-}
-
-pub fn run(args: Args) -> Result<()> {
-    let lock_path = args.lock.unwrap_or_else(crate::lock::Lock::default_path);
-    let lock = crate::lock::Lock::load(&lock_path)?;
-    // Several recipes pin the same file (libc6 is in most closures): count and fetch it once.
-    let mut seen = std::collections::HashSet::new();
-    let items: Vec<Fetch> = lock
-        .inputs
-        .iter()
-        .filter(|i| args.recipe.as_ref().is_none_or(|r| &i.recipe == r))
-        .filter(|i| args.arch.as_ref().is_none_or(|a| &i.arch == a))
-        .map(|i| i.to_fetch())
-        .filter(|f| seen.insert(f.sha256.clone()))
-        .collect();
-    if items.is_empty() {
-        bail!(
-            "no locked inputs match the given --recipe/--arch in {}",
-            lock_path.display()
-        );
-    }
-    let store = Store::open_default()?;
-    let ui = Ui::new();
-    let mut fetcher = Fetcher::new(&store, ui.clone())?;
-    fetcher.jobs = args.jobs.max(1);
-    if args.offline {
-        let missing = fetcher.missing(&items)?;
-        if !missing.is_empty() {
-            bail!("{}", offline_report(&missing));
-        }
-        ui.println(format!(
-            "offline: all {} locked files are in the store at {}",
-            items.len(),
-            store.root().display()
-        ));
-        return Ok(());
-    }
-    let s = fetcher.fetch_all(&items)?;
-    let secs = s.elapsed.as_secs_f64();
-    if s.downloaded.is_empty() {
-        ui.println(format!(
-            "all {} locked files are already in the store ({}); nothing needed downloading ({secs:.2}s)",
-            s.present,
-            store.root().display()
-        ));
-    } else {
-        let bytes: u64 = s.downloaded.iter().map(|(_, n)| n).sum();
-        ui.println(format!(
-            "downloaded {} files ({}) in {secs:.1}s; {} were already in the store",
-            s.downloaded.len(),
-            human_bytes(bytes),
-            s.present
-        ));
-    }
-    Ok(())
 }

@@ -85,11 +85,20 @@ pub const HOST_DEPS: &[HostDep] = &[
     bin("nfs-cat", "libnfs-utils"),
 ];
 
-/// What `distro pull` of a Debian recipe runs (and `tool_version` asks for the store key).
-pub const DEBIAN_PULL: [HostDep; 2] = [bin("mmdebstrap", "mmdebstrap"), bin("depmod", "kmod")];
+/// Builds a Debian rootfs (its version is part of the rootfs step's key).
+pub const MMDEBSTRAP: HostDep = bin("mmdebstrap", "mmdebstrap");
+/// Indexes a kernel's modules in a distro's modules archive.
+pub const DEPMOD: HostDep = bin("depmod", "kmod");
+/// Converts an Ubuntu cloud image to a raw disk.
+pub const QEMU_IMG: HostDep = bin("qemu-img", "qemu-utils");
+/// Says whether programs of an architecture run here (mmdebstrap asks it too).
+pub const ARCH_TEST: HostDep = bin("arch-test", "arch-test");
+
+/// What `distro pull` of a Debian recipe runs.
+pub const DEBIAN_PULL: [HostDep; 2] = [MMDEBSTRAP, DEPMOD];
 
 /// What `distro pull` of an Ubuntu recipe runs on the cloud image.
-pub const UBUNTU_PULL: [HostDep; 2] = [bin("qemu-img", "qemu-utils"), bin("depmod", "kmod")];
+pub const UBUNTU_PULL: [HostDep; 2] = [QEMU_IMG, DEPMOD];
 
 /// What a pull for the foreign `arch` needs besides [`HOST_DEPS`]: qemu-user (static, so it
 /// also runs inside the rootfs chroot; its package ships the binfmt.d registrations) and
@@ -99,7 +108,7 @@ pub fn emulation_deps(arch: pxelab_contract::Arch) -> [HostDep; 2] {
         pxelab_contract::Arch::X86_64 => "qemu-x86_64-static",
         pxelab_contract::Arch::Aarch64 => "qemu-aarch64-static",
     };
-    [bin(qemu, "qemu-user-static"), bin("arch-test", "arch-test")]
+    [bin(qemu, "qemu-user-static"), ARCH_TEST]
 }
 
 impl HostDep {
@@ -114,6 +123,22 @@ impl HostDep {
         match self.probe {
             Probe::Bin(n) | Probe::File(n) => n,
         }
+    }
+
+    /// Where the tool or file is, or an error naming the package that provides it.
+    pub fn path(&self) -> Result<std::path::PathBuf> {
+        let found = match self.probe {
+            Probe::Bin(name) => find_bin(name),
+            Probe::File(p) => Some(p.into()).filter(|p: &std::path::PathBuf| p.exists()),
+        };
+        found.with_context(|| {
+            format!(
+                "{} not found: install the Debian package {} (`apt-get install {}`)",
+                self.what(),
+                self.package,
+                self.package
+            )
+        })
     }
 }
 
@@ -229,6 +254,12 @@ mod tests {
                 ("pkg-x", vec!["/nonexistent/x"]),
                 ("pxelab-nothing", vec!["pxelab-no-such-tool"])
             ]
+        );
+        assert!(deps[0].path().unwrap().ends_with("sh"));
+        assert_eq!(
+            deps[1].path().unwrap_err().to_string(),
+            "pxelab-no-such-tool not found: install the Debian package pxelab-nothing \
+             (`apt-get install pxelab-nothing`)"
         );
     }
 }

@@ -23,8 +23,8 @@ macro_rules! commands {
 }
 
 commands! {
-    "lock" => Lock(lock): "Resolve recipes/*.toml into recipes/pxelab.lock (network), or --check it (offline)",
-    "fetch" => Fetch(fetch): "Download every locked input into the store (verified, resumable); --offline lists what is missing",
+    "lock" => Lock(lock_cmd): "Resolve recipes/*.toml into recipes/pxelab.lock (network), or --check it (offline)",
+    "fetch" => Fetch(fetch_cmd): "Download every locked input into the store (verified, resumable); --offline lists what is missing",
     "cache" => Cache(cache_cmd): "Inspect the content-addressed store: du, verify, gc",
     "build-stack" => BuildStack(stack): "Build the PXE stack: static binaries, installer initrd, iPXE set, OCI/docker image",
     "distro" => Distro(distro): "Pull a distro's kernel, modules archive and rootfs into the lab home (list, pull, lock)",

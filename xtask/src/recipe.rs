@@ -28,11 +28,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use pxelab_debian::DEBIAN_MIRROR;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-/// Debian's main mirror; `PXELAB_DEBIAN_MIRROR` replaces it when fetching pinned files.
-pub const DEFAULT_DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+use crate::pin::debian::{Closure, DebianRequest};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,16 +70,6 @@ struct RawUrlInput {
     arch: BTreeMap<String, UrlPin>,
 }
 
-/// How far to follow dependencies.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Closure {
-    /// Depends and Pre-Depends, transitively (first satisfiable alternative, Provides honoured).
-    Full,
-    /// Exactly the named packages.
-    None,
-}
-
 /// A URL input's pin as written in the recipe.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -89,20 +78,6 @@ pub struct UrlPin {
     pub sha256: String,
     #[serde(default)]
     pub size: Option<u64>,
-}
-
-/// What one Debian set asks for on one arch.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct DebianRequest {
-    pub mirror: String,
-    pub suites: Vec<String>,
-    pub components: Vec<String>,
-    /// `amd64`, `arm64`, … or `all`.
-    pub arch: String,
-    pub packages: Vec<String>,
-    pub closure: Closure,
-    /// Glob patterns (`*` only) limiting which dependencies are followed; empty = all.
-    pub follow: Vec<String>,
 }
 
 /// The concrete thing a (recipe, set, arch) asks for.
@@ -127,8 +102,7 @@ pub struct Request {
 impl Request {
     /// sha256 of the canonical JSON of what this request asks for (recorded in the lock).
     pub fn fingerprint(&self) -> String {
-        let json = serde_json::to_string(&self.spec).expect("recipe specs serialize");
-        hex::encode(Sha256::digest(json.as_bytes()))
+        crate::pin::fingerprint(&serde_json::to_string(&self.spec).expect("recipe specs serialize"))
     }
 
     /// `initrd/tools/amd64`.
@@ -213,7 +187,7 @@ pub fn parse(recipe: &str, text: &str) -> Result<Vec<Request>> {
                     mirror: set
                         .mirror
                         .clone()
-                        .unwrap_or_else(|| DEFAULT_DEBIAN_MIRROR.to_string()),
+                        .unwrap_or_else(|| DEBIAN_MIRROR.to_string()),
                     suites: set.suites.clone(),
                     components: set
                         .components
@@ -279,20 +253,6 @@ fn check_arch(arch: &str) -> Result<()> {
     Ok(())
 }
 
-/// Does `name` match the `*`-glob `pattern`?
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == name,
-        Some((prefix, rest)) => {
-            if !name.starts_with(prefix) {
-                return false;
-            }
-            let tail = &name[prefix.len()..];
-            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob_match(rest, &tail[i..]))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,16 +281,5 @@ follow = ["linux-image-*"]
         assert_ne!(reqs[0].fingerprint(), reqs[1].fingerprint());
         assert!(parse("k", "description = \"x\"\n[[debian]]\nname=\"a\"\nsuites=[\"s\"]\narches=[\"x86\"]\npackages=[\"p\"]").is_err());
         assert!(parse("k", "description = \"x\"\nbogus = 1").is_err());
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob_match(
-            "linux-image-*",
-            "linux-image-6.1.0-28-cloud-amd64"
-        ));
-        assert!(!glob_match("linux-image-*", "linux-base"));
-        assert!(glob_match("*-dev", "libc6-dev"));
-        assert!(glob_match("a*b*c", "axxbyyc"));
     }
 }

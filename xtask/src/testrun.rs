@@ -41,7 +41,7 @@ pub fn run(args: Args) -> Result<()> {
         let ok = match *tier {
             "lock" => {
                 eprintln!("\n==> tier lock: cargo xtask lock --check");
-                let r = crate::lock::run(crate::lock::Args {
+                let r = crate::lock_cmd::run(crate::lock_cmd::Args {
                     check: true,
                     recipes: None,
                     lock: None,

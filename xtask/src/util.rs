@@ -1,6 +1,7 @@
-//! Small helpers shared by every command: the project root and human-readable sizes.
+//! Small helpers shared by every command: the project root, sizes (of a tree, human-readable),
+//! `/`-path normalization and UTC calendar fields.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The workspace root (the directory holding `recipes/` and the top `Cargo.toml`).
 pub fn project_root() -> PathBuf {
@@ -23,6 +24,35 @@ pub fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// Bytes under `path` (a file or a directory tree); 0 if it is gone.
+pub fn dir_size(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| dir_size(&e.path())).sum())
+        .unwrap_or(0)
+}
+
+/// `a/./b/../c` → `a/c`: a `/`-separated path with empty and `.` parts dropped and each `..`
+/// taking back the part before it (never above the start), without leading `/`.
+pub fn normalize_path(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    parts.join("/")
 }
 
 /// A Unix time as UTC calendar fields.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use pxelab_contract::Arch;
-use xtask::distro::{self, modules::list_archive, DistroLock, PullArgs};
+use xtask::distro::{self, lock::DistroLock, modules::list_archive, PullArgs};
 use xtask::store::Store;
 
 fn require(tool: &str, package: &str) {
@@ -163,9 +163,9 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
     let cache2 = private.join("cache2");
     let first_store = Store::open(&work.path().join("cache1")).unwrap();
     let second_store = Store::open(&cache2).unwrap();
-    for deb in &lock.arch["x86_64"].deb {
+    for deb in &lock.arch["x86_64"].pins {
         second_store
-            .insert_bytes(&first_store.read(&deb.pin.sha256).unwrap())
+            .insert_bytes(&first_store.read(&deb.sha256).unwrap())
             .unwrap();
     }
     drop((first_store, second_store));

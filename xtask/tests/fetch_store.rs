@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use pxelab_tests::{sha256_hex, Behavior, FixtureServer};
 use xtask::fetch::{Fetch, Fetcher};
 use xtask::lock::{Lock, LockedInput};
+use xtask::pin::{DebFacts, Pin};
 use xtask::store::{BlobState, Store};
 use xtask::ui::Ui;
 
@@ -220,15 +221,13 @@ fn killed_process_leaves_no_store_entry_and_the_next_run_resumes() {
             recipe: "t".into(),
             set: "slow".into(),
             arch: "amd64".into(),
-            name: "slow".into(),
-            url: server.url("/slow.bin"),
-            size: body.len() as u64,
-            sha256: sha256_hex(&body),
-            package: None,
-            version: None,
-            deb_arch: None,
-            suite: None,
-            filename: None,
+            pin: Pin {
+                name: "slow".into(),
+                url: server.url("/slow.bin"),
+                size: body.len() as u64,
+                sha256: sha256_hex(&body),
+                deb: None,
+            },
         }],
     };
     lock.save(&lock_path).unwrap();
@@ -425,15 +424,19 @@ fn vanished_debian_pin_says_which_package_and_how_to_refresh() {
         recipe: "initrd".into(),
         set: "tools".into(),
         arch: "amd64".into(),
-        name: "busybox-static".into(),
-        url: server.url("/debian/pool/main/b/busybox/busybox-static_1.35.0-4+b3_amd64.deb"),
-        size: 10,
-        sha256: sha256_hex(b"0123456789"),
-        package: Some("busybox-static".into()),
-        version: Some("1:1.35.0-4+b3".into()),
-        deb_arch: Some("amd64".into()),
-        suite: Some("bookworm".into()),
-        filename: Some("pool/main/b/busybox/busybox-static_1.35.0-4+b3_amd64.deb".into()),
+        pin: Pin {
+            name: "busybox-static".into(),
+            url: server.url("/debian/pool/main/b/busybox/busybox-static_1.35.0-4+b3_amd64.deb"),
+            size: 10,
+            sha256: sha256_hex(b"0123456789"),
+            deb: Some(DebFacts {
+                version: "1:1.35.0-4+b3".into(),
+                arch: "amd64".into(),
+                suite: "bookworm".into(),
+                filename: "pool/main/b/busybox/busybox-static_1.35.0-4+b3_amd64.deb".into(),
+                priority: None,
+            }),
+        },
     };
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
@@ -571,19 +574,19 @@ fn gc_keeps_locked_and_reachable_outputs_and_drops_the_rest() {
             recipe: "r".into(),
             set: "s".into(),
             arch: "amd64".into(),
-            name: "pinned".into(),
-            url: "http://127.0.0.1:9/pinned".into(),
-            size: 12,
-            sha256: pinned.clone(),
-            package: None,
-            version: None,
-            deb_arch: None,
-            suite: None,
-            filename: None,
+            pin: Pin {
+                name: "pinned".into(),
+                url: "http://127.0.0.1:9/pinned".into(),
+                size: 12,
+                sha256: pinned.clone(),
+                deb: None,
+            },
         }],
     };
+    let nothing = dir.path().join("nothing");
+    let roots = xtask::cache_cmd::roots(&lock, &nothing, &nothing).unwrap();
     let store = Store::open_exclusive(dir.path()).unwrap();
-    let report = xtask::cache_cmd::gc(&store, &lock, false).unwrap();
+    let report = xtask::store::gc(&store, &roots, false).unwrap();
     assert_eq!((report.kept_blobs, report.removed_blobs), (3, 2));
     assert_eq!((report.kept_actions, report.removed_actions), (2, 1));
     assert_eq!(
@@ -592,4 +595,120 @@ fn gc_keeps_locked_and_reachable_outputs_and_drops_the_rest() {
     );
     assert!(store.has(&pinned).unwrap() && store.has(&chained.files[0].digest).unwrap());
     assert!(!store.has(&stale).unwrap() && !store.has(&old.files[0].digest).unwrap());
+}
+
+/// A build chain keyed on a digest that is not a blob (as a static binary is keyed on a hash of
+/// its source files): gc can keep it only by walking back from what is published.
+fn build_chain(store: &Store, sources: &str) -> (bool, bool, String) {
+    let bin = store
+        .step("bin", 1)
+        .input("sources", sources)
+        .run(|o| Ok(fs::write(o.join("bin"), b"binary")?))
+        .unwrap();
+    let image = store
+        .step("image", 1)
+        .input("bin", &bin.files[0].digest)
+        .run(|o| Ok(fs::write(o.join("rootfs.tar.zst"), b"image")?))
+        .unwrap();
+    (bin.cached, image.cached, image.files[0].digest.clone())
+}
+
+#[test]
+fn gc_keeps_published_lab_artifacts_and_the_records_that_built_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let home = dir.path().join("home");
+    let sources = sha256_hex(b"source files");
+    let store = Store::open(&cache).unwrap();
+    let (_, _, image) = build_chain(&store, &sources);
+    let unused = store
+        .step("image", 1)
+        .input("bin", &sha256_hex(b"an older binary"))
+        .run(|o| Ok(fs::write(o.join("rootfs.tar.zst"), b"an older image")?))
+        .unwrap();
+    drop(store);
+    // What `distro pull` publishes into the lab home.
+    let published = home.join("images/d/x86_64");
+    fs::create_dir_all(&published).unwrap();
+    let manifest = pxelab_contract::DistroManifest {
+        rootfs: pxelab_contract::ManifestFile {
+            file: "rootfs.tar.zst".into(),
+            sha256: image.clone(),
+            size: 5,
+        },
+        kernel_version: "6.1.0-1-amd64".into(),
+        kernel: None,
+        modules: None,
+    };
+    fs::write(
+        published.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let lock = dir.path().join("empty.lock");
+    Lock {
+        version: 1,
+        ..Lock::default()
+    }
+    .save(&lock)
+    .unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["cache", "gc", "--lock"])
+        .arg(&lock)
+        .env("PXELAB_CACHE", &cache)
+        .env("PXELAB_HOME", &home)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+
+    let store = Store::open(&cache).unwrap();
+    assert_eq!(
+        build_chain(&store, &sources),
+        (true, true, image),
+        "after gc, rebuilding what the lab publishes is a cache hit: {stderr}"
+    );
+    assert!(
+        !store.has(&unused.files[0].digest).unwrap(),
+        "an output nothing publishes is freed: {stderr}"
+    );
+    assert!(stderr.contains("1 records"), "{stderr}");
+}
+
+#[test]
+fn gc_keeps_what_build_stack_copied_to_the_checkout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let sources = sha256_hex(b"source files");
+    let store = Store::open(&cache).unwrap();
+    let (_, _, image) = build_chain(&store, &sources);
+    drop(store);
+    // `build-stack`'s manifest in a checkout: every output with its digest.
+    let workspace = dir.path().join("checkout");
+    let out = workspace.join("build/stack/x86_64");
+    fs::create_dir_all(&out).unwrap();
+    let manifest = serde_json::json!({
+        "arch": "x86_64",
+        "outputs": [{"name": "rootfs.tar.zst", "size": 5, "sha256": image}],
+    });
+    fs::write(out.join("manifest.json"), manifest.to_string()).unwrap();
+    let lock = Lock {
+        version: 1,
+        ..Lock::default()
+    };
+    let roots =
+        xtask::cache_cmd::roots(&lock, &workspace, &dir.path().join("no-lab/images")).unwrap();
+    assert!(roots.published.contains(&image));
+    let store = Store::open_exclusive(&cache).unwrap();
+    let report = xtask::store::gc(&store, &roots, false).unwrap();
+    assert_eq!((report.kept_actions, report.removed_actions), (2, 0));
+    assert_eq!(build_chain(&store, &sources), (true, true, image));
+
+    // Without the manifest the chain is unreferenced, and gc frees it.
+    fs::remove_file(out.join("manifest.json")).unwrap();
+    let roots =
+        xtask::cache_cmd::roots(&lock, &workspace, &dir.path().join("no-lab/images")).unwrap();
+    let report = xtask::store::gc(&store, &roots, false).unwrap();
+    assert_eq!((report.kept_actions, report.removed_actions), (0, 2));
 }

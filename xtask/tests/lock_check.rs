@@ -4,6 +4,7 @@ use std::fs;
 use std::path::Path;
 
 use xtask::lock::{self, Lock};
+use xtask::pin::{DebFacts, Pin};
 use xtask::recipe;
 
 const URL_RECIPE: &str = r#"
@@ -15,7 +16,7 @@ arch.arm64 = { url = "http://127.0.0.1:9/fw-arm64.bin", sha256 = "22222222222222
 "#;
 
 fn check(dir: &Path) -> anyhow::Result<()> {
-    lock::run(lock::Args {
+    xtask::lock_cmd::run(xtask::lock_cmd::Args {
         check: true,
         recipes: Some(dir.to_path_buf()),
         lock: None,
@@ -27,7 +28,7 @@ fn check(dir: &Path) -> anyhow::Result<()> {
 fn setup() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("fw.toml"), URL_RECIPE).unwrap();
-    lock::run(lock::Args {
+    xtask::lock_cmd::run(xtask::lock_cmd::Args {
         check: false,
         recipes: Some(dir.path().to_path_buf()),
         lock: None,
@@ -42,10 +43,10 @@ fn lock_written_from_recipes_passes_check() {
     check(dir.path()).unwrap();
     let lock = Lock::load(&dir.path().join("pxelab.lock")).unwrap();
     assert_eq!(lock.inputs.len(), 2);
-    assert_eq!(lock.get("fw", "arm64", "fw").unwrap().size, 20);
+    assert_eq!(lock.get("fw", "arm64", "fw").unwrap().pin.size, 20);
     // Writing is deterministic: same recipes, same bytes.
     let before = fs::read(dir.path().join("pxelab.lock")).unwrap();
-    lock::run(lock::Args {
+    xtask::lock_cmd::run(xtask::lock_cmd::Args {
         check: false,
         recipes: Some(dir.path().to_path_buf()),
         lock: None,
@@ -123,15 +124,19 @@ packages = ["busybox-static", "kmod"]
         recipe: "t".into(),
         set: "tools".into(),
         arch: "amd64".into(),
-        name: name.into(),
-        url: format!("http://deb.debian.org/debian/pool/main/x/{name}.deb"),
-        size: 1,
-        sha256: "5555555555555555555555555555555555555555555555555555555555555555".into(),
-        package: Some(name.into()),
-        version: Some("1.0".into()),
-        deb_arch: Some("amd64".into()),
-        suite: Some("bookworm".into()),
-        filename: Some(format!("pool/main/x/{name}.deb")),
+        pin: Pin {
+            name: name.into(),
+            url: format!("http://deb.debian.org/debian/pool/main/x/{name}.deb"),
+            size: 1,
+            sha256: "5555555555555555555555555555555555555555555555555555555555555555".into(),
+            deb: Some(DebFacts {
+                version: "1.0".into(),
+                arch: "amd64".into(),
+                suite: "bookworm".into(),
+                filename: format!("pool/main/x/{name}.deb"),
+                priority: None,
+            }),
+        },
     };
     let lock = Lock {
         version: 1,
@@ -166,14 +171,14 @@ fn url_input_without_size_is_sized_with_head_when_locking() {
         pxelab_tests::sha256_hex(&body)
     );
     fs::write(dir.path().join("fw.toml"), text).unwrap();
-    lock::run(lock::Args {
+    xtask::lock_cmd::run(xtask::lock_cmd::Args {
         check: false,
         recipes: Some(dir.path().to_path_buf()),
         lock: None,
     })
     .unwrap();
     let lock = Lock::load(&dir.path().join("pxelab.lock")).unwrap();
-    assert_eq!(lock.get("fw", "amd64", "fw").unwrap().size, 12345);
+    assert_eq!(lock.get("fw", "amd64", "fw").unwrap().pin.size, 12345);
     let reqs = server.requests();
     assert_eq!(
         (reqs.len(), reqs[0].method.as_str()),
@@ -197,24 +202,28 @@ fn debian_mirror_override_redirects_pinned_debs() {
         recipe: "r".into(),
         set: "s".into(),
         arch: "amd64".into(),
-        name: "hello".into(),
-        url: format!("http://deb.debian.org/debian/{filename}"),
-        size: body.len() as u64,
-        sha256: pxelab_tests::sha256_hex(&body),
-        package: Some("hello".into()),
-        version: Some("2.10-3".into()),
-        deb_arch: Some("amd64".into()),
-        suite: Some("bookworm".into()),
-        filename: Some(filename.into()),
+        pin: Pin {
+            name: "hello".into(),
+            url: format!("http://deb.debian.org/debian/{filename}"),
+            size: body.len() as u64,
+            sha256: pxelab_tests::sha256_hex(&body),
+            deb: Some(DebFacts {
+                version: "2.10-3".into(),
+                arch: "amd64".into(),
+                suite: "bookworm".into(),
+                filename: filename.into(),
+                priority: None,
+            }),
+        },
     };
     std::env::set_var("PXELAB_DEBIAN_MIRROR", server.url("/snapshot/debian/"));
     let fetch = input.to_fetch();
     // Security updates are another archive: the override (a mirror of the main one) keeps off.
     let security =
         "http://deb.debian.org/debian-security/pool/updates/main/a/apt/apt_2.6.2_amd64.deb";
-    let kept = xtask::lock::debian_url(security);
+    let kept = xtask::pin::Mirror::rebase(xtask::pin::Mirror::debian_from_env().as_ref(), security);
     std::env::remove_var("PXELAB_DEBIAN_MIRROR");
-    assert_eq!(kept, (security.to_string(), None));
+    assert_eq!(kept, security);
     assert_eq!(
         fetch.url,
         server.url(&format!("/snapshot/debian/{filename}"))
@@ -224,7 +233,7 @@ fn debian_mirror_override_redirects_pinned_debs() {
     let paths = {
         let f = xtask::fetch::Fetcher::new(&store, xtask::ui::Ui::plain()).unwrap();
         f.fetch_all(&[fetch]).unwrap();
-        store.blob_path(&input.sha256)
+        store.blob_path(&input.pin.sha256)
     };
     assert_eq!(fs::read(paths).unwrap(), body);
 }

@@ -713,7 +713,7 @@ fn pinned_vmlinuz(dest: &Path) {
     let store = xtask::store::Store::open_default().unwrap();
     let pins = lock.select("kernel", "amd64").unwrap();
     for pin in &pins {
-        let paths = xtask::lock::fetch_inputs(&store, &[*pin], false).unwrap();
+        let paths = xtask::fetch::ensure_all(&store, &[pin.to_fetch()], false).unwrap();
         let deb = pxelab_debian::Deb::open(&paths[0]).unwrap();
         let entries = deb.data_entries().unwrap();
         if let Some(e) = entries.iter().find(|e| e.path.starts_with("boot/vmlinuz-")) {

@@ -39,11 +39,16 @@ fn sys_fetch_of_the_real_lock_downloads_verifies_and_then_does_nothing() {
     wanted.extend(lock.select("initrd", "amd64").unwrap());
     let store = Store::open(cache).unwrap();
     for input in &wanted {
-        let path = store.blob_path(&input.sha256);
-        assert_eq!(hash_file(&path).unwrap(), input.sha256, "{}", input.label());
+        let path = store.blob_path(&input.pin.sha256);
+        assert_eq!(
+            hash_file(&path).unwrap(),
+            input.pin.sha256,
+            "{}",
+            input.label()
+        );
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
-            input.size,
+            input.pin.size,
             "{}",
             input.label()
         );

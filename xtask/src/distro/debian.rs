@@ -1,8 +1,9 @@
 //! Debian: a root filesystem from exactly the pinned `.deb`s, assembled by mmdebstrap.
 //!
-//! The closure is resolved once (`pxelab-debian`: signed indexes, several suites) from the
-//! recipe's packages plus every `Priority: required` package of the release — what minbase
-//! would take — and pinned with each package's archive Priority. A pull writes those files as a
+//! The closure is resolved once, when the distro is locked ([`crate::pin::debian::resolve`]:
+//! signed indexes, several suites), from the recipe's packages plus every `Priority: required`
+//! package of the release — what minbase would take — and pinned with each package's archive
+//! Priority. A pull writes those files as a
 //! local flat repository (Packages built from each .deb's own control file plus the archive's
 //! Priority, and a Release naming the real suite, so apt and mmdebstrap treat it like the
 //! archive) and runs `mmdebstrap --variant=essential --include=<every pinned package>`: the
@@ -10,97 +11,111 @@
 //! copies the .debs into the chroot's cache — no bind mount, so a failed run leaves none behind
 //! (a guard still lazily unmounts anything left under the scratch dir).
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use pxelab_contract::Arch;
-use pxelab_debian::{Archive, DebPin, ResolveOptions, Source, Trust};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::modules::{self, ModuleSet, ModulesInfo};
 use super::recipe::{ArchRecipe, DebianSource};
 use super::rootfs::{self, Facts, RootfsInfo};
-use super::tools;
+use super::{emulation, write_json, Job, KERNEL_JSON, ROOTFS_JSON};
+use crate::fetch::Fetch;
+use crate::hostdeps::HostDep;
+use crate::pin::{Mirror, Pin};
+use crate::store::StepOutputs;
 use crate::ui::Ui;
-
-/// One pinned `.deb` and the Priority the archive gives it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockedDeb {
-    #[serde(flatten)]
-    pub pin: DebPin,
-    pub priority: String,
-}
 
 const UPDATE_INITRAMFS: &str = "/usr/sbin/update-initramfs";
 
 /// Bump when [`build_rootfs`] makes something else from the same pins.
-pub const ROOTFS_STEP_VERSION: u32 = 5;
+const ROOTFS_STEP_VERSION: u32 = 5;
 
-const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
-const DEBIAN_SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
+/// Bump when [`build_kernel`] makes something else from the same kernel package.
+const KERNEL_STEP_VERSION: u32 = 2;
 
-/// Resolves the package closure for one architecture against Debian's signed indexes.
-pub fn resolve(
-    src: &DebianSource,
-    arch_recipe: &ArchRecipe,
-    arch: Arch,
-    ui: &Ui,
-) -> Result<Vec<LockedDeb>> {
-    ui.println(format!(
-        "resolving the Debian {} package set for {arch}",
-        src.suite
-    ));
-    let archive = Archive::new(Trust::default())?;
-    let components: Vec<&str> = src.components.iter().map(String::as_str).collect();
-    let sources: Vec<Source> = src
-        .suites
-        .iter()
-        .map(|suite| {
-            let mirror = if suite.ends_with("-security") {
-                DEBIAN_SECURITY_MIRROR
-            } else {
-                DEBIAN_MIRROR
-            };
-            Source::new(mirror, suite, &components, arch.debian())
-        })
-        .collect();
-    let index = archive
-        .open_all(&sources)
-        .context("cannot read Debian's package indexes")?;
-    let mut requests: BTreeSet<String> = src
-        .packages
-        .iter()
-        .chain(&arch_recipe.packages)
-        .cloned()
-        .collect();
-    // minbase's base: every required package of the release itself.
-    requests.extend(
-        index
-            .packages()
+/// The root filesystem from every pinned `.deb`: keyed by the pins, the suite, the installed
+/// sources.list, the epoch and mmdebstrap's version (another version may build other bytes).
+/// Independent of the module set, so `--modules` rebuilds only [`kernel_step`].
+pub(super) fn rootfs_step(job: &Job, d: &DebianSource, pins: &[Pin]) -> Result<StepOutputs> {
+    // The key asks mmdebstrap for its version, so tools come first (installed when root,
+    // with qemu-user for a foreign arch in the same apt run).
+    let mut tools = crate::hostdeps::DEBIAN_PULL.to_vec();
+    if emulation::is_foreign(job.arch) {
+        tools.extend(crate::hostdeps::emulation_deps(job.arch));
+    }
+    crate::hostdeps::ensure(&tools)?;
+    let mut step = job
+        .store
+        .step("distro-debian-rootfs", ROOTFS_STEP_VERSION)
+        .param("arch", job.arch)
+        .param("suite", &d.suite)
+        .param("sources_list", d.sources_list.join("\n"))
+        .param("source_date_epoch", job.epoch)
+        .param("mmdebstrap", tool_version(crate::hostdeps::MMDEBSTRAP)?);
+    for p in pins {
+        step = step.input(&format!("deb:{}", p.name), &p.sha256);
+    }
+    step.run(|out| {
+        // mmdebstrap runs the rootfs's own maintainer scripts.
+        if emulation::is_foreign(job.arch) {
+            emulation::ensure(job.arch, job.ui)?;
+        }
+        job.fetcher.fetch_all(&fetches(job, pins))?;
+        let debs: Vec<(Pin, PathBuf)> = pins
             .iter()
-            .filter(|p| p.suite() == src.suite && p.priority.as_deref() == Some("required"))
-            .map(|p| p.name.clone()),
-    );
-    let requests: Vec<&str> = requests.iter().map(String::as_str).collect();
-    let packages = index
-        .resolve_packages(&requests, &ResolveOptions::default())
-        .context("cannot resolve the Debian package closure")?;
-    Ok(packages
-        .into_iter()
-        .map(|p| LockedDeb {
-            pin: p.pin(),
-            priority: p.priority.clone().unwrap_or_else(|| "optional".into()),
+            .map(|p| (p.clone(), job.store.blob_path(&p.sha256)))
+            .collect();
+        let scratch = out.parent().context("step output dir has a parent")?;
+        let r = build_rootfs(&debs, d, job.arch, job.epoch, scratch, out, job.ui)?;
+        write_json(&out.join(ROOTFS_JSON), &r)
+    })
+}
+
+/// `vmlinuz` and `modules.cpio.zst` from the kernel package among the pins, keyed by that
+/// package and the module set.
+pub(super) fn kernel_step(job: &Job, pins: &[Pin]) -> Result<StepOutputs> {
+    let kernel = kernel_package(pins, job.arch_recipe)?;
+    job.store
+        .step("distro-kernel-modules", KERNEL_STEP_VERSION)
+        .input("kernel.deb", &kernel.sha256)
+        .param("arch", job.arch)
+        .param("modules", job.modules)
+        .param("source_date_epoch", job.epoch)
+        .run(|out| {
+            let fetch = kernel.to_fetch(
+                job.label(&kernel.name),
+                Mirror::debian_from_env().as_ref(),
+                &job.relock(),
+            );
+            let deb = crate::fetch::ensure(job.fetcher, &fetch)?;
+            let scratch = out.parent().context("step output dir has a parent")?;
+            let m = build_kernel(&deb, job.arch, job.modules, job.epoch, scratch, out)?;
+            write_json(&out.join(KERNEL_JSON), &m)
         })
-        .collect())
+}
+
+/// The downloads of a pull's pinned `.deb`s; `PXELAB_DEBIAN_MIRROR` moves them.
+fn fetches(job: &Job, pins: &[Pin]) -> Vec<Fetch> {
+    let mirror = Mirror::debian_from_env();
+    pins.iter()
+        .map(|p| p.to_fetch(job.label(&p.name), mirror.as_ref(), &job.relock()))
+        .collect()
+}
+
+/// `mmdebstrap --version`: part of the rootfs key.
+fn tool_version(tool: HostDep) -> Result<String> {
+    let path = tool.path()?;
+    let sh = xshell::Shell::new()?;
+    crate::process::read(xshell::cmd!(sh, "{path} --version"))
 }
 
 /// Builds `rootfs.tar.zst` into `out` from the pinned debs (`debs[i].1` is the verified file of
 /// `debs[i].0`).
 pub fn build_rootfs(
-    debs: &[(LockedDeb, PathBuf)],
+    debs: &[(Pin, PathBuf)],
     src: &DebianSource,
     arch: Arch,
     epoch: u64,
@@ -108,7 +123,7 @@ pub fn build_rootfs(
     out: &Path,
     ui: &Ui,
 ) -> Result<(RootfsInfo, Facts)> {
-    let mmdebstrap = tools::require("mmdebstrap", "mmdebstrap")?;
+    let mmdebstrap = crate::hostdeps::MMDEBSTRAP.path()?;
     let _mounts = MountGuard(scratch.to_path_buf());
     let repo = scratch.join("repo");
     write_repo(debs, &src.suite, arch, epoch, &repo)?;
@@ -116,7 +131,7 @@ pub fn build_rootfs(
     let tar = scratch.join("rootfs.tar");
     let tmp = scratch.join("tmp");
     fs::create_dir_all(&tmp)?;
-    let include: Vec<&str> = debs.iter().map(|(d, _)| d.pin.package.as_str()).collect();
+    let include: Vec<&str> = debs.iter().map(|(d, _)| d.name.as_str()).collect();
     let include = include.join(",");
     // SAFETY: geteuid has no preconditions.
     let mode = if unsafe { libc::geteuid() } == 0 {
@@ -227,19 +242,13 @@ pub fn build_kernel(
 }
 
 /// The real kernel package (`linux-image-<kver>`) behind the recipe's (meta)package.
-pub fn kernel_package<'a>(
-    debs: &'a [(LockedDeb, PathBuf)],
-    arch_recipe: &ArchRecipe,
-) -> Result<&'a (LockedDeb, PathBuf)> {
-    let real: Vec<&(LockedDeb, PathBuf)> = debs
+fn kernel_package<'a>(pins: &'a [Pin], arch_recipe: &ArchRecipe) -> Result<&'a Pin> {
+    let real: Vec<&Pin> = pins
         .iter()
-        .filter(|(d, _)| {
-            d.pin
-                .package
-                .strip_prefix("linux-image-")
-                .is_some_and(|rest| {
-                    rest.starts_with(|c: char| c.is_ascii_digit()) && !rest.ends_with("-dbg")
-                })
+        .filter(|p| {
+            p.name.strip_prefix("linux-image-").is_some_and(|rest| {
+                rest.starts_with(|c: char| c.is_ascii_digit()) && !rest.ends_with("-dbg")
+            })
         })
         .collect();
     match real.as_slice() {
@@ -251,7 +260,7 @@ pub fn kernel_package<'a>(
         many => bail!(
             "the pinned set has several kernels ({}): keep one kernel per recipe",
             many.iter()
-                .map(|(d, _)| d.pin.package.as_str())
+                .map(|p| p.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
@@ -277,23 +286,23 @@ fn single_dir_name(dir: &Path) -> Result<String> {
 /// Writes the flat repository: the .debs (hard links into the store when possible), Packages and
 /// a Release naming `suite`.
 pub fn write_repo(
-    debs: &[(LockedDeb, PathBuf)],
+    debs: &[(Pin, PathBuf)],
     suite: &str,
     arch: Arch,
     epoch: u64,
     repo: &Path,
 ) -> Result<()> {
     fs::create_dir_all(repo)?;
-    let mut sorted: Vec<&(LockedDeb, PathBuf)> = debs.iter().collect();
-    sorted.sort_by(|a, b| a.0.pin.package.cmp(&b.0.pin.package));
+    let mut sorted: Vec<&(Pin, PathBuf)> = debs.iter().collect();
+    sorted.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     let mut packages = String::new();
-    for (deb, path) in sorted {
+    for (pin, path) in sorted {
+        let deb = pin.debian()?;
         let name = deb
-            .pin
             .filename
             .rsplit('/')
             .next()
-            .unwrap_or(&deb.pin.filename)
+            .unwrap_or(&deb.filename)
             .to_string();
         let dest = repo.join(&name);
         if fs::hard_link(path, &dest).is_err() {
@@ -309,9 +318,15 @@ pub fn write_repo(
                 packages.push('\n');
             }
         }
+        let priority = deb.priority.as_deref().with_context(|| {
+            format!(
+                "the lock records no Priority for {}: re-lock the distro",
+                pin.name
+            )
+        })?;
         packages.push_str(&format!(
-            "Priority: {}\nFilename: ./{name}\nSize: {}\nSHA256: {}\n\n",
-            deb.priority, deb.pin.size, deb.pin.sha256
+            "Priority: {priority}\nFilename: ./{name}\nSize: {}\nSHA256: {}\n\n",
+            pin.size, pin.sha256
         ));
     }
     fs::write(repo.join("Packages"), &packages)?;
@@ -373,10 +388,9 @@ impl Drop for MountGuard {
         points.sort_by_key(|p| std::cmp::Reverse(p.len()));
         for p in points {
             eprintln!("warning: unmounting {p} left behind by mmdebstrap");
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(p)
-                .status();
+            if let Ok(sh) = xshell::Shell::new() {
+                let _ = crate::process::status_logged(xshell::cmd!(sh, "umount -l {p}"), None);
+            }
         }
     }
 }

@@ -72,10 +72,14 @@ fn entry_name(arch: Arch) -> String {
 
 /// mmdebstrap's own check, run before it so a failure names the cause: a real program of `arch`.
 fn check_runs(arch: Arch) -> Result<()> {
-    let out = std::process::Command::new("arch-test")
-        .arg(arch.debian())
+    let arch_test = crate::hostdeps::ARCH_TEST.path()?;
+    let deb_arch = arch.debian();
+    let sh = xshell::Shell::new()?;
+    let out = xshell::cmd!(sh, "{arch_test} {deb_arch}")
+        .quiet()
+        .ignore_status()
         .output()
-        .context("cannot run arch-test: apt-get install arch-test")?;
+        .context("cannot run arch-test")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || text.trim() != format!("{}: ok", arch.debian()) {
         bail!(
@@ -266,14 +270,10 @@ impl Step {
 
     fn apply(&self, name: &str) -> Result<()> {
         let run = |program: &str, args: &[&str]| -> Result<()> {
-            let status = std::process::Command::new(program)
-                .args(args)
-                .status()
-                .with_context(|| format!("cannot run {program}"))?;
-            if !status.success() {
-                bail!("`{}` failed ({status})", self.command(name));
-            }
-            Ok(())
+            let sh = xshell::Shell::new()?;
+            xshell::cmd!(sh, "{program} {args...}")
+                .run()
+                .with_context(|| format!("`{}` failed", self.command(name)))
         };
         let write = |file: &str, bytes: &str| {
             fs::write(Path::new(BINFMT).join(file), bytes)

@@ -15,8 +15,6 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 
-use super::tools;
-
 /// Which modules go into the archive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -200,7 +198,7 @@ fn strip_suffixes(list: &str) -> String {
 }
 
 fn depmod(base: &Path, kernel_version: &str) -> Result<()> {
-    let depmod = tools::require("depmod", "kmod")?;
+    let depmod = crate::hostdeps::DEPMOD.path()?;
     let sh = xshell::Shell::new()?;
     // Its warnings (e.g. no modules.builtin.modinfo in older kernels) are noise unless it fails.
     let out = xshell::cmd!(sh, "{depmod} -b {base} {kernel_version}")

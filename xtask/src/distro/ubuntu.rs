@@ -21,9 +21,67 @@ use pxelab_contract::Arch;
 use sha2::{Digest, Sha256};
 
 use super::modules::{self, ModuleSet, ModulesInfo};
+use super::recipe::UbuntuSource;
 use super::rootfs::{Facts, Meta, RootfsInfo, RootfsWriter};
-use super::tools;
+use super::{write_json, Job, KERNEL_JSON, ROOTFS_JSON};
+use crate::fetch::Fetch;
+use crate::pin::{Mirror, Pin};
+use crate::store::StepOutputs;
 use crate::ui::Ui;
+
+/// Bump when [`step`] makes something else from the same image.
+const STEP_VERSION: u32 = 2;
+
+/// The pull of an Ubuntu recipe: one step from the pinned image (and its SHA256SUMS) to rootfs,
+/// kernel and modules archive, keyed by the pins and the options.
+pub(super) fn step(job: &Job, u: &UbuntuSource, pins: &[Pin]) -> Result<StepOutputs> {
+    let mut step = job
+        .store
+        .step("distro-ubuntu", STEP_VERSION)
+        .param("arch", job.arch)
+        .param("modules", job.modules)
+        .param("source_date_epoch", job.epoch);
+    for p in pins {
+        step = step.input(&p.name, &p.sha256);
+    }
+    let image_name = job.arch_recipe.image.as_deref().expect("validated");
+    step.run(|out| {
+        // Before any download: a missing tool should not cost a 600 MB fetch first.
+        crate::hostdeps::ensure(&crate::hostdeps::UBUNTU_PULL)?;
+        let mirror = job.mirror.map(|m| Mirror::new(&u.mirror, m));
+        let fetches: Vec<Fetch> = pins
+            .iter()
+            .map(|p| Fetch {
+                gone_hint: Some(format!(
+                    "Ubuntu deletes old release serials: pick a current serial in the recipe and run `{}`",
+                    job.relock()
+                )),
+                ..p.to_fetch(job.label(&p.name), mirror.as_ref(), &job.relock())
+            })
+            .collect();
+        job.fetcher.fetch_all(&fetches)?;
+        let pin = |name: &str| {
+            pins.iter()
+                .find(|p| p.name == name)
+                .with_context(|| format!("the lock has no pin for {name}"))
+        };
+        let sums = job.store.read(&pin("SHA256SUMS")?.sha256)?;
+        let image = pin(image_name)?;
+        check_sums(&String::from_utf8_lossy(&sums), image_name, &image.sha256)?;
+        let scratch = out.parent().context("step output dir has a parent")?;
+        let x = extract(
+            &job.store.blob_path(&image.sha256),
+            job.arch,
+            job.modules,
+            job.epoch,
+            scratch,
+            out,
+            job.ui,
+        )?;
+        write_json(&out.join(ROOTFS_JSON), &(x.rootfs, x.facts))?;
+        write_json(&out.join(KERNEL_JSON), &x.modules)
+    })
+}
 
 /// The image's line in the release's `SHA256SUMS` must name `image_sha256` (the lock's pin).
 pub fn check_sums(sums: &str, image: &str, image_sha256: &str) -> Result<()> {
@@ -85,7 +143,7 @@ pub fn extract(
     ui: &Ui,
 ) -> Result<Extracted> {
     let raw = scratch.join("disk.raw");
-    let qemu_img = tools::require("qemu-img", "qemu-utils")?;
+    let qemu_img = crate::hostdeps::QEMU_IMG.path()?;
     let task = ui.bytes_task("convert qcow2 → raw", 0);
     let sh = xshell::Shell::new()?;
     // `-f qcow2` so a file that is not qcow2 is an error, never probed as something else.

@@ -163,33 +163,19 @@ fn path_deps(pkg: &toml::Table, ws: &toml::Table, dir: &str) -> Vec<String> {
         };
         for (name, spec) in deps {
             if let Some(p) = spec.get("path").and_then(|p| p.as_str()) {
-                out.push(normalize_rel(&format!("{dir}/{p}")));
+                out.push(crate::util::normalize_path(&format!("{dir}/{p}")));
             } else if spec.get("workspace").and_then(|w| w.as_bool()) == Some(true) {
                 if let Some(p) = ws_deps
                     .and_then(|d| d.get(name))
                     .and_then(|s| s.get("path"))
                     .and_then(|p| p.as_str())
                 {
-                    out.push(normalize_rel(p));
+                    out.push(crate::util::normalize_path(p));
                 }
             }
         }
     }
     out
-}
-
-fn normalize_rel(p: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    parts.join("/")
 }
 
 fn collect(root: &Path, rel: &str, out: &mut BTreeMap<String, Vec<u8>>) -> Result<()> {

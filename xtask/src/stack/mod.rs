@@ -128,15 +128,21 @@ pub fn run(args: Args) -> Result<()> {
 /// The pinned packages of one recipe for `arch` (`all` for arch-independent recipes).
 fn pins<'l>(lock: &'l Lock, recipe: &str, arch: &str) -> Result<Vec<&'l LockedInput>> {
     let mut v = lock.select(recipe, arch)?;
-    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v.sort_by(|a, b| a.pin.name.cmp(&b.pin.name));
     Ok(v)
 }
 
 /// Name → digest of pinned inputs, for a step's key.
 fn digests(pins: &[&LockedInput]) -> BTreeMap<String, String> {
     pins.iter()
-        .map(|p| (p.name.clone(), p.sha256.clone()))
+        .map(|p| (p.pin.name.clone(), p.pin.sha256.clone()))
         .collect()
+}
+
+/// The pinned files in the store (downloaded unless `offline`), in order.
+fn fetch_pins(store: &Store, pins: &[&LockedInput], offline: bool) -> Result<Vec<PathBuf>> {
+    let items: Vec<_> = pins.iter().map(|p| p.to_fetch()).collect();
+    crate::fetch::ensure_all(store, &items, offline)
 }
 
 /// Extract `debs` into one directory (for the image: dnsmasq's closure is looked up across
@@ -147,7 +153,7 @@ pub fn extract_debs(
     offline: bool,
     into: &Path,
 ) -> Result<()> {
-    let paths = crate::lock::fetch_inputs(store, debs, offline)?;
+    let paths = fetch_pins(store, debs, offline)?;
     for (pin, path) in debs.iter().zip(paths) {
         let deb =
             pxelab_debian::Deb::open(&path).with_context(|| format!("opening {}", pin.label()))?;
@@ -165,10 +171,10 @@ pub fn extract_each(
     offline: bool,
     into: &Path,
 ) -> Result<initrd::Packages> {
-    let paths = crate::lock::fetch_inputs(store, debs, offline)?;
+    let paths = fetch_pins(store, debs, offline)?;
     let mut trees = BTreeMap::new();
     for (pin, path) in debs.iter().zip(paths) {
-        let name = pin.package.clone().unwrap_or_else(|| pin.name.clone());
+        let name = pin.pin.name.clone();
         let dir = into.join(&name);
         let deb =
             pxelab_debian::Deb::open(&path).with_context(|| format!("opening {}", pin.label()))?;
@@ -197,11 +203,11 @@ pub fn source_date_epoch(store: &Store, debs: &[&LockedInput], offline: bool) ->
     let mut step = store.step("stack-epoch", 2);
     for pin in debs {
         // Labels, not names: two recipes may pin the same package.
-        step = step.input(&pin.label(), &pin.sha256);
+        step = step.input(&pin.label(), &pin.pin.sha256);
     }
     let out = step.run(|dir| {
         let mut newest = 0u64;
-        let paths = crate::lock::fetch_inputs(store, debs, offline)?;
+        let paths = fetch_pins(store, debs, offline)?;
         for (pin, path) in debs.iter().zip(paths) {
             newest = newest
                 .max(newest_mtime(&path).with_context(|| format!("reading {}", pin.label()))?);
@@ -364,8 +370,8 @@ pub fn build(store: &Store, args: &Args, ui: &Ui) -> Result<Report> {
             step = step.input(&format!("deb:{name}"), &d);
         }
         step.run(|dir| {
-            let paths = crate::lock::fetch_inputs(store, &ipxe_debs, args.offline)?;
-            let pin = ipxe_debs.iter().position(|p| p.name == "ipxe").context("the ipxe recipe pins no `ipxe` package")?;
+            let paths = fetch_pins(store, &ipxe_debs, args.offline)?;
+            let pin = ipxe_debs.iter().position(|p| p.pin.name == "ipxe").context("the ipxe recipe pins no `ipxe` package")?;
             let deb = pxelab_debian::Deb::open(&paths[pin])?;
             let tree = tempfile::tempdir()?;
             deb.extract_to(tree.path())?;

@@ -8,192 +8,22 @@
 //! after placing everything, every ELF file's `PT_INTERP` and `DT_NEEDED` entries are resolved
 //! inside the archive, and whatever is missing is taken from the pinned packages (and reported),
 //! so a package update that adds a library cannot produce an initrd whose tools fail to start.
+//! The manifest itself is read and checked in `spec`.
+
+mod spec;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 
 use super::archive::{self, Archive, Compression, Record, Source};
 use super::elf::{self, Tree};
 use crate::util::human_bytes;
 use pxelab_contract::Arch;
+use spec::octal;
 
-/// `initrd/manifest.toml` as written.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub busybox: Option<Busybox>,
-    #[serde(default, rename = "file")]
-    pub files: Vec<PackageFile>,
-    #[serde(default, rename = "extra")]
-    pub extras: Vec<Extra>,
-    #[serde(default, rename = "binary")]
-    pub binaries: Vec<Binary>,
-    #[serde(default, rename = "dir")]
-    pub dirs: Vec<Dir>,
-    #[serde(default, rename = "node")]
-    pub nodes: Vec<Node>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Busybox {
-    pub binary: String,
-    #[serde(default)]
-    pub links: Vec<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct PackageFile {
-    pub package: String,
-    pub path: String,
-    pub dest: String,
-    pub arch: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Extra {
-    pub src: String,
-    pub dest: String,
-    pub mode: String,
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Binary {
-    pub package: String,
-    pub bin: String,
-    pub dest: String,
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Dir {
-    pub path: String,
-    pub mode: String,
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Node {
-    pub path: String,
-    pub kind: String,
-    pub major: u32,
-    pub minor: u32,
-    pub mode: String,
-}
-
-fn octal(what: &str, m: &str) -> Result<u32> {
-    u32::from_str_radix(m, 8)
-        .with_context(|| format!("{what}: mode {m:?} is not octal (write e.g. \"0755\")"))
-}
-
-/// `initrd/`: the parsed manifest and the bytes of every `[[extra]]` file.
-#[derive(Clone, Debug)]
-pub struct Spec {
-    pub dir: PathBuf,
-    pub manifest: Manifest,
-    manifest_text: String,
-    extras: BTreeMap<String, Vec<u8>>,
-}
-
-impl Spec {
-    /// Read and check `dir/manifest.toml` and the files it names from `dir`.
-    pub fn load(dir: &Path) -> Result<Spec> {
-        let path = dir.join("manifest.toml");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let manifest: Manifest =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let mut extras = BTreeMap::new();
-        for e in &manifest.extras {
-            if e.src.starts_with('/') || e.src.split('/').any(|c| c == "..") {
-                bail!(
-                    "{}: [[extra]] src {:?} must be a path inside initrd/",
-                    path.display(),
-                    e.src
-                );
-            }
-            let p = dir.join(&e.src);
-            extras.insert(
-                e.src.clone(),
-                std::fs::read(&p).with_context(|| {
-                    format!(
-                        "reading {} (an [[extra]] of {})",
-                        p.display(),
-                        path.display()
-                    )
-                })?,
-            );
-            octal(
-                &format!("{}: [[extra]] {}", path.display(), e.dest),
-                &e.mode,
-            )?;
-        }
-        for d in &manifest.dirs {
-            octal(&format!("{}: [[dir]] {}", path.display(), d.path), &d.mode)?;
-        }
-        for n in &manifest.nodes {
-            octal(&format!("{}: [[node]] {}", path.display(), n.path), &n.mode)?;
-            if n.kind != "char" && n.kind != "block" {
-                bail!(
-                    "{}: [[node]] {}: kind {:?} must be \"char\" or \"block\"",
-                    path.display(),
-                    n.path,
-                    n.kind
-                );
-            }
-        }
-        for f in &manifest.files {
-            if let Some(a) = &f.arch {
-                if a != "x86_64" && a != "aarch64" {
-                    bail!(
-                        "{}: [[file]] {}: arch {a:?} must be x86_64 or aarch64",
-                        path.display(),
-                        f.dest
-                    );
-                }
-            }
-        }
-        Ok(Spec {
-            dir: dir.to_path_buf(),
-            manifest,
-            manifest_text: text,
-            extras,
-        })
-    }
-
-    /// Part of the initrd step's key: changes whenever the manifest or an `[[extra]]` file does.
-    pub fn digest(&self) -> String {
-        let mut v = Vec::new();
-        v.extend((self.manifest_text.len() as u64).to_le_bytes());
-        v.extend(self.manifest_text.as_bytes());
-        for (src, data) in &self.extras {
-            v.extend((src.len() as u64).to_le_bytes());
-            v.extend(src.as_bytes());
-            v.extend((data.len() as u64).to_le_bytes());
-            v.extend(data);
-        }
-        super::oci::sha256_hex(&v)
-    }
-
-    /// The `[[file]]` packages, for checking them against the lock.
-    pub fn packages(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self
-            .manifest
-            .files
-            .iter()
-            .map(|f| f.package.as_str())
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    }
-}
+pub use spec::{Binary, Busybox, Dir, Extra, Manifest, Node, PackageFile, Spec};
 
 /// The pinned initrd packages, each extracted into its own directory.
 pub struct Packages {
@@ -350,27 +180,16 @@ fn resolve_in(a: &Archive, path: &str) -> Option<String> {
                     target.clone()
                 } else {
                     let dir = p.rsplit_once('/').map_or("", |(d, _)| d);
-                    normalize_abs(&format!("{dir}/{target}"))
+                    format!(
+                        "/{}",
+                        crate::util::normalize_path(&format!("{dir}/{target}"))
+                    )
                 };
             }
             _ => return None,
         }
     }
     None
-}
-
-fn normalize_abs(p: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    format!("/{}", parts.join("/"))
 }
 
 fn read_source(r: &Record) -> Option<Vec<u8>> {
