@@ -5,10 +5,12 @@
 
 mod common;
 
-use common::{must, require, run, StackProcess};
+use common::StackProcess;
+use pxelab_tests::cmd::{must, output, require};
+use pxelab_tests::NetNs;
 use std::{
     path::Path,
-    process::{Command, Output, Stdio},
+    process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -29,10 +31,11 @@ fn prerequisites() {
     require("busybox", "busybox");
 }
 
-/// Two namespaces joined by a veth pair; deleted (with the veth) on drop.
+/// Server and client namespaces joined by a veth pair; deleted (with everything in them) on
+/// drop.
 struct Lab {
-    srv: String,
-    cli: String,
+    srv: NetNs,
+    cli: NetNs,
     srv_if: String,
     cli_if: String,
 }
@@ -42,71 +45,54 @@ impl Lab {
     fn new(tag: &str) -> Lab {
         let id = std::process::id();
         let lab = Lab {
-            srv: format!("pxl-s{tag}{id}"),
-            cli: format!("pxl-c{tag}{id}"),
+            srv: NetNs::new(&format!("dhcp-s{tag}")),
+            cli: NetNs::new(&format!("dhcp-c{tag}")),
             srv_if: format!("pxs{tag}{id}"),
             cli_if: format!("pxc{tag}{id}"),
         };
-        // The guard exists before anything is created, so a failure half-way still cleans up.
-        must(&["ip", "netns", "add", &lab.srv]);
-        must(&["ip", "netns", "add", &lab.cli]);
-        must(&[
-            "ip",
-            "link",
-            "add",
-            &lab.srv_if,
-            "netns",
-            &lab.srv,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &lab.cli_if,
-            "netns",
-            &lab.cli,
-        ]);
-        must(&[
-            "ip",
-            "-n",
-            &lab.srv,
-            "addr",
-            "add",
-            &format!("{SERVER_IP}/24"),
-            "dev",
-            &lab.srv_if,
-        ]);
-        for (ns, dev) in [(&lab.srv, &lab.srv_if), (&lab.cli, &lab.cli_if)] {
-            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-            must(&["ip", "-n", ns, "link", "set", dev, "up"]);
-        }
+        lab.srv.veth(&lab.srv_if, &lab.cli, &lab.cli_if);
+        lab.srv
+            .ip(&format!("addr add {SERVER_IP}/24 dev {}", lab.srv_if));
         lab
     }
 
     fn in_cli(&self, args: &[&str]) -> Output {
-        let mut all = vec!["ip", "netns", "exec", &self.cli];
-        all.extend_from_slice(args);
-        run(&all)
+        output(self.cli.command(args[0]).args(&args[1..]))
     }
 
     fn in_srv(&self, args: &[&str]) -> Output {
-        let mut all = vec!["ip", "netns", "exec", &self.srv];
-        all.extend_from_slice(args);
-        run(&all)
+        output(self.srv.command(args[0]).args(&args[1..]))
     }
 
     fn set_client_mac(&self, mac: &str) {
-        must(&["ip", "-n", &self.cli, "link", "set", &self.cli_if, "down"]);
         must(&[
             "ip",
             "-n",
-            &self.cli,
+            self.cli.name(),
+            "link",
+            "set",
+            &self.cli_if,
+            "down",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            self.cli.name(),
             "link",
             "set",
             &self.cli_if,
             "address",
             mac,
         ]);
-        must(&["ip", "-n", &self.cli, "link", "set", &self.cli_if, "up"]);
+        must(&[
+            "ip",
+            "-n",
+            self.cli.name(),
+            "link",
+            "set",
+            &self.cli_if,
+            "up",
+        ]);
     }
 
     /// One DHCP exchange from the client namespace; the lease's variables, or None (no lease).
@@ -155,14 +141,6 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in [&self.srv, &self.cli] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
 fn get<'a>(lease: &'a [(String, String)], key: &str) -> Option<&'a str> {
     lease
         .iter()
@@ -191,13 +169,9 @@ fn prepare_data(data: &Path) {
 /// <server-ip>:80) and waits until it answers HTTP there.
 fn start_stack(lab: &Lab, data: &Path) -> StackProcess {
     let log = data.join("stack.log");
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.srv,
-            env!("CARGO_BIN_EXE_pxelab-stack"),
-        ])
+    let child = lab
+        .srv
+        .command(env!("CARGO_BIN_EXE_pxelab-stack"))
         .arg("--data-dir")
         .arg(data)
         .args([
@@ -309,7 +283,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
     must(&[
         "ip",
         "-n",
-        &lab.cli,
+        lab.cli.name(),
         "addr",
         "add",
         "10.231.0.50/24",
@@ -341,7 +315,15 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
         !out.status.success(),
         "cloud-init served to the server's own address"
     );
-    must(&["ip", "-n", &lab.cli, "addr", "flush", "dev", &lab.cli_if]);
+    must(&[
+        "ip",
+        "-n",
+        lab.cli.name(),
+        "addr",
+        "flush",
+        "dev",
+        &lab.cli_if,
+    ]);
 
     // A changed VM file changes the answer, without a restart, within 2 s.
     write_vm(data, "10.231.0.51");
@@ -363,7 +345,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
     must(&[
         "ip",
         "-n",
-        &lab.cli,
+        lab.cli.name(),
         "addr",
         "add",
         "10.231.0.51/24",
@@ -377,7 +359,15 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
         "DNS: {answer} {}",
         String::from_utf8_lossy(&dns.stderr)
     );
-    must(&["ip", "-n", &lab.cli, "addr", "flush", "dev", &lab.cli_if]);
+    must(&[
+        "ip",
+        "-n",
+        lab.cli.name(),
+        "addr",
+        "flush",
+        "dev",
+        &lab.cli_if,
+    ]);
 
     // Unknown MACs get nothing.
     lab.set_client_mac("52:54:00:aa:bb:99");

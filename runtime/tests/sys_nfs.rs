@@ -10,11 +10,13 @@ mod common;
 use std::{
     os::unix::fs::MetadataExt,
     path::Path,
-    process::{Command, Output, Stdio},
+    process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{must, require, rootfs_tar_zst, run, sha256_of, StackProcess, KEY, KVER};
+use common::{rootfs_tar_zst, sha256_of, StackProcess, KEY, KVER};
+use pxelab_tests::cmd::{output, require};
+use pxelab_tests::NetNs;
 
 const SERVER_IP: &str = "10.232.0.1";
 const CLIENT_IP: &str = "10.232.0.50";
@@ -39,58 +41,29 @@ fn prerequisites() {
     require("nfs-cp", "libnfs-utils");
 }
 
-/// Server and client namespaces joined by a veth pair; deleted (with the veth) on drop.
+/// Server and client namespaces joined by a veth pair; deleted (with everything in them) on
+/// drop.
 struct Lab {
-    srv: String,
-    cli: String,
+    srv: NetNs,
+    cli: NetNs,
 }
 
 impl Lab {
     fn new() -> Lab {
         let id = std::process::id();
         let lab = Lab {
-            srv: format!("pxl-ns{id}"),
-            cli: format!("pxl-nc{id}"),
+            srv: NetNs::new("nfs-s"),
+            cli: NetNs::new("nfs-c"),
         };
         let (srv_if, cli_if) = (format!("pxns{id}"), format!("pxnc{id}"));
-        must(&["ip", "netns", "add", &lab.srv]);
-        must(&["ip", "netns", "add", &lab.cli]);
-        must(&[
-            "ip", "link", "add", &srv_if, "netns", &lab.srv, "type", "veth", "peer", "name",
-            &cli_if, "netns", &lab.cli,
-        ]);
-        for (ns, dev, ip) in [
-            (&lab.srv, &srv_if, SERVER_IP),
-            (&lab.cli, &cli_if, CLIENT_IP),
-        ] {
-            must(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                dev,
-            ]);
-            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-            must(&["ip", "-n", ns, "link", "set", dev, "up"]);
-        }
+        lab.srv.veth(&srv_if, &lab.cli, &cli_if);
+        lab.srv.ip(&format!("addr add {SERVER_IP}/24 dev {srv_if}"));
+        lab.cli.ip(&format!("addr add {CLIENT_IP}/24 dev {cli_if}"));
         lab
     }
 
-    fn exec(&self, ns: &str, args: &[&str]) -> Output {
-        let mut all = vec!["ip", "netns", "exec", ns];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in [&self.srv, &self.cli] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+    fn exec(&self, ns: &NetNs, args: &[&str]) -> Output {
+        output(ns.command(args[0]).args(&args[1..]))
     }
 }
 
@@ -158,13 +131,9 @@ fn sys_ganesha_exports_the_root_read_only_inside_the_namespace_only() {
     prepare_data(data);
     let lab = Lab::new();
     let log = data.join("stack.log");
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.srv,
-            env!("CARGO_BIN_EXE_pxelab-stack"),
-        ])
+    let child = lab
+        .srv
+        .command(env!("CARGO_BIN_EXE_pxelab-stack"))
         .arg("--data-dir")
         .arg(data)
         .args(["--no-dnsmasq", "--listen", &format!("{SERVER_IP}:80")])
@@ -249,13 +218,13 @@ fn sys_ganesha_exports_the_root_read_only_inside_the_namespace_only() {
     let ns_inode = |p: &str| std::fs::metadata(p).unwrap().ino();
     assert_eq!(
         ns_inode(&format!("/proc/{ganesha}/ns/net")),
-        ns_inode(&format!("/run/netns/{}", lab.srv))
+        ns_inode(&format!("/run/netns/{}", lab.srv.name()))
     );
     assert_ne!(
         ns_inode(&format!("/proc/{ganesha}/ns/net")),
         ns_inode("/proc/self/ns/net")
     );
-    let table = |ns: Option<&str>| -> Vec<String> {
+    let table = |ns: Option<&NetNs>| -> Vec<String> {
         ["/proc/net/tcp", "/proc/net/tcp6"]
             .iter()
             .map(|f| match ns {

@@ -1,9 +1,15 @@
-//! Test support shared by pxelab crates: a loopback fixture HTTP server with fault injection
-//! ([`FixtureServer`]) and a sha256 helper. std only, so every crate can depend on it cheaply.
+//! Test support shared by every pxelab crate: a loopback fixture HTTP server with fault
+//! injection ([`FixtureServer`]), host commands with one failure format ([`cmd`]), network
+//! namespaces ([`NetNs`]) and loop-device disks ([`LoopDisk`]) that clean up after themselves.
 
+pub mod cmd;
 mod fixture;
+mod loopdisk;
+mod netns;
 
 pub use fixture::{Behavior, FixtureServer, Recorded};
+pub use loopdisk::LoopDisk;
+pub use netns::NetNs;
 
 /// Lower-case hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {

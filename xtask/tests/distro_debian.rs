@@ -12,15 +12,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use pxelab_contract::Arch;
+use pxelab_tests::cmd::require;
 use xtask::distro::{self, lock::DistroLock, modules::list_archive, PullArgs};
 use xtask::store::Store;
-
-fn require(tool: &str, package: &str) {
-    let found = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(tool).exists());
-    assert!(found, "{tool} not found: apt-get install {package}");
-}
 
 /// Small files' contents and every path of a rootfs.tar.zst, read as a stream.
 fn scan(path: &Path) -> (Vec<String>, BTreeMap<String, Vec<u8>>) {

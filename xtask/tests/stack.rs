@@ -8,61 +8,31 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use pxelab_tests::cmd::{checked, require, require_root};
+use pxelab_tests::NetNs;
 use xtask::stack::{self, archive, INITRD_BUDGET};
 
 /// Fail loudly when a host tool is missing.
-fn need(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .chain(["/usr/sbin".into(), "/sbin".into()])
-                .any(|d| d.join(tool).is_file())
-        })
-        .unwrap_or(false);
-    assert!(found, "{tool} not found: apt-get install {package}");
-}
-
 fn need_root() {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (network namespaces, chroot, podman, QEMU)"
-    );
-}
-
-/// Run a command; on failure panic with the command line, working directory, stdout and stderr.
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed ({}) in {}\n--- stdout\n{}\n--- stderr\n{}",
-            out.status,
-            std::env::current_dir()
-                .map(|d| d.display().to_string())
-                .unwrap_or_default(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
+    require_root("the build-stack sys tests (network namespaces, chroot, podman, QEMU)");
 }
 
 /// `cargo xtask build-stack` of the workspace at `root` into `out`, with its own store.
 fn build_stack(root: &Path, store: &Path, out: &Path) -> (String, Duration) {
     let t = Instant::now();
-    let o = run(Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["build-stack", "--out"])
-        .arg(out)
-        .arg("--workspace-root")
-        .arg(root)
-        .env("PXELAB_CACHE", store)
-        .env_remove("SOURCE_DATE_EPOCH"));
+    let o = checked(
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["build-stack", "--out"])
+            .arg(out)
+            .arg("--workspace-root")
+            .arg(root)
+            .env("PXELAB_CACHE", store)
+            .env_remove("SOURCE_DATE_EPOCH"),
+    );
     (String::from_utf8_lossy(&o.stdout).into_owned(), t.elapsed())
 }
 
@@ -97,7 +67,7 @@ fn snapshot(from: &Path, dest: &Path) {
         if name.starts_with("target") || [".git", "build", "bench"].contains(&name.as_str()) {
             continue;
         }
-        run(Command::new("cp").arg("-a").arg(entry.path()).arg(dest));
+        checked(Command::new("cp").arg("-a").arg(entry.path()).arg(dest));
     }
 }
 
@@ -280,7 +250,7 @@ fn initrd_listing() -> (Vec<archive::Listed>, u64) {
 
 #[test]
 fn sys_initrd_lists_the_expected_paths_and_fits_the_budget() {
-    need("cpio", "cpio");
+    require("cpio", "cpio");
     let (list, size) = initrd_listing();
     assert!(
         size <= INITRD_BUDGET,
@@ -365,12 +335,12 @@ fn oci_layout(dir: &Path) {
 #[test]
 fn sys_image_passes_skopeo_and_umoci_and_its_dnsmasq_runs() {
     need_root();
-    need("skopeo", "skopeo");
-    need("umoci", "umoci");
+    require("skopeo", "skopeo");
+    require("umoci", "umoci");
     let out = first().out.as_path();
     let m = manifest(out);
     let digest = m["image_digest"].as_str().unwrap();
-    let oci = run(Command::new("skopeo").arg("inspect").arg(format!(
+    let oci = checked(Command::new("skopeo").arg("inspect").arg(format!(
         "oci-archive:{}",
         out.join("pxeboot-stack.oci.tar").display()
     )));
@@ -378,19 +348,21 @@ fn sys_image_passes_skopeo_and_umoci_and_its_dnsmasq_runs() {
     assert_eq!(oci["Digest"], digest, "skopeo sees the digest we recorded");
     assert_eq!(oci["Architecture"], "amd64");
     assert_eq!(oci["Layers"].as_array().unwrap().len(), 3);
-    let docker = run(Command::new("skopeo").arg("inspect").arg(format!(
+    let docker = checked(Command::new("skopeo").arg("inspect").arg(format!(
         "docker-archive:{}",
         out.join("pxeboot-stack.docker.tar").display()
     )));
     let docker: serde_json::Value = serde_json::from_slice(&docker.stdout).unwrap();
     assert_eq!(docker["Architecture"], "amd64");
-    let cfg = run(Command::new("skopeo")
-        .arg("inspect")
-        .arg("--config")
-        .arg(format!(
-            "oci-archive:{}",
-            out.join("pxeboot-stack.oci.tar").display()
-        )));
+    let cfg = checked(
+        Command::new("skopeo")
+            .arg("inspect")
+            .arg("--config")
+            .arg(format!(
+                "oci-archive:{}",
+                out.join("pxeboot-stack.oci.tar").display()
+            )),
+    );
     let cfg: serde_json::Value = serde_json::from_slice(&cfg.stdout).unwrap();
     assert_eq!(
         cfg["config"]["Entrypoint"],
@@ -407,11 +379,13 @@ fn sys_image_passes_skopeo_and_umoci_and_its_dnsmasq_runs() {
     let layout = work.path().join("layout");
     oci_layout(&layout);
     let bundle = work.path().join("bundle");
-    run(Command::new("umoci")
-        .arg("unpack")
-        .arg("--image")
-        .arg(format!("{}:latest", layout.display()))
-        .arg(&bundle));
+    checked(
+        Command::new("umoci")
+            .arg("unpack")
+            .arg("--image")
+            .arg(format!("{}:latest", layout.display()))
+            .arg(&bundle),
+    );
     let rootfs = bundle.join("rootfs");
     // What a container runtime provides and dnsmasq needs (it seeds its RNG from /dev/urandom).
     std::fs::create_dir_all(rootfs.join("dev")).unwrap();
@@ -432,17 +406,21 @@ fn sys_image_passes_skopeo_and_umoci_and_its_dnsmasq_runs() {
             "{p} missing from the unpacked image"
         );
     }
-    let v = run(Command::new("chroot")
-        .arg(&rootfs)
-        .args(["/usr/sbin/dnsmasq", "--version"]));
+    let v = checked(
+        Command::new("chroot")
+            .arg(&rootfs)
+            .args(["/usr/sbin/dnsmasq", "--version"]),
+    );
     assert!(
         String::from_utf8_lossy(&v.stdout).starts_with("Dnsmasq version"),
         "{}",
         String::from_utf8_lossy(&v.stdout)
     );
-    let v = run(Command::new("chroot")
-        .arg(&rootfs)
-        .args(["/usr/bin/pxelab-stack", "--version"]));
+    let v = checked(
+        Command::new("chroot")
+            .arg(&rootfs)
+            .args(["/usr/bin/pxelab-stack", "--version"]),
+    );
     assert!(String::from_utf8_lossy(&v.stdout).contains("pxelab-stack"));
     ganesha_serves_from(&rootfs);
 }
@@ -499,51 +477,15 @@ fn ganesha_serves_from(rootfs: &Path) {
     );
 }
 
-/// A network namespace with a lab interface; deleted (with everything in it) on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(addr: &str) -> Netns {
-        let name = format!("pxelab-stack-test-{}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns(name);
-        run(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]));
-        // A veth pair with both ends inside: a lab interface with carrier and no way out.
-        run(Command::new("ip").args([
-            "-n", &ns.0, "link", "add", "lab0", "type", "veth", "peer", "name", "lab1",
-        ]));
-        run(Command::new("ip").args(["-n", &ns.0, "addr", "add", addr, "dev", "lab0"]));
-        run(Command::new("ip").args(["-n", &ns.0, "link", "set", "lab1", "up"]));
-        run(Command::new("ip").args(["-n", &ns.0, "link", "set", "lab0", "up"]));
-        ns
-    }
-
-    /// Run `f` on a thread that has joined this namespace.
-    fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                use std::os::fd::AsRawFd;
-                let fd = std::fs::File::open(&path).unwrap();
-                assert_eq!(
-                    unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-                    0,
-                    "setns {path}"
-                );
-                f()
-            })
-            .join()
-            .unwrap()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
+/// A network namespace with a lab interface `lab0` at `addr` (a veth whose peer stays inside:
+/// carrier and no way out).
+fn lab_netns(addr: &str) -> NetNs {
+    let ns = NetNs::new("stack");
+    ns.ip("link add lab0 type veth peer name lab1");
+    ns.ip(&format!("addr add {addr} dev lab0"));
+    ns.ip("link set lab1 up");
+    ns.ip("link set lab0 up");
+    ns
 }
 
 /// Removes the container and the image on drop.
@@ -576,9 +518,9 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 #[test]
 fn sys_podman_runs_the_supervisor_and_stops_within_two_seconds() {
     need_root();
-    need("podman", "podman");
-    need("runc", "runc");
-    need("ip", "iproute2");
+    require("podman", "podman");
+    require("runc", "runc");
+    require("ip", "iproute2");
     let out = first().out.as_path();
     // podman names an image by the sha256 of its config, which the docker archive is named after.
     let image_id = {
@@ -603,13 +545,15 @@ fn sys_podman_runs_the_supervisor_and_stops_within_two_seconds() {
         container: format!("pxelab-stack-test-{}", std::process::id()),
         image: image_id.clone(),
     };
-    run(Command::new("podman")
-        .arg("load")
-        .arg("-q")
-        .arg("-i")
-        .arg(out.join("pxeboot-stack.docker.tar")));
-    let ns = Netns::new("10.213.0.1/24");
-    run(Command::new("podman").args([
+    checked(
+        Command::new("podman")
+            .arg("load")
+            .arg("-q")
+            .arg("-i")
+            .arg(out.join("pxeboot-stack.docker.tar")),
+    );
+    let ns = lab_netns("10.213.0.1/24");
+    checked(Command::new("podman").args([
         "run",
         "-d",
         "--name",
@@ -621,7 +565,7 @@ fn sys_podman_runs_the_supervisor_and_stops_within_two_seconds() {
         "--ulimit",
         "nproc=1000:1000",
         "--network",
-        &format!("ns:/run/netns/{}", ns.0),
+        &format!("ns:/run/netns/{}", ns.name()),
         "--cap-add",
         "NET_ADMIN",
         "--cap-add",
@@ -686,9 +630,9 @@ fn sys_podman_runs_the_supervisor_and_stops_within_two_seconds() {
     );
 
     let t = Instant::now();
-    run(Command::new("podman").args(["stop", "-t", "10", &guard.container]));
+    checked(Command::new("podman").args(["stop", "-t", "10", &guard.container]));
     let stop = t.elapsed();
-    let code = run(Command::new("podman").args([
+    let code = checked(Command::new("podman").args([
         "inspect",
         "--format",
         "{{.State.ExitCode}}",
@@ -741,7 +685,7 @@ const SHELL_MARKER: &str = "pxelab-init: console shell";
 
 #[test]
 fn sys_qemu_boots_the_initrd_and_its_tools_run_as_pid_1s_children() {
-    need("qemu-system-x86_64", "qemu-system-x86");
+    require("qemu-system-x86_64", "qemu-system-x86");
     let work = tempfile::tempdir().unwrap();
     let vmlinuz = work.path().join("vmlinuz");
     pinned_vmlinuz(&vmlinuz);

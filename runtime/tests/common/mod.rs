@@ -301,32 +301,6 @@ pub fn rootfs_tar_zst() -> Vec<u8> {
     zstd::encode_all(&tar[..], 3).unwrap()
 }
 
-/// Fails the test unless `tool` is on PATH (or in /usr/sbin, /sbin), naming the package.
-pub fn require(tool: &str, package: &str) {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .any(|d| d.join(tool).is_file());
-    assert!(found, "{tool} not found: apt-get install {package}");
-}
-
-pub fn run(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-/// Runs `args`, fails the test unless it succeeds, returns its stdout.
-pub fn must(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The stack process; killed on drop if a test fails mid-way (its children follow through
 /// their parent-death signal), and its log printed so the failure explains itself.
 pub struct StackProcess {
