@@ -20,12 +20,14 @@ pub mod files;
 pub mod handler;
 pub mod images;
 pub mod ipxe;
+pub mod journal;
 pub mod nfs;
 pub mod nfsroot;
 pub mod server;
 pub mod signals;
 pub mod supervisor;
 pub mod vms;
+pub mod watch;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {

@@ -626,8 +626,11 @@ fn events_are_validated() {
         br#"{"phase":"rootfs","bytes_done":10,"bytes_total":100,"elapsed_ms":5}"#,
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let line = std::fs::read_to_string(s.root().join("state/t1.timeline.jsonl")).unwrap();
-    let entry: pxelab_contract::TimelineEntry = serde_json::from_str(line.trim()).unwrap();
+    let timeline: Vec<pxelab_contract::TimelineEntry> =
+        serde_json::from_slice(&s.get("/vms/t1/timeline").body).unwrap();
+    let [entry] = timeline.as_slice() else {
+        panic!("{timeline:?}")
+    };
     assert_eq!(
         (entry.event.bytes_done, entry.event.bytes_total),
         (Some(10), Some(100))

@@ -34,7 +34,7 @@ use std::{
 
 use crate::log;
 
-use request::{read_request, wants_keep_alive, Stop};
+use request::{read_request, wants_keep_alive, Pending, Stop};
 pub use request::{Channel, Request, MAX_BODY, MAX_HEAD};
 use response::write_response;
 pub use response::{Body, Response};
@@ -301,21 +301,22 @@ fn serve_connection(
 ) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(options.write_timeout));
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut pending = Pending::default();
     loop {
         let deadline = Instant::now() + options.request_timeout;
-        let request = match read_request(&mut stream, &mut buf, deadline, peer_ip, local, channel) {
-            Ok(r) => r,
-            Err(Stop::Quiet) => return,
-            Err(Stop::Reply(status, msg)) => {
-                let _ = write_response(&mut stream, Response::line(status, &msg), false, false);
-                linger(&mut stream);
-                if options.access_log {
-                    log!("{peer_ip} - {status} ({msg})");
+        let request =
+            match read_request(&mut stream, &mut pending, deadline, peer_ip, local, channel) {
+                Ok(r) => r,
+                Err(Stop::Quiet) => return,
+                Err(Stop::Reply(status, msg)) => {
+                    let _ = write_response(&mut stream, Response::line(status, &msg), false, false);
+                    linger(&mut stream);
+                    if options.access_log {
+                        log!("{peer_ip} - {status} ({msg})");
+                    }
+                    return;
                 }
-                return;
-            }
-        };
+            };
         let keep_alive = wants_keep_alive(&request);
         let started = Instant::now();
         let response = handler.handle(&request);

@@ -13,7 +13,8 @@ use std::{
 
 use pxelab_runtime::{
     events::EventStore,
-    handler::Context,
+    handler::{watch_stores, Context},
+    images::Catalog,
     server::{Server, ServerOptions},
     vms::VmStore,
 };
@@ -76,11 +77,13 @@ impl Stack {
     }
 
     pub fn context(root: &Path, ip_check: bool) -> Context {
+        let vms = Arc::new(VmStore::new(root.join("vms")));
+        let catalog = Arc::new(Catalog::new(root.join("images"), root.join("initrds")));
         Context {
-            vms: Arc::new(VmStore::new(root.join("vms"))),
-            events: Arc::new(EventStore::new(root.join("state"))),
-            images_dir: root.join("images"),
-            initrds_dir: root.join("initrds"),
+            watch: Some(watch_stores(&vms, &catalog).expect("inotify")),
+            vms,
+            events: Arc::new(EventStore::open(&root.join("state")).unwrap()),
+            catalog,
             advertise: Some("10.0.0.1".into()),
             ip_check,
             domain: "pxelab.local".into(),
@@ -115,16 +118,7 @@ impl Stack {
 
     /// `method target` over the control socket.
     pub fn control(&self, method: &str, target: &str) -> Reply {
-        let mut s = UnixStream::connect(self.control_path()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "{method} {target} HTTP/1.1\r\nHost: stack\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).unwrap();
-        parse_reply(&out).unwrap_or_else(|| panic!("no HTTP reply to {method} {target}: {out:?}"))
+        control(&self.control_path(), method, target)
     }
 
     pub fn get(&self, target: &str) -> Reply {
@@ -216,6 +210,20 @@ impl Reply {
             "not one line: {t:?}"
         );
     }
+}
+
+/// `method target` (no body) over the control socket at `socket`.
+pub fn control(socket: &Path, method: &str, target: &str) -> Reply {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {target} HTTP/1.1\r\nHost: stack\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    parse_reply(&out).unwrap_or_else(|| panic!("no HTTP reply to {method} {target}: {out:?}"))
 }
 
 /// Sends `request` on a fresh connection and reads the reply until the server closes it.
