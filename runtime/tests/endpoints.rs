@@ -745,3 +745,34 @@ fn kernel_fetch_from_the_vms_address_is_on_the_timeline() {
     // An observation: the state does not move.
     assert_eq!(s.get("/status").json()["vms"][0]["state"], "new");
 }
+
+/// Among thousands of definitions, a file replaced by rename (how tools write) and a removed
+/// file are live for the very next request.
+#[test]
+fn vm_edits_apply_at_once_among_thousands() {
+    let s = Stack::new();
+    for i in 0..2000 {
+        write_vm(
+            s.root(),
+            &format!("m{i}"),
+            &format!("52:54:00:10:{:02x}:{:02x}", i / 256, i % 256),
+            None,
+        );
+    }
+    assert_eq!(s.get("/ipxe?mac=52:54:00:10:07:cf").status, 200, "m1999");
+    let tmp = s.root().join("vms/.m5.json.tmp");
+    std::fs::write(
+        &tmp,
+        r#"{"name":"m5","arch":"x86_64","distro":"debian-12","mac":"52:54:00:20:00:05"}"#,
+    )
+    .unwrap();
+    std::fs::rename(&tmp, s.root().join("vms/m5.json")).unwrap();
+    assert_eq!(s.get("/ipxe?mac=52:54:00:20:00:05").status, 200);
+    assert_eq!(s.get("/ipxe?mac=52:54:00:10:00:05").status, 404);
+    std::fs::remove_file(s.root().join("vms/m5.json")).unwrap();
+    assert_eq!(s.get("/ipxe?mac=52:54:00:20:00:05").status, 404);
+    assert_eq!(
+        s.get("/status").json()["vms"].as_array().unwrap().len(),
+        2000
+    );
+}
