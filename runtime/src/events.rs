@@ -2,8 +2,9 @@
 //!
 //! Each machine has its own lock; the map of machines is published whole and read without one,
 //! so a boot storm's lookups never queue behind each other, and one machine's event never waits
-//! for another's disk flush (they share one when they happen together). A state change is
-//! durable before the reply that reports it: `installed` survives a power cut. A record for a
+//! for another's disk flush (they share one when they happen together). Entering or leaving
+//! `installed` — the one state that changes what a machine boots — is durable before any reply
+//! that reports it: `installed` survives a power cut. A record for a
 //! different MAC than the VM's current one is stale (the VM was redefined) and counts as `new`.
 
 use std::{
@@ -117,32 +118,54 @@ impl EventStore {
 
     /// The VM's current record; `None` when it never reported anything (state `new`).
     pub fn record(&self, vm: &VmDefinition) -> Result<Option<StateRecord>, StateError> {
-        let slot = self.slot(&vm.name);
-        let (record, ticket) = {
-            let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
-            match guard.as_ref() {
-                Some(r) if r.mac == vm.mac => (Some(report(r)), r.state_ticket),
-                _ => (None, Ticket::default()),
-            }
-        };
-        // A state is reported only once it is durable.
-        self.durable(ticket)?;
-        Ok(record)
+        self.read(vm, report)
     }
 
     pub fn state(&self, vm: &VmDefinition) -> Result<VmState, StateError> {
-        Ok(self.record(vm)?.map(|r| r.state).unwrap_or_default())
+        Ok(self.read(vm, |r| r.state)?.unwrap_or_default())
+    }
+
+    /// `f` of the VM's record, once the state it shows is durable.
+    fn read<T>(
+        &self,
+        vm: &VmDefinition,
+        f: impl FnOnce(&MachineRecord) -> T,
+    ) -> Result<Option<T>, StateError> {
+        let slot = self.slot(&vm.name);
+        let (value, ticket) = {
+            let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            match guard.as_ref() {
+                Some(r) if r.mac == vm.mac => (Some(f(r)), r.state_ticket),
+                _ => (None, Ticket::default()),
+            }
+        };
+        self.durable(ticket)?;
+        Ok(value)
     }
 
     /// Records `event` (stamped now) in the VM's timeline and advances its state; returns once
-    /// a state change is durable.
+    /// a change into or out of `installed` is durable.
     pub fn append(&self, vm: &VmDefinition, event: Event) -> Result<StateRecord, StateError> {
+        self.write(vm, event, report)
+    }
+
+    /// [`EventStore::append`] for a caller that needs no record back.
+    pub fn note(&self, vm: &VmDefinition, event: Event) -> Result<(), StateError> {
+        self.write(vm, event, |_| ())
+    }
+
+    fn write<T>(
+        &self,
+        vm: &VmDefinition,
+        event: Event,
+        f: impl FnOnce(&MachineRecord) -> T,
+    ) -> Result<T, StateError> {
         let entry = TimelineEntry {
             at_ms: crate::now_ms(),
             event,
         };
         let slot = self.slot(&vm.name);
-        let (record, ticket) = {
+        let (value, ticket) = {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
             let (seq, ticket) = self
                 .journal
@@ -150,11 +173,11 @@ impl EventStore {
                 .map_err(|e| StateError(format!("cannot record an event of {}: {e}", vm.name)))?;
             let r = guard.get_or_insert_with(|| MachineRecord::new(&vm.name, vm.mac));
             r.apply(vm.mac, entry, seq, ticket);
-            (report(r), r.state_ticket)
+            (f(r), r.state_ticket)
         };
         self.durable(ticket)?;
         self.compact_if_grown();
-        Ok(record)
+        Ok(value)
     }
 
     /// The VM's timeline (its last [`crate::journal::TIMELINE_KEEP`] events), oldest first.

@@ -488,7 +488,7 @@ impl Context {
             message,
             ..Event::default()
         };
-        if let Err(e) = self.events.append(vm, event) {
+        if let Err(e) = self.events.note(vm, event) {
             log!("cannot record {phase} for {}: {e}", vm.name);
         }
     }

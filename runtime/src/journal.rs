@@ -54,8 +54,8 @@ pub struct MachineRecord {
     pub since_ms: u64,
     /// Sequence of the last event folded into this record.
     pub seq: u64,
-    /// The [`Ticket`] of the event that last changed `state`: a reader that sees that state
-    /// waits until it is durable (every replayed state already is).
+    /// The [`Ticket`] of the event that last entered or left `installed`: a reader that sees
+    /// that state waits until it is durable (every replayed state already is).
     #[serde(skip)]
     pub state_ticket: Ticket,
     /// The last [`TIMELINE_KEEP`] events, oldest first.
@@ -89,7 +89,10 @@ impl MachineRecord {
         if changed || self.since_ms == 0 {
             self.since_ms = entry.at_ms;
         }
-        if changed {
+        // Only `installed` changes what a machine boots: entering or leaving it must be durable
+        // before any reply; losing another change to a power cut leaves a state that boots the
+        // same way (the installer), so those replies do not wait for the disk.
+        if changed && (new == VmState::Installed || old == VmState::Installed) {
             self.state_ticket = ticket;
         }
         self.mac = mac;
@@ -104,13 +107,23 @@ impl MachineRecord {
 }
 
 /// One line of a journal segment.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct EventLine {
     seq: u64,
     vm: String,
     mac: Mac,
     #[serde(flatten)]
     entry: TimelineEntry,
+}
+
+/// [`EventLine`] as written, borrowing its parts.
+#[derive(Serialize)]
+struct EventLineRef<'a> {
+    seq: u64,
+    vm: &'a str,
+    mac: Mac,
+    #[serde(flatten)]
+    entry: &'a TimelineEntry,
 }
 
 /// What an appended event needs to be durable: a flush that started after it was appended.
@@ -137,15 +150,15 @@ struct Shared {
     /// is durable once `synced` exceeds `n`.
     started: AtomicU64,
     synced: AtomicU64,
-    /// Size of the last snapshot, for the compaction threshold.
+    /// Size of the last snapshot and of the current segment, for the compaction threshold.
     snapshot_size: AtomicU64,
+    segment_size: AtomicU64,
     stop: AtomicBool,
 }
 
 struct Segment {
     file: File,
     number: u64,
-    size: u64,
 }
 
 impl Journal {
@@ -166,12 +179,12 @@ impl Journal {
             segment: Mutex::new(Segment {
                 file: create_segment(dir, number)?,
                 number,
-                size: 0,
             }),
             // Ticket 0 (a replayed state) is durable from the start.
             started: AtomicU64::new(1),
             synced: AtomicU64::new(1),
             snapshot_size: AtomicU64::new(0),
+            segment_size: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
         let journal = Journal { shared };
@@ -191,11 +204,11 @@ impl Journal {
     pub fn append(&self, vm: &str, mac: Mac, entry: &TimelineEntry) -> io::Result<(u64, Ticket)> {
         let s = &self.shared;
         let seq = s.next_seq.fetch_add(1, Ordering::SeqCst);
-        let line = EventLine {
+        let line = EventLineRef {
             seq,
-            vm: vm.to_string(),
+            vm,
             mac,
-            entry: entry.clone(),
+            entry,
         };
         let mut bytes = serde_json::to_vec(&line).map_err(io::Error::other)?;
         bytes.push(b'\n');
@@ -232,8 +245,9 @@ impl Journal {
     /// True when the journal has grown enough to be worth compacting.
     pub fn wants_compaction(&self) -> bool {
         let s = &self.shared;
-        let size = s.segment.lock().unwrap_or_else(|p| p.into_inner()).size;
-        size > COMPACT_AT.max(2 * s.snapshot_size.load(Ordering::SeqCst))
+        // Atomics only: this runs after every event and must not wait behind a flush.
+        s.segment_size.load(Ordering::Relaxed)
+            > COMPACT_AT.max(2 * s.snapshot_size.load(Ordering::Relaxed))
     }
 
     /// First step of a compaction: later events go to a new segment. Returns its number.
@@ -248,8 +262,8 @@ impl Journal {
         *segment = Segment {
             file: create_segment(&s.dir, number)?,
             number,
-            size: 0,
         };
+        s.segment_size.store(0, Ordering::Relaxed);
         s.synced.fetch_max(n, Ordering::SeqCst);
         Ok(number)
     }
@@ -301,7 +315,8 @@ fn write_pending(s: &Shared, segment: &mut Segment) -> io::Result<()> {
         return Ok(());
     }
     (&segment.file).write_all(&batch)?;
-    segment.size += batch.len() as u64;
+    s.segment_size
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
     Ok(())
 }
 

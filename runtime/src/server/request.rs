@@ -70,6 +70,33 @@ pub(super) fn wants_keep_alive(request: &Request) -> bool {
     }
 }
 
+/// True when `buf` holds all a request parser needs without reading more: a complete head and
+/// body, or enough to refuse it (a malformed or oversize head, a chunked or oversize body).
+/// A request that announces `Expect: 100-continue` and has no body yet is not complete.
+pub(super) fn complete(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return buf.len() >= MAX_HEAD,
+        Err(_) => return true,
+    };
+    let length = parsed
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| {
+            std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        });
+    match length {
+        None => true,
+        Some(None) => true,
+        Some(Some(n)) => n > MAX_BODY || buf.len() - head >= n,
+    }
+}
+
 /// Reads until `pending` holds a complete head, then the body; leaves pipelined bytes there.
 pub(super) fn read_request(
     stream: &mut impl Conn,
