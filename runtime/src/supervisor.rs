@@ -84,14 +84,12 @@ pub fn run(opts: Options) -> Result<(), String> {
 
     let vms = Arc::new(VmStore::new(opts.vms_dir.clone()));
     let events = Arc::new(EventStore::open(&opts.state_dir).map_err(|e| e.to_string())?);
+
     let catalog = Arc::new(Catalog::new(
         opts.images_dir.clone(),
         opts.initrds_dir.clone(),
     ));
-    let roots = opts
-        .nfs
-        .as_ref()
-        .map(|_| NfsRoots::new(opts.images_dir.clone()));
+    let roots = opts.nfs.as_ref().map(|_| NfsRoots::new(catalog.clone()));
     let mut nfs = opts
         .nfs
         .clone()

@@ -27,7 +27,7 @@ use super::{
     linger, log_request,
     request::{complete, read_request, wants_keep_alive, Pending, Stop},
     response::{encode, write_response},
-    serve_connection, Channel, Conn, Handler, LiveGuard, Response, ServerOptions,
+    serve_connection, Channel, Conn, Handler, LiveGuard, Request, Response, ServerOptions,
 };
 use crate::log;
 
@@ -61,8 +61,13 @@ enum First {
     Nothing,
     /// Send the rest of a reply, then close unless the connection is kept alive.
     Rest(Vec<u8>, bool),
-    /// Write a reply (a file), then as above.
-    Reply(Response, bool, bool),
+    /// Write a reply (a file), log it with its outcome when `log` says so, then as above.
+    Reply {
+        response: Response,
+        keep_alive: bool,
+        head_only: bool,
+        log: Option<Box<(Request, Instant)>>,
+    },
     /// Answer an unusable request with this status and reason, then close.
     Refuse(u16, String),
 }
@@ -211,10 +216,17 @@ impl<C: Conn> Pool<C> {
             let bytes = match encode(response, keep_alive, is_head) {
                 Ok(bytes) => bytes,
                 Err(file) => {
-                    if self.options.access_log {
-                        log_request(peer, &request, status, started, &Ok(()));
-                    }
-                    return self.hand_off(open, First::Reply(file, keep_alive, is_head));
+                    let log = self
+                        .options
+                        .access_log
+                        .then(|| Box::new((request, started)));
+                    let first = First::Reply {
+                        response: file,
+                        keep_alive,
+                        head_only: is_head,
+                        log,
+                    };
+                    return self.hand_off(open, first);
                 }
             };
             let sent = send_now(&open.conn, &bytes);
@@ -256,8 +268,19 @@ impl<C: Conn> Pool<C> {
                 let go_on = match first {
                     First::Nothing => true,
                     First::Rest(bytes, keep) => conn.write_all(&bytes).is_ok() && keep,
-                    First::Reply(r, keep, head) => {
-                        write_response(&mut conn, r, keep, head).is_ok() && keep
+                    First::Reply {
+                        response,
+                        keep_alive,
+                        head_only,
+                        log,
+                    } => {
+                        let status = response.status;
+                        let result = write_response(&mut conn, response, keep_alive, head_only);
+                        if let Some(logged) = log {
+                            let (request, started) = *logged;
+                            log_request(peer, &request, status, started, &result);
+                        }
+                        result.is_ok() && keep_alive
                     }
                     First::Refuse(status, msg) => {
                         let _ =

@@ -83,11 +83,11 @@ impl Stack {
             watch: Some(watch_stores(&vms, &catalog).expect("inotify")),
             vms,
             events: Arc::new(EventStore::open(&root.join("state")).unwrap()),
-            catalog,
+            catalog: catalog.clone(),
             advertise: Some("10.0.0.1".into()),
             ip_check,
             domain: "pxelab.local".into(),
-            nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(root.join("images"))),
+            nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(catalog.clone())),
         }
     }
 
