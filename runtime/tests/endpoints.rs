@@ -92,7 +92,7 @@ fn ipxe_aarch64_uses_the_pl011_console() {
     ] {
         std::fs::write(s.root().join(f), b"x").unwrap();
     }
-    let t = s.get(&format!("/ipxe?mac={MAC}")).text();
+    let t = s.ipxe();
     assert!(t.contains("console=ttyAMA0,115200"), "{t}");
     assert!(t.contains("/initrds/aarch64/initrd.img"), "{t}");
 }
@@ -144,10 +144,7 @@ fn ipxe_says_when_the_distro_is_not_pulled() {
 #[test]
 fn boot_once_flow() {
     let mut s = Stack::new();
-    assert!(s
-        .get(&format!("/ipxe?mac={MAC}"))
-        .text()
-        .contains("kernel "));
+    assert!(s.ipxe().contains("kernel "));
     for (phase, state) in [
         ("installing", "installing"),
         ("rootfs", "installing"),
@@ -180,7 +177,7 @@ fn boot_once_flow() {
         },
         true,
     );
-    let t = s.get(&format!("/ipxe?mac={MAC}")).text();
+    let t = s.ipxe();
     assert!(t.contains("sanboot"), "state lost across a restart: {t}");
 
     let timeline = s.get("/vms/t1/timeline").json();
@@ -206,20 +203,14 @@ fn boot_once_flow() {
 
 /// Installs t1: the installer is handed out, then `installed` is reported.
 fn install(s: &common::Stack) {
-    assert!(s
-        .get(&format!("/ipxe?mac={MAC}"))
-        .text()
-        .contains("kernel "));
+    assert!(s.ipxe().contains("kernel "));
     let r = s.send(
         "POST",
         &format!("/events/{MAC}"),
         br#"{"phase":"installed"}"#,
     );
     assert_eq!(r.json()["state"], "installed");
-    assert!(s
-        .get(&format!("/ipxe?mac={MAC}"))
-        .text()
-        .contains("sanboot"));
+    assert!(s.ipxe().contains("sanboot"));
 }
 
 #[test]
@@ -246,7 +237,7 @@ fn reprovision_on_the_control_socket_installs_again() {
         },
         true,
     );
-    let t = s.get(&format!("/ipxe?mac={MAC}")).text();
+    let t = s.ipxe();
     assert!(t.contains("kernel ") && !t.contains("sanboot"), "{t}");
     let phases: Vec<String> = s
         .get("/vms/t1/timeline")
@@ -279,9 +270,7 @@ fn reprovision_is_not_served_over_the_network() {
     assert_eq!(r.status, 400, "{}", r.text());
     r.assert_one_line();
     assert!(
-        s.get(&format!("/ipxe?mac={MAC}"))
-            .text()
-            .contains("sanboot"),
+        s.ipxe().contains("sanboot"),
         "a network client reset an installed VM"
     );
 }
@@ -313,10 +302,7 @@ fn failed_install_boots_the_installer_again() {
         br#"{"phase":"failed","message":"disk too small"}"#,
     );
     assert_eq!(r.json()["state"], "failed");
-    assert!(s
-        .get(&format!("/ipxe?mac={MAC}"))
-        .text()
-        .contains("kernel "));
+    assert!(s.ipxe().contains("kernel "));
     assert_eq!(s.get("/status").json()["vms"][0]["state"], "booting");
 }
 
@@ -328,10 +314,7 @@ fn pxeboot_false_always_boots_locally() {
         .unwrap()
         .replace("\"pxeboot\": true", "\"pxeboot\": false");
     std::fs::write(&vm, text).unwrap();
-    assert!(s
-        .get(&format!("/ipxe?mac={MAC}"))
-        .text()
-        .contains("sanboot"));
+    assert!(s.ipxe().contains("sanboot"));
 }
 
 #[test]

@@ -127,6 +127,11 @@ impl Stack {
         ))
     }
 
+    /// The text of `/ipxe` for the test VM `t1`.
+    pub fn ipxe(&self) -> String {
+        self.get(&format!("/ipxe?mac={MAC}")).text()
+    }
+
     pub fn send(&self, method: &str, target: &str, body: &[u8]) -> Reply {
         let mut req = format!(
             "{method} {target} HTTP/1.1\r\nHost: pxe.test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-use pxelab_contract::{Arch, BootMode, Mac, VmDefinition};
+use pxelab_contract::VmDefinition;
 use xshell::{cmd, Shell};
 
 use super::guards::Server;
@@ -278,21 +278,11 @@ fn write_fixture(data: &Path, machines: usize) -> Result<()> {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
     for i in 0..machines {
-        let vm = VmDefinition {
-            name: format!("m{i:06}"),
-            role: None,
-            arch: Arch::X86_64,
-            distro: "storm".into(),
-            mac: mac(i).parse::<Mac>().map_err(|e| anyhow::anyhow!("{e}"))?,
-            ssh_key: String::new(),
-            kernel: None,
-            initrd: None,
-            pxeboot: true,
-            ip: None,
-            hostname: None,
-            disk: None,
-            boot: BootMode::Install,
-        };
+        let json = format!(
+            r#"{{"name":"m{i:06}","arch":"x86_64","distro":"storm","mac":"{}"}}"#,
+            mac(i)
+        );
+        let vm = VmDefinition::from_json(&json).map_err(|e| anyhow::anyhow!("{e}"))?;
         std::fs::write(data.join(format!("vms/{}.json", vm.name)), vm.to_json())?;
     }
     std::fs::write(images.join("vmlinuz"), b"stand-in kernel\n")?;
