@@ -372,7 +372,7 @@ impl DnsmasqRun {
                     message: format!("lease {ip}"),
                     ..Event::default()
                 };
-                if let Err(e) = events.append(vm, event) {
+                if let Err(e) = events.note(vm, event) {
                     log!("cannot record the DHCP lease of {}: {e}", vm.name);
                 }
             }
