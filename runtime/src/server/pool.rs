@@ -165,11 +165,18 @@ impl<C: Conn> Pool<C> {
             for ev in events.iter().take(n.max(0) as usize) {
                 let token = ev.u64;
                 if let Some(open) = self.take(token) {
-                    self.serve(token, open);
+                    // A handler that panics loses its connection, never a worker (as a thread
+                    // per connection lost only itself).
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.serve(token, open)
+                    }));
+                    if served.is_err() {
+                        log!("a request handler panicked; its connection was closed");
+                    }
                 }
             }
         }
-        // The last worker out closes what is still parked.
+        // Workers leaving at shutdown close the connections still parked.
         for shard in &self.parked {
             shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
