@@ -2,16 +2,18 @@
 //! directory, replayed at start.
 //!
 //! Files:
-//! - `journal-<n>.jsonl`: one [`EventLine`] per line, numbered by a sequence that only grows.
+//! - `journal-<n>.jsonl`: one event per line (`EventLine`), numbered by a sequence that only grows.
 //!   Lines are gathered in memory and written in batches by a background thread within
 //!   [`FLUSH_DELAY`] (so a request costs no system call for its event).
 //! - `snapshot.jsonl`: one [`MachineRecord`] per machine, written atomically and durably.
 //!
-//! A reply that depends on a state change is sent only after [`Journal::wait`] wrote and
-//! `fdatasync`ed that event (the segment's directory entry was fsynced when it was created).
-//! Syncs are shared: one `fdatasync` covers every line appended before it started, so machines
-//! that report at once wait for one disk flush, and an event that needs no flush never waits
-//! for one. A `kill -9` loses at most the last [`FLUSH_DELAY`] of events that changed no state.
+//! A reply that shows a machine entering or leaving `installed` (the one state that changes what
+//! it boots) is sent only after [`Journal::wait`] wrote and `fdatasync`ed that event (the
+//! segment's directory entry was fsynced when it was created). Syncs are shared: one
+//! `fdatasync` covers every line appended before it started, so machines that report at once
+//! wait for one disk flush, and an event that needs no flush never waits for one. A `kill -9`
+//! or power cut loses at most the last moments of the other events, which leave every machine
+//! booting as it would have.
 //!
 //! Compaction (at start, and when the journal has grown) moves appends to a new segment, writes
 //! the snapshot from memory and deletes the older segments. A record carries the sequence of the

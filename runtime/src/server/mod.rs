@@ -13,8 +13,8 @@
 //!
 //! Handlers see a complete [`Request`] and return a complete [`Response`], so an error can never
 //! leave half a reply on the wire. This module owns the sockets and the blocking connection
-//! loop; [`pool`] serves ready connections without a thread each, [`request`] reads and parses
-//! one request, [`response`] writes one reply.
+//! loop; `pool` serves ready connections without a thread each, `request` reads and parses
+//! one request, `response` writes one reply.
 
 mod pool;
 mod request;
