@@ -170,13 +170,7 @@ fn boot_once_flow() {
         "{t}"
     );
 
-    s.start(
-        ServerOptions {
-            access_log: false,
-            ..ServerOptions::default()
-        },
-        true,
-    );
+    s.restart();
     let t = s.ipxe();
     assert!(t.contains("sanboot"), "state lost across a restart: {t}");
 
@@ -230,13 +224,7 @@ fn reprovision_on_the_control_socket_installs_again() {
     assert_eq!(status.since_ms, Some(last.at_ms));
     assert_eq!(s.get("/status").json()["vms"][0]["state"], "new");
     // The reset outlives a restart, and the next boot is an install.
-    s.start(
-        ServerOptions {
-            access_log: false,
-            ..ServerOptions::default()
-        },
-        true,
-    );
+    s.restart();
     let t = s.ipxe();
     assert!(t.contains("kernel ") && !t.contains("sanboot"), "{t}");
     let phases: Vec<String> = s

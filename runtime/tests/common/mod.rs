@@ -110,6 +110,17 @@ impl Stack {
         self.control = Some(Server::start_unix(unix, self.addr, context, options).unwrap());
     }
 
+    /// A stop and start of the stack as [`Stack::new`] runs it (same directories, new port).
+    pub fn restart(&mut self) {
+        self.start(
+            ServerOptions {
+                access_log: false,
+                ..ServerOptions::default()
+            },
+            true,
+        );
+    }
+
     pub fn control_path(&self) -> PathBuf {
         self.root()
             .join("state")
