@@ -1,36 +1,41 @@
-//! Per-VM state and timeline, kept in the state directory so a restart loses nothing.
+//! Per-VM state and timeline: in memory, made durable by [`crate::journal`].
 //!
-//! Files (both named by VM name):
-//! - `<state>/<name>.timeline.jsonl`: one [`TimelineEntry`] per line, appended with a single
-//!   `write` on an `O_APPEND` file, so concurrent writers never interleave within a line;
-//! - `<state>/<name>.state`: a [`StateRecord`], replaced atomically (and fsync'd when the state
-//!   changes, so `installed` survives a power cut).
-//!
-//! The state file is read on every use rather than cached, so deleting it takes effect at once
-//! (a `reprovision` event replaces it). A record for a different MAC than the VM's current one is stale
-//! (the VM was redefined) and counts as `new`.
+//! Each machine has its own lock; the map of machines is published whole and read without one,
+//! so a boot storm's lookups never queue behind each other, and one machine's event never waits
+//! for another's disk flush (they share one when they happen together). Entering or leaving
+//! `installed` — the one state that changes what a machine boots — is durable before any reply
+//! that reports it: `installed` survives a power cut. A record for a
+//! different MAC than the VM's current one is stale (the VM was redefined) and counts as `new`.
 
 use std::{
-    fs::{self, OpenOptions},
-    io::{self, Write},
-    path::{Path, PathBuf},
-    sync::Mutex,
+    collections::HashMap,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
 };
 
-use pxelab_contract::{Event, Mac, Phase, TimelineEntry, VmDefinition, VmState};
-use serde::{Deserialize, Serialize};
+use arc_swap::ArcSwap;
+use pxelab_contract::{Event, Mac, TimelineEntry, VmDefinition, VmState};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+use crate::{
+    journal::{Journal, MachineRecord, Ticket},
+    log,
+    vms::VmSet,
+};
+
+/// A VM's state as the handler reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateRecord {
     pub mac: Mac,
     pub state: VmState,
     /// When `state` was entered, Unix milliseconds.
     pub since_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event: Option<TimelineEntry>,
 }
 
-/// A state file exists but cannot be used; answering anything (e.g. "install") could wipe an
+/// The state cannot be read or written; answering anything (e.g. "install") could wipe an
 /// installed disk, so callers report this instead of guessing.
 #[derive(Debug)]
 pub struct StateError(pub String);
@@ -41,106 +46,203 @@ impl std::fmt::Display for StateError {
     }
 }
 
+/// One machine: `None` until it reports its first event.
+type Slot = Mutex<Option<MachineRecord>>;
+
 pub struct EventStore {
-    dir: PathBuf,
-    /// Serializes read-modify-write of state files.
-    lock: Mutex<()>,
+    journal: Arc<Journal>,
+    slots: ArcSwap<HashMap<String, Arc<Slot>>>,
+    /// Serializes additions to `slots` (not taken by readers).
+    adding: Mutex<()>,
+    compacting: Arc<AtomicBool>,
+    /// Generation of the VM set whose machines all have slots (`u64::MAX`: none yet).
+    prepared: AtomicU64,
 }
 
 impl EventStore {
-    pub fn new(dir: PathBuf) -> EventStore {
-        EventStore {
-            dir,
-            lock: Mutex::new(()),
+    /// Loads the state directory's journal (compacting it). Errors name the file and the fix.
+    pub fn open(dir: &Path) -> Result<EventStore, StateError> {
+        let (journal, records) = Journal::open(dir).map_err(|e| {
+            StateError(format!(
+                "cannot load the machines' state from {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let slots = records
+            .into_iter()
+            .map(|(name, r)| (name, Arc::new(Mutex::new(Some(r)))))
+            .collect();
+        Ok(EventStore {
+            journal: Arc::new(journal),
+            slots: ArcSwap::from_pointee(slots),
+            adding: Mutex::new(()),
+            compacting: Arc::new(AtomicBool::new(false)),
+            prepared: AtomicU64::new(u64::MAX),
+        })
+    }
+
+    /// Makes sure every VM of `set` has a slot: one copy of the map for a whole new set of
+    /// definitions instead of one per machine's first event. Cheap when `set` was prepared.
+    pub fn prepare(&self, set: &VmSet) {
+        if self.prepared.load(Ordering::SeqCst) == set.generation {
+            return;
         }
+        self.add_slots(set.vms.iter().map(|vm| vm.name.as_str()));
+        self.prepared.store(set.generation, Ordering::SeqCst);
     }
 
-    pub fn state_path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.state"))
+    fn add_slots<'a>(&self, names: impl Iterator<Item = &'a str>) {
+        let missing: Vec<&str> = {
+            let slots = self.slots.load();
+            names.filter(|n| !slots.contains_key(*n)).collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let _one = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = HashMap::clone(&self.slots.load());
+        for name in missing {
+            map.entry(name.to_string())
+                .or_insert_with(|| Arc::new(Mutex::new(None)));
+        }
+        self.slots.store(Arc::new(map));
     }
 
-    pub fn timeline_path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.timeline.jsonl"))
+    fn slot(&self, name: &str) -> Arc<Slot> {
+        if let Some(slot) = self.slots.load().get(name) {
+            return slot.clone();
+        }
+        self.add_slots(std::iter::once(name));
+        self.slots.load()[name].clone()
     }
 
     /// The VM's current record; `None` when it never reported anything (state `new`).
     pub fn record(&self, vm: &VmDefinition) -> Result<Option<StateRecord>, StateError> {
-        read_record(&self.state_path(&vm.name), vm.mac)
+        self.read(vm, report)
     }
 
     pub fn state(&self, vm: &VmDefinition) -> Result<VmState, StateError> {
-        Ok(self.record(vm)?.map(|r| r.state).unwrap_or_default())
+        Ok(self.read(vm, |r| r.state)?.unwrap_or_default())
     }
 
-    /// Appends `event` (stamped now) to the VM's timeline and advances its state.
+    /// `f` of the VM's record, once the state it shows is durable.
+    fn read<T>(
+        &self,
+        vm: &VmDefinition,
+        f: impl FnOnce(&MachineRecord) -> T,
+    ) -> Result<Option<T>, StateError> {
+        let slot = self.slot(&vm.name);
+        let (value, ticket) = {
+            let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            match guard.as_ref() {
+                Some(r) if r.mac == vm.mac => (Some(f(r)), r.state_ticket),
+                _ => (None, Ticket::default()),
+            }
+        };
+        self.durable(ticket)?;
+        Ok(value)
+    }
+
+    /// Records `event` (stamped now) in the VM's timeline and advances its state; returns once
+    /// a change into or out of `installed` is durable.
     pub fn append(&self, vm: &VmDefinition, event: Event) -> Result<StateRecord, StateError> {
+        self.write(vm, event, report)
+    }
+
+    /// [`EventStore::append`] for a caller that needs no record back.
+    pub fn note(&self, vm: &VmDefinition, event: Event) -> Result<(), StateError> {
+        self.write(vm, event, |_| ())
+    }
+
+    fn write<T>(
+        &self,
+        vm: &VmDefinition,
+        event: Event,
+        f: impl FnOnce(&MachineRecord) -> T,
+    ) -> Result<T, StateError> {
         let entry = TimelineEntry {
             at_ms: crate::now_ms(),
             event,
         };
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let before = match read_record(&self.state_path(&vm.name), vm.mac) {
-            // A reset must work on a state file that cannot be read: it replaces it.
-            Err(_) if entry.event.phase == Phase::Reprovision => None,
-            other => other?,
+        let slot = self.slot(&vm.name);
+        let (value, ticket) = {
+            let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            let (seq, ticket) = self
+                .journal
+                .append(&vm.name, vm.mac, &entry)
+                .map_err(|e| StateError(format!("cannot record an event of {}: {e}", vm.name)))?;
+            let r = guard.get_or_insert_with(|| MachineRecord::new(&vm.name, vm.mac));
+            r.apply(vm.mac, entry, seq, ticket);
+            (f(r), r.state_ticket)
         };
-        let old_state = before.as_ref().map(|r| r.state).unwrap_or_default();
-        let new_state = old_state.after(entry.event.phase);
-        let since_ms = match &before {
-            Some(r) if r.state == new_state => r.since_ms,
-            _ => entry.at_ms,
-        };
-        let mut line = serde_json::to_vec(&entry)
-            .map_err(|e| StateError(format!("cannot encode event: {e}")))?;
-        line.push(b'\n');
-        let timeline = self.timeline_path(&vm.name);
-        append_line(&timeline, &line)
-            .map_err(|e| StateError(format!("cannot append to {}: {e}", timeline.display())))?;
-        let record = StateRecord {
-            mac: vm.mac,
-            state: new_state,
-            since_ms,
-            last_event: Some(entry),
-        };
-        let mut text = serde_json::to_vec_pretty(&record)
-            .map_err(|e| StateError(format!("cannot encode state: {e}")))?;
-        text.push(b'\n');
-        let path = self.state_path(&vm.name);
-        crate::write_atomic(&path, &text, new_state != old_state)
-            .map_err(|e| StateError(format!("cannot write {}: {e}", path.display())))?;
-        Ok(record)
+        self.durable(ticket)?;
+        self.compact_if_grown();
+        Ok(value)
     }
 
-    /// The VM's timeline, oldest first. Lines that do not parse (a hand edit) are skipped.
-    pub fn timeline(&self, name: &str) -> io::Result<Vec<TimelineEntry>> {
-        match fs::read_to_string(self.timeline_path(name)) {
-            Ok(text) => Ok(text
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(e),
+    /// The VM's timeline (its last [`crate::journal::TIMELINE_KEEP`] events), oldest first.
+    pub fn timeline(&self, name: &str) -> Vec<TimelineEntry> {
+        let slot = self.slots.load().get(name).cloned();
+        slot.and_then(|s| {
+            s.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|r| r.timeline.iter().cloned().collect())
+        })
+        .unwrap_or_default()
+    }
+
+    fn durable(&self, ticket: Ticket) -> Result<(), StateError> {
+        self.journal
+            .wait(ticket)
+            .map_err(|e| StateError(format!("cannot make the machines' state durable: {e}")))
+    }
+
+    /// Starts a compaction in the background once the journal has grown enough.
+    fn compact_if_grown(&self) {
+        if !self.journal.wants_compaction() || self.compacting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (journal, slots, flag) = (
+            self.journal.clone(),
+            self.slots.load_full(),
+            self.compacting.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("compact".into())
+            .spawn(move || {
+                if let Err(e) = compact(&journal, &slots) {
+                    log!("journal compaction failed (will retry as it grows): {e}");
+                }
+                flag.store(false, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.compacting.store(false, Ordering::SeqCst);
         }
     }
+
+    /// Compacts now (what a start does); for tests and the supervisor.
+    pub fn compact(&self) -> std::io::Result<()> {
+        compact(&self.journal, &self.slots.load())
+    }
 }
 
-fn read_record(path: &Path, mac: Mac) -> Result<Option<StateRecord>, StateError> {
-    let text = match fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(StateError(format!("cannot read {}: {e}", path.display()))),
-    };
-    let record: StateRecord = serde_json::from_str(&text).map_err(|e| {
-        StateError(format!(
-            "state file {} is corrupt ({e}): fix it, or delete it to reinstall the VM",
-            path.display()
-        ))
-    })?;
-    Ok((record.mac == mac).then_some(record))
+fn compact(journal: &Journal, slots: &HashMap<String, Arc<Slot>>) -> std::io::Result<()> {
+    let segment = journal.rotate()?;
+    let mut records: Vec<MachineRecord> = slots
+        .values()
+        .filter_map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .collect();
+    records.sort_by(|a, b| a.vm.cmp(&b.vm));
+    journal.write_snapshot(&records)?;
+    journal.remove_segments_before(segment)
 }
 
-fn append_line(path: &Path, line: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
-    // One write of the whole line: O_APPEND makes it land after every earlier line, whole.
-    f.write_all(line)
+fn report(r: &MachineRecord) -> StateRecord {
+    StateRecord {
+        mac: r.mac,
+        state: r.state,
+        since_ms: r.since_ms,
+        last_event: r.timeline.back().cloned(),
+    }
 }

@@ -6,8 +6,8 @@
 
 use std::{
     net::IpAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
+    path::Path,
+    sync::{Arc, Weak},
 };
 
 use pxelab_contract::{
@@ -19,19 +19,23 @@ use crate::{
     cloudinit,
     events::{EventStore, StateRecord},
     files,
-    images::{self, ManifestError},
+    images::{Catalog, ManifestError},
     ipxe, log,
     nfsroot::{self, NfsRoots, RootStatus},
     server::{Body, Channel, Handler, Request, Response},
-    vms::VmStore,
+    vms::{VmSet, VmStore},
+    watch::{self, Watched, Watcher},
 };
 
 /// Everything a request may need; shared by all connection threads.
 pub struct Context {
     pub vms: Arc<VmStore>,
     pub events: Arc<EventStore>,
-    pub images_dir: PathBuf,
-    pub initrds_dir: PathBuf,
+    /// The images and initrds directories, cached.
+    pub catalog: Arc<Catalog>,
+    /// Change notices for `vms` and `catalog` (see [`watch_stores`]); `None` without inotify,
+    /// when the supervisor's rescan keeps them current.
+    pub watch: Option<Watcher>,
     /// `host[:port]` for URLs when the request's Host header is missing or unusable.
     pub advertise: Option<String>,
     /// Serve cloud-init documents only to the VM's reserved IP.
@@ -40,6 +44,15 @@ pub struct Context {
     pub domain: String,
     /// Diskless roots and their NFS server; `None` when the stack runs without one.
     pub nfs: Option<Arc<NfsRoots>>,
+}
+
+/// Follows the changes of what a [`Context`] keeps in memory.
+pub fn watch_stores(vms: &Arc<VmStore>, catalog: &Arc<Catalog>) -> Option<Watcher> {
+    let vms: Weak<dyn Watched> = Arc::downgrade(vms) as Weak<dyn Watched>;
+    let catalog: Weak<dyn Watched> = Arc::downgrade(catalog) as Weak<dyn Watched>;
+    Watcher::start(vec![vms, catalog])
+        .map_err(|e| watch::warn_unwatched(Path::new("the VM, images and initrds directories"), &e))
+        .ok()
 }
 
 impl Handler for Context {
@@ -65,6 +78,9 @@ impl Context {
             Err(reply) => return reply,
         };
         let s: Vec<&str> = segments.iter().map(String::as_str).collect();
+        if let Some(w) = &self.watch {
+            w.settle();
+        }
         let get = r.method == "GET" || r.method == "HEAD";
         let post = r.method == "POST";
         let (allowed, reply) = match s.as_slice() {
@@ -78,14 +94,14 @@ impl Context {
             ["images", rest @ ..] if !rest.is_empty() => (
                 "GET, HEAD",
                 get.then(|| {
-                    let reply = self.file(&self.images_dir, &segments[1..], r);
+                    let reply = self.file(self.catalog.images_dir(), &segments[1..], r);
                     self.note_kernel_fetch(r, &segments[1..], &reply);
                     reply
                 }),
             ),
             ["initrds", rest @ ..] if !rest.is_empty() => (
                 "GET, HEAD",
-                get.then(|| self.file(&self.initrds_dir, &segments[1..], r)),
+                get.then(|| self.file(self.catalog.initrds_dir(), &segments[1..], r)),
             ),
             ["nfsroot", "overlay.cpio"] => ("GET, HEAD", get.then(|| self.overlay_cpio())),
             ["nfsroot", distro, arch, ipxe::DISTRO_INITRD] => (
@@ -140,16 +156,23 @@ impl Context {
         }
     }
 
+    /// The VM definitions, with a state slot ready for each.
+    fn set(&self) -> Arc<VmSet> {
+        let set = self.vms.current();
+        self.events.prepare(&set);
+        set
+    }
+
     fn select_by_mac(&self, raw: &str) -> Result<(Mac, Option<VmDefinition>), Response> {
         let mac: Mac = raw
             .parse()
             .map_err(|e: pxelab_contract::MacError| Response::line(400, &e.to_string()))?;
-        let set = self.vms.current();
+        let set = self.set();
         Ok((mac, set.by_mac(mac).cloned()))
     }
 
     fn status(&self) -> Response {
-        let set = self.vms.current();
+        let set = self.set();
         let mut status = StackStatus {
             vms: Vec::new(),
             invalid: set.invalid.clone(),
@@ -268,8 +291,16 @@ impl Context {
                 ),
             );
         };
-        let dir = self.images_dir.join(&vm.distro).join(vm.arch.as_str());
-        if !dir.join(ipxe::kernel_file(vm)).is_file() {
+        let dir = self
+            .catalog
+            .images_dir()
+            .join(&vm.distro)
+            .join(vm.arch.as_str());
+        if self
+            .catalog
+            .file_size(&dir.join(ipxe::kernel_file(vm)))
+            .is_none()
+        {
             return Response::line(
                 503,
                 &format!(
@@ -380,9 +411,13 @@ impl Context {
     /// The files an install boot fetches must exist, or the target would stop in iPXE's shell
     /// with only an HTTP error code to go on.
     fn check_install_files(&self, vm: &VmDefinition) -> Option<Response> {
-        let dir = self.images_dir.join(&vm.distro).join(vm.arch.as_str());
+        let dir = self
+            .catalog
+            .images_dir()
+            .join(&vm.distro)
+            .join(vm.arch.as_str());
         for file in [ipxe::kernel_file(vm), ipxe::MODULES_ARCHIVE] {
-            if !dir.join(file).is_file() {
+            if self.catalog.file_size(&dir.join(file)).is_none() {
                 return Some(Response::line(
                     503,
                     &format!(
@@ -396,10 +431,11 @@ impl Context {
             }
         }
         let initrd = self
-            .initrds_dir
+            .catalog
+            .initrds_dir()
             .join(vm.arch.as_str())
             .join(ipxe::INSTALLER_INITRD);
-        if !initrd.is_file() {
+        if self.catalog.file_size(&initrd).is_none() {
             return Some(Response::line(
                 503,
                 &format!(
@@ -411,13 +447,48 @@ impl Context {
         None
     }
 
+    /// The distro manifest of `vm`, and its rootfs present with the manifest's size: what an
+    /// install needs before the installer is given its config.
+    fn install_manifest(&self, vm: &VmDefinition) -> Result<Arc<DistroManifest>, Response> {
+        let manifest = self
+            .catalog
+            .manifest(&vm.distro, vm.arch)
+            .map_err(|e| match e {
+                ManifestError::NotPulled(why) => Response::line(503, &why),
+                ManifestError::Invalid(why) => Response::line(500, &why),
+            })?;
+        let rootfs = (self.catalog.images_dir().join(&vm.distro))
+            .join(vm.arch.as_str())
+            .join(&manifest.rootfs.file);
+        match self.catalog.file_size(&rootfs) {
+            Some(size) if size == manifest.rootfs.size => Ok(manifest),
+            Some(size) => Err(Response::line(
+                500,
+                &format!(
+                    "{} has {size} bytes but the manifest says {}; re-run `cargo xtask distro pull {}`",
+                    rootfs.display(),
+                    manifest.rootfs.size,
+                    vm.distro
+                ),
+            )),
+            None => Err(Response::line(
+                503,
+                &format!(
+                    "{} is missing; run `cargo xtask distro pull {}`",
+                    rootfs.display(),
+                    vm.distro
+                ),
+            )),
+        }
+    }
+
     fn record(&self, vm: &VmDefinition, phase: Phase, message: String) {
         let event = Event {
             phase,
             message,
             ..Event::default()
         };
-        if let Err(e) = self.events.append(vm, event) {
+        if let Err(e) = self.events.note(vm, event) {
             log!("cannot record {phase} for {}: {e}", vm.name);
         }
     }
@@ -430,18 +501,13 @@ impl Context {
         let Some(vm) = vm else {
             return Response::line(404, &format!("no VM is defined for MAC {mac}"));
         };
-        let dir = self.images_dir.join(&vm.distro).join(vm.arch.as_str());
-        let manifest = match install_manifest(&dir, &vm) {
+        let manifest = match self.install_manifest(&vm) {
             Ok(m) => m,
             Err(reply) => return reply,
         };
         let base = self.base_url(r);
         let images = format!("{base}/images/{}/{}", vm.distro, vm.arch);
-        let reboot = !self
-            .vms
-            .dir()
-            .join(format!("{}.noreboot", vm.name))
-            .exists();
+        let reboot = self.set().reboots(&vm.name);
         let kmods = manifest
             .modules
             .as_ref()
@@ -483,7 +549,7 @@ impl Context {
                 ),
             );
         }
-        let set = self.vms.current();
+        let set = self.set();
         let Some(vm) = set.by_name(name) else {
             return Response::line(404, &format!("no VM named {name:?}"));
         };
@@ -505,13 +571,10 @@ impl Context {
     }
 
     fn timeline(&self, name: &str) -> Response {
-        if self.vms.current().by_name(name).is_none() {
+        if self.set().by_name(name).is_none() {
             return Response::line(404, &format!("no VM named {name:?}"));
         }
-        match self.events.timeline(name) {
-            Ok(entries) => Response::json(200, &entries),
-            Err(e) => Response::line(500, &format!("cannot read the timeline of {name}: {e}")),
-        }
+        Response::json(200, &self.events.timeline(name))
     }
 
     fn file(&self, root: &Path, segments: &[String], r: &Request) -> Response {
@@ -530,8 +593,8 @@ impl Context {
             return;
         }
         let IpAddr::V4(peer) = r.peer else { return };
-        let set = self.vms.current();
-        let Some(vm) = set.vms.iter().find(|v| v.ip == Some(peer)) else {
+        let set = self.set();
+        let Some(vm) = set.by_ip(peer) else {
             return;
         };
         if segments == [vm.distro.as_str(), vm.arch.as_str(), ipxe::kernel_file(vm)] {
@@ -568,7 +631,7 @@ impl Context {
     /// Forgets that `name` is installed (control socket only): its next `/ipxe` hands out the
     /// installer again.
     fn reprovision(&self, name: &str) -> Response {
-        let set = self.vms.current();
+        let set = self.set();
         let Some(vm) = set.by_name(name) else {
             return Response::line(404, &format!("no VM named {name:?}"));
         };
@@ -596,37 +659,6 @@ fn vm_status(vm: &VmDefinition, record: Option<StateRecord>) -> VmStatus {
         state: record.as_ref().map(|r| r.state).unwrap_or_default(),
         since_ms: record.as_ref().map(|r| r.since_ms),
         last_event: record.and_then(|r| r.last_event),
-    }
-}
-
-/// The distro manifest of `vm`, and its rootfs present with the manifest's size: what an
-/// install needs before the installer is given its config.
-fn install_manifest(dir: &Path, vm: &VmDefinition) -> Result<DistroManifest, Response> {
-    let manifest = images::read_manifest(dir, &vm.distro, vm.arch).map_err(|e| match e {
-        ManifestError::NotPulled(why) => Response::line(503, &why),
-        ManifestError::Invalid(why) => Response::line(500, &why),
-    })?;
-    let rootfs = dir.join(&manifest.rootfs.file);
-    match std::fs::metadata(&rootfs) {
-        Ok(m) if m.len() == manifest.rootfs.size => Ok(manifest),
-        Ok(m) => Err(Response::line(
-            500,
-            &format!(
-                "{} has {} bytes but the manifest says {}; re-run `cargo xtask distro pull {}`",
-                rootfs.display(),
-                m.len(),
-                manifest.rootfs.size,
-                vm.distro
-            ),
-        )),
-        Err(_) => Err(Response::line(
-            503,
-            &format!(
-                "{} is missing; run `cargo xtask distro pull {}`",
-                rootfs.display(),
-                vm.distro
-            ),
-        )),
     }
 }
 

@@ -1,9 +1,23 @@
 //! A pulled distro in the images directory (`<images>/<distro>/<arch>/`): its manifest, read and
-//! checked in one place for every reader (the installer's config, the diskless roots).
+//! checked in one place for every reader (the installer's config, the diskless roots), and
+//! [`Catalog`], which keeps what requests ask again and again (a manifest, whether a file is
+//! there and its size) until [`crate::watch`] reports a change under the images or initrds
+//! directory.
 
-use std::{fmt, io, path::Path};
+use std::{
+    collections::HashMap,
+    fmt, fs, io,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
 
+use arc_swap::ArcSwap;
 use pxelab_contract::{Arch, DistroManifest};
+
+use crate::watch::{Changes, Watched};
 
 /// Why a distro's manifest cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +73,125 @@ pub fn read_manifest(
         )));
     }
     Ok(manifest)
+}
+
+/// What the catalog remembers about one path.
+#[derive(Clone)]
+enum Known {
+    /// A regular file's size, or `None` when there is no regular file.
+    File(Option<u64>),
+    Manifest(Result<Arc<DistroManifest>, ManifestError>),
+}
+
+/// The images and initrds directories as requests see them, cached until they change.
+pub struct Catalog {
+    images_dir: PathBuf,
+    initrds_dir: PathBuf,
+    known: ArcSwap<HashMap<PathBuf, Known>>,
+    /// Serializes additions (a miss) and invalidations; readers never take it.
+    adding: Mutex<()>,
+    /// Bumped by every invalidation: a value looked up before one is not kept after it.
+    generation: AtomicU64,
+}
+
+impl Catalog {
+    pub fn new(images_dir: PathBuf, initrds_dir: PathBuf) -> Catalog {
+        Catalog {
+            images_dir,
+            initrds_dir,
+            known: ArcSwap::from_pointee(HashMap::new()),
+            adding: Mutex::new(()),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub fn images_dir(&self) -> &Path {
+        &self.images_dir
+    }
+
+    pub fn initrds_dir(&self) -> &Path {
+        &self.initrds_dir
+    }
+
+    fn lookup(&self, path: &Path, load: impl FnOnce() -> Known) -> Known {
+        if let Some(k) = self.known.load().get(path) {
+            return k.clone();
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let known = load();
+        let _one = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return known;
+        }
+        let mut map = HashMap::clone(&self.known.load());
+        map.insert(path.to_path_buf(), known.clone());
+        self.known.store(Arc::new(map));
+        known
+    }
+
+    /// The size of the regular file at `path` (symlinks followed), `None` when there is none.
+    pub fn file_size(&self, path: &Path) -> Option<u64> {
+        let known = self.lookup(path, || {
+            Known::File(
+                fs::metadata(path)
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len()),
+            )
+        });
+        match known {
+            Known::File(size) => size,
+            Known::Manifest(_) => None,
+        }
+    }
+
+    /// [`read_manifest`] of `<images>/<distro>/<arch>`, remembered.
+    pub fn manifest(&self, distro: &str, arch: Arch) -> Result<Arc<DistroManifest>, ManifestError> {
+        let dir = self.images_dir.join(distro).join(arch.as_str());
+        let key = dir.join("manifest.json");
+        let known = self.lookup(&key, || {
+            Known::Manifest(read_manifest(&dir, distro, arch).map(Arc::new))
+        });
+        match known {
+            Known::Manifest(m) => m,
+            Known::File(_) => read_manifest(&dir, distro, arch).map(Arc::new),
+        }
+    }
+}
+
+impl Watched for Catalog {
+    /// The roots, each distro and each architecture below them: where pulls and builds publish.
+    fn dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        for (root, depth) in [(&self.images_dir, 2), (&self.initrds_dir, 1)] {
+            let mut level = vec![root.clone()];
+            for _ in 0..=depth {
+                let mut next = Vec::new();
+                for d in &level {
+                    if let Ok(entries) = fs::read_dir(d) {
+                        next.extend(
+                            entries
+                                .flatten()
+                                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                                .map(|e| e.path()),
+                        );
+                    }
+                }
+                dirs.append(&mut level);
+                level = next;
+            }
+        }
+        dirs.retain(|d| d.is_dir());
+        dirs
+    }
+
+    /// Any change forgets everything: changes are rare (a pull, a build) and reloading is cheap.
+    fn changed(&self, _: Changes<'_>) {
+        let _one = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.known.store(Arc::new(HashMap::new()));
+    }
 }
 
 fn plain_name(s: &str) -> bool {

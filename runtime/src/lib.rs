@@ -3,11 +3,12 @@
 //! thing in-process.
 //!
 //! Code map: [`server`] owns sockets and HTTP framing; [`handler`] lists every route and renders
-//! replies from [`ipxe`], [`cloudinit`], [`files`], [`images`], [`events`] and [`vms`]; [`dnsmasq`] renders
-//! dnsmasq's configuration; [`nfsroot`] unpacks distro roots for diskless targets and [`nfs`]
-//! configures ganesha to export them; [`child`] runs either as a supervised child;
-//! [`supervisor`] wires them together and owns the main loop; [`signals`] turns
-//! SIGTERM/SIGINT/SIGHUP into flags that loop polls.
+//! replies from [`ipxe`], [`cloudinit`], [`files`], [`images`], [`events`] and [`vms`], which
+//! keep what they serve in memory, follow changes through [`watch`] and persist states through
+//! [`journal`]; [`dnsmasq`] renders dnsmasq's configuration; [`nfsroot`] unpacks distro roots for
+//! diskless targets and [`nfs`] configures ganesha to export them; [`child`] runs either as a
+//! supervised child; [`supervisor`] wires them together and owns the main loop; [`signals`]
+//! turns SIGTERM/SIGINT/SIGHUP into flags that loop polls.
 //!
 //! Invariant: nothing here writes outside the state directory, except the diskless roots
 //! ([`nfsroot`]), which are unpacked next to the distro archive they come from.
@@ -20,12 +21,14 @@ pub mod files;
 pub mod handler;
 pub mod images;
 pub mod ipxe;
+pub mod journal;
 pub mod nfs;
 pub mod nfsroot;
 pub mod server;
 pub mod signals;
 pub mod supervisor;
 pub mod vms;
+pub mod watch;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {

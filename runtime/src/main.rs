@@ -15,8 +15,8 @@ Layout under --data-dir (each directory can be moved with its own flag):
   images/<distro>/<arch>/nfsroot-<sha>/ the unpacked rootfs diskless VMs boot from (made by the stack)
   initrds/<arch>/initrd.img            the installer initrd
   tftp/                                ipxe.efi, ipxe-arm64.efi, undionly.kpxe (dnsmasq's TFTP root)
-  state/                               <name>.state, <name>.timeline.jsonl, dnsmasq/ (config, leases, log),
-                                       nfs/ (ganesha.conf, ganesha.log)
+  state/                               snapshot.jsonl, journal-<n>.jsonl (every VM's state and timeline),
+                                       control.sock, dnsmasq/ (config, leases, log), nfs/ (ganesha.conf, ganesha.log)
 
 Examples:
   # Only the HTTP boot handler, unprivileged, on a high port:
@@ -37,7 +37,8 @@ also serves POST /vms/<name>/reprovision.
 VMs with \"boot\": \"nfsroot\" boot diskless: the stack unpacks their distro's rootfs once and
 exports it read-only over NFSv4 with nfs-ganesha (port 2049, on every address of the network
 namespace it runs in: run it in the lab's); each boot writes to its own tmpfs overlay.
-SIGTERM or Ctrl-C stops everything within 2 s; SIGHUP re-reads the VM definitions at once.";
+VM definitions are followed as files change (inotify, and a rescan every 10 s); SIGHUP re-reads
+them all at once. SIGTERM or Ctrl-C stops everything within 2 s.";
 
 /// The pxelab boot stack: HTTP boot handler (iPXE scripts, installer config, cloud-init, files,
 /// events) and the dnsmasq it supervises (DHCP reservations, TFTP, DNS).

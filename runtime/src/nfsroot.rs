@@ -23,7 +23,7 @@ use std::{
 use pxelab_contract::Arch;
 use sha2::{Digest, Sha256};
 
-use crate::{images, log, nfs::Export};
+use crate::{images::Catalog, log, nfs::Export};
 
 /// Hex digits of the rootfs sha256 in the export's directory name.
 pub const DIGEST_PREFIX: usize = 16;
@@ -62,7 +62,8 @@ enum Job {
 
 /// The diskless roots of one images directory; shared by the handler and the supervisor.
 pub struct NfsRoots {
-    images_dir: PathBuf,
+    /// The images directory, whose manifests it reads (cached).
+    catalog: Arc<Catalog>,
     /// Unpack jobs by destination directory (one per rootfs digest).
     jobs: Mutex<BTreeMap<PathBuf, Job>>,
     /// Exports ganesha serves right now, by `(distro, arch)`.
@@ -72,9 +73,9 @@ pub struct NfsRoots {
 }
 
 impl NfsRoots {
-    pub fn new(images_dir: PathBuf) -> Arc<NfsRoots> {
+    pub fn new(catalog: Arc<Catalog>) -> Arc<NfsRoots> {
         Arc::new(NfsRoots {
-            images_dir,
+            catalog,
             jobs: Mutex::new(BTreeMap::new()),
             served: Mutex::new(Vec::new()),
             server_error: Mutex::new(None),
@@ -82,7 +83,7 @@ impl NfsRoots {
     }
 
     pub fn images_dir(&self) -> &Path {
-        &self.images_dir
+        self.catalog.images_dir()
     }
 
     /// The state of `<distro>/<arch>`'s root, starting its unpack in the background if needed.
@@ -119,8 +120,10 @@ impl NfsRoots {
         distro: &str,
         arch: Arch,
     ) -> Result<(Export, String), RootStatus> {
-        let dir = self.images_dir.join(distro).join(arch.as_str());
-        let manifest = images::read_manifest(&dir, distro, arch)
+        let dir = self.images_dir().join(distro).join(arch.as_str());
+        let manifest = self
+            .catalog
+            .manifest(distro, arch)
             .map_err(|e| RootStatus::Missing(e.to_string()))?;
         let archive = dir.join(&manifest.rootfs.file);
         let dest = dir.join(format!(
@@ -133,7 +136,7 @@ impl NfsRoots {
             path: dest.clone(),
         };
         if dest.is_dir() {
-            return Ok((export, manifest.kernel_version));
+            return Ok((export, manifest.kernel_version.clone()));
         }
         if !archive.is_file() {
             return Err(RootStatus::Missing(format!(
@@ -143,7 +146,9 @@ impl NfsRoots {
         }
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         match jobs.get(&dest) {
-            Some(Job::Done(path)) if path.is_dir() => return Ok((export, manifest.kernel_version)),
+            Some(Job::Done(path)) if path.is_dir() => {
+                return Ok((export, manifest.kernel_version.clone()))
+            }
             Some(Job::Failed(e)) => return Err(RootStatus::Failed(e.clone())),
             Some(Job::Running) => {
                 return Err(RootStatus::Preparing(format!(

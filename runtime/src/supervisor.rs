@@ -1,9 +1,10 @@
 //! The stack's main loop: start the HTTP server, run dnsmasq (and nfs-ganesha while diskless
 //! VMs exist), follow the VMs directory, stop cleanly.
 //!
-//! Every ~250 ms the loop checks for a stop signal; every 500 ms (or at once on SIGHUP) it
-//! re-reads the VM definitions and, when the DHCP/DNS files change, rewrites them and sends
-//! dnsmasq SIGHUP — so an edited VM file is live within a second. A dnsmasq that exits on its
+//! Every ~100 ms the loop checks for a stop signal; every 500 ms it looks whether the VM
+//! definitions changed (reported by [`crate::watch`]; SIGHUP re-reads them all at once, and
+//! without inotify the loop rescans the directory itself) and, when the DHCP/DNS files change,
+//! rewrites them and sends dnsmasq SIGHUP — so an edited VM file is live within a second. A dnsmasq that exits on its
 //! own is restarted (at most once every 2 s, with its log's tail in ours). On SIGTERM/SIGINT the
 //! listener closes, dnsmasq and ganesha get SIGTERM (then SIGKILL, dnsmasq after 1 s, ganesha
 //! after 0.5 s more), and the process exits within 2 s, with no child left behind. Measured in a
@@ -31,7 +32,8 @@ use crate::{
     child::{self, Supervised},
     dnsmasq::{self, DnsmasqSettings},
     events::EventStore,
-    handler::Context,
+    handler::{self, Context},
+    images::Catalog,
     log,
     nfs::{self, Export, NfsSettings},
     nfsroot::NfsRoots,
@@ -81,21 +83,25 @@ pub fn run(opts: Options) -> Result<(), String> {
     }
 
     let vms = Arc::new(VmStore::new(opts.vms_dir.clone()));
-    let events = Arc::new(EventStore::new(opts.state_dir.clone()));
-    let roots = opts
-        .nfs
-        .as_ref()
-        .map(|_| NfsRoots::new(opts.images_dir.clone()));
+    let events = Arc::new(EventStore::open(&opts.state_dir).map_err(|e| e.to_string())?);
+
+    let catalog = Arc::new(Catalog::new(
+        opts.images_dir.clone(),
+        opts.initrds_dir.clone(),
+    ));
+    let roots = opts.nfs.as_ref().map(|_| NfsRoots::new(catalog.clone()));
     let mut nfs = opts
         .nfs
         .clone()
         .zip(roots.clone())
         .map(|(settings, roots)| NfsRun::new(settings, roots));
+    let watch = handler::watch_stores(&vms, &catalog);
+    let watched = watch.is_some();
     let context = Context {
         vms: vms.clone(),
         events: events.clone(),
-        images_dir: opts.images_dir.clone(),
-        initrds_dir: opts.initrds_dir.clone(),
+        catalog,
+        watch,
         advertise: opts.advertise.clone(),
         ip_check: opts.ip_check,
         domain: opts.domain.clone(),
@@ -148,15 +154,22 @@ pub fn run(opts: Options) -> Result<(), String> {
     }
 
     let mut last_scan = Instant::now();
+    let mut generation = vms.current().generation;
     while !signals::shutdown_requested() {
         std::thread::sleep(Duration::from_millis(100));
         let reload = signals::take_reload();
         if reload || last_scan.elapsed() >= Duration::from_millis(500) {
             last_scan = Instant::now();
-            vms.refresh();
-            if let Some(d) = dns.as_mut() {
+            if reload {
+                vms.refresh();
+            } else if !watched {
+                vms.rescan();
+            }
+            let now = vms.current().generation;
+            if let (Some(d), true) = (dns.as_mut(), reload || now != generation) {
                 d.sync_hosts(&vms);
             }
+            generation = now;
             if let Some(n) = nfs.as_mut() {
                 n.sync(&vms);
             }
@@ -359,7 +372,7 @@ impl DnsmasqRun {
                     message: format!("lease {ip}"),
                     ..Event::default()
                 };
-                if let Err(e) = events.append(vm, event) {
+                if let Err(e) = events.note(vm, event) {
                     log!("cannot record the DHCP lease of {}: {e}", vm.name);
                 }
             }

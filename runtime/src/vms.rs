@@ -1,65 +1,131 @@
-//! The VM definitions directory: loading, validating and noticing changes.
+//! The VM definitions directory: loading, validating, indexing and following changes.
 //!
 //! Every `*.json` in the directory (not hidden, not in subdirectories) is one VM. A file is
 //! rejected, by name and with a reason, when it does not parse, is not named `<name>.json`, or
 //! reuses the name, MAC or IP of a file that sorts before it; rejected files never stop the
-//! others from being served. [`VmStore::current`] re-reads the directory whenever a file's
-//! metadata changed, so a request always sees the definitions as they are on disk.
+//! others from being served.
+//!
+//! The definitions live in memory, indexed by MAC, name and IP, so a lookup costs the same with
+//! one or 100,000 VMs. [`crate::watch`] tells the store which files changed; only those are
+//! re-read, and the new [`VmSet`] is published whole (readers load it without a lock and never
+//! see half an update). SIGHUP ([`VmStore::refresh`]) re-reads every file.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap, HashSet},
     fs,
+    net::Ipv4Addr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
+use arc_swap::ArcSwap;
 use pxelab_contract::{InvalidVm, Mac, VmDefinition};
 
-use crate::log;
+use crate::{
+    log,
+    watch::{Changes, Watched},
+};
 
 /// A VM definition file is a few hundred bytes; anything this large is a mistake.
 const MAX_VM_FILE: u64 = 64 * 1024;
 
 /// One consistent view of the directory.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub struct VmSet {
     /// Valid definitions, sorted by name.
     pub vms: Vec<VmDefinition>,
     pub invalid: Vec<InvalidVm>,
+    /// VMs whose installer stays up after installing (`<name>.noreboot` exists).
+    noreboot: HashSet<String>,
+    by_mac: HashMap<Mac, usize>,
+    by_name: HashMap<String, usize>,
+    by_ip: HashMap<Ipv4Addr, usize>,
+    /// Bumped each time the store publishes a changed set.
+    pub generation: u64,
+}
+
+impl PartialEq for VmSet {
+    /// Same definitions, rejections and flags (the indexes follow from them).
+    fn eq(&self, other: &VmSet) -> bool {
+        self.vms == other.vms && self.invalid == other.invalid && self.noreboot == other.noreboot
+    }
 }
 
 impl VmSet {
     pub fn by_mac(&self, mac: Mac) -> Option<&VmDefinition> {
-        self.vms.iter().find(|vm| vm.mac == mac)
+        self.by_mac.get(&mac).map(|i| &self.vms[*i])
     }
 
     pub fn by_name(&self, name: &str) -> Option<&VmDefinition> {
-        self.vms.iter().find(|vm| vm.name == name)
+        self.by_name.get(name).map(|i| &self.vms[*i])
+    }
+
+    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&VmDefinition> {
+        self.by_ip.get(&ip).map(|i| &self.vms[*i])
+    }
+
+    pub fn reboots(&self, name: &str) -> bool {
+        !self.noreboot.contains(name)
     }
 
     /// Reads and validates every definition in `dir`. A missing directory is an empty set.
     pub fn load(dir: &Path) -> VmSet {
-        let mut set = VmSet::default();
-        let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
-            Ok(entries) => entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| is_vm_file(p))
-                .collect(),
-            Err(_) => return set,
+        Files::read_all(dir).set()
+    }
+}
+
+/// What the directory holds, file by file: the store's reload state.
+#[derive(Default)]
+struct Files {
+    /// `<name>.json` → its definition or why it is rejected, in file-name order.
+    parsed: BTreeMap<String, Result<VmDefinition, String>>,
+    noreboot: HashSet<String>,
+}
+
+impl Files {
+    fn read_all(dir: &Path) -> Files {
+        let mut files = Files::default();
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                files.update(dir, &e.file_name().to_string_lossy());
+            }
+        }
+        files
+    }
+
+    /// Re-reads one directory entry (gone, new or changed).
+    fn update(&mut self, dir: &Path, file: &str) {
+        let path = dir.join(file);
+        if let Some(name) = file.strip_suffix(".noreboot") {
+            if path.exists() {
+                self.noreboot.insert(name.to_string());
+            } else {
+                self.noreboot.remove(name);
+            }
+        } else if is_vm_file(&path) {
+            self.parsed.insert(file.to_string(), read_one(&path));
+        } else {
+            self.parsed.remove(file);
+        }
+    }
+
+    /// The valid definitions in file-name order, each clash rejected in favour of the earlier.
+    fn set(&self) -> VmSet {
+        let mut set = VmSet {
+            noreboot: self.noreboot.clone(),
+            ..VmSet::default()
         };
-        files.sort();
         let mut names = BTreeMap::new();
         let mut macs = BTreeMap::new();
         let mut ips = BTreeMap::new();
-        for path in files {
-            let file = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            match read_one(&path) {
-                Err(error) => set.invalid.push(InvalidVm { file, error }),
+        for (file, parsed) in &self.parsed {
+            let file = file.clone();
+            match parsed {
+                Err(error) => set.invalid.push(InvalidVm {
+                    file,
+                    error: error.clone(),
+                }),
                 Ok(vm) => {
                     let clash = names
                         .get(&vm.name)
@@ -86,11 +152,18 @@ impl VmSet {
                     if let Some(ip) = vm.ip {
                         ips.insert(ip, file.clone());
                     }
-                    set.vms.push(vm);
+                    set.vms.push(vm.clone());
                 }
             }
         }
         set.vms.sort_by(|a, b| a.name.cmp(&b.name));
+        for (i, vm) in set.vms.iter().enumerate() {
+            set.by_mac.insert(vm.mac, i);
+            set.by_name.insert(vm.name.clone(), i);
+            if let Some(ip) = vm.ip {
+                set.by_ip.insert(ip, i);
+            }
+        }
         set
     }
 }
@@ -149,17 +222,20 @@ fn fingerprint(dir: &Path) -> Fingerprint {
     fp
 }
 
-/// The shared, self-refreshing view of the VMs directory.
+/// The shared, self-updating view of the VMs directory.
 pub struct VmStore {
     dir: PathBuf,
-    cached: Mutex<(Fingerprint, Arc<VmSet>)>,
+    current: ArcSwap<VmSet>,
+    /// Reload state; locked only while applying changes, never by readers.
+    files: Mutex<(Files, Fingerprint)>,
 }
 
 impl VmStore {
     pub fn new(dir: PathBuf) -> VmStore {
         let store = VmStore {
             dir,
-            cached: Mutex::new((Vec::new(), Arc::new(VmSet::default()))),
+            current: ArcSwap::from_pointee(VmSet::default()),
+            files: Mutex::new((Files::default(), Vec::new())),
         };
         store.refresh();
         store
@@ -169,50 +245,117 @@ impl VmStore {
         &self.dir
     }
 
-    /// The definitions as on disk now (re-read when any file's metadata changed).
+    /// The definitions as last loaded (lock-free; see [`crate::watch::Watcher::settle`]).
     pub fn current(&self) -> Arc<VmSet> {
-        let fp = fingerprint(&self.dir);
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.0 != fp {
-            let set = VmSet::load(&self.dir);
-            if set != *cached.1 {
-                report(&set);
-            }
-            *cached = (fp, Arc::new(set));
-        }
-        cached.1.clone()
+        self.current.load_full()
     }
 
-    /// Re-reads every file regardless of metadata (catches a same-size rewrite within one
-    /// timestamp tick). Returns true when the set changed.
+    /// Re-reads every file. Returns true when the set changed.
     pub fn refresh(&self) -> bool {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        *files = (Files::read_all(&self.dir), fingerprint(&self.dir));
+        self.publish(&files.0)
+    }
+
+    /// Re-reads what changed since the last look (by metadata): the periodic fallback for
+    /// changes no notice reported.
+    pub fn rescan(&self) -> bool {
         let fp = fingerprint(&self.dir);
-        let set = VmSet::load(&self.dir);
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = set != *cached.1;
-        if changed {
-            report(&set);
-            cached.1 = Arc::new(set);
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if fp == files.1 {
+            return false;
         }
-        cached.0 = fp;
-        changed
+        let old: HashMap<&String, _> = files.1.iter().map(|e| (&e.0, e)).collect();
+        let new: HashMap<&String, _> = fp.iter().map(|e| (&e.0, e)).collect();
+        let mut changed: Vec<String> = fp
+            .iter()
+            .filter(|e| old.get(&e.0) != Some(e))
+            .map(|e| e.0.clone())
+            .collect();
+        changed.extend(
+            files
+                .1
+                .iter()
+                .filter(|e| !new.contains_key(&e.0))
+                .map(|e| e.0.clone()),
+        );
+        for name in &changed {
+            files.0.update(&self.dir, name);
+        }
+        files.1 = fp;
+        self.publish(&files.0)
+    }
+
+    fn publish(&self, files: &Files) -> bool {
+        let mut set = files.set();
+        let current = self.current.load();
+        if set == **current {
+            return false;
+        }
+        report(&set);
+        set.generation = current.generation + 1;
+        self.current.store(Arc::new(set));
+        true
     }
 }
 
+impl Watched for VmStore {
+    fn dirs(&self) -> Vec<PathBuf> {
+        vec![self.dir.clone()]
+    }
+
+    fn changed(&self, changes: Changes<'_>) {
+        let Changes::Entries(entries) = changes else {
+            self.rescan();
+            return;
+        };
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, name) in entries {
+            files.0.update(&self.dir, &name.to_string_lossy());
+        }
+        self.publish(&files.0);
+    }
+}
+
+/// Logs the set; long lists are cut (a site with thousands of VMs would get a line per VM at
+/// each change otherwise).
 fn report(set: &VmSet) {
+    const SHOWN: usize = 20;
     let names: Vec<&str> = set.vms.iter().map(|v| v.name.as_str()).collect();
     log!(
         "VM definitions: {} valid ({})",
         names.len(),
-        names.join(", ")
+        shorten(&names, SHOWN)
     );
-    for bad in &set.invalid {
+    for bad in set.invalid.iter().take(SHOWN) {
         log!("skipping VM file {}: {}", bad.file, bad.error);
     }
-    for vm in set.vms.iter().filter(|v| v.ip.is_none()) {
-        log!(
-            "VM {} has no \"ip\": it gets no DHCP lease until one is set",
-            vm.name
-        );
+    if set.invalid.len() > SHOWN {
+        log!("skipping {} more VM files", set.invalid.len() - SHOWN);
     }
+    let no_ip: Vec<&str> = set
+        .vms
+        .iter()
+        .filter(|v| v.ip.is_none())
+        .map(|v| v.name.as_str())
+        .collect();
+    match no_ip.as_slice() {
+        [] => {}
+        [one] => log!("VM {one} has no \"ip\": it gets no DHCP lease until one is set"),
+        many => log!(
+            "VMs {} have no \"ip\": they get no DHCP lease until one is set",
+            shorten(many, SHOWN)
+        ),
+    }
+}
+
+fn shorten(names: &[&str], shown: usize) -> String {
+    if names.len() <= shown {
+        return names.join(", ");
+    }
+    format!(
+        "{}, … and {} more",
+        names[..shown].join(", "),
+        names.len() - shown
+    )
 }

@@ -3,9 +3,9 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader},
     net::SocketAddr,
-    os::unix::{fs::PermissionsExt, net::UnixStream},
+    os::unix::fs::PermissionsExt,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -148,7 +148,7 @@ fn serves_and_stops_on_sigterm() {
     let control = root.join("state/control.sock");
     let mode = std::fs::metadata(&control).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
-    let r = unix_get(&control, &format!("/ipxe?mac={}", common::MAC));
+    let r = common::control(&control, "GET", &format!("/ipxe?mac={}", common::MAC));
     assert_eq!(r.status, 200);
     assert!(
         r.text().contains(&format!(
@@ -157,7 +157,7 @@ fn serves_and_stops_on_sigterm() {
         "{}",
         r.text()
     );
-    assert_eq!(unix_get(&control, "/healthz").status, 200);
+    assert_eq!(common::control(&control, "GET", "/healthz").status, 200);
 
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(running.0.id() as i32, libc::SIGTERM) };
@@ -178,12 +178,4 @@ fn serves_and_stops_on_sigterm() {
         "still listening after exit"
     );
     assert!(!control.exists(), "control socket left behind");
-}
-
-fn unix_get(path: &std::path::Path, target: &str) -> common::Reply {
-    let mut stream = UnixStream::connect(path).unwrap();
-    write!(stream, "GET {target} HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = Vec::new();
-    stream.read_to_end(&mut out).unwrap();
-    common::parse_reply(&out).expect("a complete HTTP reply")
 }

@@ -92,7 +92,7 @@ fn ipxe_aarch64_uses_the_pl011_console() {
     ] {
         std::fs::write(s.root().join(f), b"x").unwrap();
     }
-    let t = s.get(&format!("/ipxe?mac={MAC}")).text();
+    let t = s.ipxe();
     assert!(t.contains("console=ttyAMA0,115200"), "{t}");
     assert!(t.contains("/initrds/aarch64/initrd.img"), "{t}");
 }
@@ -144,10 +144,7 @@ fn ipxe_says_when_the_distro_is_not_pulled() {
 #[test]
 fn boot_once_flow() {
     let mut s = Stack::new();
-    assert!(s
-        .get(&format!("/ipxe?mac={MAC}"))
-        .text()
-        .contains("kernel "));
+    assert!(s.ipxe().contains("kernel "));
     for (phase, state) in [
         ("installing", "installing"),
         ("rootfs", "installing"),
@@ -173,14 +170,8 @@ fn boot_once_flow() {
         "{t}"
     );
 
-    s.start(
-        ServerOptions {
-            access_log: false,
-            ..ServerOptions::default()
-        },
-        true,
-    );
-    let t = s.get(&format!("/ipxe?mac={MAC}")).text();
+    s.restart();
+    let t = s.ipxe();
     assert!(t.contains("sanboot"), "state lost across a restart: {t}");
 
     let timeline = s.get("/vms/t1/timeline").json();
@@ -206,20 +197,14 @@ fn boot_once_flow() {
 
 /// Installs t1: the installer is handed out, then `installed` is reported.
 fn install(s: &common::Stack) {
-    assert!(s
-        .get(&format!("/ipxe?mac={MAC}"))
-        .text()
-        .contains("kernel "));
+    assert!(s.ipxe().contains("kernel "));
     let r = s.send(
         "POST",
         &format!("/events/{MAC}"),
         br#"{"phase":"installed"}"#,
     );
     assert_eq!(r.json()["state"], "installed");
-    assert!(s
-        .get(&format!("/ipxe?mac={MAC}"))
-        .text()
-        .contains("sanboot"));
+    assert!(s.ipxe().contains("sanboot"));
 }
 
 #[test]
@@ -239,14 +224,8 @@ fn reprovision_on_the_control_socket_installs_again() {
     assert_eq!(status.since_ms, Some(last.at_ms));
     assert_eq!(s.get("/status").json()["vms"][0]["state"], "new");
     // The reset outlives a restart, and the next boot is an install.
-    s.start(
-        ServerOptions {
-            access_log: false,
-            ..ServerOptions::default()
-        },
-        true,
-    );
-    let t = s.get(&format!("/ipxe?mac={MAC}")).text();
+    s.restart();
+    let t = s.ipxe();
     assert!(t.contains("kernel ") && !t.contains("sanboot"), "{t}");
     let phases: Vec<String> = s
         .get("/vms/t1/timeline")
@@ -279,9 +258,7 @@ fn reprovision_is_not_served_over_the_network() {
     assert_eq!(r.status, 400, "{}", r.text());
     r.assert_one_line();
     assert!(
-        s.get(&format!("/ipxe?mac={MAC}"))
-            .text()
-            .contains("sanboot"),
+        s.ipxe().contains("sanboot"),
         "a network client reset an installed VM"
     );
 }
@@ -313,10 +290,7 @@ fn failed_install_boots_the_installer_again() {
         br#"{"phase":"failed","message":"disk too small"}"#,
     );
     assert_eq!(r.json()["state"], "failed");
-    assert!(s
-        .get(&format!("/ipxe?mac={MAC}"))
-        .text()
-        .contains("kernel "));
+    assert!(s.ipxe().contains("kernel "));
     assert_eq!(s.get("/status").json()["vms"][0]["state"], "booting");
 }
 
@@ -328,10 +302,7 @@ fn pxeboot_false_always_boots_locally() {
         .unwrap()
         .replace("\"pxeboot\": true", "\"pxeboot\": false");
     std::fs::write(&vm, text).unwrap();
-    assert!(s
-        .get(&format!("/ipxe?mac={MAC}"))
-        .text()
-        .contains("sanboot"));
+    assert!(s.ipxe().contains("sanboot"));
 }
 
 #[test]
@@ -626,8 +597,11 @@ fn events_are_validated() {
         br#"{"phase":"rootfs","bytes_done":10,"bytes_total":100,"elapsed_ms":5}"#,
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let line = std::fs::read_to_string(s.root().join("state/t1.timeline.jsonl")).unwrap();
-    let entry: pxelab_contract::TimelineEntry = serde_json::from_str(line.trim()).unwrap();
+    let timeline: Vec<pxelab_contract::TimelineEntry> =
+        serde_json::from_slice(&s.get("/vms/t1/timeline").body).unwrap();
+    let [entry] = timeline.as_slice() else {
+        panic!("{timeline:?}")
+    };
     assert_eq!(
         (entry.event.bytes_done, entry.event.bytes_total),
         (Some(10), Some(100))
@@ -741,4 +715,35 @@ fn kernel_fetch_from_the_vms_address_is_on_the_timeline() {
     assert_eq!(timeline[0]["phase"], "kernel");
     // An observation: the state does not move.
     assert_eq!(s.get("/status").json()["vms"][0]["state"], "new");
+}
+
+/// Among a thousand definitions, a file replaced by rename (how tools write) and a removed
+/// file are live for the very next request.
+#[test]
+fn vm_edits_apply_at_once_among_a_thousand() {
+    let s = Stack::new();
+    for i in 0..1000 {
+        write_vm(
+            s.root(),
+            &format!("m{i}"),
+            &format!("52:54:00:10:{:02x}:{:02x}", i / 256, i % 256),
+            None,
+        );
+    }
+    assert_eq!(s.get("/ipxe?mac=52:54:00:10:03:e7").status, 200, "m999");
+    let tmp = s.root().join("vms/.m5.json.tmp");
+    std::fs::write(
+        &tmp,
+        r#"{"name":"m5","arch":"x86_64","distro":"debian-12","mac":"52:54:00:20:00:05"}"#,
+    )
+    .unwrap();
+    std::fs::rename(&tmp, s.root().join("vms/m5.json")).unwrap();
+    assert_eq!(s.get("/ipxe?mac=52:54:00:20:00:05").status, 200);
+    assert_eq!(s.get("/ipxe?mac=52:54:00:10:00:05").status, 404);
+    std::fs::remove_file(s.root().join("vms/m5.json")).unwrap();
+    assert_eq!(s.get("/ipxe?mac=52:54:00:20:00:05").status, 404);
+    assert_eq!(
+        s.get("/status").json()["vms"].as_array().unwrap().len(),
+        1000
+    );
 }

@@ -15,6 +15,7 @@ use std::{
 use common::{rootfs_tar_zst, sha256_of, Stack, KVER, MAC};
 use pxelab_contract::Arch;
 use pxelab_runtime::{
+    images::Catalog,
     nfsroot::{self, NfsRoots, RootStatus},
     server::{Server, ServerOptions},
 };
@@ -40,8 +41,8 @@ fn diskless_stack(rootfs: &[u8], manifest_sha: Option<&str>) -> (Stack, Arc<NfsR
     std::fs::write(&vm, def.to_string()).unwrap();
 
     s.server.take().unwrap().shutdown();
-    let roots = NfsRoots::new(s.root().join("images"));
     let mut context = Stack::context(s.root(), true);
+    let roots = NfsRoots::new(context.catalog.clone());
     context.nfs = Some(roots.clone());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let server = Server::start(
@@ -171,7 +172,10 @@ fn diskless_boot_waits_for_the_export_then_boots_from_it() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(s.get("/status").json()["vms"][0]["state"], "booting");
     // A restart of the stack finds the export and does not unpack again.
-    let again = NfsRoots::new(s.root().join("images"));
+    let again = NfsRoots::new(Arc::new(Catalog::new(
+        s.root().join("images"),
+        s.root().join("initrds"),
+    )));
     assert_eq!(
         again.unpacked("debian-12", Arch::X86_64).unwrap().0.path,
         export

@@ -137,12 +137,15 @@ fn random_request(rng: &mut Rng) -> Vec<u8> {
 /// clean close for garbage), never a 5xx, and the server answers /healthz throughout.
 #[test]
 fn fuzz_requests_never_break_the_server() {
-    // A panicking connection thread would only drop its connection (and in the release build,
+    // A panicking server thread would only drop its connection (and in the release build,
     // with panic=abort, kill the stack): count them.
     static SERVER_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if matches!(std::thread::current().name(), Some("conn" | "accept")) {
+        if matches!(
+            std::thread::current().name(),
+            Some("conn" | "accept" | "worker")
+        ) {
             SERVER_PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         previous(info);

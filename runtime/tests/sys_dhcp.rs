@@ -252,16 +252,14 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
     assert_eq!(get(&lease, "domain"), Some("pxelab.local"), "{lease:?}");
     assert_eq!(get(&lease, "hostname"), Some("t1"), "{lease:?}");
     // The lease is on the VM's timeline (the stack follows dnsmasq's log).
-    let timeline = data.join("state/t1.timeline.jsonl");
+    let socket = data.join("state").join(pxelab_contract::CONTROL_SOCKET);
+    let timeline = || common::control(&socket, "GET", "/vms/t1/timeline").text();
     let t = Instant::now();
-    while !std::fs::read_to_string(&timeline)
-        .unwrap_or_default()
-        .contains(r#""phase":"dhcp","message":"lease 10.231.0.50""#)
-    {
+    while !timeline().contains(r#""message": "lease 10.231.0.50""#) {
         assert!(
             t.elapsed() < Duration::from_secs(2),
-            "no dhcp event: {:?}",
-            std::fs::read_to_string(&timeline)
+            "no dhcp event: {}",
+            timeline()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

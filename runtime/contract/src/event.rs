@@ -93,7 +93,7 @@ pub struct Event {
     pub elapsed_ms: Option<u64>,
 }
 
-/// One line of a VM's timeline (`<state dir>/<name>.timeline.jsonl`).
+/// One entry of a VM's timeline (`GET /vms/<name>/timeline` serves its last entries).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineEntry {
     /// Arrival time at the handler, Unix milliseconds.

@@ -1,4 +1,5 @@
-//! The HTTP/1.1 transport: accept loop, one bounded thread per connection, deadlines.
+//! The HTTP/1.1 transport: accept loop, workers for ready connections, a bounded thread for each
+//! slow one, deadlines.
 //!
 //! Why not `tiny_http::Server`: its accept loop spawns an unbounded thread per connection with no
 //! way to set socket timeouts (a client that connects and says nothing holds a thread forever),
@@ -11,9 +12,11 @@
 //! - accept errors are logged and retried; nothing a client sends can stop the loop.
 //!
 //! Handlers see a complete [`Request`] and return a complete [`Response`], so an error can never
-//! leave half a reply on the wire. This module owns the sockets and the connection loop;
-//! [`request`] reads and parses one request, [`response`] writes one reply.
+//! leave half a reply on the wire. This module owns the sockets and the blocking connection
+//! loop; `pool` serves ready connections without a thread each, `request` reads and parses
+//! one request, `response` writes one reply.
 
+mod pool;
 mod request;
 mod response;
 
@@ -34,7 +37,8 @@ use std::{
 
 use crate::log;
 
-use request::{read_request, wants_keep_alive, Stop};
+use pool::{Open, Pool};
+use request::{read_request, wants_keep_alive, Pending, Stop};
 pub use request::{Channel, Request, MAX_BODY, MAX_HEAD};
 use response::write_response;
 pub use response::{Body, Response};
@@ -212,32 +216,38 @@ fn accept_loop<L: Listen>(
     options: ServerOptions,
     stop: Arc<AtomicBool>,
 ) {
+    let pool = match Pool::<L::Conn>::start(handler, options.clone(), L::CHANNEL, stop.clone()) {
+        Ok(pool) => pool,
+        Err(e) => {
+            log!("cannot start the connection workers: {e}");
+            return;
+        }
+    };
     let live = Arc::new(AtomicUsize::new(0));
     let mut last_error_log: Option<Instant> = None;
+    let mut last_sweep = Instant::now();
     while !stop.load(Ordering::SeqCst) {
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = Instant::now();
+            pool.sweep();
+        }
         match listener.accept_conn() {
-            Ok((stream, peer)) => {
+            Ok((conn, peer)) => {
                 if live.load(Ordering::SeqCst) >= options.max_connections {
-                    refuse_busy(stream, options.max_connections);
+                    refuse_busy(conn, options.max_connections);
                     continue;
                 }
                 live.fetch_add(1, Ordering::SeqCst);
-                let guard = LiveGuard(live.clone());
-                let (handler, options) = (handler.clone(), options.clone());
-                let spawned = thread::Builder::new()
-                    .name("conn".into())
-                    .stack_size(512 * 1024)
-                    .spawn(move || {
-                        let _guard = guard;
-                        let local = stream.local().unwrap_or(addr);
-                        serve_connection(stream, peer, local, L::CHANNEL, &*handler, &options);
-                    });
-                if let Err(e) = spawned {
-                    // The closure (and its guard and stream) was dropped: the client sees a reset.
-                    log!("cannot start a connection thread for {peer}: {e}");
-                }
+                let local = conn.local().unwrap_or(addr);
+                pool.add(Open {
+                    conn,
+                    pending: Pending::default(),
+                    peer,
+                    local,
+                    guard: LiveGuard(live.clone()),
+                });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&listener, 200),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&listener, 100),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: the pending connection stays queued, so back off
@@ -251,6 +261,9 @@ fn accept_loop<L: Listen>(
         }
     }
 }
+
+/// How often idle connections are looked for.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 struct LiveGuard(Arc<AtomicUsize>);
 
@@ -291,8 +304,10 @@ fn refuse_busy(mut stream: impl Conn, limit: usize) {
     }
 }
 
+/// The blocking path: serves a connection on its own thread until it closes or times out.
 fn serve_connection(
     mut stream: impl Conn,
+    mut pending: Pending,
     peer_ip: IpAddr,
     local: SocketAddr,
     channel: Channel,
@@ -301,21 +316,21 @@ fn serve_connection(
 ) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(options.write_timeout));
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
         let deadline = Instant::now() + options.request_timeout;
-        let request = match read_request(&mut stream, &mut buf, deadline, peer_ip, local, channel) {
-            Ok(r) => r,
-            Err(Stop::Quiet) => return,
-            Err(Stop::Reply(status, msg)) => {
-                let _ = write_response(&mut stream, Response::line(status, &msg), false, false);
-                linger(&mut stream);
-                if options.access_log {
-                    log!("{peer_ip} - {status} ({msg})");
+        let request =
+            match read_request(&mut stream, &mut pending, deadline, peer_ip, local, channel) {
+                Ok(r) => r,
+                Err(Stop::Quiet) => return,
+                Err(Stop::Reply(status, msg)) => {
+                    let _ = write_response(&mut stream, Response::line(status, &msg), false, false);
+                    linger(&mut stream);
+                    if options.access_log {
+                        log!("{peer_ip} - {status} ({msg})");
+                    }
+                    return;
                 }
-                return;
-            }
-        };
+            };
         let keep_alive = wants_keep_alive(&request);
         let started = Instant::now();
         let response = handler.handle(&request);
@@ -323,26 +338,37 @@ fn serve_connection(
         let is_head = request.method == "HEAD";
         let result = write_response(&mut stream, response, keep_alive, is_head);
         if options.access_log {
-            let target = if request.query.is_empty() {
-                request.path.clone()
-            } else {
-                format!("{}?{}", request.path, request.query)
-            };
-            let outcome = match &result {
-                Ok(()) => String::new(),
-                Err(e) => format!(" (write failed: {e})"),
-            };
-            log!(
-                "{peer_ip} {} {} {status} {}ms{outcome}",
-                request.method,
-                clip(&target, 200),
-                started.elapsed().as_millis()
-            );
+            log_request(peer_ip, &request, status, started, &result);
         }
         if result.is_err() || !keep_alive {
             return;
         }
     }
+}
+
+/// One access-log line.
+fn log_request(
+    peer: IpAddr,
+    request: &Request,
+    status: u16,
+    started: Instant,
+    result: &io::Result<()>,
+) {
+    let target = if request.query.is_empty() {
+        request.path.clone()
+    } else {
+        format!("{}?{}", request.path, request.query)
+    };
+    let outcome = match result {
+        Ok(()) => String::new(),
+        Err(e) => format!(" (write failed: {e})"),
+    };
+    log!(
+        "{peer} {} {} {status} {}ms{outcome}",
+        request.method,
+        clip(&target, 200),
+        started.elapsed().as_millis()
+    );
 }
 
 /// Closes after an early error reply without destroying it: closing a socket that still has

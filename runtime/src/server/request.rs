@@ -4,7 +4,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use super::Conn;
@@ -70,20 +70,47 @@ pub(super) fn wants_keep_alive(request: &Request) -> bool {
     }
 }
 
-/// Reads until `buf` holds a complete head, then the body; leaves pipelined bytes in `buf`.
+/// True when `buf` holds all a request parser needs without reading more: a complete head and
+/// body, or enough to refuse it (a malformed or oversize head, a chunked or oversize body).
+/// A request that announces `Expect: 100-continue` and has no body yet is not complete.
+pub(super) fn complete(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return buf.len() >= MAX_HEAD,
+        Err(_) => return true,
+    };
+    let length = parsed
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| {
+            std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        });
+    match length {
+        None => true,
+        Some(None) => true,
+        Some(Some(n)) => n > MAX_BODY || buf.len() - head >= n,
+    }
+}
+
+/// Reads until `pending` holds a complete head, then the body; leaves pipelined bytes there.
 pub(super) fn read_request(
     stream: &mut impl Conn,
-    buf: &mut Vec<u8>,
+    pending: &mut Pending,
     deadline: Instant,
     peer: IpAddr,
     local: SocketAddr,
     channel: Channel,
 ) -> Result<Request, Stop> {
     let head_len = loop {
-        if !buf.is_empty() {
+        if !pending.buf.is_empty() {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut parsed = httparse::Request::new(&mut headers);
-            match parsed.parse(buf) {
+            match parsed.parse(&pending.buf) {
                 Ok(httparse::Status::Complete(n)) => break n,
                 Ok(httparse::Status::Partial) => {}
                 Err(httparse::Error::TooManyHeaders) => {
@@ -94,17 +121,17 @@ pub(super) fn read_request(
                 }
                 Err(e) => return Err(Stop::Reply(400, format!("malformed HTTP request: {e}"))),
             }
-            if buf.len() >= MAX_HEAD {
+            if pending.buf.len() >= MAX_HEAD {
                 return Err(Stop::Reply(
                     431,
                     format!("request head larger than {MAX_HEAD} bytes"),
                 ));
             }
         }
-        match read_some(stream, buf, deadline, MAX_HEAD) {
+        match read_some(stream, pending, deadline, MAX_HEAD) {
             Ok(0) => return Err(Stop::Quiet),
             Ok(_) => {}
-            Err(e) if is_timeout(&e) && !buf.is_empty() => {
+            Err(e) if is_timeout(&e) && !pending.buf.is_empty() => {
                 return Err(Stop::Reply(408, "request not received in time".into()))
             }
             Err(_) => return Err(Stop::Quiet),
@@ -113,7 +140,10 @@ pub(super) fn read_request(
 
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut parsed = httparse::Request::new(&mut headers);
-    if !matches!(parsed.parse(buf), Ok(httparse::Status::Complete(_))) {
+    if !matches!(
+        parsed.parse(&pending.buf),
+        Ok(httparse::Status::Complete(_))
+    ) {
         return Err(Stop::Reply(400, "malformed HTTP request".into()));
     }
     let method = parsed.method.unwrap_or("").to_string();
@@ -134,7 +164,7 @@ pub(super) fn read_request(
         ":version".to_string(),
         if version == 0 { "1.0" } else { "1.1" }.to_string(),
     ));
-    buf.drain(..head_len);
+    pending.buf.drain(..head_len);
 
     let mut request = Request {
         method,
@@ -164,15 +194,15 @@ pub(super) fn read_request(
             format!("request body of {length} bytes is over the limit of {MAX_BODY} bytes"),
         ));
     }
-    if length > buf.len()
+    if length > pending.buf.len()
         && request
             .header("expect")
             .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
     {
         let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
-    while buf.len() < length {
-        match read_some(stream, buf, deadline, MAX_BODY + MAX_HEAD) {
+    while pending.buf.len() < length {
+        match read_some(stream, pending, deadline, MAX_BODY + MAX_HEAD) {
             Ok(0) => return Err(Stop::Quiet),
             Ok(_) => {}
             Err(e) if is_timeout(&e) => {
@@ -181,7 +211,7 @@ pub(super) fn read_request(
             Err(_) => return Err(Stop::Quiet),
         }
     }
-    request.body = buf.drain(..length).collect();
+    request.body = pending.buf.drain(..length).collect();
     Ok(request)
 }
 
@@ -192,28 +222,45 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-/// One `read` bounded by what is left until `deadline`.
+/// What a connection keeps between reads: bytes not parsed yet (a pipelined request), and the
+/// socket's read timeout as last set.
+#[derive(Default)]
+pub(super) struct Pending {
+    pub buf: Vec<u8>,
+    timeout: Option<Duration>,
+}
+
+/// One `read` bounded by what is left until `deadline`. The socket's timeout is set only when
+/// it would let the read run more than [`SLACK`] past the deadline, so a keep-alive request
+/// costs no `setsockopt`; a read that times out early is simply repeated.
 fn read_some(
     stream: &mut impl Conn,
-    buf: &mut Vec<u8>,
+    pending: &mut Pending,
     deadline: Instant,
     cap: usize,
 ) -> io::Result<usize> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::ErrorKind::TimedOut.into());
-    }
-    stream.set_read_timeout(Some(left))?;
     let mut chunk = [0u8; 8192];
-    let room = cap.saturating_sub(buf.len()).clamp(1, chunk.len());
+    let room = cap.saturating_sub(pending.buf.len()).clamp(1, chunk.len());
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        if pending.timeout.is_none_or(|t| t > left + SLACK) {
+            stream.set_read_timeout(Some(left))?;
+            pending.timeout = Some(left);
+        }
         match stream.read(&mut chunk[..room]) {
             Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
+                pending.buf.extend_from_slice(&chunk[..n]);
                 return Ok(n);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_timeout(&e) => pending.timeout = None,
             Err(e) => return Err(e),
         }
     }
 }
+
+/// How far past its deadline a read may block.
+const SLACK: Duration = Duration::from_millis(50);

@@ -81,12 +81,8 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-pub(super) fn write_response(
-    stream: &mut impl Conn,
-    response: Response,
-    keep_alive: bool,
-    head_only: bool,
-) -> io::Result<()> {
+/// The head of `response` on the wire.
+fn head(response: &Response, keep_alive: bool) -> Vec<u8> {
     let mut head = format!(
         "HTTP/1.1 {} {}\r\nServer: pxelab\r\n",
         response.status,
@@ -104,17 +100,38 @@ pub(super) fn write_response(
     } else {
         "Connection: close\r\n\r\n"
     });
-    let mut out = head.into_bytes();
+    head.into_bytes()
+}
+
+/// A reply with an in-memory body as the bytes to send; a file reply is given back.
+pub(super) fn encode(
+    response: Response,
+    keep_alive: bool,
+    head_only: bool,
+) -> Result<Vec<u8>, Response> {
+    let mut out = head(&response, keep_alive);
     match response.body {
         Body::Bytes(bytes) => {
             if !head_only {
                 out.extend_from_slice(&bytes);
             }
-            stream.write_all(&out)?;
+            Ok(out)
         }
-        Body::File { file, start, len } => {
-            stream.write_all(&out)?;
-            if !head_only {
+        Body::File { .. } => Err(response),
+    }
+}
+
+pub(super) fn write_response(
+    stream: &mut impl Conn,
+    response: Response,
+    keep_alive: bool,
+    head_only: bool,
+) -> io::Result<()> {
+    match encode(response, keep_alive, head_only) {
+        Ok(bytes) => stream.write_all(&bytes)?,
+        Err(response) => {
+            stream.write_all(&head(&response, keep_alive))?;
+            if let (false, Body::File { file, start, len }) = (head_only, response.body) {
                 let timeout = stream.write_timeout()?.unwrap_or(Duration::from_secs(30));
                 stream.set_nonblocking(true)?;
                 let sent = send_file(stream, &file, start, len, timeout);

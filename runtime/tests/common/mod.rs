@@ -13,7 +13,8 @@ use std::{
 
 use pxelab_runtime::{
     events::EventStore,
-    handler::Context,
+    handler::{watch_stores, Context},
+    images::Catalog,
     server::{Server, ServerOptions},
     vms::VmStore,
 };
@@ -76,15 +77,17 @@ impl Stack {
     }
 
     pub fn context(root: &Path, ip_check: bool) -> Context {
+        let vms = Arc::new(VmStore::new(root.join("vms")));
+        let catalog = Arc::new(Catalog::new(root.join("images"), root.join("initrds")));
         Context {
-            vms: Arc::new(VmStore::new(root.join("vms"))),
-            events: Arc::new(EventStore::new(root.join("state"))),
-            images_dir: root.join("images"),
-            initrds_dir: root.join("initrds"),
+            watch: Some(watch_stores(&vms, &catalog).expect("inotify")),
+            vms,
+            events: Arc::new(EventStore::open(&root.join("state")).unwrap()),
+            catalog: catalog.clone(),
             advertise: Some("10.0.0.1".into()),
             ip_check,
             domain: "pxelab.local".into(),
-            nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(root.join("images"))),
+            nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(catalog.clone())),
         }
     }
 
@@ -107,6 +110,17 @@ impl Stack {
         self.control = Some(Server::start_unix(unix, self.addr, context, options).unwrap());
     }
 
+    /// A stop and start of the stack as [`Stack::new`] runs it (same directories, new port).
+    pub fn restart(&mut self) {
+        self.start(
+            ServerOptions {
+                access_log: false,
+                ..ServerOptions::default()
+            },
+            true,
+        );
+    }
+
     pub fn control_path(&self) -> PathBuf {
         self.root()
             .join("state")
@@ -115,22 +129,18 @@ impl Stack {
 
     /// `method target` over the control socket.
     pub fn control(&self, method: &str, target: &str) -> Reply {
-        let mut s = UnixStream::connect(self.control_path()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "{method} {target} HTTP/1.1\r\nHost: stack\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).unwrap();
-        parse_reply(&out).unwrap_or_else(|| panic!("no HTTP reply to {method} {target}: {out:?}"))
+        control(&self.control_path(), method, target)
     }
 
     pub fn get(&self, target: &str) -> Reply {
         self.raw(&format!(
             "GET {target} HTTP/1.1\r\nHost: pxe.test\r\nConnection: close\r\n\r\n"
         ))
+    }
+
+    /// The text of `/ipxe` for the test VM `t1`.
+    pub fn ipxe(&self) -> String {
+        self.get(&format!("/ipxe?mac={MAC}")).text()
     }
 
     pub fn send(&self, method: &str, target: &str, body: &[u8]) -> Reply {
@@ -216,6 +226,20 @@ impl Reply {
             "not one line: {t:?}"
         );
     }
+}
+
+/// `method target` (no body) over the control socket at `socket`.
+pub fn control(socket: &Path, method: &str, target: &str) -> Reply {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {target} HTTP/1.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    parse_reply(&out).unwrap_or_else(|| panic!("no HTTP reply to {method} {target}: {out:?}"))
 }
 
 /// Sends `request` on a fresh connection and reads the reply until the server closes it.

@@ -1,10 +1,10 @@
 //! `cargo xtask bench`: the numbers that say whether pxelab is fast and small, measured as whole
 //! operations and, wherever a peer exists, side by side with that peer in the same run.
 //!
-//! Four independent figure groups (`--only` picks one): `pipeline` (build-stack cold and warm,
+//! Five independent figure groups (`--only` picks one): `pipeline` (build-stack cold and warm,
 //! distro pull warm, artifact sizes), `http` (boot handler vs nginx under wrk), `provision` (the
-//! lab under QEMU, one target and four at once) and `install` (the installer on a loop device vs
-//! `curl | zstd -d | tar -x`). Every timing is the median of several runs with min and max
+//! lab under QEMU, one target and four at once), `install` (the installer on a loop device vs
+//! `curl | zstd -d | tar -x`) and `storm` (`/ipxe` for thousands of machines vs nginx). Every timing is the median of several runs with min and max
 //! beside it, because these machines are noisy. A group that fails is recorded with its reason
 //! and the others still run; a rerun of one group keeps the other groups' last results.
 //!
@@ -18,6 +18,7 @@ mod install;
 mod pipeline;
 mod provision;
 mod report;
+mod storm;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -48,14 +49,16 @@ pub enum Figure {
     Http,
     Provision,
     Install,
+    Storm,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 4] = [
+    pub const ALL: [Figure; 5] = [
         Figure::Pipeline,
         Figure::Http,
         Figure::Provision,
         Figure::Install,
+        Figure::Storm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +67,7 @@ impl Figure {
             Figure::Http => "http",
             Figure::Provision => "provision",
             Figure::Install => "install",
+            Figure::Storm => "storm",
         }
     }
 
@@ -73,6 +77,7 @@ impl Figure {
             Figure::Http => "Boot handler vs nginx (loopback, wrk)",
             Figure::Provision => "Provisioning under QEMU (lab up)",
             Figure::Install => "Installer streaming onto a loop device",
+            Figure::Storm => "Boot storm: /ipxe for 1,000 and 10,000 machines vs nginx",
         }
     }
 }
@@ -98,6 +103,7 @@ pub fn run(args: Args) -> Result<()> {
             Figure::Http => http::run(&mut ctx, &mut group),
             Figure::Provision => provision::run(&mut ctx, &mut group),
             Figure::Install => install::run(&mut ctx, &mut group),
+            Figure::Storm => storm::run(&mut ctx, &mut group),
         };
         group.elapsed_s = started.elapsed().as_secs_f64();
         if let Err(e) = outcome {

@@ -1,0 +1,347 @@
+//! Figure: a boot storm. A room of machines powers on at once and every one asks
+//! `/ipxe?mac=<its MAC>`; the boot handler (`pxelab-stack --no-dnsmasq`) answers each with its
+//! install script and records the boot, against nginx serving the same bytes as a static file,
+//! both driven by `wrk` in the same run, runs interleaved.
+//!
+//! - 1,000 and 10,000 defined machines; wrk's Lua script rotates the MAC of every request over
+//!   all of them (each wrk thread from its own offset), so no lookup is the previous one.
+//! - 16 and 64 connections: requests/s, p50 and p99 latency.
+//! - nginx answers every request with machine 0's script (every script has the same length: the
+//!   names and MACs are fixed-width), with `open_file_cache` off as shipped.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use pxelab_contract::VmDefinition;
+use xshell::{cmd, Shell};
+
+use super::guards::Server;
+use super::report::{Better, Group, Row};
+use super::{free_port, Ctx};
+use crate::hostdeps::{HostDep, Probe};
+use crate::process;
+
+const SIZES: [usize; 2] = [1_000, 10_000];
+const CLIENTS: [u32; 2] = [16, 64];
+
+/// Rotates the MAC over `MACHINES` machines; prints one line of exact counts at the end.
+const WRK_SCRIPT: &str = r#"local n = tonumber(os.getenv("MACHINES"))
+local counter = 0
+local threads = 0
+setup = function(thread) thread:set("offset", threads * 7919); threads = threads + 1 end
+init = function(args) counter = offset end
+request = function()
+  counter = counter + 1
+  local i = counter % n
+  return wrk.format("GET", string.format("/ipxe?mac=52:54:10:%02x:%02x:%02x",
+    math.floor(i / 65536) % 256, math.floor(i / 256) % 256, i % 256))
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("pxelab-wrk requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d\n",
+    summary.requests, summary.duration, latency:percentile(50.0), latency:percentile(99.0),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"#;
+
+pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
+    crate::hostdeps::ensure(&[
+        HostDep {
+            probe: Probe::Bin("wrk"),
+            package: "wrk",
+        },
+        HostDep {
+            probe: Probe::Bin("nginx"),
+            package: "nginx-light",
+        },
+    ])?;
+    let stack_bin = ctx.stack_dir()?.join("pxelab-stack");
+    let dir = ctx.scratch("storm")?;
+    // nginx's workers run as nobody: they must be able to reach the served file.
+    for d in [dir.parent(), Some(dir.as_path())].into_iter().flatten() {
+        chmod(d, 0o755)?;
+    }
+    let sh = Shell::new()?;
+    let script = dir.join("storm.lua");
+    std::fs::write(&script, WRK_SCRIPT)?;
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    chmod(&www, 0o755)?;
+
+    let nginx_port = free_port()?;
+    let conf = write_nginx_conf(&dir, nginx_port)?;
+    let prefix = dir.join("nginx");
+    let error_log = prefix.join("error.log");
+    let mut nginx = Server::spawn(
+        "nginx",
+        &mut process::command(cmd!(sh, "nginx -p {prefix} -c {conf} -e {error_log}")),
+        &dir.join("nginx.log"),
+    )?;
+    let nginx_base = format!("http://127.0.0.1:{nginx_port}");
+    // `nginx -v` prints to stderr.
+    let peer = process::output(cmd!(sh, "nginx -v"))
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .and_then(|v| {
+            v.rsplit('/')
+                .next()
+                .filter(|v| !v.is_empty())
+                .map(|v| format!("nginx {v}"))
+        })
+        .unwrap_or_else(|| "nginx".into());
+    group.fact("peer", &peer);
+    group.fact(
+        "setup",
+        "both on 127.0.0.1, access logs off; nginx worker_processes auto; wrk -t 2 on the same \
+         2-core machine as the servers; ours records an ipxe event per request (state kept, \
+         timeline appended, the first boot of each machine made durable before its reply)",
+    );
+    let runs = ctx.runs(3, 1);
+    let secs = if ctx.quick { 2 } else { 5 };
+    group.fact(
+        "runs",
+        format!("{runs} × {secs} s per server, size and connection count, interleaved"),
+    );
+
+    for machines in SIZES {
+        let data = dir.join(format!("data-{machines}"));
+        write_fixture(&data, machines)?;
+        let port = free_port()?;
+        let listen = format!("127.0.0.1:{port}");
+        let mut ours = Server::spawn(
+            "pxelab-stack",
+            &mut process::command(cmd!(
+                sh,
+                "{stack_bin} --data-dir {data} --no-dnsmasq --no-nfs --no-access-log --no-ip-check --listen {listen}"
+            )),
+            &dir.join(format!("pxelab-stack-{machines}.log")),
+        )?;
+        let ours_base = format!("http://{listen}");
+        ours.wait_ready(&format!("{ours_base}/healthz"))?;
+        let first = format!("/ipxe?mac={}", mac(0));
+        let reply = ours.wait_ready(&format!("{ours_base}{first}"))?;
+        ensure!(
+            reply.starts_with(b"#!ipxe"),
+            "/ipxe did not answer an iPXE script: {}",
+            String::from_utf8_lossy(&reply)
+        );
+        std::fs::write(www.join("ipxe.txt"), &reply)?;
+        let same = nginx.wait_ready(&format!("{nginx_base}{first}"))?;
+        ensure!(
+            same == reply,
+            "nginx does not serve the boot handler's script"
+        );
+
+        for clients in CLIENTS {
+            let label = format!("{machines} machines, {clients} connections");
+            let mut samples: BTreeMap<bool, Vec<Wrk>> = BTreeMap::new();
+            for i in 0..runs {
+                ctx.ui
+                    .println(format!("bench storm: {label}, run {}/{runs}", i + 1));
+                // Alternate who goes first: a machine slowing down over the run hurts both alike.
+                for mine in [i % 2 == 0, i % 2 != 0] {
+                    let (server, base) = if mine {
+                        (&mut ours, &ours_base)
+                    } else {
+                        (&mut nginx, &nginx_base)
+                    };
+                    let r = wrk(&sh, &script, base, machines, clients, secs)
+                        .with_context(|| format!("wrk against {} ({label})", server.name))?;
+                    server.check_alive()?;
+                    samples.entry(mine).or_default().push(r);
+                }
+            }
+            let (us, them) = (&samples[&true], &samples[&false]);
+            let errors = |v: &[Wrk]| v.iter().map(|r| r.errors).sum::<u64>();
+            let err_note = format!("errors: ours {}, nginx {}", errors(us), errors(them));
+            let rps = |v: &[Wrk]| v.iter().map(Wrk::rps).collect::<Vec<_>>();
+            let ms = |v: &[Wrk], f: fn(&Wrk) -> u64| {
+                v.iter().map(|r| f(r) as f64 / 1000.0).collect::<Vec<_>>()
+            };
+            group.push(
+                &ctx.ui,
+                Row::new(
+                    format!("{label}: requests/s"),
+                    "req/s",
+                    Better::Higher,
+                    rps(us),
+                )
+                .peer(&peer, rps(them))
+                .note(&err_note),
+            );
+            for (what, f) in [("p50", Wrk::p50 as fn(&Wrk) -> u64), ("p99", Wrk::p99)] {
+                group.push(
+                    &ctx.ui,
+                    Row::new(
+                        format!("{label}: {what} latency"),
+                        "ms",
+                        Better::Lower,
+                        ms(us, f),
+                    )
+                    .peer(&peer, ms(them, f)),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Machine `i`'s MAC, as the Lua script spells it.
+fn mac(i: usize) -> String {
+    format!(
+        "52:54:10:{:02x}:{:02x}:{:02x}",
+        (i >> 16) & 255,
+        (i >> 8) & 255,
+        i & 255
+    )
+}
+
+/// One wrk run's summary.
+struct Wrk {
+    requests: u64,
+    duration_us: u64,
+    p50_us: u64,
+    p99_us: u64,
+    errors: u64,
+}
+
+impl Wrk {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / (self.duration_us.max(1) as f64 / 1e6)
+    }
+    fn p50(&self) -> u64 {
+        self.p50_us
+    }
+    fn p99(&self) -> u64 {
+        self.p99_us
+    }
+}
+
+fn wrk(
+    sh: &Shell,
+    script: &Path,
+    base: &str,
+    machines: usize,
+    clients: u32,
+    secs: u32,
+) -> Result<Wrk> {
+    let (threads, clients, duration) = (
+        clients.min(2).to_string(),
+        clients.to_string(),
+        format!("{secs}s"),
+    );
+    let out = process::read(
+        cmd!(
+            sh,
+            "wrk -t {threads} -c {clients} -d {duration} --timeout 60s -s {script} {base}/"
+        )
+        .env("MACHINES", machines.to_string()),
+    )?;
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("pxelab-wrk "))
+        .with_context(|| format!("wrk printed no summary line:\n{out}"))?;
+    let kv: BTreeMap<&str, u64> = line
+        .split_whitespace()
+        .filter_map(|w| {
+            w.split_once('=')
+                .and_then(|(k, v)| Some((k, v.parse().ok()?)))
+        })
+        .collect();
+    let get = |k: &str| {
+        kv.get(k)
+            .copied()
+            .with_context(|| format!("wrk summary has no {k}: {line}"))
+    };
+    let r = Wrk {
+        requests: get("requests")?,
+        duration_us: get("duration_us")?,
+        p50_us: get("p50_us")?,
+        p99_us: get("p99_us")?,
+        errors: get("errors")?,
+    };
+    ensure!(r.requests > 0, "wrk got no answer from {base} in {secs} s");
+    Ok(r)
+}
+
+/// `machines` VM definitions (fixed-width names and MACs) and small stand-ins for the files an
+/// install script names (nothing boots them here).
+fn write_fixture(data: &Path, machines: usize) -> Result<()> {
+    let images = data.join("images/storm/x86_64");
+    for d in [
+        data.join("vms"),
+        images.clone(),
+        data.join("initrds/x86_64"),
+        data.join("state"),
+    ] {
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    for i in 0..machines {
+        let json = format!(
+            r#"{{"name":"m{i:06}","arch":"x86_64","distro":"storm","mac":"{}"}}"#,
+            mac(i)
+        );
+        let vm = VmDefinition::from_json(&json).map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::fs::write(data.join(format!("vms/{}.json", vm.name)), vm.to_json())?;
+    }
+    std::fs::write(images.join("vmlinuz"), b"stand-in kernel\n")?;
+    std::fs::write(images.join("modules.cpio.zst"), b"stand-in modules\n")?;
+    std::fs::write(data.join("initrds/x86_64/initrd.img"), b"stand-in initrd\n")?;
+    Ok(())
+}
+
+fn write_nginx_conf(dir: &Path, port: u16) -> Result<std::path::PathBuf> {
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(&prefix)?;
+    let p = prefix.display();
+    let conf = format!(
+        "# Written by `cargo xtask bench`: a throw-away nginx on loopback, no system service.\n\
+         daemon off;\n\
+         worker_processes auto;\n\
+         pid {p}/nginx.pid;\n\
+         error_log {p}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n\
+         \x20 access_log off;\n\
+         \x20 sendfile on;\n\
+         \x20 tcp_nopush on;\n\
+         \x20 keepalive_requests 1000000;\n\
+         \x20 client_body_temp_path {p}/client_body;\n\
+         \x20 proxy_temp_path {p}/proxy;\n\
+         \x20 fastcgi_temp_path {p}/fastcgi;\n\
+         \x20 uwsgi_temp_path {p}/uwsgi;\n\
+         \x20 scgi_temp_path {p}/scgi;\n\
+         \x20 server {{\n\
+         \x20   listen 127.0.0.1:{port};\n\
+         \x20   location = /ipxe {{ default_type \"text/plain; charset=utf-8\"; alias {www}/ipxe.txt; }}\n\
+         \x20 }}\n\
+         }}\n",
+        www = dir.join("www").display(),
+    );
+    let path = prefix.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    Ok(path)
+}
+
+fn chmod(p: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_fixed_width_and_match_the_lua_rotation() {
+        assert_eq!(mac(0), "52:54:10:00:00:00");
+        assert_eq!(mac(9_999), "52:54:10:00:27:0f");
+        assert!(WRK_SCRIPT.contains("/ipxe?mac=52:54:10:%02x:%02x:%02x"));
+        let dir = tempfile::tempdir().unwrap();
+        write_fixture(dir.path(), 3).unwrap();
+        let vm = std::fs::read_to_string(dir.path().join("vms/m000002.json")).unwrap();
+        assert!(vm.contains(&mac(2)), "{vm}");
+    }
+}
