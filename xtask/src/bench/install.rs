@@ -245,9 +245,6 @@ fn install_once(
         disk: Some(disk.dev.clone()),
         boot: BootMode::Install,
     };
-    for f in [format!("{NAME}.state"), format!("{NAME}.timeline.jsonl")] {
-        let _ = std::fs::remove_file(data.join("state").join(f));
-    }
     std::fs::write(data.join(format!("vms/{NAME}.noreboot")), b"")?;
     crate::store::write_atomic(
         &data.join(format!("vms/{NAME}.json")),
@@ -270,6 +267,17 @@ fn install_once(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The stack owns install state: ask it to forget the previous run's `installed`.
+    let control = data.join("state").join(pxelab_contract::CONTROL_SOCKET);
+    let reset = format!("/vms/{NAME}/reprovision");
+    match crate::lab::stack::request(&control, "POST", &reset)? {
+        (200, _) => {}
+        (code, body) => bail!(
+            "POST {reset} on {} answered {code}: {}",
+            control.display(),
+            body.trim()
+        ),
+    }
     let log = dir.join(format!("installer-{i}.log"));
     let out = std::fs::File::create(&log)?;
     let sh = process::shell()?;
@@ -283,12 +291,20 @@ fn install_once(
         .status()
         .with_context(|| format!("running {}", installer.display()))?;
     handler.check_alive()?;
-    let (code, body) = http_get(&format!("{base}/vms/{NAME}/timeline"))?;
+    let (code, body) =
+        crate::lab::stack::request(&control, "GET", &format!("/vms/{NAME}/timeline"))?;
     if code != 200 {
         bail!("GET /vms/{NAME}/timeline answered {code}");
     }
-    let timeline: Vec<TimelineEntry> =
-        serde_json::from_slice(&body).context("parsing the install's timeline")?;
+    let mut timeline: Vec<TimelineEntry> =
+        serde_json::from_str(&body).context("parsing the install's timeline")?;
+    // This run's events: everything after the reset above.
+    if let Some(reset) = timeline
+        .iter()
+        .rposition(|e| e.event.phase == Phase::Reprovision)
+    {
+        timeline.drain(..=reset);
+    }
     if status.success() {
         return Ok((timeline, None));
     }

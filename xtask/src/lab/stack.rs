@@ -293,7 +293,9 @@ pub fn reprovision(lab: &Lab, vm: &str) -> Result<VmStatus> {
     }
 }
 
-fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
+/// One request without a body on the control socket `socket` of any stack (the lab's, or one a
+/// bench or test runs on its own data directory): (status, body).
+pub fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String)> {
     let what = || format!("{method} {path} on {}", socket.display());
     let mut stream = UnixStream::connect(socket).with_context(what)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
