@@ -11,7 +11,6 @@
 //! Both servers run unprivileged-style from a temp dir (nginx with its own config, pid file and
 //! logs there, no system service), on free loopback ports, with access logs off.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
@@ -20,6 +19,7 @@ use xshell::cmd;
 
 use super::guards::Server;
 use super::report::{Better, Group, Row};
+use super::wrk::{self, Wrk, REPORT_LUA};
 use super::{free_port, mib, Ctx};
 use crate::hostdeps::{HostDep, Probe};
 use crate::process;
@@ -27,15 +27,6 @@ use crate::process;
 const MAC: &str = "52:54:00:be:4c:01";
 const FILE_SIZE: u64 = 256 << 20;
 const FILE_PATH: &str = "/images/bench/x86_64/file-256m.bin";
-
-/// wrk reports through this: one line of key=value pairs, exact counts instead of rounded text.
-const WRK_SCRIPT: &str = r#"done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("pxelab-wrk requests=%d bytes=%d duration_us=%d p99_us=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
-    summary.requests, summary.bytes, summary.duration, latency:percentile(99.0),
-    e.connect, e.read, e.write, e.status, e.timeout))
-end
-"#;
 
 pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     crate::hostdeps::ensure(&[
@@ -101,9 +92,9 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         same == chain,
         "nginx does not serve the same /boot.ipxe script as the boot handler"
     );
-    let peer = nginx_version();
+    let peer = wrk::nginx_version();
     group.fact("peer", &peer);
-    group.fact("wrk", wrk_version());
+    group.fact("wrk", wrk::wrk_version());
     group.fact(
         "setup",
         "both on 127.0.0.1 with access logs off; nginx worker_processes auto, sendfile on; \
@@ -208,60 +199,13 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     Ok(())
 }
 
-/// One wrk run's summary.
-struct Wrk {
-    requests: u64,
-    bytes: u64,
-    duration_us: u64,
-    p99_us: u64,
-    errors: u64,
-}
-
-impl Wrk {
-    fn secs(&self) -> f64 {
-        self.duration_us.max(1) as f64 / 1e6
-    }
-}
-
+/// `url` under wrk with the plain reporter.
 fn wrk(dir: &Path, url: &str, clients: u32, secs: u32) -> Result<Wrk> {
     let script = dir.join("report.lua");
     if !script.exists() {
-        std::fs::write(&script, WRK_SCRIPT)?;
+        std::fs::write(&script, REPORT_LUA)?;
     }
-    let threads = clients.min(2).to_string();
-    let clients = clients.to_string();
-    let duration = format!("{secs}s");
-    let sh = process::shell()?;
-    let out = process::output(cmd!(
-        sh,
-        "wrk -t {threads} -c {clients} -d {duration} --timeout 60s -s {script} {url}"
-    ))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("pxelab-wrk "))
-        .with_context(|| format!("wrk printed no summary line:\n{stdout}"))?;
-    let kv: BTreeMap<&str, u64> = line
-        .split_whitespace()
-        .filter_map(|w| {
-            w.split_once('=')
-                .and_then(|(k, v)| Some((k, v.parse().ok()?)))
-        })
-        .collect();
-    let get = |k: &str| {
-        kv.get(k)
-            .copied()
-            .with_context(|| format!("wrk summary has no {k}: {line}"))
-    };
-    let r = Wrk {
-        requests: get("requests")?,
-        bytes: get("bytes")?,
-        duration_us: get("duration_us")?,
-        p99_us: get("p99_us")?,
-        errors: get("connect")? + get("read")? + get("write")? + get("status")? + get("timeout")?,
-    };
-    ensure!(r.bytes > 0, "wrk read nothing from {url} in {secs} s");
-    Ok(r)
+    wrk::run(&process::shell()?, &script, url, clients, secs, &[])
 }
 
 /// The handler's data dir: one VM, the files its install script needs to exist (small stand-ins:
@@ -331,85 +275,22 @@ fn write_pseudo_random(path: &Path, size: u64) -> Result<()> {
 }
 
 fn write_nginx_conf(dir: &Path, data: &Path, port: u16) -> Result<std::path::PathBuf> {
-    let prefix = dir.join("nginx");
-    std::fs::create_dir_all(&prefix)?;
-    let p = prefix.display();
-    let conf = format!(
-        "# Written by `cargo xtask bench`: a throw-away nginx on loopback, no system service.\n\
-         daemon off;\n\
-         worker_processes auto;\n\
-         pid {p}/nginx.pid;\n\
-         error_log {p}/error.log warn;\n\
-         events {{ worker_connections 1024; }}\n\
-         http {{\n\
-         \x20 access_log off;\n\
-         \x20 sendfile on;\n\
-         \x20 tcp_nopush on;\n\
-         \x20 keepalive_requests 1000000;\n\
-         \x20 client_body_temp_path {p}/client_body;\n\
-         \x20 proxy_temp_path {p}/proxy;\n\
-         \x20 fastcgi_temp_path {p}/fastcgi;\n\
-         \x20 uwsgi_temp_path {p}/uwsgi;\n\
-         \x20 scgi_temp_path {p}/scgi;\n\
-         \x20 default_type application/octet-stream;\n\
-         \x20 server {{\n\
-         \x20   listen 127.0.0.1:{port};\n\
-         \x20   location = /ipxe {{ default_type \"text/plain; charset=utf-8\"; alias {www}/ipxe.txt; }}\n\
-         \x20   location = /boot.ipxe {{ default_type \"text/plain; charset=utf-8\"; alias {www}/boot.ipxe.txt; }}\n\
-         \x20   location /images/ {{ root {data}; }}\n\
-         \x20 }}\n\
-         }}\n",
-        www = dir.join("www").display(),
-        data = data.display(),
-    );
-    let path = prefix.join("nginx.conf");
-    std::fs::write(&path, conf)?;
-    Ok(path)
+    let www = dir.join("www");
+    wrk::nginx_conf(
+        dir,
+        port,
+        &format!(
+            "\x20   location = /ipxe {{ default_type \"text/plain; charset=utf-8\"; alias {www}/ipxe.txt; }}\n\
+             \x20   location = /boot.ipxe {{ default_type \"text/plain; charset=utf-8\"; alias {www}/boot.ipxe.txt; }}\n\
+             \x20   location /images/ {{ root {data}; }}\n",
+            www = www.display(),
+            data = data.display()
+        ),
+    )
 }
 
 fn chmod_755(p: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("chmod 755 {}", p.display()))
-}
-
-/// The output of a `--version`-like command, whatever its exit status (`wrk --version` exits 1).
-fn version_output(program: &str, flag: &str) -> Result<std::process::Output> {
-    let sh = process::shell()?;
-    Ok(cmd!(sh, "{program} {flag}")
-        .quiet()
-        .ignore_status()
-        .output()?)
-}
-
-fn nginx_version() -> String {
-    let out = version_output("nginx", "-v");
-    let text = out
-        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-        .unwrap_or_default();
-    text.trim()
-        .rsplit('/')
-        .next()
-        .filter(|v| !v.is_empty())
-        .map(|v| format!("nginx {v}"))
-        .unwrap_or_else(|| "nginx".into())
-}
-
-fn wrk_version() -> String {
-    let out = version_output("wrk", "--version");
-    let text = out
-        .map(|o| {
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        })
-        .unwrap_or_default();
-    text.split_whitespace()
-        .nth(1)
-        .unwrap_or("unknown")
-        .to_string()
+    wrk::chmod(p, 0o755)
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ mod pipeline;
 mod provision;
 mod report;
 mod storm;
+mod wrk;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

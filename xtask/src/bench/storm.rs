@@ -18,6 +18,7 @@ use xshell::{cmd, Shell};
 
 use super::guards::Server;
 use super::report::{Better, Group, Row};
+use super::wrk::{self, Wrk};
 use super::{free_port, Ctx};
 use crate::hostdeps::{HostDep, Probe};
 use crate::process;
@@ -25,7 +26,7 @@ use crate::process;
 const SIZES: [usize; 2] = [1_000, 10_000];
 const CLIENTS: [u32; 2] = [16, 64];
 
-/// Rotates the MAC over `MACHINES` machines; prints one line of exact counts at the end.
+/// Rotates the MAC over `MACHINES` machines ([`wrk::REPORT_LUA`] follows it).
 const WRK_SCRIPT: &str = r#"local n = tonumber(os.getenv("MACHINES"))
 local counter = 0
 local threads = 0
@@ -36,12 +37,6 @@ request = function()
   local i = counter % n
   return wrk.format("GET", string.format("/ipxe?mac=52:54:10:%02x:%02x:%02x",
     math.floor(i / 65536) % 256, math.floor(i / 256) % 256, i % 256))
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("pxelab-wrk requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d\n",
-    summary.requests, summary.duration, latency:percentile(50.0), latency:percentile(99.0),
-    e.connect + e.read + e.write + e.status + e.timeout))
 end
 "#;
 
@@ -60,14 +55,14 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     let dir = ctx.scratch("storm")?;
     // nginx's workers run as nobody: they must be able to reach the served file.
     for d in [dir.parent(), Some(dir.as_path())].into_iter().flatten() {
-        chmod(d, 0o755)?;
+        wrk::chmod(d, 0o755)?;
     }
     let sh = Shell::new()?;
     let script = dir.join("storm.lua");
-    std::fs::write(&script, WRK_SCRIPT)?;
+    std::fs::write(&script, format!("{WRK_SCRIPT}{}", wrk::REPORT_LUA))?;
     let www = dir.join("www");
     std::fs::create_dir_all(&www)?;
-    chmod(&www, 0o755)?;
+    wrk::chmod(&www, 0o755)?;
 
     let nginx_port = free_port()?;
     let conf = write_nginx_conf(&dir, nginx_port)?;
@@ -170,7 +165,10 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
                 .peer(&peer, rps(them))
                 .note(&err_note),
             );
-            for (what, f) in [("p50", Wrk::p50 as fn(&Wrk) -> u64), ("p99", Wrk::p99)] {
+            for (what, f) in [
+                ("p50", (|w: &Wrk| w.p50_us) as fn(&Wrk) -> u64),
+                ("p99", |w: &Wrk| w.p99_us),
+            ] {
                 group.push(
                     &ctx.ui,
                     Row::new(
@@ -197,27 +195,6 @@ fn mac(i: usize) -> String {
     )
 }
 
-/// One wrk run's summary.
-struct Wrk {
-    requests: u64,
-    duration_us: u64,
-    p50_us: u64,
-    p99_us: u64,
-    errors: u64,
-}
-
-impl Wrk {
-    fn rps(&self) -> f64 {
-        self.requests as f64 / (self.duration_us.max(1) as f64 / 1e6)
-    }
-    fn p50(&self) -> u64 {
-        self.p50_us
-    }
-    fn p99(&self) -> u64 {
-        self.p99_us
-    }
-}
-
 fn wrk(
     sh: &Shell,
     script: &Path,
@@ -226,43 +203,14 @@ fn wrk(
     clients: u32,
     secs: u32,
 ) -> Result<Wrk> {
-    let (threads, clients, duration) = (
-        clients.min(2).to_string(),
-        clients.to_string(),
-        format!("{secs}s"),
-    );
-    let out = process::read(
-        cmd!(
-            sh,
-            "wrk -t {threads} -c {clients} -d {duration} --timeout 60s -s {script} {base}/"
-        )
-        .env("MACHINES", machines.to_string()),
-    )?;
-    let line = out
-        .lines()
-        .find_map(|l| l.strip_prefix("pxelab-wrk "))
-        .with_context(|| format!("wrk printed no summary line:\n{out}"))?;
-    let kv: BTreeMap<&str, u64> = line
-        .split_whitespace()
-        .filter_map(|w| {
-            w.split_once('=')
-                .and_then(|(k, v)| Some((k, v.parse().ok()?)))
-        })
-        .collect();
-    let get = |k: &str| {
-        kv.get(k)
-            .copied()
-            .with_context(|| format!("wrk summary has no {k}: {line}"))
-    };
-    let r = Wrk {
-        requests: get("requests")?,
-        duration_us: get("duration_us")?,
-        p50_us: get("p50_us")?,
-        p99_us: get("p99_us")?,
-        errors: get("errors")?,
-    };
-    ensure!(r.requests > 0, "wrk got no answer from {base} in {secs} s");
-    Ok(r)
+    wrk::run(
+        sh,
+        script,
+        &format!("{base}/"),
+        clients,
+        secs,
+        &[("MACHINES", machines.to_string())],
+    )
 }
 
 /// `machines` VM definitions (fixed-width names and MACs) and small stand-ins for the files an
@@ -292,42 +240,14 @@ fn write_fixture(data: &Path, machines: usize) -> Result<()> {
 }
 
 fn write_nginx_conf(dir: &Path, port: u16) -> Result<std::path::PathBuf> {
-    let prefix = dir.join("nginx");
-    std::fs::create_dir_all(&prefix)?;
-    let p = prefix.display();
-    let conf = format!(
-        "# Written by `cargo xtask bench`: a throw-away nginx on loopback, no system service.\n\
-         daemon off;\n\
-         worker_processes auto;\n\
-         pid {p}/nginx.pid;\n\
-         error_log {p}/error.log warn;\n\
-         events {{ worker_connections 1024; }}\n\
-         http {{\n\
-         \x20 access_log off;\n\
-         \x20 sendfile on;\n\
-         \x20 tcp_nopush on;\n\
-         \x20 keepalive_requests 1000000;\n\
-         \x20 client_body_temp_path {p}/client_body;\n\
-         \x20 proxy_temp_path {p}/proxy;\n\
-         \x20 fastcgi_temp_path {p}/fastcgi;\n\
-         \x20 uwsgi_temp_path {p}/uwsgi;\n\
-         \x20 scgi_temp_path {p}/scgi;\n\
-         \x20 server {{\n\
-         \x20   listen 127.0.0.1:{port};\n\
-         \x20   location = /ipxe {{ default_type \"text/plain; charset=utf-8\"; alias {www}/ipxe.txt; }}\n\
-         \x20 }}\n\
-         }}\n",
-        www = dir.join("www").display(),
-    );
-    let path = prefix.join("nginx.conf");
-    std::fs::write(&path, conf)?;
-    Ok(path)
-}
-
-fn chmod(p: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {mode:o} {}", p.display()))
+    wrk::nginx_conf(
+        dir,
+        port,
+        &format!(
+            "\x20   location = /ipxe {{ default_type \"text/plain; charset=utf-8\"; alias {}/ipxe.txt; }}\n",
+            dir.join("www").display()
+        ),
+    )
 }
 
 #[cfg(test)]
