@@ -67,7 +67,12 @@ pub(super) fn step(job: &Job, u: &UbuntuSource, pins: &[Pin]) -> Result<StepOutp
         };
         let sums = job.store.read(&pin("SHA256SUMS")?.sha256)?;
         let image = pin(image_name)?;
-        check_sums(&String::from_utf8_lossy(&sums), image_name, &image.sha256)?;
+        check_sums(
+            &String::from_utf8_lossy(&sums),
+            image_name,
+            &image.sha256,
+            &job.relock(),
+        )?;
         let scratch = out.parent().context("step output dir has a parent")?;
         let x = extract(
             &job.store.blob_path(&image.sha256),
@@ -83,8 +88,9 @@ pub(super) fn step(job: &Job, u: &UbuntuSource, pins: &[Pin]) -> Result<StepOutp
     })
 }
 
-/// The image's line in the release's `SHA256SUMS` must name `image_sha256` (the lock's pin).
-pub fn check_sums(sums: &str, image: &str, image_sha256: &str) -> Result<()> {
+/// The image's line in the release's `SHA256SUMS` must name `image_sha256` (the lock's pin);
+/// `relock` is the command that pins the distro again.
+pub fn check_sums(sums: &str, image: &str, image_sha256: &str, relock: &str) -> Result<()> {
     let listed = sums.lines().find_map(|line| {
         let (digest, name) = line.split_once(char::is_whitespace)?;
         (name.trim().trim_start_matches('*') == image).then(|| digest.to_ascii_lowercase())
@@ -95,7 +101,7 @@ pub fn check_sums(sums: &str, image: &str, image_sha256: &str) -> Result<()> {
         }
         Some(d) if d != image_sha256 => bail!(
             "SHA256SUMS says {image} has sha256 {d}, the lock pins {image_sha256}: the mirror's \
-             release differs from the pinned one (run `cargo xtask lock` to re-pin)"
+             release differs from the pinned one (run `{relock}` to re-pin)"
         ),
         Some(_) => Ok(()),
     }
@@ -468,11 +474,22 @@ mod tests {
             "{d} *noble-server-cloudimg-amd64.img\n{} other.img\n",
             "cd".repeat(32)
         );
-        check_sums(&sums, "noble-server-cloudimg-amd64.img", &d).unwrap();
-        let err =
-            check_sums(&sums, "noble-server-cloudimg-amd64.img", &"ef".repeat(32)).unwrap_err();
+        let relock = "cargo xtask distro lock ubuntu-24.04";
+        check_sums(&sums, "noble-server-cloudimg-amd64.img", &d, relock).unwrap();
+        let err = check_sums(
+            &sums,
+            "noble-server-cloudimg-amd64.img",
+            &"ef".repeat(32),
+            relock,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("the lock pins"), "{err}");
-        let err = check_sums(&sums, "missing.img", &d).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("(run `cargo xtask distro lock ubuntu-24.04` to re-pin)"),
+            "the fix names the distro lock verb: {err}"
+        );
+        let err = check_sums(&sums, "missing.img", &d, relock).unwrap_err();
         assert!(
             err.to_string().contains("does not list missing.img"),
             "{err}"
