@@ -61,6 +61,10 @@ pub const HOST_DEPS: &[HostDep] = &[
     bin("setpriv", "util-linux"),
     bin("pgrep", "procps"),
     bin("gpgv", "gpgv"),
+    // Fixture mirrors sign what they serve with a throwaway key (`pxelab_tests::TestKey`).
+    bin("gpg", "gpg"),
+    bin("gpg-agent", "gpg-agent"),
+    bin("gpgconf", "gpgconf"),
     file(
         "/usr/share/keyrings/debian-archive-keyring.gpg",
         "debian-archive-keyring",
