@@ -102,8 +102,11 @@ pub const ARCH_TEST: HostDep = bin("arch-test", "arch-test");
 /// What `distro pull` of a Debian recipe runs.
 pub const DEBIAN_PULL: [HostDep; 2] = [MMDEBSTRAP, DEPMOD];
 
-/// What `distro pull` of an Ubuntu recipe runs on the cloud image.
-pub const UBUNTU_PULL: [HostDep; 2] = [QEMU_IMG, DEPMOD];
+/// Checks signatures (Ubuntu's SHA256SUMS.gpg; pxelab-debian runs it for Debian's releases).
+pub const GPGV: HostDep = bin("gpgv", "gpgv");
+
+/// What `distro pull` of an Ubuntu recipe runs on the release and its cloud image.
+pub const UBUNTU_PULL: [HostDep; 3] = [GPGV, QEMU_IMG, DEPMOD];
 
 /// What a pull for the foreign `arch` needs besides [`HOST_DEPS`]: qemu-user (static, so it
 /// also runs inside the rootfs chroot; its package ships the binfmt.d registrations) and
