@@ -1,13 +1,16 @@
 //! Test support shared by every pxelab crate: a loopback fixture HTTP server with fault
 //! injection ([`FixtureServer`]), host commands with one failure format ([`cmd`]), network
-//! namespaces ([`NetNs`]) and loop-device disks ([`LoopDisk`]) that clean up after themselves.
+//! namespaces ([`NetNs`]) and loop-device disks ([`LoopDisk`]) that clean up after themselves,
+//! and a throwaway OpenPGP key that signs what fixture mirrors serve ([`TestKey`]).
 
 pub mod cmd;
 mod fixture;
+mod gpg;
 mod loopdisk;
 mod netns;
 
 pub use fixture::{Behavior, FixtureServer, Recorded};
+pub use gpg::TestKey;
 pub use loopdisk::LoopDisk;
 pub use netns::NetNs;
 

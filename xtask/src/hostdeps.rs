@@ -2,7 +2,8 @@
 //!
 //! Presence is detected by looking for the binary or file itself (not by asking dpkg), so a tool
 //! installed any other way counts. As root on Debian/Ubuntu the missing packages are installed
-//! with apt-get; otherwise the error says exactly what to install.
+//! with apt-get, whose output goes to a log file while the terminal gets a summary; otherwise the
+//! error says exactly what to install.
 
 use std::path::Path;
 
@@ -61,6 +62,10 @@ pub const HOST_DEPS: &[HostDep] = &[
     bin("setpriv", "util-linux"),
     bin("pgrep", "procps"),
     bin("gpgv", "gpgv"),
+    // Fixture mirrors sign what they serve with a throwaway key (`pxelab_tests::TestKey`).
+    bin("gpg", "gpg"),
+    bin("gpg-agent", "gpg-agent"),
+    bin("gpgconf", "gpgconf"),
     file(
         "/usr/share/keyrings/debian-archive-keyring.gpg",
         "debian-archive-keyring",
@@ -97,8 +102,11 @@ pub const ARCH_TEST: HostDep = bin("arch-test", "arch-test");
 /// What `distro pull` of a Debian recipe runs.
 pub const DEBIAN_PULL: [HostDep; 2] = [MMDEBSTRAP, DEPMOD];
 
-/// What `distro pull` of an Ubuntu recipe runs on the cloud image.
-pub const UBUNTU_PULL: [HostDep; 2] = [QEMU_IMG, DEPMOD];
+/// Checks signatures (Ubuntu's SHA256SUMS.gpg; pxelab-debian runs it for Debian's releases).
+pub const GPGV: HostDep = bin("gpgv", "gpgv");
+
+/// What `distro pull` of an Ubuntu recipe runs on the release and its cloud image.
+pub const UBUNTU_PULL: [HostDep; 3] = [GPGV, QEMU_IMG, DEPMOD];
 
 /// What a pull for the foreign `arch` needs besides [`HOST_DEPS`]: qemu-user (static, so it
 /// also runs inside the rootfs chroot; its package ships the binfmt.d registrations) and
@@ -165,12 +173,13 @@ pub fn missing(deps: &[HostDep]) -> Vec<(&'static str, Vec<&'static str>)> {
 }
 
 /// Make every dependency present: install with apt-get when we can, else fail with the list.
+/// apt-get's output (hundreds of lines on a fresh machine) goes to a log file under
+/// [`state_dir`]; the terminal gets what is installed, how long it took and where the log is.
 pub fn ensure(deps: &[HostDep]) -> Result<()> {
     let missing = missing(deps);
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("host tools missing: {}", describe(&missing));
     if !can_apt() {
         bail!(
             "missing host packages: {}. Install them (Debian/Ubuntu: `sudo apt-get install --no-install-recommends {}`) \
@@ -179,40 +188,123 @@ pub fn ensure(deps: &[HostDep]) -> Result<()> {
             missing.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(" ")
         );
     }
+    let apt = Apt {
+        program: find_bin("apt-get").context("apt-get disappeared")?,
+        log: apt_log()?,
+    };
+    install(deps, &apt, &mut |line| eprintln!("{line}"))
+}
+
+/// Where apt-get is and where its output goes.
+struct Apt {
+    program: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+/// Installs the packages of the missing `deps` with `apt`, telling `say` a few lines.
+fn install(deps: &[HostDep], apt: &Apt, say: &mut dyn FnMut(String)) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut missing = missing(deps);
+    fn packages(m: &[(&'static str, Vec<&str>)]) -> Vec<&'static str> {
+        m.iter().map(|(p, _)| *p).collect()
+    }
+    let wanted = packages(&missing).join(" ");
+    say(format!(
+        "installing host packages: {} (apt-get's output: {})",
+        describe(&missing),
+        apt.log.display()
+    ));
     let sh = Shell::new()?;
     sh.set_var("DEBIAN_FRONTEND", "noninteractive");
-    cmd!(sh, "apt-get update -q")
-        .run()
-        .context("apt-get update failed")?;
-    let mut missing = missing;
+    let program = &apt.program;
+    apt.run(cmd!(sh, "{program} update -q"), say)?;
     // Two rounds: to install a new package apt may remove a present one that conflicts with it
     // (measured: bookworm's qemu-system-x86 removed a backported qemu-utils, so qemu-img was
     // gone afterwards); asked again, apt installs the version that fits.
     for round in 0..2 {
-        let packages: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+        let pkgs = packages(&missing);
         if round > 0 {
-            eprintln!(
+            say(format!(
                 "apt-get removed {} to resolve a conflict: installing the version that fits",
-                packages.join(" ")
-            );
+                pkgs.join(" ")
+            ));
         }
-        let pkgs = packages.clone();
-        cmd!(
-            sh,
+        apt.run(
             // A fresh Ubuntu machine often runs unattended-upgrades at first boot: wait for its lock.
-            "apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 {pkgs...}"
-        )
-        .run()
-        .with_context(|| format!("apt-get install {} failed", packages.join(" ")))?;
+            cmd!(
+                sh,
+                "{program} install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 {pkgs...}"
+            ),
+            say,
+        )?;
         missing = self::missing(deps);
         if missing.is_empty() {
+            say(format!(
+                "installed {wanted} in {:.0} s",
+                started.elapsed().as_secs_f64()
+            ));
             return Ok(());
         }
     }
     bail!(
-        "still missing after apt-get install: {}",
-        describe(&missing)
+        "still missing after apt-get install: {} (apt-get's output: {})",
+        describe(&missing),
+        apt.log.display()
     )
+}
+
+impl Apt {
+    /// Runs one apt-get command with its output appended to the log; on failure `say`s the
+    /// log's last lines and fails with one line naming the log.
+    fn run(&self, cmd: xshell::Cmd<'_>, say: &mut dyn FnMut(String)) -> Result<()> {
+        let what = cmd.to_string();
+        let status = crate::process::status_logged(cmd, Some(&self.log))?;
+        if status.success() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+        say(format!(
+            "the last lines of {}:\n  {}",
+            self.log.display(),
+            tail.join("\n  ")
+        ));
+        bail!(
+            "`{what}` failed ({status}): its whole output is in {}",
+            self.log.display()
+        )
+    }
+}
+
+/// How much of apt-get's log a failure shows.
+const LOG_TAIL_LINES: usize = 15;
+
+/// `$XDG_STATE_HOME/pxelab` (default `~/.local/state/pxelab`): pxelab's own logs, there before
+/// any store or lab home is.
+pub fn state_dir() -> Result<std::path::PathBuf> {
+    let dir = match std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        Some(state) => std::path::PathBuf::from(state),
+        None => std::path::PathBuf::from(
+            std::env::var_os("HOME").context("HOME is not set: cannot place pxelab's logs")?,
+        )
+        .join(".local/state"),
+    }
+    .join("pxelab");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A new log file for this install: `apt-<UTC time>.log` in [`state_dir`].
+fn apt_log() -> Result<std::path::PathBuf> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let t = crate::util::utc(now);
+    Ok(state_dir()?.join(format!(
+        "apt-{}{:02}{:02}T{:02}{:02}{:02}Z.log",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
+    )))
 }
 
 /// `pkg (tool, tool), pkg (tool)` for what [`missing`] returned.
@@ -239,6 +331,80 @@ fn can_apt() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An `apt-get` that prints as much as the real one on a fresh machine, creates `made` on
+    /// `install`, and fails with apt's status 100 when `fail` exists.
+    fn fake_apt(dir: &Path) -> Apt {
+        use std::os::unix::fs::PermissionsExt;
+        let program = dir.join("apt-get");
+        let d = dir.display();
+        std::fs::write(
+            &program,
+            format!(
+                "#!/bin/sh\n\
+                 for i in $(seq 1 300); do echo \"Get:$i http://deb.debian.org/debian $1 line $i\"; done\n\
+                 echo 'apt warning' >&2\n\
+                 if [ -e {d}/fail ]; then echo 'E: Unable to locate package nosuch'; exit 100; fi\n\
+                 [ \"$1\" = install ] && touch {d}/made\n\
+                 exit 0\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Apt {
+            program,
+            log: dir.join("logs/apt.log"),
+        }
+    }
+
+    #[test]
+    fn apt_output_goes_to_a_log_and_the_terminal_gets_a_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("logs")).unwrap();
+        let apt = fake_apt(dir.path());
+        let made: &'static str =
+            Box::leak(format!("{}/made", dir.path().display()).into_boxed_str());
+        let deps = [file(made, "pxelab-fake")];
+        let mut said = Vec::new();
+        install(&deps, &apt, &mut |l| said.push(l)).unwrap();
+        let log = apt.log.display().to_string();
+        assert!(said.len() <= 3, "a few lines, not apt's output: {said:#?}");
+        assert!(
+            said[0].contains("pxelab-fake") && said[0].contains(&log),
+            "which packages and where the log is: {said:?}"
+        );
+        assert!(
+            said.last()
+                .unwrap()
+                .starts_with("installed pxelab-fake in "),
+            "how long it took: {said:?}"
+        );
+        let text = std::fs::read_to_string(&apt.log).unwrap();
+        assert_eq!(
+            text.matches("line 300").count(),
+            2,
+            "update and install, whole"
+        );
+        assert!(text.contains("apt warning"), "stderr too");
+
+        // A failing apt-get: its last lines and the log's path, then a one-line error.
+        std::fs::remove_file(made).unwrap();
+        std::fs::write(dir.path().join("fail"), "").unwrap();
+        let mut said = Vec::new();
+        let err = install(&deps, &apt, &mut |l| said.push(l)).unwrap_err();
+        let shown = said.join("\n");
+        assert!(
+            shown.contains("E: Unable to locate package nosuch") && shown.contains(&log),
+            "{shown}"
+        );
+        assert!(shown.lines().count() < 25, "the tail only: {shown}");
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("update -q") && err.contains("exit status: 100") && err.contains(&log),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
 
     #[test]
     fn detects_present_and_missing() {

@@ -1,6 +1,7 @@
 //! `distro pull ubuntu` against a fixture mirror on loopback with Ubuntu's layout
-//! (`releases/<codename>/release-<serial>/{SHA256SUMS,<image>}`) and a small synthetic cloud image
-//! built here: GPT with an ESP, an ext4 root (`mke2fs -d`) and an ext4 `/boot` like noble's,
+//! (`releases/<codename>/release-<serial>/{SHA256SUMS,SHA256SUMS.gpg,<image>}`, the sums signed
+//! by a throwaway key that the test's recipe names as its keyring) and a small synthetic cloud
+//! image built here: GPT with an ESP, an ext4 root (`mke2fs -d`) and an ext4 `/boot` like noble's,
 //! converted to qcow2 with qemu-img. The module is a real (tiny) ELF object with a `.modinfo`
 //! section compiled by gcc, so depmod indexes it for real; it ships zstd-compressed as in noble.
 //!
@@ -15,7 +16,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use pxelab_contract::Arch;
-use pxelab_tests::{sha256_hex, Behavior, FixtureServer};
+use pxelab_tests::{sha256_hex, Behavior, FixtureServer, TestKey};
 use xtask::distro::{self, modules::list_archive, PullArgs};
 
 const KVER: &str = "6.8.0-31-generic";
@@ -158,7 +159,8 @@ fn build_image(work: &Path) -> (Vec<u8>, Vec<u8>) {
     (fs::read(&qcow).unwrap(), kernel)
 }
 
-fn recipes(dir: &Path) {
+/// The shipped Ubuntu recipe, for our serial and trusting `keyring`.
+fn recipes(dir: &Path, keyring: &Path) {
     fs::create_dir_all(dir).unwrap();
     let shipped = fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/distros/ubuntu-24.04.toml"),
@@ -168,7 +170,7 @@ fn recipes(dir: &Path) {
         .lines()
         .map(|l| {
             if l.starts_with("serial = ") {
-                format!("serial = \"{SERIAL}\"")
+                format!("serial = \"{SERIAL}\"\nkeyring = \"{}\"", keyring.display())
             } else {
                 l.to_string()
             }
@@ -214,16 +216,23 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
         sha256_hex(&image),
         "0".repeat(64)
     );
+    let key = TestKey::generate();
     let server = FixtureServer::start();
     let dir = format!("releases/noble/release-{SERIAL}");
     server.serve(&format!("{dir}/SHA256SUMS"), sums.clone(), Behavior::Normal);
+    let signature = key.detach_sign(sums.as_bytes());
+    server.serve(
+        &format!("{dir}/SHA256SUMS.gpg"),
+        signature.clone(),
+        Behavior::Normal,
+    );
     server.serve(&format!("{dir}/{IMAGE}"), image.clone(), Behavior::Normal);
 
     let home = work.path().join("home");
     std::env::set_var("PXELAB_HOME", &home);
     std::env::remove_var("SOURCE_DATE_EPOCH");
     let recipe_dir = work.path().join("recipes");
-    recipes(&recipe_dir);
+    recipes(&recipe_dir, key.keyring());
     let args = PullArgs {
         name: "ubuntu".into(),
         arch: Arch::X86_64,
@@ -241,6 +250,10 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
     assert!(
         lock.contains(&sha256_hex(&image)),
         "the image is pinned in the lock:\n{lock}"
+    );
+    assert!(
+        lock.contains(&sha256_hex(&signature)),
+        "so is the sums' signature:\n{lock}"
     );
     assert!(
         lock.contains("https://cloud-images.ubuntu.com/releases/noble/release-20240423/"),
@@ -346,7 +359,11 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
 
     // A tampered SHA256SUMS is rejected too.
     let evil_sums = sums.replace(&sha256_hex(&image)[..8], "00000000");
-    server.serve(&format!("{dir}/SHA256SUMS"), evil_sums, Behavior::Normal);
+    server.serve(
+        &format!("{dir}/SHA256SUMS"),
+        evil_sums.clone(),
+        Behavior::Normal,
+    );
     let err = format!(
         "{:#}",
         pull(&args, &work.path().join("cache4")).unwrap_err()
@@ -365,6 +382,8 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
         serde_json::from_slice::<distro::PullManifest>(&buf).unwrap(),
         *m
     );
+    // The killed pulls below must have a release they can finish from.
+    server.serve(&format!("{dir}/SHA256SUMS"), sums.clone(), Behavior::Normal);
 
     // Killed pulls (SIGKILL or Ctrl-C's SIGINT, at growing delays, each switching the module
     // set so that a finished pull replaces the artifacts): whatever moment the kill hits, the
@@ -408,6 +427,47 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
     assert_eq!(after.manifest, *m);
     assert_whole(&out, "after the final pull");
     assert_no_staging(&home);
+
+    // Pinning needs Ubuntu's signature on the sums: a signature by another key, or sums that
+    // are not what was signed, are refused and no lock is written.
+    let lock_file = recipe_dir.join("ubuntu-24.04.lock");
+    fs::remove_file(&lock_file).unwrap();
+    let stranger = TestKey::generate();
+    let sums_path = format!("{dir}/SHA256SUMS");
+    let signature_path = format!("{dir}/SHA256SUMS.gpg");
+    for (what, served_sums, served_signature) in [
+        (
+            "a foreign key",
+            sums.clone(),
+            stranger.detach_sign(sums.as_bytes()),
+        ),
+        ("tampered sums", evil_sums.clone(), signature.clone()),
+    ] {
+        server.serve(&sums_path, served_sums, Behavior::Normal);
+        server.serve(&signature_path, served_signature, Behavior::Normal);
+        let err = format!(
+            "{:#}",
+            pull(&args, &work.path().join("cache-sig")).expect_err(what)
+        );
+        assert!(
+            err.contains("SHA256SUMS is not signed by the release's key")
+                && err.contains("no good signature"),
+            "{what}: {err}"
+        );
+        assert!(!lock_file.exists(), "{what}: nothing pinned");
+    }
+    // The pins are checked again at every build: a lock whose sums the recipe's keyring did not
+    // sign (here: the recipe now trusts another key) builds nothing.
+    server.serve(&sums_path, sums.clone(), Behavior::Normal);
+    server.serve(&signature_path, signature, Behavior::Normal);
+    pull(&args, &work.path().join("cache1")).expect("re-pinned from the signed release");
+    recipes(&recipe_dir, stranger.keyring());
+    let err = format!(
+        "{:#}",
+        pull(&args, &work.path().join("cache1")).unwrap_err()
+    );
+    assert!(err.contains("no good signature"), "{err}");
+    assert_whole(&out, "after a refused build");
     std::io::stderr().flush().unwrap();
 }
 

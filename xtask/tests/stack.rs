@@ -1,6 +1,7 @@
 //! `cargo xtask build-stack` end to end, on the real pinned inputs: reproducibility from empty
-//! stores, the no-op rerun, the installer-only rebuild, the initrd's content and budget, the
-//! image under skopeo/umoci/podman, and the initrd booting as PID 1 under QEMU.
+//! stores and a cold compile elsewhere, the no-op rerun, the installer-only rebuild, the
+//! initrd's content and budget, the image under skopeo/umoci/podman, and the initrd booting as
+//! PID 1 under QEMU.
 //!
 //! Every test here is `sys_`: they need the network (Debian's mirror), root, and host tools.
 //! The first build is shared by the tests of this file (it takes minutes); each test still
@@ -23,16 +24,26 @@ fn need_root() {
 
 /// `cargo xtask build-stack` of the workspace at `root` into `out`, with its own store.
 fn build_stack(root: &Path, store: &Path, out: &Path) -> (String, Duration) {
+    build_stack_with(root, store, out, |_| {})
+}
+
+/// [`build_stack`], with the environment changed by `env`.
+fn build_stack_with(
+    root: &Path,
+    store: &Path,
+    out: &Path,
+    env: impl FnOnce(&mut Command),
+) -> (String, Duration) {
     let t = Instant::now();
-    let o = checked(
-        Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["build-stack", "--out"])
-            .arg(out)
-            .arg("--workspace-root")
-            .arg(root)
-            .env("PXELAB_CACHE", store)
-            .env_remove("SOURCE_DATE_EPOCH"),
-    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.args(["build-stack", "--out"])
+        .arg(out)
+        .arg("--workspace-root")
+        .arg(root)
+        .env("PXELAB_CACHE", store)
+        .env_remove("SOURCE_DATE_EPOCH");
+    env(&mut cmd);
+    let o = checked(&mut cmd);
     (String::from_utf8_lossy(&o.stdout).into_owned(), t.elapsed())
 }
 
@@ -146,9 +157,36 @@ fn sys_build_stack_is_reproducible_and_a_noop_rerun_does_nothing() {
         );
     }
 
-    // A second build from another empty store gives the same bytes.
-    let (store_b, out_b) = (scratch("store-b"), scratch("out-b"));
-    build_stack(&a.root, &store_b, &out_b);
+    // A second build from another empty store, of a copy of the sources at another path, with
+    // the static binaries compiled from scratch in a cargo target directory of their own (the
+    // first build's is warm from earlier runs, and cargo would hand its binaries back
+    // unchanged), gives the same bytes: nothing of where the tree or the build lives gets in.
+    let root_b = scratch("workspace-b");
+    snapshot(&a.root, &root_b);
+    let (store_b, out_b, target_b) = (scratch("store-b"), scratch("out-b"), scratch("target-b"));
+    let (_, second) = build_stack_with(&root_b, &store_b, &out_b, |cmd| {
+        cmd.env("CARGO_TARGET_DIR", &target_b);
+    });
+    eprintln!(
+        "second build, static binaries compiled from scratch: {:.1} s",
+        second.as_secs_f64()
+    );
+    let compiled: Vec<_> = std::fs::read_dir(&target_b)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("x86_64-unknown-linux-gnu/release"))
+        .filter(|release| {
+            ["pxelab-stack", "pxelab-installer"]
+                .iter()
+                .all(|bin| release.join(bin).is_file())
+        })
+        .collect();
+    assert_eq!(
+        compiled.len(),
+        1,
+        "the second build compiled both binaries in {}",
+        target_b.display()
+    );
     assert_eq!(
         std::fs::read_to_string(a.out.as_path().join("manifest.json")).unwrap(),
         std::fs::read_to_string(out_b.as_path().join("manifest.json")).unwrap(),

@@ -1,6 +1,6 @@
-//! Reading a Debian mirror over HTTP: `dists/<suite>/InRelease` (signature checked), then each
-//! component's `binary-<arch>/Packages.{xz,gz}` checked against the size and SHA-256 the
-//! Release file lists, decompressed and parsed into an [`Index`].
+//! Reading a Debian mirror over HTTP: `dists/<suite>/InRelease` (signature and `Valid-Until`
+//! checked), then each component's `binary-<arch>/Packages.{xz,gz}` checked against the size
+//! and SHA-256 the Release file lists, decompressed and parsed into an [`Index`].
 
 use crate::packages::{check, Index};
 use crate::release::{self, Release, Trust};
@@ -125,6 +125,10 @@ impl Archive {
                     .unwrap_or_default(),
             });
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        parsed.check_fresh(now, &url)?;
         Ok(parsed)
     }
 

@@ -54,6 +54,16 @@ pub enum Error {
         wanted: String,
         found: String,
     },
+    /// A signed Release past its `Valid-Until`: signed metadata replayed or a mirror gone stale.
+    #[error(
+        "{release}: suite {suite} expired on {valid_until} (its Valid-Until): the mirror serves \
+         outdated signed indexes; use an up-to-date mirror, or set this machine's clock right"
+    )]
+    Expired {
+        release: String,
+        suite: String,
+        valid_until: String,
+    },
     /// Downloaded bytes differ from what a signed index promised.
     #[error("{what}: {field} is {actual}, expected {expected}")]
     Mismatch {

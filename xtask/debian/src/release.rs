@@ -1,6 +1,7 @@
 //! A suite's `InRelease` (or `Release` + `Release.gpg`): its OpenPGP signature checked by the
-//! host's `gpgv` against a keyring, and its fields — above all the size and SHA-256 of every
-//! index file, which is what makes the `Packages` files (and through them each `.deb`) trusted.
+//! host's `gpgv` against a keyring, its `Valid-Until` against the clock, and its fields — above
+//! all the size and SHA-256 of every index file, which is what makes the `Packages` files (and
+//! through them each `.deb`) trusted.
 
 use crate::deb822;
 use crate::{Error, Result};
@@ -44,7 +45,8 @@ pub struct Release {
     pub codename: Option<String>,
     /// `Date`, verbatim.
     pub date: Option<String>,
-    /// `Valid-Until`, verbatim (not enforced: snapshot mirrors serve expired ones on purpose).
+    /// `Valid-Until`, verbatim: [`Release::check_fresh`] refuses the release after it. Debian's
+    /// main suites omit it; `-security` and `-updates` carry one a week or so ahead.
     pub valid_until: Option<String>,
     /// `Acquire-By-Hash: yes`: indexes can also be fetched from `by-hash/SHA256/<hash>`.
     pub acquire_by_hash: bool,
@@ -119,10 +121,75 @@ impl Release {
         self.files.get(path)
     }
 
+    /// Refuses a release whose `Valid-Until` lies before `now` (seconds since the Unix epoch): a
+    /// signature stays good forever, so only this date stops a mirror (or a man in the middle)
+    /// from replaying an old signed release that hides later security updates.
+    pub fn check_fresh(&self, now: u64, release: &str) -> Result<()> {
+        let Some(until) = &self.valid_until else {
+            return Ok(());
+        };
+        let limit = parse_date(until).ok_or_else(|| Error::Parse {
+            source_name: release.to_string(),
+            line: 1,
+            message: format!(
+                "Valid-Until {until:?} is not a date like \"Sat, 21 Jun 2025 10:45:19 UTC\""
+            ),
+        })?;
+        if now > limit {
+            return Err(Error::Expired {
+                release: release.to_string(),
+                suite: self
+                    .codename
+                    .clone()
+                    .or_else(|| self.suite.clone())
+                    .unwrap_or_default(),
+                valid_until: until.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Whether this Release describes `suite` (by `Suite` or `Codename`).
     pub fn is_for(&self, suite: &str) -> bool {
         self.suite.as_deref() == Some(suite) || self.codename.as_deref() == Some(suite)
     }
+}
+
+/// Seconds since the Unix epoch of a Release date (`Sat, 21 Jun 2025 10:45:19 UTC`, RFC 1123 in
+/// UTC; the weekday is optional and not checked).
+fn parse_date(text: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let text = text.trim();
+    let text = text.split_once(", ").map_or(text, |(_, rest)| rest);
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let [day, month, year, time, zone] = parts.as_slice() else {
+        return None;
+    };
+    if !["UTC", "GMT", "Z", "+0000"].contains(zone) {
+        return None;
+    }
+    let month = MONTHS.iter().position(|m| m.eq_ignore_ascii_case(month))? as i64 + 1;
+    let day: i64 = day.parse().ok()?;
+    let year: i64 = year.parse().ok()?;
+    let hms: Vec<u64> = time
+        .split(':')
+        .map(|n| n.parse().ok())
+        .collect::<Option<_>>()?;
+    let [h, m, s] = hms[..] else {
+        return None;
+    };
+    if !(1..=31).contains(&day) || year < 1970 || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    // Days from civil (H. Hinnant), with March as the first month of the year.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    Some(days as u64 * 86_400 + h * 3600 + m * 60 + s)
 }
 
 /// Removes the OpenPGP clear-sign armor from an `InRelease` without checking it: only for
@@ -264,6 +331,49 @@ D3A45860A3F001B55D20EB371C8ED4095115C4BF77666C2847BB3C9D0BB46986   376904 main/b
         assert_eq!(xz.size, 376904);
         assert!(xz.sha256.starts_with("d3a45860"));
         assert!(r.file("main/binary-i386/Packages.xz").is_none());
+    }
+
+    #[test]
+    fn a_release_past_its_valid_until_is_refused_naming_suite_and_date() {
+        let text = format!("{RELEASE}Valid-Until: Sat, 21 Jun 2025 10:45:19 UTC\n");
+        let r = Release::parse(&text, "InRelease").unwrap();
+        // 2025-06-21T10:45:19Z is 1750502719.
+        r.check_fresh(1_750_502_719, "u").unwrap();
+        let err = r
+            .check_fresh(1_750_502_720, "http://m/InRelease")
+            .unwrap_err();
+        assert!(matches!(err, Error::Expired { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("bookworm-security") && msg.contains("Sat, 21 Jun 2025 10:45:19 UTC"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "one line: {msg}");
+        // Debian's main suites carry no Valid-Until: never stale.
+        let main = Release::parse(RELEASE, "InRelease").unwrap();
+        main.check_fresh(u64::MAX, "u").unwrap();
+        let bad = Release::parse(&format!("{RELEASE}Valid-Until: next week\n"), "I").unwrap();
+        let err = bad
+            .check_fresh(0, "http://m/InRelease")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Valid-Until \"next week\" is not a date"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn release_dates_parse_as_utc() {
+        assert_eq!(parse_date("Thu, 01 Jan 1970 00:00:00 UTC"), Some(0));
+        assert_eq!(parse_date("29 Feb 2024 23:59:59 GMT"), Some(1_709_251_199));
+        assert_eq!(
+            parse_date("Sat, 21 Jun 2025 10:45:19 +0000"),
+            Some(1_750_502_719)
+        );
+        assert_eq!(parse_date("Sat, 21 Jun 2025 10:45:19 +0200"), None);
+        assert_eq!(parse_date("Sat, 21 Foo 2025 10:45:19 UTC"), None);
+        assert_eq!(parse_date("Sat, 21 Jun 2025 25:45:19 UTC"), None);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Reading a mirror over HTTP, against a fixture mirror served on loopback: InRelease and the
-//! Release fallback, by-hash fetching, hash checks, suite checks, .xz and .gz indexes.
+//! Release fallback, by-hash fetching, hash checks, suite checks, .xz and .gz indexes, and
+//! releases signed by a throwaway key: good, forged and past their `Valid-Until`.
 
 use pxelab_debian::{Archive, Error, ResolveOptions, Source, Trust};
+use pxelab_tests::TestKey;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -268,4 +270,71 @@ fn sys_fixture_signatures_are_checked_when_trust_is_a_keyring() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("plain/Release.gpg: HTTP 404"), "{err}");
+}
+
+/// Suites signed by `key`: `fresh` (valid for years), `stale` (its Valid-Until passed),
+/// `forged` (signed, then one index hash changed), and the detached form `detached`.
+fn signed_mirror(key: &TestKey) -> String {
+    let packages_xz = xz(PACKAGES.as_bytes());
+    let index = [("main/binary-amd64/Packages.xz", &packages_xz[..])];
+    let mut files = HashMap::new();
+    for (suite, valid_until) in [
+        ("fresh", "Valid-Until: Fri, 01 Jan 2100 00:00:00 UTC\n"),
+        ("stale", "Valid-Until: Sat, 01 Jan 2000 00:00:00 UTC\n"),
+    ] {
+        let rel = release(suite, &index, false) + valid_until;
+        files.insert(
+            format!("/debian/dists/{suite}/InRelease"),
+            key.clearsign(rel.as_bytes()),
+        );
+        files.insert(
+            format!("/debian/dists/{suite}/main/binary-amd64/Packages.xz"),
+            packages_xz.clone(),
+        );
+    }
+    let signed =
+        String::from_utf8(key.clearsign(release("forged", &index, false).as_bytes())).unwrap();
+    let at = signed.find(&sha256(&packages_xz)).unwrap();
+    let mut forged = signed.into_bytes();
+    forged[at] = if forged[at] == b'0' { b'1' } else { b'0' };
+    files.insert("/debian/dists/forged/InRelease".into(), forged);
+    let rel = release("detached", &index, false);
+    files.insert(
+        "/debian/dists/detached/Release.gpg".into(),
+        key.detach_sign(rel.as_bytes()),
+    );
+    files.insert("/debian/dists/detached/Release".into(), rel.into_bytes());
+    files.insert(
+        "/debian/dists/detached/main/binary-amd64/Packages.xz".into(),
+        packages_xz,
+    );
+    serve(files) + "/debian"
+}
+
+#[test]
+fn sys_signed_releases_are_trusted_until_their_valid_until_and_not_when_forged() {
+    let key = TestKey::generate();
+    let base = signed_mirror(&key);
+    let archive = Archive::new(Trust::Keyring(key.keyring().to_path_buf())).unwrap();
+    let open = |suite: &str| archive.open(&Source::new(&base, suite, &["main"], "amd64"));
+    for suite in ["fresh", "detached"] {
+        let index = open(suite).unwrap_or_else(|e| panic!("{suite}: {e}"));
+        assert_eq!(index.packages().len(), 3, "{suite}");
+    }
+    let err = open("stale").unwrap_err();
+    assert!(matches!(err, Error::Expired { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("suite stale expired on Sat, 01 Jan 2000 00:00:00 UTC"),
+        "names the suite and the date: {msg}"
+    );
+    let err = open("forged").unwrap_err();
+    assert!(matches!(err, Error::BadSignature { .. }), "{err}");
+    // The same releases under another keyring are refused.
+    let other = TestKey::generate();
+    let err = Archive::new(Trust::Keyring(other.keyring().to_path_buf()))
+        .unwrap()
+        .open(&Source::new(&base, "fresh", &["main"], "amd64"))
+        .unwrap_err();
+    assert!(matches!(err, Error::BadSignature { .. }), "{err}");
 }

@@ -4,8 +4,9 @@
 //!
 //! Resolution uses the network: a Debian recipe's closure through [`pin::debian::resolve`] (with
 //! the release's required packages as base), an Ubuntu recipe's image through the release's
-//! `SHA256SUMS`. Besides `distro lock`, only [`pins_for`] resolves: a pull of an arch that its
-//! lock lacks, or that was pinned from another version of the recipe, pins it first.
+//! `SHA256SUMS`, once its signature checks out. Besides `distro lock`, only [`pins_for`]
+//! resolves: a pull of an arch that its lock lacks, or that was pinned from another version of
+//! the recipe, pins it first.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -18,8 +19,11 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use super::recipe::{self, Recipe, Source, UbuntuSource};
+use super::ubuntu;
+use crate::fetch::Fetcher;
 use crate::pin::debian::{Closure, DebianRequest};
 use crate::pin::{self, DebFacts, Drift, Mirror, Pin, Unit};
+use crate::store::Store;
 use crate::ui::Ui;
 
 /// `recipes/distros/<name>.lock`: pins per architecture.
@@ -36,7 +40,7 @@ pub struct ArchLock {
     /// [`fingerprint`] of the recipe when the pins were resolved: a different one means the
     /// recipe asks for something else now and the pins must be resolved again.
     pub fingerprint: String,
-    /// Plain files (an Ubuntu image and its SHA256SUMS) or Debian packages.
+    /// Plain files (an Ubuntu image, its SHA256SUMS and their signature) or Debian packages.
     pub pins: Vec<Pin>,
 }
 
@@ -162,9 +166,14 @@ impl DistroLock {
 pub fn fingerprint(recipe: &Recipe, arch: Arch) -> Result<String> {
     let a = recipe.arch(arch)?;
     let what = match &recipe.source {
+        // The sums' signature joined the pins: a lock from before it lacks one and re-pins.
         Source::Ubuntu(u) => format!(
-            "ubuntu {} {} {} {:?}",
-            u.codename, u.serial, u.mirror, a.image
+            "ubuntu {} {} {} {:?} +{}",
+            u.codename,
+            u.serial,
+            u.mirror,
+            a.image,
+            ubuntu::SUMS_SIGNATURE
         ),
         Source::Debian(d) => format!(
             "debian {} {:?} {:?} {:?} {:?} {:?}",
@@ -181,7 +190,7 @@ fn resolve(recipe: &Recipe, arch: Arch, mirror: Option<&str>, ui: &Ui) -> Result
     let pins = match &recipe.source {
         Source::Ubuntu(u) => {
             let image = arch_recipe.image.as_deref().expect("validated");
-            resolve_ubuntu(u, image, mirror)?
+            resolve_ubuntu(u, image, mirror, ui)?
         }
         Source::Debian(d) => {
             ui.println(format!(
@@ -211,8 +220,14 @@ fn resolve(recipe: &Recipe, arch: Arch, mirror: Option<&str>, ui: &Ui) -> Result
     })
 }
 
-/// The release's `SHA256SUMS` (pinned as downloaded) and the image with the digest it lists.
-fn resolve_ubuntu(u: &UbuntuSource, image: &str, mirror: Option<&str>) -> Result<Vec<Pin>> {
+/// The release's `SHA256SUMS` and `SHA256SUMS.gpg` (pinned as downloaded, once the signature
+/// checks out) and the image with the digest the sums list.
+fn resolve_ubuntu(
+    u: &UbuntuSource,
+    image: &str,
+    mirror: Option<&str>,
+    ui: &Ui,
+) -> Result<Vec<Pin>> {
     let mirror = mirror.map(|m| Mirror::new(&u.mirror, m));
     let pinned_dir = format!(
         "{}/releases/{}/release-{}",
@@ -220,38 +235,47 @@ fn resolve_ubuntu(u: &UbuntuSource, image: &str, mirror: Option<&str>) -> Result
         u.codename,
         u.serial
     );
-    let sums_url = format!("{pinned_dir}/SHA256SUMS");
+    let client = reqwest::blocking::Client::new();
+    let get = |name: &str| -> Result<(Pin, Vec<u8>)> {
+        let pinned = format!("{pinned_dir}/{name}");
+        let url = Mirror::rebase(mirror.as_ref(), &pinned);
+        let resp = client
+            .get(&url)
+            .send()
+            .with_context(|| format!("cannot reach {url}"))?;
+        if !resp.status().is_success() {
+            bail!(
+                "{url} answered {}: the release serial {} may be gone upstream",
+                resp.status(),
+                u.serial
+            );
+        }
+        let bytes = resp
+            .bytes()
+            .with_context(|| format!("reading {url}"))?
+            .to_vec();
+        let pin = Pin {
+            name: name.into(),
+            url: pinned,
+            size: bytes.len() as u64,
+            sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+            deb: None,
+        };
+        Ok((pin, bytes))
+    };
+    let (sums_pin, sums) = get(ubuntu::SUMS)?;
+    let (signature_pin, signature) = get(ubuntu::SUMS_SIGNATURE)?;
+    let store = Store::open_default()?;
+    let keyring = ubuntu::Keyring::of(u)?.path(&store, &Fetcher::new(&store, ui.clone())?)?;
+    let sums_url = Mirror::rebase(mirror.as_ref(), &sums_pin.url);
+    ubuntu::verify_sums(&sums, &signature, &keyring, &sums_url)?;
+    let digest = ubuntu::listed_digest(&String::from_utf8_lossy(&sums), image)
+        .with_context(|| format!("{sums_url} does not list {image}"))?;
     let image_url = format!("{pinned_dir}/{image}");
-    let url = Mirror::rebase(mirror.as_ref(), &sums_url);
-    let resp = reqwest::blocking::Client::new()
-        .get(&url)
-        .send()
-        .with_context(|| format!("cannot reach {url}"))?;
-    if !resp.status().is_success() {
-        bail!(
-            "{url} answered {}: the release serial {} may be gone upstream",
-            resp.status(),
-            u.serial
-        );
-    }
-    let sums = resp.bytes()?;
-    let text = String::from_utf8_lossy(&sums);
-    let digest = text
-        .lines()
-        .find_map(|l| {
-            let (d, n) = l.split_once(char::is_whitespace)?;
-            (n.trim().trim_start_matches('*') == image).then(|| d.to_ascii_lowercase())
-        })
-        .with_context(|| format!("{url} does not list {image}"))?;
     let size = pin::remote_size(&Mirror::rebase(mirror.as_ref(), &image_url))?;
     Ok(vec![
-        Pin {
-            name: "SHA256SUMS".into(),
-            url: sums_url,
-            size: sums.len() as u64,
-            sha256: hex::encode(sha2::Sha256::digest(&sums)),
-            deb: None,
-        },
+        sums_pin,
+        signature_pin,
         Pin {
             name: image.into(),
             url: image_url,

@@ -41,6 +41,10 @@ pub struct UbuntuSource {
     pub serial: String,
     /// Default mirror base; `--mirror` / `PXELAB_UBUNTU_MIRROR` override it.
     pub mirror: String,
+    /// The keyring that signs the release's `SHA256SUMS`, for a mirror that signs its own
+    /// releases; default: Ubuntu's cloud-image key, from the package `recipes/pxelab.lock` pins.
+    #[serde(default)]
+    pub keyring: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -1,6 +1,10 @@
 //! Ubuntu: from the official cloud image (`.img`, qcow2) to rootfs, kernel and modules — without
 //! root, loop mounts, qemu-nbd or guestfish.
 //!
+//! The image is trusted through the release's `SHA256SUMS`, whose detached signature
+//! `SHA256SUMS.gpg` gpgv checks against Ubuntu's cloud-image key ([`Keyring`]) both when the
+//! image is pinned and before every build from the pins.
+//!
 //! qcow2 → raw with `qemu-img convert` (into the step's scratch dir), GPT parsed with the `gpt`
 //! crate, every ext4 partition opened read-only with `ext4-view`. The root filesystem is the one
 //! holding `/usr`; a separate `/boot` partition (noble has one) is walked in place of the empty
@@ -13,7 +17,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use ext4_view::{Ext4, Ext4Read, Metadata};
@@ -24,23 +28,30 @@ use super::modules::{self, ModuleSet, ModulesInfo};
 use super::recipe::UbuntuSource;
 use super::rootfs::{Facts, Meta, RootfsInfo, RootfsWriter};
 use super::{write_json, Job, KERNEL_JSON, ROOTFS_JSON};
-use crate::fetch::Fetch;
+use crate::fetch::{Fetch, Fetcher};
+use crate::lock::{Lock, LockedInput};
 use crate::pin::{Mirror, Pin};
-use crate::store::StepOutputs;
+use crate::store::{StepOutputs, Store};
 use crate::ui::Ui;
 
 /// Bump when [`step`] makes something else from the same image.
 const STEP_VERSION: u32 = 2;
 
-/// The pull of an Ubuntu recipe: one step from the pinned image (and its SHA256SUMS) to rootfs,
-/// kernel and modules archive, keyed by the pins and the options.
+/// The pins of a release besides its image: the checksums and their signature.
+pub const SUMS: &str = "SHA256SUMS";
+pub const SUMS_SIGNATURE: &str = "SHA256SUMS.gpg";
+
+/// The pull of an Ubuntu recipe: one step from the pinned image (and its signed SHA256SUMS) to
+/// rootfs, kernel and modules archive, keyed by the pins, the keyring and the options.
 pub(super) fn step(job: &Job, u: &UbuntuSource, pins: &[Pin]) -> Result<StepOutputs> {
+    let keyring = Keyring::of(u)?;
     let mut step = job
         .store
         .step("distro-ubuntu", STEP_VERSION)
         .param("arch", job.arch)
         .param("modules", job.modules)
-        .param("source_date_epoch", job.epoch);
+        .param("source_date_epoch", job.epoch)
+        .input("keyring", &keyring.digest()?);
     for p in pins {
         step = step.input(&p.name, &p.sha256);
     }
@@ -49,25 +60,45 @@ pub(super) fn step(job: &Job, u: &UbuntuSource, pins: &[Pin]) -> Result<StepOutp
         // Before any download: a missing tool should not cost a 600 MB fetch first.
         crate::hostdeps::ensure(&crate::hostdeps::UBUNTU_PULL)?;
         let mirror = job.mirror.map(|m| Mirror::new(&u.mirror, m));
-        let fetches: Vec<Fetch> = pins
-            .iter()
-            .map(|p| Fetch {
-                gone_hint: Some(format!(
-                    "Ubuntu deletes old release serials: pick a current serial in the recipe and run `{}`",
-                    job.relock()
-                )),
-                ..p.to_fetch(job.label(&p.name), mirror.as_ref(), &job.relock())
-            })
-            .collect();
-        job.fetcher.fetch_all(&fetches)?;
         let pin = |name: &str| {
             pins.iter()
                 .find(|p| p.name == name)
-                .with_context(|| format!("the lock has no pin for {name}"))
+                .with_context(|| format!("the lock has no pin for {name}: run `{}`", job.relock()))
         };
-        let sums = job.store.read(&pin("SHA256SUMS")?.sha256)?;
+        let fetch = |names: &[&str]| -> Result<()> {
+            let fetches = names
+                .iter()
+                .map(|name| {
+                    Ok(Fetch {
+                        gone_hint: Some(format!(
+                            "Ubuntu deletes old release serials: pick a current serial in the recipe and run `{}`",
+                            job.relock()
+                        )),
+                        ..pin(name)?.to_fetch(job.label(name), mirror.as_ref(), &job.relock())
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            job.fetcher.fetch_all(&fetches).map(|_| ())
+        };
+        // The small signed files first: a release that is not Ubuntu's costs no image download.
+        fetch(&[SUMS, SUMS_SIGNATURE])?;
+        let sums_pin = pin(SUMS)?;
+        let sums = job.store.read(&sums_pin.sha256)?;
+        let signature = job.store.read(&pin(SUMS_SIGNATURE)?.sha256)?;
+        verify_sums(
+            &sums,
+            &signature,
+            &keyring.path(job.store, job.fetcher)?,
+            &sums_pin.url,
+        )?;
         let image = pin(image_name)?;
-        check_sums(&String::from_utf8_lossy(&sums), image_name, &image.sha256)?;
+        check_sums(
+            &String::from_utf8_lossy(&sums),
+            image_name,
+            &image.sha256,
+            &job.relock(),
+        )?;
+        fetch(&[image_name])?;
         let scratch = out.parent().context("step output dir has a parent")?;
         let x = extract(
             &job.store.blob_path(&image.sha256),
@@ -83,19 +114,92 @@ pub(super) fn step(job: &Job, u: &UbuntuSource, pins: &[Pin]) -> Result<StepOutp
     })
 }
 
-/// The image's line in the release's `SHA256SUMS` must name `image_sha256` (the lock's pin).
-pub fn check_sums(sums: &str, image: &str, image_sha256: &str) -> Result<()> {
-    let listed = sums.lines().find_map(|line| {
+/// Where Debian's `ubuntu-keyring` package keeps the key that signs the cloud images' sums.
+const CLOUDIMAGE_KEYRING: &str = "usr/share/keyrings/ubuntu-cloudimage-keyring.gpg";
+
+/// The keyring `SHA256SUMS.gpg` must verify against.
+pub enum Keyring {
+    /// Ubuntu's cloud-image key inside the `ubuntu-keyring` package `recipes/pxelab.lock` pins
+    /// (bookworm has no such package to install on the host; trixie's is pinned).
+    Pinned(Box<LockedInput>),
+    /// The recipe's `keyring`.
+    File(PathBuf),
+}
+
+impl Keyring {
+    pub fn of(u: &UbuntuSource) -> Result<Keyring> {
+        Ok(match &u.keyring {
+            Some(path) => Keyring::File(path.clone()),
+            None => Keyring::Pinned(Box::new(
+                Lock::load_default()?
+                    .get("keyrings", "all", "ubuntu-keyring")?
+                    .clone(),
+            )),
+        })
+    }
+
+    /// What identifies the trusted keys in a step key: the pinned package's digest, or the
+    /// file's.
+    fn digest(&self) -> Result<String> {
+        match self {
+            Keyring::Pinned(input) => Ok(input.pin.sha256.clone()),
+            Keyring::File(path) => crate::store::hash_file(path).with_context(|| {
+                format!(
+                    "cannot read the keyring {} that the Ubuntu recipe names",
+                    path.display()
+                )
+            }),
+        }
+    }
+
+    /// The keyring as a file for gpgv: the recipe's, or the key taken out of the pinned
+    /// package (fetched if need be) into the store.
+    pub fn path(&self, store: &Store, fetcher: &Fetcher) -> Result<PathBuf> {
+        match self {
+            Keyring::File(path) => Ok(path.clone()),
+            Keyring::Pinned(input) => {
+                let deb = crate::fetch::ensure(fetcher, &input.to_fetch())?;
+                let key = pxelab_debian::Deb::open(&deb)?
+                    .read_data_file(CLOUDIMAGE_KEYRING)
+                    .with_context(|| {
+                        format!(
+                            "the pinned {} has no {CLOUDIMAGE_KEYRING}: pin another version in \
+                             recipes/keyrings.toml",
+                            input.label()
+                        )
+                    })?;
+                let digest = store.insert_bytes(&key)?;
+                Ok(store.blob_path(&digest))
+            }
+        }
+    }
+}
+
+/// Checks the release's `SHA256SUMS` (fetched from `url`) against its detached signature.
+pub fn verify_sums(sums: &[u8], signature: &[u8], keyring: &Path, url: &str) -> Result<()> {
+    pxelab_debian::release::verify_detached(sums, signature, keyring, url).with_context(|| {
+        format!("{url} is not signed by the release's key: the mirror serves a tampered or foreign release")
+    })
+}
+
+/// The digest `SHA256SUMS` lists for `image`, lowercase.
+pub fn listed_digest(sums: &str, image: &str) -> Option<String> {
+    sums.lines().find_map(|line| {
         let (digest, name) = line.split_once(char::is_whitespace)?;
         (name.trim().trim_start_matches('*') == image).then(|| digest.to_ascii_lowercase())
-    });
-    match listed {
+    })
+}
+
+/// The image's line in the release's `SHA256SUMS` must name `image_sha256` (the lock's pin);
+/// `relock` is the command that pins the distro again.
+pub fn check_sums(sums: &str, image: &str, image_sha256: &str, relock: &str) -> Result<()> {
+    match listed_digest(sums, image) {
         None => {
             bail!("SHA256SUMS does not list {image}: the release serial or image name is wrong")
         }
         Some(d) if d != image_sha256 => bail!(
             "SHA256SUMS says {image} has sha256 {d}, the lock pins {image_sha256}: the mirror's \
-             release differs from the pinned one (run `cargo xtask lock` to re-pin)"
+             release differs from the pinned one (run `{relock}` to re-pin)"
         ),
         Some(_) => Ok(()),
     }
@@ -468,14 +572,57 @@ mod tests {
             "{d} *noble-server-cloudimg-amd64.img\n{} other.img\n",
             "cd".repeat(32)
         );
-        check_sums(&sums, "noble-server-cloudimg-amd64.img", &d).unwrap();
-        let err =
-            check_sums(&sums, "noble-server-cloudimg-amd64.img", &"ef".repeat(32)).unwrap_err();
+        let relock = "cargo xtask distro lock ubuntu-24.04";
+        check_sums(&sums, "noble-server-cloudimg-amd64.img", &d, relock).unwrap();
+        let err = check_sums(
+            &sums,
+            "noble-server-cloudimg-amd64.img",
+            &"ef".repeat(32),
+            relock,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("the lock pins"), "{err}");
-        let err = check_sums(&sums, "missing.img", &d).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("(run `cargo xtask distro lock ubuntu-24.04` to re-pin)"),
+            "the fix names the distro lock verb: {err}"
+        );
+        let err = check_sums(&sums, "missing.img", &d, relock).unwrap_err();
         assert!(
             err.to_string().contains("does not list missing.img"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn sys_the_pinned_keyring_is_ubuntus_cloud_image_key() {
+        let cache = tempfile::tempdir().unwrap();
+        let store = Store::open(cache.path()).unwrap();
+        let fetcher = Fetcher::new(&store, Ui::plain()).unwrap();
+        let u = UbuntuSource {
+            codename: "noble".into(),
+            serial: "20250115".into(),
+            mirror: "https://cloud-images.ubuntu.com".into(),
+            keyring: None,
+        };
+        let keyring = Keyring::of(&u)
+            .unwrap()
+            .path(&store, &fetcher)
+            .expect("the pinned ubuntu-keyring downloads from Debian's mirror");
+        let sh = xshell::Shell::new().unwrap();
+        let home = tempfile::tempdir().unwrap();
+        let home = home.path();
+        let keys = crate::process::read(xshell::cmd!(
+            sh,
+            "gpg --homedir {home} --show-keys --with-colons {keyring}"
+        ))
+        .expect("gpg lists the keyring (apt-get install gpg)");
+        // "UEC Image Automatic Signing Key <cdimage@ubuntu.com>", which signs every release's
+        // SHA256SUMS on cloud-images.ubuntu.com.
+        assert!(
+            keys.lines()
+                .any(|l| l == "fpr:::::::::D2EB44626FDDC30B513D5BB71A5D6C4C7DB87C81:"),
+            "{keys}"
         );
     }
 
