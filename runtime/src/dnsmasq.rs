@@ -207,6 +207,22 @@ pub fn parse_ack(line: &str) -> Option<(Mac, Ipv4Addr)> {
     Some((mac, ip))
 }
 
+/// The unexpired `(mac, ip)` leases of dnsmasq's lease file (`<expiry> <mac> <ip> <name>
+/// <client id>` per line, expiry 0 for infinite), so a restarted stack knows the addresses
+/// its machines already have.
+pub fn read_leases(path: &Path, now_secs: u64) -> Vec<(Mac, Ipv4Addr)> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let expiry: u64 = words.next()?.parse().ok()?;
+            let mac = words.next()?.parse().ok()?;
+            let ip = words.next()?.parse().ok()?;
+            (expiry == 0 || expiry > now_secs).then_some((mac, ip))
+        })
+        .collect()
+}
+
 /// Follows dnsmasq's log from where it ended when the follower was made.
 pub struct LogFollower {
     path: PathBuf,
@@ -293,6 +309,29 @@ mod tests {
         ] {
             assert_eq!(parse_ack(line), None, "{line}");
         }
+    }
+
+    #[test]
+    fn lease_file_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases");
+        fs::write(
+            &path,
+            "2000 52:54:00:aa:bb:01 10.0.0.5 t1 01:52:54:00:aa:bb:01\n\
+             1000 52:54:00:aa:bb:02 10.0.0.6 t2 *\n\
+             0 52:54:00:aa:bb:03 10.0.0.7 * *\n\
+             duid 00:01:00:01\n",
+        )
+        .unwrap();
+        let found: Vec<String> = read_leases(&path, 1500)
+            .iter()
+            .map(|(mac, ip)| format!("{mac} {ip}"))
+            .collect();
+        assert_eq!(
+            found,
+            ["52:54:00:aa:bb:01 10.0.0.5", "52:54:00:aa:bb:03 10.0.0.7"]
+        );
+        assert!(read_leases(&dir.path().join("none"), 0).is_empty());
     }
 
     #[test]

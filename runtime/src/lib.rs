@@ -13,6 +13,7 @@
 //! Invariant: nothing here writes outside the state directory, except the diskless roots
 //! ([`nfsroot`]), which are unpacked next to the distro archive they come from.
 
+pub mod access;
 pub mod child;
 pub mod cloudinit;
 pub mod dnsmasq;

@@ -21,7 +21,7 @@ Layout under --data-dir (each directory can be moved with its own flag):
 Examples:
   # Only the HTTP boot handler, unprivileged, on a high port:
   pxelab-stack --data-dir ~/.pxelab --no-dnsmasq --listen 127.0.0.1:8080
-  curl http://127.0.0.1:8080/status
+  curl --unix-socket ~/.pxelab/state/control.sock http://stack/status
 
   # The whole stack on a lab interface (as root or inside the lab's network namespace):
   pxelab-stack --data-dir /srv/pxelab --interface br-lab --server-ip 10.77.0.1/24
@@ -29,11 +29,14 @@ Examples:
   # Reinstall VM web-1 at its next network boot (on the control socket: the stack's user only):
   curl --unix-socket /srv/pxelab/state/control.sock -X POST http://stack/vms/web-1/reprovision
 
-HTTP endpoints: GET /healthz, /status, /boot.ipxe, /ipxe?mac=<mac>, /config/<mac>,
-/cloud-init/<name>/{meta-data,user-data,network-config,vendor-data}, /vms/<name>/timeline,
-/images/..., /initrds/... (Range, HEAD), /nfsroot/overlay.cpio, /nfsroot/<distro>/<arch>/initrd.img;
-POST /events/<mac>. The same API is served on <state>/control.sock (mode 0600), which alone
-also serves POST /vms/<name>/reprovision.
+HTTP endpoints: GET /healthz, /boot.ipxe, /ipxe?mac=<mac>, /config/<mac>?token=<token>,
+/cloud-init/<name>/{meta-data,user-data,network-config,vendor-data}, /images/..., /initrds/...
+(Range, HEAD), /nfsroot/overlay.cpio, /nfsroot/<distro>/<arch>/initrd.img;
+POST /events/<mac>?token=<token>. /ipxe hands each install or diskless boot a new token (only to
+the VM's own address: its \"ip\", else its DHCP lease) inside the URLs it gives the machine; /config
+and /events accept only that. The same API is served on <state>/control.sock (mode 0600), where
+no token is needed and which alone also serves GET /status, /vms/<name>/timeline and
+POST /vms/<name>/reprovision.
 VMs with \"boot\": \"nfsroot\" boot diskless: the stack unpacks their distro's rootfs once and
 exports it read-only over NFSv4 with nfs-ganesha (port 2049, on every address of the network
 namespace it runs in: run it in the lab's); each boot writes to its own tmpfs overlay.
@@ -89,7 +92,8 @@ struct Args {
     /// Run only the HTTP handler; DHCP/TFTP are someone else's job.
     #[arg(long, env = "PXELAB_NO_DNSMASQ")]
     no_dnsmasq: bool,
-    /// Serve cloud-init documents to any client, not only the VM's reserved IP (debugging).
+    /// Hand out boots (with their tokens) and cloud-init documents to any client, not only the
+    /// VM's own address (debugging, benchmarks).
     #[arg(long, env = "PXELAB_NO_IP_CHECK")]
     no_ip_check: bool,
     /// The dnsmasq binary.

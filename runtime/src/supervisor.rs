@@ -29,6 +29,7 @@ use std::{
 use pxelab_contract::{Event, Phase, CONTROL_SOCKET};
 
 use crate::{
+    access::Leases,
     child::{self, Supervised},
     dnsmasq::{self, DnsmasqSettings},
     events::EventStore,
@@ -95,6 +96,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         .clone()
         .zip(roots.clone())
         .map(|(settings, roots)| NfsRun::new(settings, roots));
+    let leases = Arc::new(Leases::default());
     let watch = handler::watch_stores(&vms, &catalog);
     let watched = watch.is_some();
     let context = Context {
@@ -104,12 +106,13 @@ pub fn run(opts: Options) -> Result<(), String> {
         watch,
         advertise: opts.advertise.clone(),
         ip_check: opts.ip_check,
+        leases: leases.clone(),
         domain: opts.domain.clone(),
         nfs: roots,
     };
 
     let mut dns = match &opts.dnsmasq {
-        Some((binary, settings)) => Some(DnsmasqRun::prepare(binary, settings, &vms)?),
+        Some((binary, settings)) => Some(DnsmasqRun::prepare(binary, settings, &vms, &leases)?),
         None => None,
     };
 
@@ -179,7 +182,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         }
         if let Some(d) = dns.as_mut() {
             d.watch();
-            d.record_leases(&vms, &events);
+            d.record_leases(&vms, &events, &leases);
         }
         if std::process::id() == 1 {
             let own: Vec<u32> = [
@@ -280,10 +283,12 @@ struct DnsmasqRun {
 }
 
 impl DnsmasqRun {
+    /// Checks and writes what dnsmasq needs; `leases` learns the leases it already gave.
     fn prepare(
         binary: &Path,
         settings: &DnsmasqSettings,
         vms: &VmStore,
+        leases: &Leases,
     ) -> Result<DnsmasqRun, String> {
         let found = child::find_binary(binary).ok_or_else(|| {
             format!(
@@ -319,6 +324,9 @@ impl DnsmasqRun {
                 settings.work_dir.display()
             )
         })?;
+        for (mac, ip) in dnsmasq::read_leases(&settings.leases_path(), crate::now_ms() / 1000) {
+            leases.set(mac, ip);
+        }
         Ok(DnsmasqRun {
             binary: found,
             settings: settings.clone(),
@@ -353,8 +361,9 @@ impl DnsmasqRun {
         }
     }
 
-    /// A `dhcp` event for every lease dnsmasq acknowledged since the last call.
-    fn record_leases(&mut self, vms: &VmStore, events: &EventStore) {
+    /// A `dhcp` event for every lease dnsmasq acknowledged since the last call; `leases` keeps
+    /// the address.
+    fn record_leases(&mut self, vms: &VmStore, events: &EventStore, leases: &Leases) {
         let acks: Vec<_> = self
             .log
             .new_lines()
@@ -366,6 +375,7 @@ impl DnsmasqRun {
         }
         let set = vms.current();
         for (mac, ip) in acks {
+            leases.set(mac, ip);
             if let Some(vm) = set.by_mac(mac) {
                 let event = Event {
                     phase: Phase::Dhcp,

@@ -17,7 +17,7 @@ use pxelab_contract::Arch;
 use pxelab_runtime::{
     images::Catalog,
     nfsroot::{self, NfsRoots, RootStatus},
-    server::{Server, ServerOptions},
+    server::ServerOptions,
 };
 
 /// A stack whose distro `debian-12` has a real rootfs, a diskless VM on MAC [`MAC`], and the
@@ -40,22 +40,17 @@ fn diskless_stack(rootfs: &[u8], manifest_sha: Option<&str>) -> (Stack, Arc<NfsR
     def["boot"] = "nfsroot".into();
     std::fs::write(&vm, def.to_string()).unwrap();
 
-    s.server.take().unwrap().shutdown();
+    s.stop();
     let mut context = Stack::context(s.root(), true);
     let roots = NfsRoots::new(context.catalog.clone());
     context.nfs = Some(roots.clone());
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = Server::start(
-        listener,
-        Arc::new(context),
+    s.serve(
+        context,
         ServerOptions {
             access_log: false,
             ..ServerOptions::default()
         },
-    )
-    .unwrap();
-    s.addr = server.local_addr();
-    s.server = Some(server);
+    );
     (s, roots)
 }
 
@@ -103,7 +98,7 @@ fn diskless_boot_waits_for_the_export_then_boots_from_it() {
         "{text}"
     );
     // Retries are not boots: nothing on the timeline yet.
-    assert_eq!(s.get("/vms/t1/timeline").json(), serde_json::json!([]));
+    assert_eq!(s.control_json("/vms/t1/timeline"), serde_json::json!([]));
 
     let export = wait_unpacked(&roots).expect("unpack failed");
     let sha = sha256_of(&rootfs);
@@ -141,15 +136,14 @@ fn diskless_boot_waits_for_the_export_then_boots_from_it() {
         "ds=nocloud-net;s=http://pxe.test/cloud-init/t1/",
         // cloud-init must not run a DHCP client on the NIC that carries the root.
         " network-config=disabled ",
-        "pxelab.events=http://pxe.test/events/52:54:00:aa:bb:01",
         "initrd --name initrd.img http://pxe.test/nfsroot/debian-12/x86_64/initrd.img",
         "initrd --name pxelab-nfsroot.cpio http://pxe.test/nfsroot/overlay.cpio",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
-    let timeline = s.get("/vms/t1/timeline").json();
+    let timeline = s.control_json("/vms/t1/timeline");
     assert_eq!(timeline[0]["phase"], "ipxe", "{timeline}");
-    assert_eq!(s.get("/status").json()["vms"][0]["state"], "booting");
+    assert_eq!(s.control_json("/status")["vms"][0]["state"], "booting");
 
     // The files that script names.
     let r = s.get("/nfsroot/debian-12/x86_64/initrd.img");
@@ -163,14 +157,14 @@ fn diskless_boot_waits_for_the_export_then_boots_from_it() {
     assert!(s.get("/nfsroot/debian-12/riscv/initrd.img").status == 404);
     assert!(s.get("/nfsroot/ubuntu-24.04/x86_64/initrd.img").status == 404);
 
-    // The initramfs reports the mounted root; the VM stays "booting" (nothing to install).
-    let r = s.send(
-        "POST",
-        &format!("/events/{MAC}"),
-        br#"{"phase":"nfs-root","message":"root mounted"}"#,
-    );
+    // The initramfs reports the mounted root with the boot's token; the VM stays "booting"
+    // (nothing to install).
+    let events = format!("pxelab.events=http://pxe.test/events/{MAC}?token=");
+    assert!(text.contains(&events), "{text}");
+    let token = common::token_in(&text).unwrap();
+    let r = s.post_event(&token, r#"{"phase":"nfs-root","message":"root mounted"}"#);
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(s.get("/status").json()["vms"][0]["state"], "booting");
+    assert_eq!(s.control_json("/status")["vms"][0]["state"], "booting");
     // A restart of the stack finds the export and does not unpack again.
     let again = NfsRoots::new(Arc::new(Catalog::new(
         s.root().join("images"),

@@ -143,6 +143,18 @@ pub enum VmState {
     Failed,
 }
 
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::New => "new",
+            VmState::Booting => "booting",
+            VmState::Installing => "installing",
+            VmState::Installed => "installed",
+            VmState::Failed => "failed",
+        })
+    }
+}
+
 impl VmState {
     /// The state after `phase` was recorded. This is the whole state machine:
     /// `new → booting → installing → installed | failed`; a new network boot into the installer
