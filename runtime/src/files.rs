@@ -79,10 +79,7 @@ pub fn serve(root: &Path, segments: &[String], range: Option<&str>, if_range: bo
     let Ok(root) = root.canonicalize() else {
         return Response::line(
             404,
-            &format!(
-                "no such file: {shown} (the served directory {} does not exist)",
-                root.display()
-            ),
+            &format!("no such file: {shown} (the served directory does not exist)"),
         );
     };
     let joined: PathBuf = segments.iter().fold(root.clone(), |p, s| p.join(s));

@@ -12,11 +12,11 @@ Layout under --data-dir (each directory can be moved with its own flag):
   vms/<name>.json                      VM definitions (name, arch, distro, mac, ip, ssh_key, ...)
   vms/<name>.noreboot                  optional: the installer stays up after installing
   images/<distro>/<arch>/              vmlinuz, modules.cpio.zst, rootfs.tar.zst, manifest.json
-  images/<distro>/<arch>/nfsroot-<sha>/ the unpacked rootfs diskless VMs boot from (made by the stack)
   initrds/<arch>/initrd.img            the installer initrd
   tftp/                                ipxe.efi, ipxe-arm64.efi, undionly.kpxe (dnsmasq's TFTP root)
   state/                               snapshot.jsonl, journal-<n>.jsonl (every VM's state and timeline),
-                                       control.sock, dnsmasq/ (config, leases, log), nfs/ (ganesha.conf, ganesha.log)
+                                       control.sock, dnsmasq/ (config, leases, log), nfs/ (ganesha.conf, ganesha.log),
+                                       nfsroot/<distro>/<arch>/<sha>/ (mode 0700: the unpacked rootfs diskless VMs boot from)
 
 Examples:
   # Only the HTTP boot handler, unprivileged, on a high port:

@@ -37,7 +37,7 @@ use crate::{
     images::Catalog,
     log,
     nfs::{self, Export, NfsSettings},
-    nfsroot::NfsRoots,
+    nfsroot::{self, NfsRoots},
     server::{Server, ServerOptions},
     signals,
     vms::VmStore,
@@ -90,7 +90,11 @@ pub fn run(opts: Options) -> Result<(), String> {
         opts.images_dir.clone(),
         opts.initrds_dir.clone(),
     ));
-    let roots = opts.nfs.as_ref().map(|_| NfsRoots::new(catalog.clone()));
+    nfsroot::remove_legacy_exports(&opts.images_dir);
+    let roots = opts
+        .nfs
+        .as_ref()
+        .map(|_| NfsRoots::new(catalog.clone(), opts.state_dir.join("nfsroot")));
     let mut nfs = opts
         .nfs
         .clone()
@@ -466,10 +470,11 @@ impl NfsRun {
         self.listening = false;
         let (settings, exports) = (&self.settings, &self.exports);
         let started = self.child.start(|| {
+            // Shown on the targets' consoles too: the program's name, not its host path.
             let binary = child::find_binary(&settings.binary).ok_or_else(|| {
                 format!(
                     "{} not found: diskless VMs cannot boot; apt-get install nfs-ganesha nfs-ganesha-vfs, or pass --ganesha PATH",
-                    settings.binary.display()
+                    settings.binary.file_name().unwrap_or_default().to_string_lossy()
                 )
             })?;
             let conf = nfs::render_conf(settings, exports);

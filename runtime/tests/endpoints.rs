@@ -138,6 +138,25 @@ fn ipxe_says_when_the_distro_is_not_pulled() {
     .unwrap();
     let r = s.get(&format!("/ipxe?mac={MAC}"));
     r.assert_told_to_wait_because("run `cargo xtask build-stack`");
+    // Replies name what is missing as the operator knows it, never a host path.
+    let host = s.root().to_str().unwrap();
+    assert!(!r.text().contains(host), "{}", r.text());
+    std::fs::write(s.root().join("initrds/x86_64/initrd.img"), b"i").unwrap();
+    let token = s.boot();
+    std::fs::remove_file(s.root().join("images/debian-12/x86_64/manifest.json")).unwrap();
+    std::fs::remove_file(s.root().join("images/debian-12/x86_64/vmlinuz")).unwrap();
+    for target in [
+        format!("/config/{MAC}?token={token}"),
+        format!("/ipxe?mac={MAC}"),
+    ] {
+        let r = s.get(&target);
+        assert!(
+            r.text().contains("images/debian-12/x86_64/"),
+            "{}",
+            r.text()
+        );
+        assert!(!r.text().contains(host), "{target}: {}", r.text());
+    }
 }
 
 /// Boot once: the installer until an `installed` event, the local disk after it, also after a

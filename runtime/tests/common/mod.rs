@@ -91,7 +91,10 @@ impl Stack {
             ip_check,
             leases: Arc::default(),
             domain: "pxelab.local".into(),
-            nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(catalog.clone())),
+            nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(
+                catalog.clone(),
+                root.join("state/nfsroot"),
+            )),
         }
     }
 
