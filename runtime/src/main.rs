@@ -115,10 +115,13 @@ struct Args {
         value_name = "PATH"
     )]
     ganesha: PathBuf,
-    /// Most HTTP connections open at once; more are answered 503.
+    /// Most HTTP connections open at once, an eighth of them from one client address; when
+    /// full, the connection idle longest is closed for a new one, and only when none is idle are
+    /// more answered 503.
     #[arg(long, default_value_t = 512, value_name = "N")]
     max_connections: usize,
-    /// Seconds a client has to send a complete request (and that an idle connection is kept).
+    /// Seconds a client has to send a complete request (and that an idle connection is kept);
+    /// a request head must be complete within 3 s of its first byte.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     request_timeout: u64,
     /// Do not log one line per HTTP request.
@@ -202,6 +205,7 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
         domain: a.domain.clone(),
         server: ServerOptions {
             max_connections: a.max_connections.max(1),
+            max_per_client: (a.max_connections / 8).max(1),
             request_timeout: Duration::from_secs(a.request_timeout.max(1)),
             access_log: !a.no_access_log,
             ..ServerOptions::default()

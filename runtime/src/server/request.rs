@@ -81,31 +81,57 @@ pub(super) fn complete(buf: &[u8]) -> bool {
         Ok(httparse::Status::Partial) => return buf.len() >= MAX_HEAD,
         Err(_) => return true,
     };
-    let length = parsed
+    let lengths = parsed
         .headers
         .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .map(|h| {
-            std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-        });
-    match length {
-        None => true,
-        Some(None) => true,
-        Some(Some(n)) => n > MAX_BODY || buf.len() - head >= n,
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| h.value);
+    match content_length(lengths) {
+        Ok(None) | Err(_) => true,
+        Ok(Some(n)) => n > MAX_BODY || buf.len() - head >= n,
     }
 }
 
+/// The body length the `Content-Length` values announce. RFC 9112 §6.3: a repeated or
+/// malformed one makes the framing ambiguous (a proxy in front could read it otherwise), so it
+/// is an error; only plain digits count (no sign, no list).
+pub(super) fn content_length<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<usize>, String> {
+    let mut found = None;
+    for value in values {
+        if found.is_some() {
+            return Err("more than one Content-Length".into());
+        }
+        let text = String::from_utf8_lossy(value);
+        let v = text.trim_matches([' ', '\t']);
+        let n = (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| v.parse::<usize>().ok())
+            .flatten()
+            .ok_or_else(|| format!("invalid Content-Length {:?}", clip(&text)))?;
+        found = Some(n);
+    }
+    Ok(found)
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
 /// Reads until `pending` holds a complete head, then the body; leaves pipelined bytes there.
+/// `limits`: when the whole request must be in, and how long its head may take from its first
+/// byte (the wait for that first byte is bounded by the deadline alone: an idle keep-alive).
 pub(super) fn read_request(
     stream: &mut impl Conn,
     pending: &mut Pending,
-    deadline: Instant,
+    limits: (Instant, Duration),
     peer: IpAddr,
     local: SocketAddr,
     channel: Channel,
 ) -> Result<Request, Stop> {
+    let (deadline, head_timeout) = limits;
+    let head_deadline = |started: Instant| deadline.min(started + head_timeout);
+    let mut head_by = (!pending.buf.is_empty()).then(|| head_deadline(Instant::now()));
     let head_len = loop {
         if !pending.buf.is_empty() {
             let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -128,9 +154,11 @@ pub(super) fn read_request(
                 ));
             }
         }
-        match read_some(stream, pending, deadline, MAX_HEAD) {
+        match read_some(stream, pending, head_by.unwrap_or(deadline), MAX_HEAD) {
             Ok(0) => return Err(Stop::Quiet),
-            Ok(_) => {}
+            Ok(_) => {
+                head_by.get_or_insert_with(|| head_deadline(Instant::now()));
+            }
             Err(e) if is_timeout(&e) && !pending.buf.is_empty() => {
                 return Err(Stop::Reply(408, "request not received in time".into()))
             }
@@ -182,12 +210,14 @@ pub(super) fn read_request(
             "chunked request bodies are not accepted: send a Content-Length".into(),
         ));
     }
-    let length = match request.header("content-length") {
-        None => 0,
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| Stop::Reply(400, format!("invalid Content-Length {v:?}")))?,
-    };
+    let lengths = request
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.as_bytes());
+    let length = content_length(lengths)
+        .map_err(|why| Stop::Reply(400, why))?
+        .unwrap_or(0);
     if length > MAX_BODY {
         return Err(Stop::Reply(
             413,
