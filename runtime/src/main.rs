@@ -71,16 +71,17 @@ struct Args {
     /// iPXE first-stage binaries, dnsmasq's TFTP root [default: <data-dir>/tftp]
     #[arg(long, env = "PXELAB_TFTP_DIR", value_name = "DIR")]
     tftp_dir: Option<PathBuf>,
-    /// HTTP listen address [default: <server-ip>:80 when --server-ip is given (only the lab
-    /// network sees the files), else 0.0.0.0:80]. Port 80 because firmware and iPXE are handed
-    /// plain http://<server>/ URLs.
+    /// HTTP listen address [default: <server-ip>:80; one of the two is required, so only the
+    /// network chosen sees the files]. Port 80 because firmware and iPXE are handed plain
+    /// http://<server>/ URLs.
     #[arg(long, env = "PXELAB_LISTEN", value_name = "IP:PORT")]
     listen: Option<SocketAddr>,
     /// Network interface dnsmasq serves (required unless --no-dnsmasq).
     #[arg(long, env = "PXELAB_INTERFACE", value_name = "IFACE")]
     interface: Option<String>,
     /// The stack's IPv4 address on --interface, with the lab's prefix length (default /24).
-    /// Used in DHCP answers and in URLs when a client sends no usable Host header.
+    /// Used in DHCP answers, in URLs when a client sends no usable Host header, and as the only
+    /// subnet the NFS exports answer (diskless boots need it).
     #[arg(long, env = "PXELAB_SERVER_IP", value_name = "IP[/PREFIX]")]
     server_ip: Option<String>,
     /// DNS domain of the lab: every VM resolves as <name>.<domain>.
@@ -104,7 +105,8 @@ struct Args {
         value_name = "PATH"
     )]
     dnsmasq: PathBuf,
-    /// Do not run the NFS server: VMs with boot mode nfsroot are answered 503.
+    /// Do not run the NFS server (it also does not run without --server-ip): VMs with boot mode
+    /// nfsroot are told why on their console.
     #[arg(long, env = "PXELAB_NO_NFS")]
     no_nfs: bool,
     /// The nfs-ganesha daemon (started only while diskless VMs exist).
@@ -144,12 +146,16 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
     let sub = |given: Option<PathBuf>, name: &str| given.unwrap_or_else(|| a.data_dir.join(name));
     let state_dir = sub(a.state_dir.clone(), "state");
     let server_ip = a.server_ip.as_deref().map(parse_cidr).transpose()?;
-    let listen = a.listen.unwrap_or_else(|| {
-        let ip = server_ip
-            .map(|(ip, _)| ip)
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-        SocketAddr::from((ip, 80))
-    });
+    // Never every address by default: a host's other networks must not see the boot files.
+    let listen = match (a.listen, server_ip) {
+        (Some(listen), _) => listen,
+        (None, Some((ip, _))) => SocketAddr::from((ip, 80)),
+        (None, None) => {
+            return Err(
+                "no address to listen on: pass --server-ip (the stack's address on the lab network, e.g. 10.77.0.1/24) or --listen IP:PORT".into(),
+            )
+        }
+    };
     let port_suffix = if listen.port() == 80 {
         String::new()
     } else {
@@ -189,11 +195,15 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
             a.domain
         ));
     }
-    let nfs = (!a.no_nfs).then(|| NfsSettings {
-        binary: a.ganesha.clone(),
-        work_dir: state_dir.join("nfs"),
-        port: 2049,
-    });
+    // The exports answer the lab subnet only, so without one there is no NFS server.
+    let nfs = server_ip
+        .filter(|_| !a.no_nfs)
+        .map(|(ip, prefix)| NfsSettings {
+            binary: a.ganesha.clone(),
+            work_dir: state_dir.join("nfs"),
+            port: 2049,
+            clients: format!("{}/{prefix}", network(ip, prefix)),
+        });
     Ok(supervisor::Options {
         listen,
         vms_dir: sub(a.vms_dir.clone(), "vms"),
@@ -213,6 +223,12 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
         dnsmasq,
         nfs,
     })
+}
+
+/// The network address of `ip/prefix`.
+fn network(ip: std::net::Ipv4Addr, prefix: u8) -> std::net::Ipv4Addr {
+    let mask = u32::MAX << (32 - u32::from(prefix));
+    std::net::Ipv4Addr::from(u32::from(ip) & mask)
 }
 
 fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {

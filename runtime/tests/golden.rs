@@ -132,11 +132,12 @@ fn ganesha_conf() {
         binary: "ganesha.nfsd".into(),
         work_dir: "/var/lib/pxelab/state/nfs".into(),
         port: 2049,
+        clients: "10.77.0.0/24".into(),
     };
     let export = |distro: &str, arch: Arch| nfs::Export {
         distro: distro.into(),
         arch,
-        path: format!("/var/lib/pxelab/images/{distro}/{arch}/nfsroot-0123456789abcdef").into(),
+        path: format!("/var/lib/pxelab/state/nfsroot/{distro}/{arch}/0123456789abcdef").into(),
     };
     // Input order does not matter; the rendering is sorted by pseudo path.
     check(

@@ -227,6 +227,7 @@ fn diskless_vm_without_ganesha_is_told_what_to_install() {
         .arg("--data-dir")
         .arg(&root)
         .args(["--no-dnsmasq", "--listen", "127.0.0.1:0"])
+        .args(["--server-ip", "127.0.0.1/8"])
         .args(["--ganesha", "/nonexistent/ganesha.nfsd"])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -142,7 +142,7 @@ impl Context {
             return Response::line(
                 503,
                 &format!(
-                    "VM {} boots diskless (boot: nfsroot) but this stack runs without its NFS server; start pxelab-stack without --no-nfs",
+                    "VM {} boots diskless (boot: nfsroot) but this stack runs without its NFS server; start pxelab-stack with --server-ip (the lab subnet it exports to) and without --no-nfs",
                     vm.name
                 ),
             );
@@ -218,7 +218,7 @@ impl Context {
         let Some(nfs) = &self.nfs else {
             return Response::line(
                 503,
-                "this stack runs without its NFS server (--no-nfs): no diskless boot files",
+                "this stack runs without its NFS server (--no-nfs, or no --server-ip): no diskless boot files",
             );
         };
         let Ok(arch) = arch.parse::<pxelab_contract::Arch>() else {
