@@ -176,6 +176,9 @@ pub fn run(opts: Options) -> Result<(), String> {
             if let (Some(d), true) = (dns.as_mut(), reload || now != generation) {
                 d.sync_hosts(&vms);
             }
+            if let Some(d) = dns.as_ref() {
+                d.sync_tftp();
+            }
             generation = now;
             if let Some(n) = nfs.as_mut() {
                 n.sync(&vms);
@@ -281,6 +284,8 @@ fn reap_orphans(own_children: &[u32]) {
 /// it sent SIGHUP) when the definitions change, restarted when it dies.
 struct DnsmasqRun {
     binary: PathBuf,
+    /// Started as nobody ([`dnsmasq::command`]).
+    unprivileged: bool,
     settings: DnsmasqSettings,
     child: Supervised,
     log: dnsmasq::LogFollower,
@@ -328,11 +333,22 @@ impl DnsmasqRun {
                 settings.work_dir.display()
             )
         })?;
+        let unprivileged = dnsmasq::prepare_work_dir(settings).map_err(|e| {
+            format!(
+                "cannot prepare {} for dnsmasq (TFTP files from {}): {e}",
+                settings.work_dir.display(),
+                settings.tftp_dir.display()
+            )
+        })?;
+        if !unprivileged {
+            log!("dnsmasq keeps this user's identity (a user namespace cannot map nobody)");
+        }
         for (mac, ip) in dnsmasq::read_leases(&settings.leases_path(), crate::now_ms() / 1000) {
             leases.set(mac, ip);
         }
         Ok(DnsmasqRun {
             binary: found,
+            unprivileged,
             settings: settings.clone(),
             child: Supervised::new("dnsmasq", settings.log_path()),
             log: dnsmasq::LogFollower::at_end(settings.log_path()),
@@ -340,9 +356,13 @@ impl DnsmasqRun {
     }
 
     fn start(&mut self) -> Result<(), String> {
-        let pid = self
-            .child
-            .start(|| Ok(dnsmasq::command(&self.binary, &self.settings)))?;
+        let pid = self.child.start(|| {
+            Ok(dnsmasq::command(
+                &self.binary,
+                &self.settings,
+                self.unprivileged,
+            ))
+        })?;
         log!(
             "dnsmasq started (pid {pid}, interface {}, config {}, log {})",
             self.settings.interface,
@@ -350,6 +370,18 @@ impl DnsmasqRun {
             self.settings.log_path().display()
         );
         Ok(())
+    }
+
+    /// Keeps dnsmasq's TFTP copy current (a new `build-stack` replaces the first stages).
+    fn sync_tftp(&self) {
+        match dnsmasq::sync_tftp(&self.settings.tftp_dir, &self.settings.tftp_copy()) {
+            Ok(true) => log!("TFTP files changed: dnsmasq serves the new ones"),
+            Ok(false) => {}
+            Err(e) => log!(
+                "cannot copy the TFTP files of {}: {e}",
+                self.settings.tftp_dir.display()
+            ),
+        }
     }
 
     fn sync_hosts(&mut self, vms: &VmStore) {
