@@ -412,3 +412,98 @@ fn check(rc: libc::c_int) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One entry as an attacker may write it: raw path bytes, any type, any link target.
+    /// Weighted toward what escapes: a link named `escape` to outside, then entries below it.
+    fn entry() -> impl Strategy<Value = (String, u8, String)> {
+        let part =
+            prop_oneof![4 => Just("escape"), 1 => Just("a"), 1 => Just(".."), 1 => Just(".")];
+        let path = proptest::collection::vec(part, 1..4).prop_map(|p| p.join("/"));
+        let kind = prop_oneof![
+            3 => Just(b'2'),
+            3 => Just(b'0'),
+            1 => Just(b'1'),
+            1 => Just(b'3'),
+            1 => Just(b'5'),
+            1 => Just(b'6'),
+        ];
+        let target = prop_oneof![
+            4 => Just("OUTSIDE"),
+            1 => Just("OUTSIDE/x"),
+            1 => Just(".."),
+            1 => Just("../.."),
+            1 => Just("escape/x"),
+        ];
+        (path, kind, target.prop_map(str::to_string))
+    }
+
+    fn archive(entries: &[(String, u8, String)], outside: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (path, kind, target) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(if *kind == b'0' { 3 } else { 0 });
+            h.set_mode(0o4755);
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            let old = h.as_old_mut();
+            old.linkflag = [*kind];
+            let name = path.as_bytes();
+            old.name[..name.len()].copy_from_slice(name);
+            let link = target.replace("OUTSIDE", outside);
+            old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+            h.set_cksum();
+            out.extend_from_slice(h.as_bytes());
+            if *kind == b'0' {
+                let mut block = [0u8; 512];
+                block[..3].copy_from_slice(b"abc");
+                out.extend_from_slice(&block);
+            }
+        }
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the archive holds, nothing is created, changed or linked outside the root.
+        #[test]
+        fn nothing_lands_outside_the_root(entries in proptest::collection::vec(entry(), 1..8)) {
+            let dir = tempfile::tempdir().unwrap();
+            let (root, outside) = (dir.path().join("root"), dir.path().join("outside"));
+            std::fs::create_dir(&root).unwrap();
+            std::fs::create_dir(&outside).unwrap();
+            std::fs::write(outside.join("x"), b"keep").unwrap();
+            let bytes = archive(&entries, outside.to_str().unwrap());
+            let _ = unpack(&bytes[..], &root, false);
+            let mut top: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            top.sort();
+            prop_assert_eq!(top, ["outside", "root"]);
+            let inside: Vec<_> = std::fs::read_dir(&outside)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            prop_assert_eq!(inside, ["x"]);
+            prop_assert_eq!(std::fs::read(outside.join("x")).unwrap(), b"keep");
+            let meta = std::fs::metadata(outside.join("x")).unwrap();
+            prop_assert_eq!(std::os::unix::fs::MetadataExt::nlink(&meta), 1, "hard-linked from the root");
+        }
+
+        /// Any bytes as an archive: an error or a result, never a panic.
+        #[test]
+        fn any_bytes_are_unpacked_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let dir = tempfile::tempdir().unwrap();
+            let _ = unpack(&bytes[..], dir.path(), false);
+        }
+    }
+}

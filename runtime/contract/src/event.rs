@@ -262,6 +262,22 @@ mod tests {
         assert!(serde_json::from_str::<Event>(r#"{"phase":"bogus"}"#).is_err());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(1024))]
+
+        /// Any text comes out printable, bounded and unchanged where it was already clean.
+        #[test]
+        fn any_message_comes_out_printable(message in "\\PC{0,600}|[\\x00-\\x{a0}\\x{202e}]{0,600}") {
+            let clean = Event::clean_message(&message);
+            proptest::prop_assert!(clean.len() <= MAX_MESSAGE);
+            proptest::prop_assert!(!clean.chars().any(|c| c.is_control() || is_bidi_control(c)));
+            let printable = !message.chars().any(|c| c.is_control() || is_bidi_control(c));
+            if printable && message.len() <= MAX_MESSAGE {
+                proptest::prop_assert_eq!(clean, message);
+            }
+        }
+    }
+
     #[test]
     fn messages_are_cleaned_for_terminals() {
         let evil = "ok\x1b[2J\x1b]0;owned\x07\u{9b}31m\u{202e}txt.exe\r\nnext\tcol\0";

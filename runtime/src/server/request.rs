@@ -294,3 +294,123 @@ fn read_some(
 
 /// How far past its deadline a read may block.
 const SLACK: Duration = Duration::from_millis(50);
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write, os::unix::net::UnixStream};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// `bytes` as a client sends them and then closes: the parsed request, or how it ended.
+    fn read(bytes: &[u8], pending: &mut Pending) -> Result<Request, Stop> {
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        client.write_all(bytes).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let limits = (
+            Instant::now() + Duration::from_secs(2),
+            Duration::from_secs(1),
+        );
+        let local: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        read_request(
+            &mut server,
+            pending,
+            limits,
+            local.ip(),
+            local,
+            Channel::Network,
+        )
+    }
+
+    fn token() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9-]{1,12}"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Any bytes: a request or a refusal with a client-error status, never a panic.
+        #[test]
+        fn any_bytes_are_read_or_refused(
+            bytes in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..600),
+                "(GET|POST|HEAD) /[ -~]{0,30} HTTP/1\\.[01]\r\n([ -~]{0,30}\r\n){0,6}\r?\n?[ -~]{0,40}"
+                    .prop_map(String::into_bytes),
+            ],
+        ) {
+            let started = Instant::now();
+            let _ = complete(&bytes);
+            match read(&bytes, &mut Pending::default()) {
+                Ok(r) => {
+                    prop_assert!(!r.method.is_empty());
+                    prop_assert!(r.body.len() <= MAX_BODY);
+                }
+                Err(Stop::Quiet) => {}
+                Err(Stop::Reply(status, why)) => {
+                    prop_assert!([400, 408, 411, 413, 431].contains(&status), "{status} {why}");
+                }
+            }
+            prop_assert!(started.elapsed() < Duration::from_secs(3));
+        }
+
+        /// Well-formed requests, pipelined two at a time, come out as they went in.
+        #[test]
+        fn pipelined_requests_round_trip(
+            method in "GET|POST|PUT",
+            path in "/[a-z0-9/._-]{0,40}",
+            query in proptest::option::of("[a-z]{1,5}=[a-z0-9%:]{0,20}"),
+            headers in proptest::collection::vec((token(), "[ -~]{0,30}"), 0..8),
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let target = match &query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            let mut first = format!("{method} {target} HTTP/1.1\r\n");
+            for (name, value) in &headers {
+                if !["content-length", "transfer-encoding", "expect"]
+                    .contains(&name.to_ascii_lowercase().as_str())
+                {
+                    first.push_str(&format!("{name}: {value}\r\n"));
+                }
+            }
+            first.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+            let mut bytes = first.into_bytes();
+            bytes.extend_from_slice(&body);
+            bytes.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut pending = Pending::default();
+            let r = match read(&bytes, &mut pending) {
+                Ok(r) => r,
+                Err(Stop::Reply(status, why)) => {
+                    return Err(TestCaseError::fail(format!("{status}: {why}")))
+                }
+                Err(Stop::Quiet) => return Err(TestCaseError::fail("closed")),
+            };
+            prop_assert_eq!(&r.method, &method);
+            prop_assert_eq!(&r.path, &path);
+            prop_assert_eq!(r.query, query.unwrap_or_default());
+            prop_assert_eq!(r.body, body);
+            prop_assert_eq!(pending.buf.as_slice(), &b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"[..]);
+        }
+
+        /// Exactly one plain number is a length; anything else is an error, never a guess.
+        #[test]
+        fn content_lengths_are_one_plain_number(values in proptest::collection::vec("[ 0-9+,x-]{0,8}", 0..3)) {
+            let result = content_length(values.iter().map(|v| v.as_bytes()));
+            match values.as_slice() {
+                [] => prop_assert_eq!(result, Ok(None)),
+                [one] => {
+                    let digits = one.trim_matches(' ');
+                    let plain = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+                    match result {
+                        Ok(Some(n)) => prop_assert!(plain && digits.parse::<usize>() == Ok(n)),
+                        Ok(None) => prop_assert!(false, "one value read as none"),
+                        Err(_) => prop_assert!(!plain || digits.parse::<usize>().is_err()),
+                    }
+                }
+                _ => prop_assert!(result.is_err()),
+            }
+        }
+    }
+}
