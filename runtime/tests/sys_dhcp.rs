@@ -64,6 +64,16 @@ impl Lab {
         output(self.srv.command(args[0]).args(&args[1..]))
     }
 
+    /// Gives the client interface `cidr` as its only address (`None`: no address), as the
+    /// lease would: udhcpc's script here does not configure it.
+    fn client_address(&self, cidr: Option<&str>) {
+        let ns = self.cli.name();
+        must(&["ip", "-n", ns, "addr", "flush", "dev", &self.cli_if]);
+        if let Some(cidr) = cidr {
+            must(&["ip", "-n", ns, "addr", "add", cidr, "dev", &self.cli_if]);
+        }
+    }
+
     fn set_client_mac(&self, mac: &str) {
         must(&[
             "ip",
@@ -288,16 +298,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    must(&[
-        "ip",
-        "-n",
-        lab.cli.name(),
-        "addr",
-        "add",
-        "10.231.0.50/24",
-        "dev",
-        &lab.cli_if,
-    ]);
+    lab.client_address(Some("10.231.0.50/24"));
     let fetched = data.join("fetched");
     let out = lab.in_cli(&[
         "busybox",
@@ -314,15 +315,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
         "first stage undionly.kpxe\n",
         "TFTP: {out:?}"
     );
-    must(&[
-        "ip",
-        "-n",
-        lab.cli.name(),
-        "addr",
-        "flush",
-        "dev",
-        &lab.cli_if,
-    ]);
+    lab.client_address(None);
     // Per-architecture first stage, and the chain URL once the client is iPXE (option 175).
     for (extra, file) in [
         ("0x5d:0007", "ipxe.efi"),
@@ -338,16 +331,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
     }
 
     // HTTP from the VM's own address: cloud-init is served; from another address it is not.
-    must(&[
-        "ip",
-        "-n",
-        lab.cli.name(),
-        "addr",
-        "add",
-        "10.231.0.50/24",
-        "dev",
-        &lab.cli_if,
-    ]);
+    lab.client_address(Some("10.231.0.50/24"));
     let out = lab.in_cli(&[
         "busybox",
         "wget",
@@ -373,15 +357,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
         !out.status.success(),
         "cloud-init served to the server's own address"
     );
-    must(&[
-        "ip",
-        "-n",
-        lab.cli.name(),
-        "addr",
-        "flush",
-        "dev",
-        &lab.cli_if,
-    ]);
+    lab.client_address(None);
 
     // A changed VM file changes the answer, without a restart, within 2 s.
     write_vm(data, "10.231.0.51");
@@ -399,17 +375,8 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
     }
     let took = changed.elapsed();
     eprintln!("new reservation answered {took:?} after the VM file changed");
-    // DNS names for every VM (udhcpc's script here does not configure the address: do it).
-    must(&[
-        "ip",
-        "-n",
-        lab.cli.name(),
-        "addr",
-        "add",
-        "10.231.0.51/24",
-        "dev",
-        &lab.cli_if,
-    ]);
+    // DNS names for every VM.
+    lab.client_address(Some("10.231.0.51/24"));
     let dns = lab.in_cli(&["busybox", "nslookup", "t1.pxelab.local", SERVER_IP]);
     let answer = String::from_utf8_lossy(&dns.stdout);
     assert!(
@@ -417,15 +384,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
         "DNS: {answer} {}",
         String::from_utf8_lossy(&dns.stderr)
     );
-    must(&[
-        "ip",
-        "-n",
-        lab.cli.name(),
-        "addr",
-        "flush",
-        "dev",
-        &lab.cli_if,
-    ]);
+    lab.client_address(None);
 
     // Unknown MACs get nothing.
     lab.set_client_mac("52:54:00:aa:bb:99");
