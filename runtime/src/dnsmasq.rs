@@ -15,6 +15,17 @@
 //!
 //! Lease times for the timeline come from dnsmasq's own log ([`parse_ack`]).
 //!
+//! dnsmasq parses whatever any host on the lab network sends, so it does not run as root: the
+//! stack starts it as `nobody` (uid and gid 65534) with only `CAP_NET_BIND_SERVICE`,
+//! `CAP_NET_ADMIN` and `CAP_NET_RAW` (ambient, so they survive the exec), in `--no-daemon`
+//! mode, which never changes user itself. Dropping before the exec, not through dnsmasq's
+//! `user=`, keeps the parent-death signal (any later credential change clears it) and lets it
+//! read a data directory only root may enter (root's home is 0700): it runs in its work
+//! directory and names every file there relative to it, and its TFTP root is a copy of the
+//! first-stage files in `<work>/tftp`, reached through `/proc/self/cwd` (a path from `/` would
+//! need every parent to be searchable by nobody). In a user namespace that cannot map nobody
+//! (a rootless lab) it keeps the namespace's root, which is the unprivileged user outside.
+//!
 //! Speed fixes measured in FIELD-NOTES: `no-ping` (~3 s per first offer), router advertisements
 //! (old iPXE waits ~13 s for IPv6 otherwise; dnsmasq sends them only when the interface has an
 //! IPv6 prefix, so the lab gives its bridge a ULA — measured 16 s per iPXE start without it),
@@ -34,6 +45,16 @@ use pxelab_contract::{Mac, VmDefinition};
 /// gives up on HTTP boot at once.
 pub const NO_HTTP_BOOT: &str = "/no-uefi-http-boot";
 
+/// dnsmasq's files, relative to its work directory (its working directory too).
+const CONF: &str = "dnsmasq.conf";
+const DHCP_HOSTS: &str = "dhcp-hosts";
+const HOSTS: &str = "hosts";
+const LEASES: &str = "leases";
+const TFTP_COPY: &str = "tftp";
+
+/// nobody and nogroup: what dnsmasq runs as.
+pub const UNPRIVILEGED: u32 = 65534;
+
 #[derive(Clone, Debug)]
 pub struct DnsmasqSettings {
     pub interface: String,
@@ -51,16 +72,16 @@ pub struct DnsmasqSettings {
 
 impl DnsmasqSettings {
     pub fn conf_path(&self) -> PathBuf {
-        self.work_dir.join("dnsmasq.conf")
+        self.work_dir.join(CONF)
     }
     pub fn dhcp_hosts_path(&self) -> PathBuf {
-        self.work_dir.join("dhcp-hosts")
+        self.work_dir.join(DHCP_HOSTS)
     }
     pub fn dns_hosts_path(&self) -> PathBuf {
-        self.work_dir.join("hosts")
+        self.work_dir.join(HOSTS)
     }
     pub fn leases_path(&self) -> PathBuf {
-        self.work_dir.join("leases")
+        self.work_dir.join(LEASES)
     }
     pub fn log_path(&self) -> PathBuf {
         self.work_dir.join("dnsmasq.log")
@@ -90,9 +111,9 @@ impl DnsmasqSettings {
         line(format!("interface={i}"));
         line("except-interface=lo".into());
         line("bind-interfaces".into());
+        // Looked up at start but never switched to under --no-daemon (see the module doc); names
+        // every passwd has, where dnsmasq's default group "dip" is missing from the image.
         line("user=root".into());
-        // Keep our gid: dnsmasq otherwise switches to group "dip", and that credential change
-        // clears the PR_SET_PDEATHSIG that kills it if the stack dies without cleaning up.
         line("group=root".into());
         line("pid-file=".into());
         line("log-facility=-".into());
@@ -102,7 +123,7 @@ impl DnsmasqSettings {
         if self.dns {
             line(format!("domain={}", self.domain));
             line(format!("local=/{}/", self.domain));
-            line(format!("addn-hosts={}", self.dns_hosts_path().display()));
+            line(format!("addn-hosts={HOSTS}"));
             line(format!("dhcp-option=option:dns-server,{}", self.server_ip));
         } else {
             line("port=0".into());
@@ -112,12 +133,9 @@ impl DnsmasqSettings {
             self.network(),
             self.netmask()
         ));
-        line(format!(
-            "dhcp-hostsfile={}",
-            self.dhcp_hosts_path().display()
-        ));
+        line(format!("dhcp-hostsfile={DHCP_HOSTS}"));
         line("dhcp-ignore=tag:!known".into());
-        line(format!("dhcp-leasefile={}", self.leases_path().display()));
+        line(format!("dhcp-leasefile={LEASES}"));
         line("dhcp-authoritative".into());
         line("no-ping".into());
         line("enable-ra".into());
@@ -148,8 +166,13 @@ impl DnsmasqSettings {
             self.server_ip
         ));
         line("enable-tftp".into());
-        line(format!("tftp-root={}", self.tftp_dir.display()));
+        line(format!("tftp-root=/proc/self/cwd/{TFTP_COPY}"));
         c
+    }
+
+    /// Where dnsmasq serves TFTP from: a copy of `tftp_dir`'s files in its work directory.
+    pub fn tftp_copy(&self) -> PathBuf {
+        self.work_dir.join(TFTP_COPY)
     }
 }
 
@@ -207,6 +230,22 @@ pub fn parse_ack(line: &str) -> Option<(Mac, Ipv4Addr)> {
     Some((mac, ip))
 }
 
+/// The unexpired `(mac, ip)` leases of dnsmasq's lease file (`<expiry> <mac> <ip> <name>
+/// <client id>` per line, expiry 0 for infinite), so a restarted stack knows the addresses
+/// its machines already have.
+pub fn read_leases(path: &Path, now_secs: u64) -> Vec<(Mac, Ipv4Addr)> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let expiry: u64 = words.next()?.parse().ok()?;
+            let mac = words.next()?.parse().ok()?;
+            let ip = words.next()?.parse().ok()?;
+            (expiry == 0 || expiry > now_secs).then_some((mac, ip))
+        })
+        .collect()
+}
+
 /// Follows dnsmasq's log from where it ended when the follower was made.
 pub struct LogFollower {
     path: PathBuf,
@@ -247,26 +286,163 @@ impl LogFollower {
     }
 }
 
-/// dnsmasq's command line; [`crate::child::Supervised`] runs it.
-pub fn command(binary: &Path, settings: &DnsmasqSettings) -> Command {
+/// Makes the work directory ready for an unprivileged dnsmasq: searchable, its TFTP copy
+/// current, the lease file its own. Returns whether dnsmasq drops to nobody here.
+pub fn prepare_work_dir(settings: &DnsmasqSettings) -> std::io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    let drop = can_drop_privileges();
+    fs::set_permissions(&settings.work_dir, fs::Permissions::from_mode(0o755))?;
+    sync_tftp(&settings.tftp_dir, &settings.tftp_copy())?;
+    let leases = settings.leases_path();
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&leases)?;
+    if drop {
+        std::os::unix::fs::chown(&leases, Some(UNPRIVILEGED), Some(UNPRIVILEGED))?;
+    }
+    Ok(drop)
+}
+
+/// Mirrors the regular files at the top of `src` into `dst` (world-readable), copying those
+/// whose size or mtime differ and deleting those gone; true when anything changed.
+pub fn sync_tftp(src: &Path, dst: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dst)?;
+    fs::set_permissions(dst, fs::Permissions::from_mode(0o755))?;
+    let stamp = |m: &fs::Metadata| (m.len(), m.modified().ok());
+    let mut wanted = std::collections::BTreeSet::new();
+    let mut changed = false;
+    for e in fs::read_dir(src)?.flatten() {
+        let Ok(meta) = fs::metadata(e.path()) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        let name = e.file_name();
+        let copy = dst.join(&name);
+        wanted.insert(name);
+        if fs::metadata(&copy).ok().map(|m| stamp(&m)) == Some(stamp(&meta)) {
+            continue;
+        }
+        crate::write_atomic(&copy, &fs::read(e.path())?, false)?;
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o644))?;
+        if let Ok(mtime) = meta.modified() {
+            fs::File::options()
+                .write(true)
+                .open(&copy)?
+                .set_modified(mtime)?;
+        }
+        changed = true;
+    }
+    for e in fs::read_dir(dst)?.flatten() {
+        if !wanted.contains(&e.file_name()) {
+            fs::remove_file(e.path())?;
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+/// dnsmasq's command line, run in its work directory; [`crate::child::Supervised`] runs it.
+/// `unprivileged`: start it as nobody with only the network capabilities it needs (from
+/// [`prepare_work_dir`]).
+pub fn command(binary: &Path, settings: &DnsmasqSettings, unprivileged: bool) -> Command {
     let mut cmd = Command::new(binary);
-    // In a user namespace that denies setgroups (a rootless lab), dnsmasq's switch to
-    // `user`/`group` fails ("failed to change group-id"); --no-daemon skips that switch and is
-    // otherwise --keep-in-foreground (it also answers DNS over TCP without forking).
-    let foreground = if setgroups_denied() {
-        "--no-daemon"
-    } else {
-        "--keep-in-foreground"
-    };
-    cmd.arg(foreground)
-        .arg(format!("--conf-file={}", settings.conf_path().display()));
+    // --no-daemon: no fork, no chdir to /, no change of user (done before the exec instead),
+    // DNS over TCP answered without forking.
+    cmd.arg("--no-daemon")
+        .arg(format!("--conf-file={CONF}"))
+        .current_dir(&settings.work_dir);
+    if unprivileged {
+        // SAFETY: the closure makes only async-signal-safe system calls on stack data.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| drop_privileges(UNPRIVILEGED));
+        }
+    }
     cmd
 }
 
-/// True in a user namespace set up without root help (`unshare --map-root-user`), where
-/// `setgroups(2)` is denied so that the gid map could be written.
-fn setgroups_denied() -> bool {
-    fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny")
+/// True when we are root and can become nobody: not in a user namespace that lacks a mapping
+/// for it or denies `setgroups(2)` (a rootless lab's, whose root is an unprivileged user).
+fn can_drop_privileges() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return false;
+    }
+    if fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny") {
+        return false;
+    }
+    let maps = |id: u32| {
+        fs::read_to_string("/proc/self/uid_map").is_ok_and(|map| {
+            map.lines().any(|l| {
+                let n: Vec<u64> = l
+                    .split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect();
+                n.len() == 3 && (n[0]..n[0] + n[2]).contains(&u64::from(id))
+            })
+        })
+    };
+    maps(UNPRIVILEGED)
+}
+
+/// Becomes `id` (uid, gid, no supplementary groups) keeping only the capabilities dnsmasq
+/// needs, raised as ambient so that they survive the exec. Runs between fork and exec.
+fn drop_privileges(id: u32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    // CAP_NET_BIND_SERVICE (ports 53, 67, 69), CAP_NET_ADMIN (ARP entries for DHCP replies),
+    // CAP_NET_RAW (router advertisements, binding to the interface).
+    const CAPS: [u32; 3] = [10, 12, 13];
+    let ok = |rc: libc::c_long| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let mask = CAPS.iter().fold(0u32, |m, c| m | 1 << c);
+    let mut data = [Data {
+        effective: mask,
+        permitted: mask,
+        inheritable: mask,
+    }; 2];
+    data[1] = Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    };
+    let header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    // SAFETY: plain system calls with valid arguments; nothing allocates.
+    unsafe {
+        // Keep the permitted set across the uid change, then narrow it.
+        ok(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0).into())?;
+        ok(libc::setgroups(0, std::ptr::null()).into())?;
+        ok(libc::setresgid(id, id, id).into())?;
+        ok(libc::setresuid(id, id, id).into())?;
+        ok(libc::syscall(libc::SYS_capset, &header, data.as_mut_ptr()))?;
+        for cap in CAPS {
+            ok(libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0).into())?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -293,6 +469,48 @@ mod tests {
         ] {
             assert_eq!(parse_ack(line), None, "{line}");
         }
+    }
+
+    #[test]
+    fn the_tftp_copy_follows_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("tftp"), dir.path().join("work/tftp"));
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("ipxe.efi"), "v1").unwrap();
+        fs::write(src.join("gone.efi"), "x").unwrap();
+        assert!(sync_tftp(&src, &dst).unwrap());
+        assert!(!sync_tftp(&src, &dst).unwrap(), "nothing changed");
+        fs::write(src.join("ipxe.efi"), "v2, longer").unwrap();
+        fs::remove_file(src.join("gone.efi")).unwrap();
+        assert!(sync_tftp(&src, &dst).unwrap());
+        assert_eq!(
+            fs::read_to_string(dst.join("ipxe.efi")).unwrap(),
+            "v2, longer"
+        );
+        assert!(!dst.join("gone.efi").exists());
+    }
+
+    #[test]
+    fn lease_file_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases");
+        fs::write(
+            &path,
+            "2000 52:54:00:aa:bb:01 10.0.0.5 t1 01:52:54:00:aa:bb:01\n\
+             1000 52:54:00:aa:bb:02 10.0.0.6 t2 *\n\
+             0 52:54:00:aa:bb:03 10.0.0.7 * *\n\
+             duid 00:01:00:01\n",
+        )
+        .unwrap();
+        let found: Vec<String> = read_leases(&path, 1500)
+            .iter()
+            .map(|(mac, ip)| format!("{mac} {ip}"))
+            .collect();
+        assert_eq!(
+            found,
+            ["52:54:00:aa:bb:01 10.0.0.5", "52:54:00:aa:bb:03 10.0.0.7"]
+        );
+        assert!(read_leases(&dir.path().join("none"), 0).is_empty());
     }
 
     #[test]

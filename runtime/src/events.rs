@@ -6,6 +6,9 @@
 //! `installed` — the one state that changes what a machine boots — is durable before any reply
 //! that reports it: `installed` survives a power cut. A record for a
 //! different MAC than the VM's current one is stale (the VM was redefined) and counts as `new`.
+//!
+//! What a machine posts is checked under its lock ([`EventStore::post`]): the boot token of
+//! [`crate::access`], and `installed` only while `installing`.
 
 use std::{
     collections::HashMap,
@@ -17,9 +20,10 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use pxelab_contract::{Event, Mac, TimelineEntry, VmDefinition, VmState};
+use pxelab_contract::{Event, Mac, Phase, TimelineEntry, VmDefinition, VmState};
 
 use crate::{
+    access,
     journal::{Journal, MachineRecord, Ticket},
     log,
     vms::VmSet,
@@ -43,6 +47,22 @@ pub struct StateError(pub String);
 impl std::fmt::Display for StateError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// Why [`EventStore::post`] did not record an event.
+#[derive(Debug)]
+pub enum Refused {
+    /// The request's token is not the machine's current boot token (or it has none).
+    Token,
+    /// `installed` while the machine is not `installing`; its state is given.
+    NotInstalling(VmState),
+    Failed(StateError),
+}
+
+impl From<StateError> for Refused {
+    fn from(e: StateError) -> Refused {
+        Refused::Failed(e)
     }
 }
 
@@ -144,22 +164,74 @@ impl EventStore {
     }
 
     /// Records `event` (stamped now) in the VM's timeline and advances its state; returns once
-    /// a change into or out of `installed` is durable.
+    /// a change into or out of `installed` is durable. For the stack's own observations and
+    /// operator actions: what a machine posts goes through [`EventStore::post`].
     pub fn append(&self, vm: &VmDefinition, event: Event) -> Result<StateRecord, StateError> {
-        self.write(vm, event, report)
+        self.write(vm, event, None, |_| Ok(()), report)
+            .map_err(|e| match e {
+                Refused::Failed(e) => e,
+                other => StateError(format!("internal error: {other:?}")),
+            })
     }
 
     /// [`EventStore::append`] for a caller that needs no record back.
     pub fn note(&self, vm: &VmDefinition, event: Event) -> Result<(), StateError> {
-        self.write(vm, event, |_| ())
+        self.append(vm, event).map(|_| ())
+    }
+
+    /// Records `event` as the start of a network boot and hands it a new token, which replaces
+    /// the previous one; returns the token.
+    pub fn begin_boot(&self, vm: &VmDefinition, event: Event) -> Result<String, StateError> {
+        let token = access::mint()
+            .map_err(|e| StateError(format!("cannot make a boot token for {}: {e}", vm.name)))?;
+        self.write(vm, event, Some(&token), |_| Ok(()), |_| ())
+            .map_err(|e| match e {
+                Refused::Failed(e) => e,
+                other => StateError(format!("internal error: {other:?}")),
+            })?;
+        Ok(token)
+    }
+
+    /// An event a machine posted: recorded only with the machine's current boot token
+    /// (`token: None` skips that check, for the operator's control socket), and `installed`
+    /// only while it is `installing`.
+    pub fn post(
+        &self,
+        vm: &VmDefinition,
+        event: Event,
+        token: Option<&str>,
+    ) -> Result<StateRecord, Refused> {
+        let installed = event.phase == Phase::Installed;
+        let check = |r: Option<&MachineRecord>| {
+            let current = r.filter(|r| r.mac == vm.mac);
+            if let Some(given) = token {
+                if !access::token_matches(current.and_then(|r| r.token.as_deref()), given) {
+                    return Err(Refused::Token);
+                }
+            }
+            let state = current.map(|r| r.state).unwrap_or_default();
+            if installed && state != VmState::Installing {
+                return Err(Refused::NotInstalling(state));
+            }
+            Ok(())
+        };
+        self.write(vm, event, None, check, report)
+    }
+
+    /// The VM's current boot token, if a boot handed one out.
+    pub fn token(&self, vm: &VmDefinition) -> Result<Option<String>, StateError> {
+        Ok(self.read(vm, |r| r.token.clone())?.flatten())
     }
 
     fn write<T>(
         &self,
         vm: &VmDefinition,
-        event: Event,
+        mut event: Event,
+        token: Option<&str>,
+        check: impl FnOnce(Option<&MachineRecord>) -> Result<(), Refused>,
         f: impl FnOnce(&MachineRecord) -> T,
-    ) -> Result<T, StateError> {
+    ) -> Result<T, Refused> {
+        event.message = Event::clean_message(&event.message);
         let entry = TimelineEntry {
             at_ms: crate::now_ms(),
             event,
@@ -167,12 +239,13 @@ impl EventStore {
         let slot = self.slot(&vm.name);
         let (value, ticket) = {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            check(guard.as_ref())?;
             let (seq, ticket) = self
                 .journal
-                .append(&vm.name, vm.mac, &entry)
+                .append(&vm.name, vm.mac, &entry, token)
                 .map_err(|e| StateError(format!("cannot record an event of {}: {e}", vm.name)))?;
             let r = guard.get_or_insert_with(|| MachineRecord::new(&vm.name, vm.mac));
-            r.apply(vm.mac, entry, seq, ticket);
+            r.apply(vm.mac, entry, seq, ticket, token.map(str::to_string));
             (f(r), r.state_ticket)
         };
         self.durable(ticket)?;

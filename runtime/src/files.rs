@@ -79,10 +79,7 @@ pub fn serve(root: &Path, segments: &[String], range: Option<&str>, if_range: bo
     let Ok(root) = root.canonicalize() else {
         return Response::line(
             404,
-            &format!(
-                "no such file: {shown} (the served directory {} does not exist)",
-                root.display()
-            ),
+            &format!("no such file: {shown} (the served directory does not exist)"),
         );
     };
     let joined: PathBuf = segments.iter().fold(root.clone(), |p, s| p.join(s));
@@ -230,6 +227,52 @@ mod tests {
             parse_range("bytes=99999999999999999999999-", 100),
             RangeSpec::Ignore
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(4096))]
+
+        /// Any header and size: no panic, and a range given is inside the file.
+        #[test]
+        fn any_range_header_is_answered_inside_the_file(
+            header in "\\PC{0,40}|bytes=[0-9 ,+-]{0,30}",
+            size in proptest::prop_oneof![0u64..64, proptest::num::u64::ANY],
+        ) {
+            match parse_range(&header, size) {
+                RangeSpec::Bytes(start, end) => {
+                    proptest::prop_assert!(start <= end && end < size, "{start}-{end} of {size}");
+                }
+                RangeSpec::Unsatisfiable | RangeSpec::Ignore => {}
+            }
+        }
+
+        /// A well-formed single range means exactly its bytes, clamped to the file.
+        #[test]
+        fn a_plain_range_is_taken_as_written(a in 0u64..1000, len in 0u64..1000, size in 1u64..1000) {
+            let b = a + len;
+            let expected = if a >= size {
+                RangeSpec::Unsatisfiable
+            } else {
+                RangeSpec::Bytes(a, b.min(size - 1))
+            };
+            proptest::prop_assert_eq!(parse_range(&format!("bytes={a}-{b}"), size), expected);
+            let suffix = parse_range(&format!("bytes=-{}", len + 1), size);
+            proptest::prop_assert_eq!(
+                suffix,
+                RangeSpec::Bytes(size.saturating_sub(len + 1), size - 1)
+            );
+        }
+
+        /// Request paths: no panic, and what is accepted has no segment that could climb.
+        #[test]
+        fn decoded_paths_never_climb(raw in "/[a-zA-Z0-9./%\\\\]{0,30}|\\PC{0,30}") {
+            if let Ok(segments) = decode_path(&raw) {
+                for s in segments {
+                    proptest::prop_assert!(!s.is_empty() && s != "." && s != "..", "{raw:?}");
+                    proptest::prop_assert!(!s.contains(['/', '\\', '\0']), "{raw:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -11,21 +11,24 @@ use std::{
 };
 
 use pxelab_contract::{
-    Artifact, BootMode, ConfigReply, DistroManifest, Event, InstallerConfig, Mac, Phase,
-    StackStatus, VmDefinition, VmState, VmStatus,
+    Artifact, ConfigReply, DistroManifest, Event, InstallerConfig, Mac, Phase, StackStatus,
+    VmDefinition, VmStatus,
 };
 
 use crate::{
+    access::{self, Leases},
     cloudinit,
-    events::{EventStore, StateRecord},
+    events::{EventStore, Refused, StateRecord},
     files,
     images::{Catalog, ManifestError},
     ipxe, log,
-    nfsroot::{self, NfsRoots, RootStatus},
-    server::{Body, Channel, Handler, Request, Response},
+    nfsroot::NfsRoots,
+    server::{Channel, Handler, Request, Response},
     vms::{VmSet, VmStore},
     watch::{self, Watched, Watcher},
 };
+
+mod boot;
 
 /// Everything a request may need; shared by all connection threads.
 pub struct Context {
@@ -38,8 +41,10 @@ pub struct Context {
     pub watch: Option<Watcher>,
     /// `host[:port]` for URLs when the request's Host header is missing or unusable.
     pub advertise: Option<String>,
-    /// Serve cloud-init documents only to the VM's reserved IP.
+    /// Hand out boots and cloud-init documents only to the machine's own address.
     pub ip_check: bool,
+    /// The DHCP leases dnsmasq gave (the address of a VM without a reserved one).
+    pub leases: Arc<Leases>,
     /// DNS domain of the lab (`<name>.<domain>`).
     pub domain: String,
     /// Diskless roots and their NFS server; `None` when the stack runs without one.
@@ -64,12 +69,12 @@ impl Handler for Context {
 /// How long a target that cannot boot yet waits before asking `/ipxe` again.
 const RETRY_SECONDS: u32 = 10;
 
-const ROUTES: &str =
-    "GET /healthz, /status, /boot.ipxe, /ipxe?mac=, /config/<mac>, /cloud-init/<name>/<doc>, \
-                      /vms/<name>/timeline, /images/…, /initrds/…, /nfsroot/overlay.cpio, \
-                      /nfsroot/<distro>/<arch>/initrd.img; POST /events/<mac>";
-/// Routes served only on the control socket (operator actions), listed after [`ROUTES`] there.
-const CONTROL_ROUTES: &str = ", /vms/<name>/reprovision";
+const ROUTES: &str = "GET /healthz, /boot.ipxe, /ipxe?mac=, /config/<mac>?token=, \
+                      /cloud-init/<name>/<doc>, /images/…, /initrds/…, /nfsroot/overlay.cpio, \
+                      /nfsroot/<distro>/<arch>/initrd.img; POST /events/<mac>?token=";
+/// Routes served only on the control socket (what the operator reads and does), listed after
+/// [`ROUTES`] there.
+const CONTROL_ROUTES: &str = "; GET /status, /vms/<name>/timeline; POST /vms/<name>/reprovision";
 
 impl Context {
     pub fn route(&self, r: &Request) -> Response {
@@ -85,12 +90,16 @@ impl Context {
         let post = r.method == "POST";
         let (allowed, reply) = match s.as_slice() {
             ["healthz"] => ("GET, HEAD", get.then(|| Response::line(200, "ok"))),
-            ["status"] => ("GET, HEAD", get.then(|| self.status())),
+            ["status"] if r.channel == Channel::Control => {
+                ("GET, HEAD", get.then(|| self.status()))
+            }
             ["boot.ipxe"] => ("GET, HEAD", get.then(|| self.boot_ipxe(r))),
             ["ipxe"] => ("GET, HEAD", get.then(|| self.ipxe(r))),
             ["config", mac] => ("GET, HEAD", get.then(|| self.config(r, mac))),
             ["cloud-init", name, doc] => ("GET, HEAD", get.then(|| self.cloud_init(r, name, doc))),
-            ["vms", name, "timeline"] => ("GET, HEAD", get.then(|| self.timeline(name))),
+            ["vms", name, "timeline"] if r.channel == Channel::Control => {
+                ("GET, HEAD", get.then(|| self.timeline(name)))
+            }
             ["images", rest @ ..] if !rest.is_empty() => (
                 "GET, HEAD",
                 get.then(|| {
@@ -171,6 +180,31 @@ impl Context {
         Ok((mac, set.by_mac(mac).cloned()))
     }
 
+    /// Whether `r` may be handed `vm`'s boot (with its token) or its cloud-init documents: on
+    /// the control socket and with `--no-ip-check` always, else only from the machine's own
+    /// address. The error is one line for the requester.
+    fn check_machine_address(
+        &self,
+        r: &Request,
+        vm: &VmDefinition,
+        what: &str,
+    ) -> Result<(), String> {
+        if r.channel == Channel::Control || !self.ip_check {
+            return Ok(());
+        }
+        match access::machine_address(vm, &self.leases) {
+            Some(ip) if r.peer == IpAddr::V4(ip) => Ok(()),
+            Some(ip) => Err(format!(
+                "{what} of {} is served only to its address {ip}, not {} (start the stack with --no-ip-check to allow any)",
+                vm.name, r.peer
+            )),
+            None => Err(format!(
+                "{what} of {} is served only to its address, and it has no \"ip\" and no DHCP lease from this stack: give it an \"ip\" (or start the stack with --no-ip-check)",
+                vm.name
+            )),
+        }
+    }
+
     fn status(&self) -> Response {
         let set = self.set();
         let mut status = StackStatus {
@@ -186,267 +220,6 @@ impl Context {
         Response::json(200, &status)
     }
 
-    fn boot_ipxe(&self, r: &Request) -> Response {
-        Response::new(
-            200,
-            "text/plain; charset=utf-8",
-            ipxe::chain_script(&self.base_url(r)).into_bytes(),
-        )
-    }
-
-    fn ipxe(&self, r: &Request) -> Response {
-        let Some(raw) = query_param(&r.query, "mac") else {
-            return Response::line(
-                400,
-                "mac query parameter is required, e.g. /ipxe?mac=52:54:00:12:34:56",
-            );
-        };
-        let (mac, vm) = match self.select_by_mac(&raw) {
-            Ok(found) => found,
-            Err(reply) => return reply,
-        };
-        let Some(vm) = vm else {
-            log!("/ipxe: no VM is defined for MAC {mac}");
-            return Response::new(
-                404,
-                "text/plain; charset=utf-8",
-                ipxe::unknown_mac_script(mac).into_bytes(),
-            );
-        };
-        let base = self.base_url(r);
-        let reply = self.boot_script(r, &vm, &base);
-        // iPXE shows only an error number when `chain` gets an error status, and the chain
-        // script would then try undionly.kpxe or give up (under OVMF: the EFI shell). A script
-        // that prints the reason keeps it on the target's console and asks again, so the target
-        // boots by itself once the operator has pulled or built what was missing.
-        match (reply.status, &reply.body) {
-            (500..=599, Body::Bytes(text)) => {
-                let why = String::from_utf8_lossy(text).trim().to_string();
-                log!(
-                    "/ipxe for {}: {why} (told to ask again in {RETRY_SECONDS} s)",
-                    vm.name
-                );
-                Response::new(
-                    200,
-                    "text/plain; charset=utf-8",
-                    ipxe::retry_script(&vm, &base, &why, RETRY_SECONDS).into_bytes(),
-                )
-            }
-            _ => reply,
-        }
-    }
-
-    /// What `vm` boots now: the installer, its local disk, or its distro over NFS.
-    fn boot_script(&self, r: &Request, vm: &VmDefinition, base: &str) -> Response {
-        let state = match self.events.state(vm) {
-            Ok(s) => s,
-            Err(e) => return Response::line(500, &e.to_string()),
-        };
-        if vm.boot == BootMode::Nfsroot {
-            return self.nfsroot_ipxe(r, vm, base);
-        }
-        if state == VmState::Installed || !vm.pxeboot {
-            let why = if vm.pxeboot {
-                "installed"
-            } else {
-                "pxeboot is false"
-            };
-            if r.method == "GET" {
-                self.record(
-                    vm,
-                    Phase::LocalBoot,
-                    format!("boot from the local disk ({why})"),
-                );
-            }
-            return Response::new(
-                200,
-                "text/plain; charset=utf-8",
-                ipxe::local_boot_script(vm).into_bytes(),
-            );
-        }
-        if let Some(reply) = self.check_install_files(vm) {
-            return reply;
-        }
-        let script = ipxe::install_script(vm, base);
-        // A HEAD (a human checking the URL) is not a boot.
-        if r.method == "GET" {
-            self.record(
-                vm,
-                Phase::Ipxe,
-                format!("installer for {} ({}) from {base}", vm.distro, vm.arch),
-            );
-        }
-        Response::new(200, "text/plain; charset=utf-8", script.into_bytes())
-    }
-
-    /// A diskless VM boots its distro over NFS every time (its state never reaches
-    /// `installed`). Until the export is unpacked and served, iPXE is told to come back.
-    fn nfsroot_ipxe(&self, r: &Request, vm: &VmDefinition, base: &str) -> Response {
-        let Some(nfs) = &self.nfs else {
-            return Response::line(
-                503,
-                &format!(
-                    "VM {} boots diskless (boot: nfsroot) but this stack runs without its NFS server; start pxelab-stack without --no-nfs",
-                    vm.name
-                ),
-            );
-        };
-        let dir = self
-            .catalog
-            .images_dir()
-            .join(&vm.distro)
-            .join(vm.arch.as_str());
-        if self
-            .catalog
-            .file_size(&dir.join(ipxe::kernel_file(vm)))
-            .is_none()
-        {
-            return Response::line(
-                503,
-                &format!(
-                    "distro {} ({}) is not pulled: {} is missing; run `cargo xtask distro pull {}`",
-                    vm.distro,
-                    vm.arch,
-                    dir.join(ipxe::kernel_file(vm)).display(),
-                    vm.distro
-                ),
-            );
-        }
-        let ready = match nfs.get(&vm.distro, vm.arch) {
-            RootStatus::Ready(ready) => ready,
-            RootStatus::Preparing(why) => {
-                let why = format!("the NFS root of {} is not ready yet ({why})", vm.name);
-                return Response::new(
-                    200,
-                    "text/plain; charset=utf-8",
-                    ipxe::retry_script(vm, base, &why, 5).into_bytes(),
-                );
-            }
-            RootStatus::Missing(why) => return Response::line(503, &why),
-            RootStatus::Failed(why) => return Response::line(500, &why),
-        };
-        // The NFS server is this stack, at the address the target reached us on.
-        let server = match r.local.ip() {
-            IpAddr::V4(v4) => v4,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => v4,
-                None => {
-                    return Response::line(
-                        501,
-                        &format!(
-                            "diskless boots need IPv4 (the initramfs mounts NFS by IPv4 address); {} reached the stack over IPv6",
-                            vm.name
-                        ),
-                    )
-                }
-            },
-        };
-        let script = ipxe::nfsroot_script(vm, base, &server.to_string(), &ready.export.pseudo());
-        if r.method == "GET" {
-            self.record(
-                vm,
-                Phase::Ipxe,
-                format!(
-                    "diskless {} ({}) with root {server}:{} from {base}",
-                    vm.distro,
-                    vm.arch,
-                    ready.export.pseudo()
-                ),
-            );
-        }
-        Response::new(200, "text/plain; charset=utf-8", script.into_bytes())
-    }
-
-    fn overlay_cpio(&self) -> Response {
-        Response::new(200, "application/octet-stream", nfsroot::overlay_cpio())
-    }
-
-    /// The distro's own initramfs (`boot/initrd.img-<kernel_version>` inside its export), which
-    /// has the NFS client and the NIC drivers (initramfs-tools, MODULES=most).
-    fn distro_initrd(&self, r: &Request, distro: &str, arch: &str) -> Response {
-        let Some(nfs) = &self.nfs else {
-            return Response::line(
-                503,
-                "this stack runs without its NFS server (--no-nfs): no diskless boot files",
-            );
-        };
-        let Ok(arch) = arch.parse::<pxelab_contract::Arch>() else {
-            return Response::line(
-                404,
-                &format!("unknown architecture {arch:?}: use x86_64 or aarch64"),
-            );
-        };
-        let distro_ok = !distro.starts_with('.')
-            && distro
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-        if !distro_ok {
-            return Response::line(404, &format!("no distro {distro:?}"));
-        }
-        match nfs.unpacked(distro, arch) {
-            Ok((export, kernel_version)) => {
-                let name = format!("initrd.img-{kernel_version}");
-                let reply = self.file(&export.path, &["boot".to_string(), name], r);
-                if reply.status == 404 {
-                    return Response::line(
-                        404,
-                        &format!(
-                            "{} has no boot/initrd.img-{kernel_version}: the distro's rootfs must contain the initramfs of its kernel (initramfs-tools, MODULES=most)",
-                            export.path.display()
-                        ),
-                    );
-                }
-                reply
-            }
-            Err(RootStatus::Preparing(why)) => {
-                Response::line(503, &format!("not ready yet: {why}"))
-            }
-            Err(RootStatus::Missing(why)) => Response::line(404, &why),
-            Err(RootStatus::Failed(why)) => Response::line(500, &why),
-            // `unpacked` reports readiness only through Ok.
-            Err(RootStatus::Ready(_)) => Response::line(500, "inconsistent diskless root state"),
-        }
-    }
-
-    /// The files an install boot fetches must exist, or the target would stop in iPXE's shell
-    /// with only an HTTP error code to go on.
-    fn check_install_files(&self, vm: &VmDefinition) -> Option<Response> {
-        let dir = self
-            .catalog
-            .images_dir()
-            .join(&vm.distro)
-            .join(vm.arch.as_str());
-        for file in [ipxe::kernel_file(vm), ipxe::MODULES_ARCHIVE] {
-            if self.catalog.file_size(&dir.join(file)).is_none() {
-                return Some(Response::line(
-                    503,
-                    &format!(
-                        "distro {} ({}) is not pulled: {} is missing; run `cargo xtask distro pull {}`",
-                        vm.distro,
-                        vm.arch,
-                        dir.join(file).display(),
-                        vm.distro
-                    ),
-                ));
-            }
-        }
-        let initrd = self
-            .catalog
-            .initrds_dir()
-            .join(vm.arch.as_str())
-            .join(ipxe::INSTALLER_INITRD);
-        if self.catalog.file_size(&initrd).is_none() {
-            return Some(Response::line(
-                503,
-                &format!(
-                    "the installer initrd {} is missing; run `cargo xtask build-stack`",
-                    initrd.display()
-                ),
-            ));
-        }
-        None
-    }
-
     /// The distro manifest of `vm`, and its rootfs present with the manifest's size: what an
     /// install needs before the installer is given its config.
     fn install_manifest(&self, vm: &VmDefinition) -> Result<Arc<DistroManifest>, Response> {
@@ -460,13 +233,13 @@ impl Context {
         let rootfs = (self.catalog.images_dir().join(&vm.distro))
             .join(vm.arch.as_str())
             .join(&manifest.rootfs.file);
+        let shown = format!("images/{}/{}/{}", vm.distro, vm.arch, manifest.rootfs.file);
         match self.catalog.file_size(&rootfs) {
             Some(size) if size == manifest.rootfs.size => Ok(manifest),
             Some(size) => Err(Response::line(
                 500,
                 &format!(
-                    "{} has {size} bytes but the manifest says {}; re-run `cargo xtask distro pull {}`",
-                    rootfs.display(),
+                    "{shown} has {size} bytes but the manifest says {}; re-run `cargo xtask distro pull {}`",
                     manifest.rootfs.size,
                     vm.distro
                 ),
@@ -474,8 +247,7 @@ impl Context {
             None => Err(Response::line(
                 503,
                 &format!(
-                    "{} is missing; run `cargo xtask distro pull {}`",
-                    rootfs.display(),
+                    "{shown} is missing; run `cargo xtask distro pull {}`",
                     vm.distro
                 ),
             )),
@@ -493,6 +265,23 @@ impl Context {
         }
     }
 
+    /// The machine's current boot token, checked against the request's `?token=` (over the
+    /// network; the control socket needs none). `what` names the request in the refusal.
+    fn boot_token(&self, r: &Request, vm: &VmDefinition, what: &str) -> Result<String, Response> {
+        let current = self
+            .events
+            .token(vm)
+            .map_err(|e| Response::line(500, &e.to_string()))?;
+        if r.channel == Channel::Control {
+            return Ok(current.unwrap_or_default());
+        }
+        let given = query_param(&r.query, "token").unwrap_or_default();
+        if access::token_matches(current.as_deref(), &given) {
+            return Ok(given);
+        }
+        Err(token_refused(vm, what))
+    }
+
     fn config(&self, r: &Request, raw: &str) -> Response {
         let (mac, vm) = match self.select_by_mac(raw) {
             Ok(found) => found,
@@ -500,6 +289,10 @@ impl Context {
         };
         let Some(vm) = vm else {
             return Response::line(404, &format!("no VM is defined for MAC {mac}"));
+        };
+        let token = match self.boot_token(r, &vm, "the install config") {
+            Ok(token) => token,
+            Err(reply) => return reply,
         };
         let manifest = match self.install_manifest(&vm) {
             Ok(m) => m,
@@ -524,7 +317,7 @@ impl Context {
                 size: manifest.rootfs.size,
             },
             cloud_init_url: format!("{base}/cloud-init/{}/", vm.name),
-            events_url: format!("{base}/events/{}", vm.mac),
+            events_url: format!("{base}/events/{}?token={token}", vm.mac),
             disk: vm.disk.clone(),
             reboot,
         };
@@ -553,16 +346,8 @@ impl Context {
         let Some(vm) = set.by_name(name) else {
             return Response::line(404, &format!("no VM named {name:?}"));
         };
-        if let (true, Some(ip)) = (self.ip_check, vm.ip) {
-            if r.peer != IpAddr::V4(ip) {
-                return Response::line(
-                    403,
-                    &format!(
-                        "cloud-init data of {} is served only to its reserved address {ip}, not {} (start the stack with --no-ip-check to allow any)",
-                        vm.name, r.peer
-                    ),
-                );
-            }
+        if let Err(why) = self.check_machine_address(r, vm, "cloud-init data") {
+            return Response::line(403, &why);
         }
         match cloudinit::document(vm, doc, &self.domain) {
             Some(text) => Response::new(200, "text/yaml; charset=utf-8", text.into_bytes()),
@@ -622,9 +407,22 @@ impl Context {
                 "phase reprovision is not reported by machines: an operator resets a VM with POST /vms/<name>/reprovision on the stack's control socket",
             );
         }
-        match self.events.append(&vm, event) {
+        let given = match r.channel {
+            Channel::Control => None,
+            Channel::Network => Some(query_param(&r.query, "token").unwrap_or_default()),
+        };
+        let phase = event.phase;
+        match self.events.post(&vm, event, given.as_deref()) {
             Ok(record) => Response::json(200, &vm_status(&vm, Some(record))),
-            Err(e) => Response::line(500, &e.to_string()),
+            Err(Refused::Token) => token_refused(&vm, &format!("event {phase}")),
+            Err(Refused::NotInstalling(state)) => Response::line(
+                409,
+                &format!(
+                    "{} is {state}, not installing: installed is accepted only from the installer the current boot handed out",
+                    vm.name
+                ),
+            ),
+            Err(Refused::Failed(e)) => Response::line(500, &e.to_string()),
         }
     }
 
@@ -648,6 +446,16 @@ impl Context {
             Err(e) => Response::line(500, &e.to_string()),
         }
     }
+}
+
+fn token_refused(vm: &VmDefinition, what: &str) -> Response {
+    Response::line(
+        403,
+        &format!(
+            "{what} for {} needs the token of its current boot (?token=, handed out with its installer by /ipxe); this request has none or another",
+            vm.name
+        ),
+    )
 }
 
 /// The contract's per-VM status from its definition and state record (`None`: state `new`).

@@ -44,18 +44,18 @@ pub fn read_manifest(
     arch: Arch,
 ) -> Result<DistroManifest, ManifestError> {
     let path = dir.join("manifest.json");
+    // Named as under `/images/`: these messages reach targets, which need no host paths.
+    let shown = format!("images/{distro}/{arch}/manifest.json");
     let invalid = |why: String| {
         ManifestError::Invalid(format!(
-            "{}{why}; re-run `cargo xtask distro pull {distro}`",
-            path.display()
+            "{shown}{why}; re-run `cargo xtask distro pull {distro}`"
         ))
     };
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(ManifestError::NotPulled(format!(
-                "distro {distro} ({arch}) is not pulled: {} is missing; run `cargo xtask distro pull {distro}`",
-                path.display()
+                "distro {distro} ({arch}) is not pulled: {shown} is missing; run `cargo xtask distro pull {distro}`"
             )))
         }
         Err(e) => return Err(invalid(format!(" cannot be read ({e})"))),

@@ -21,14 +21,17 @@ pub fn kernel_file(vm: &VmDefinition) -> &str {
     vm.kernel.as_deref().unwrap_or(DEFAULT_KERNEL)
 }
 
-/// `base` is `http://host[:port]`.
-pub fn install_script(vm: &VmDefinition, base: &str) -> String {
+/// `base` is `http://host[:port]`; `token` is the boot's ([`crate::access`]), carried by the
+/// config URL (the installer's events URL comes with the config). `BOOTIF` names the NIC that
+/// booted, for the initrd's `/init` (iPXE's own spelling, as in [`nfsroot_script`]).
+pub fn install_script(vm: &VmDefinition, base: &str, token: &str) -> String {
     let images = format!("{base}/images/{}/{}", vm.distro, vm.arch);
     let kernel = format!("{images}/{}", kernel_file(vm));
+    let bootif = vm.mac.to_string().replace(':', "-");
     format!(
         "#!ipxe\n\
          echo pxelab: installing {distro} ({arch}) on {name} ({mac})\n\
-         kernel {kernel} {console} config_url={base}/config/{mac} initrd={INSTALLER_INITRD} initrd={MODULES_ARCHIVE} || goto failed\n\
+         kernel {kernel} {console} BOOTIF=01-{bootif} config_url={base}/config/{mac}?token={token} initrd={INSTALLER_INITRD} initrd={MODULES_ARCHIVE} || goto failed\n\
          initrd --name {INSTALLER_INITRD} {base}/initrds/{arch}/{INSTALLER_INITRD} || goto failed\n\
          initrd --name {MODULES_ARCHIVE} {images}/{MODULES_ARCHIVE} || goto failed\n\
          boot || goto failed\n\
@@ -102,14 +105,22 @@ pub const NFSROOT_OVERLAY: &str = "pxelab-nfsroot.cpio";
 /// (5 s of the boot) and `systemctl stop networking` (every shutdown) flushed the address under
 /// the NFS root (measured: "nfs: server … not responding"). The boot script writes
 /// `/etc/resolv.conf` from the initramfs's lease instead.
-pub fn nfsroot_script(vm: &VmDefinition, base: &str, nfs_server: &str, export: &str) -> String {
+///
+/// `token` is the boot's ([`crate::access`]): the initramfs posts its `nfs-root` event with it.
+pub fn nfsroot_script(
+    vm: &VmDefinition,
+    base: &str,
+    nfs_server: &str,
+    export: &str,
+    token: &str,
+) -> String {
     let images = format!("{base}/images/{}/{}", vm.distro, vm.arch);
     let kernel = format!("{images}/{}", kernel_file(vm));
     let bootif = vm.mac.to_string().replace(':', "-");
     format!(
         "#!ipxe\n\
          echo pxelab: diskless boot of {name} ({mac}): {distro} ({arch}), root {nfs_server}:{export} over NFS\n\
-         kernel {kernel} {console} boot=pxelab ip=dhcp BOOTIF=01-{bootif} nfsroot={nfs_server}:{export} rw pxelab.events={base}/events/{mac} ds=nocloud-net;s={base}/cloud-init/{name}/ network-config=disabled initrd={DISTRO_INITRD} initrd={NFSROOT_OVERLAY} || goto failed\n\
+         kernel {kernel} {console} boot=pxelab ip=dhcp BOOTIF=01-{bootif} nfsroot={nfs_server}:{export} rw pxelab.events={base}/events/{mac}?token={token} ds=nocloud-net;s={base}/cloud-init/{name}/ network-config=disabled initrd={DISTRO_INITRD} initrd={NFSROOT_OVERLAY} || goto failed\n\
          initrd --name {DISTRO_INITRD} {base}/nfsroot/{distro}/{arch}/{DISTRO_INITRD} || goto failed\n\
          initrd --name {NFSROOT_OVERLAY} {base}/nfsroot/overlay.cpio || goto failed\n\
          boot || goto failed\n\

@@ -33,13 +33,14 @@ use std::{
     time::Duration,
 };
 
-use pxelab_contract::{Mac, TimelineEntry, VmState};
+use pxelab_contract::{Event, Mac, Phase, TimelineEntry, VmState};
 use serde::{Deserialize, Serialize};
 
 use crate::log;
 
 /// Timeline entries kept per machine (the tail is what `/vms/<name>/timeline` serves). An
-/// install posts about a hundred (its rootfs progress at most once a second).
+/// install posts about a hundred (its rootfs progress at most once a second). With messages
+/// capped at [`pxelab_contract::MAX_MESSAGE`] bytes, a timeline stays under 256 × ~700 bytes.
 pub const TIMELINE_KEEP: usize = 256;
 /// The journal is compacted when it is larger than this and than twice the last snapshot.
 const COMPACT_AT: u64 = 64 << 20;
@@ -62,6 +63,10 @@ pub struct MachineRecord {
     pub state_ticket: Ticket,
     /// The last [`TIMELINE_KEEP`] events, oldest first.
     pub timeline: VecDeque<TimelineEntry>,
+    /// The token of the machine's current network boot ([`crate::access`]): set by the event
+    /// that handed the boot out, dropped by a reprovision or a new MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl MachineRecord {
@@ -74,13 +79,30 @@ impl MachineRecord {
             seq: 0,
             state_ticket: Ticket::default(),
             timeline: VecDeque::new(),
+            token: None,
         }
     }
 
-    /// Folds one event in: the state machine of the contract, a bounded timeline. A record of
-    /// another MAC (the VM was redefined) starts over from `new`, keeping the timeline. Returns
+    /// Folds one event in: the state machine of the contract, a bounded timeline of cleaned
+    /// messages, the boot token the event hands out (if any). A record of another MAC (the VM
+    /// was redefined) starts over from `new` without a token, keeping the timeline. Returns
     /// whether the state changed.
-    pub fn apply(&mut self, mac: Mac, entry: TimelineEntry, seq: u64, ticket: Ticket) -> bool {
+    pub fn apply(
+        &mut self,
+        mac: Mac,
+        mut entry: TimelineEntry,
+        seq: u64,
+        ticket: Ticket,
+        token: Option<String>,
+    ) -> bool {
+        if self.mac != mac || entry.event.phase == Phase::Reprovision {
+            self.token = None;
+        }
+        if token.is_some() {
+            self.token = token;
+        }
+        // Journals written before messages were cleaned on arrival.
+        entry.event.message = Event::clean_message(&entry.event.message);
         let old = if self.mac == mac {
             self.state
         } else {
@@ -114,6 +136,9 @@ struct EventLine {
     seq: u64,
     vm: String,
     mac: Mac,
+    /// The boot token this event handed out.
+    #[serde(default)]
+    token: Option<String>,
     #[serde(flatten)]
     entry: TimelineEntry,
 }
@@ -124,6 +149,8 @@ struct EventLineRef<'a> {
     seq: u64,
     vm: &'a str,
     mac: Mac,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<&'a str>,
     #[serde(flatten)]
     entry: &'a TimelineEntry,
 }
@@ -200,16 +227,23 @@ impl Journal {
         Ok((journal, machines))
     }
 
-    /// Appends `entry` for `vm`; returns its sequence and the ticket to wait on for it to be
-    /// durable. Callers hold the machine's own lock, so one machine's events are in the journal
-    /// in the order its record sees them.
-    pub fn append(&self, vm: &str, mac: Mac, entry: &TimelineEntry) -> io::Result<(u64, Ticket)> {
+    /// Appends `entry` for `vm` (and the boot token it hands out); returns its sequence and the
+    /// ticket to wait on for it to be durable. Callers hold the machine's own lock, so one
+    /// machine's events are in the journal in the order its record sees them.
+    pub fn append(
+        &self,
+        vm: &str,
+        mac: Mac,
+        entry: &TimelineEntry,
+        token: Option<&str>,
+    ) -> io::Result<(u64, Ticket)> {
         let s = &self.shared;
         let seq = s.next_seq.fetch_add(1, Ordering::SeqCst);
         let line = EventLineRef {
             seq,
             vm,
             mac,
+            token,
             entry,
         };
         let mut bytes = serde_json::to_vec(&line).map_err(io::Error::other)?;
@@ -387,13 +421,16 @@ fn replay(dir: &Path) -> io::Result<Replayed> {
                 if line.is_empty() {
                     continue;
                 }
-                let r: MachineRecord = serde_json::from_slice(line).map_err(|e| {
+                let mut r: MachineRecord = serde_json::from_slice(line).map_err(|e| {
                     io::Error::other(format!(
                         "{} line {} is corrupt ({e}): restore it from a backup, or delete it and the journal-*.jsonl files to forget every machine's state",
                         dir.join(SNAPSHOT).display(),
                         i + 1
                     ))
                 })?;
+                for entry in &mut r.timeline {
+                    entry.event.message = Event::clean_message(&entry.event.message);
+                }
                 machines.insert(r.vm.clone(), r);
             }
         }
@@ -417,7 +454,7 @@ fn replay(dir: &Path) -> io::Result<Replayed> {
                 .entry(e.vm.clone())
                 .or_insert_with(|| MachineRecord::new(&e.vm, e.mac));
             if e.seq > record.seq {
-                record.apply(e.mac, e.entry, e.seq, Ticket::default());
+                record.apply(e.mac, e.entry, e.seq, Ticket::default(), e.token);
             }
         }
         if skipped > 0 {
@@ -475,6 +512,7 @@ fn import_legacy(dir: &Path, machines: &mut BTreeMap<String, MachineRecord>) {
                 seq: 0,
                 state_ticket: Ticket::default(),
                 timeline,
+                token: None,
             },
         );
     }

@@ -10,9 +10,10 @@
 //! supervised child; [`supervisor`] wires them together and owns the main loop; [`signals`]
 //! turns SIGTERM/SIGINT/SIGHUP into flags that loop polls.
 //!
-//! Invariant: nothing here writes outside the state directory, except the diskless roots
-//! ([`nfsroot`]), which are unpacked next to the distro archive they come from.
+//! Invariant: nothing here writes outside the state directory (the diskless roots of
+//! [`nfsroot`] are unpacked into it, by [`untar`], which never writes outside its target).
 
+pub mod access;
 pub mod child;
 pub mod cloudinit;
 pub mod dnsmasq;
@@ -27,6 +28,7 @@ pub mod nfsroot;
 pub mod server;
 pub mod signals;
 pub mod supervisor;
+pub mod untar;
 pub mod vms;
 pub mod watch;
 

@@ -12,16 +12,16 @@ Layout under --data-dir (each directory can be moved with its own flag):
   vms/<name>.json                      VM definitions (name, arch, distro, mac, ip, ssh_key, ...)
   vms/<name>.noreboot                  optional: the installer stays up after installing
   images/<distro>/<arch>/              vmlinuz, modules.cpio.zst, rootfs.tar.zst, manifest.json
-  images/<distro>/<arch>/nfsroot-<sha>/ the unpacked rootfs diskless VMs boot from (made by the stack)
   initrds/<arch>/initrd.img            the installer initrd
   tftp/                                ipxe.efi, ipxe-arm64.efi, undionly.kpxe (dnsmasq's TFTP root)
   state/                               snapshot.jsonl, journal-<n>.jsonl (every VM's state and timeline),
-                                       control.sock, dnsmasq/ (config, leases, log), nfs/ (ganesha.conf, ganesha.log)
+                                       control.sock, dnsmasq/ (config, leases, log), nfs/ (ganesha.conf, ganesha.log),
+                                       nfsroot/<distro>/<arch>/<sha>/ (mode 0700: the unpacked rootfs diskless VMs boot from)
 
 Examples:
   # Only the HTTP boot handler, unprivileged, on a high port:
   pxelab-stack --data-dir ~/.pxelab --no-dnsmasq --listen 127.0.0.1:8080
-  curl http://127.0.0.1:8080/status
+  curl --unix-socket ~/.pxelab/state/control.sock http://stack/status
 
   # The whole stack on a lab interface (as root or inside the lab's network namespace):
   pxelab-stack --data-dir /srv/pxelab --interface br-lab --server-ip 10.77.0.1/24
@@ -29,11 +29,14 @@ Examples:
   # Reinstall VM web-1 at its next network boot (on the control socket: the stack's user only):
   curl --unix-socket /srv/pxelab/state/control.sock -X POST http://stack/vms/web-1/reprovision
 
-HTTP endpoints: GET /healthz, /status, /boot.ipxe, /ipxe?mac=<mac>, /config/<mac>,
-/cloud-init/<name>/{meta-data,user-data,network-config,vendor-data}, /vms/<name>/timeline,
-/images/..., /initrds/... (Range, HEAD), /nfsroot/overlay.cpio, /nfsroot/<distro>/<arch>/initrd.img;
-POST /events/<mac>. The same API is served on <state>/control.sock (mode 0600), which alone
-also serves POST /vms/<name>/reprovision.
+HTTP endpoints: GET /healthz, /boot.ipxe, /ipxe?mac=<mac>, /config/<mac>?token=<token>,
+/cloud-init/<name>/{meta-data,user-data,network-config,vendor-data}, /images/..., /initrds/...
+(Range, HEAD), /nfsroot/overlay.cpio, /nfsroot/<distro>/<arch>/initrd.img;
+POST /events/<mac>?token=<token>. /ipxe hands each install or diskless boot a new token (only to
+the VM's own address: its \"ip\", else its DHCP lease) inside the URLs it gives the machine; /config
+and /events accept only that. The same API is served on <state>/control.sock (mode 0600), where
+no token is needed and which alone also serves GET /status, /vms/<name>/timeline and
+POST /vms/<name>/reprovision.
 VMs with \"boot\": \"nfsroot\" boot diskless: the stack unpacks their distro's rootfs once and
 exports it read-only over NFSv4 with nfs-ganesha (port 2049, on every address of the network
 namespace it runs in: run it in the lab's); each boot writes to its own tmpfs overlay.
@@ -68,16 +71,17 @@ struct Args {
     /// iPXE first-stage binaries, dnsmasq's TFTP root [default: <data-dir>/tftp]
     #[arg(long, env = "PXELAB_TFTP_DIR", value_name = "DIR")]
     tftp_dir: Option<PathBuf>,
-    /// HTTP listen address [default: <server-ip>:80 when --server-ip is given (only the lab
-    /// network sees the files), else 0.0.0.0:80]. Port 80 because firmware and iPXE are handed
-    /// plain http://<server>/ URLs.
+    /// HTTP listen address [default: <server-ip>:80; one of the two is required, so only the
+    /// network chosen sees the files]. Port 80 because firmware and iPXE are handed plain
+    /// http://<server>/ URLs.
     #[arg(long, env = "PXELAB_LISTEN", value_name = "IP:PORT")]
     listen: Option<SocketAddr>,
     /// Network interface dnsmasq serves (required unless --no-dnsmasq).
     #[arg(long, env = "PXELAB_INTERFACE", value_name = "IFACE")]
     interface: Option<String>,
     /// The stack's IPv4 address on --interface, with the lab's prefix length (default /24).
-    /// Used in DHCP answers and in URLs when a client sends no usable Host header.
+    /// Used in DHCP answers, in URLs when a client sends no usable Host header, and as the only
+    /// subnet the NFS exports answer (diskless boots need it).
     #[arg(long, env = "PXELAB_SERVER_IP", value_name = "IP[/PREFIX]")]
     server_ip: Option<String>,
     /// DNS domain of the lab: every VM resolves as <name>.<domain>.
@@ -89,7 +93,8 @@ struct Args {
     /// Run only the HTTP handler; DHCP/TFTP are someone else's job.
     #[arg(long, env = "PXELAB_NO_DNSMASQ")]
     no_dnsmasq: bool,
-    /// Serve cloud-init documents to any client, not only the VM's reserved IP (debugging).
+    /// Hand out boots (with their tokens) and cloud-init documents to any client, not only the
+    /// VM's own address (debugging, benchmarks).
     #[arg(long, env = "PXELAB_NO_IP_CHECK")]
     no_ip_check: bool,
     /// The dnsmasq binary.
@@ -100,7 +105,8 @@ struct Args {
         value_name = "PATH"
     )]
     dnsmasq: PathBuf,
-    /// Do not run the NFS server: VMs with boot mode nfsroot are answered 503.
+    /// Do not run the NFS server (it also does not run without --server-ip): VMs with boot mode
+    /// nfsroot are told why on their console.
     #[arg(long, env = "PXELAB_NO_NFS")]
     no_nfs: bool,
     /// The nfs-ganesha daemon (started only while diskless VMs exist).
@@ -111,10 +117,13 @@ struct Args {
         value_name = "PATH"
     )]
     ganesha: PathBuf,
-    /// Most HTTP connections open at once; more are answered 503.
+    /// Most HTTP connections open at once, an eighth of them from one client address; when
+    /// full, the connection idle longest is closed for a new one, and only when none is idle are
+    /// more answered 503.
     #[arg(long, default_value_t = 512, value_name = "N")]
     max_connections: usize,
-    /// Seconds a client has to send a complete request (and that an idle connection is kept).
+    /// Seconds a client has to send a complete request (and that an idle connection is kept);
+    /// a request head must be complete within 3 s of its first byte.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     request_timeout: u64,
     /// Do not log one line per HTTP request.
@@ -137,12 +146,16 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
     let sub = |given: Option<PathBuf>, name: &str| given.unwrap_or_else(|| a.data_dir.join(name));
     let state_dir = sub(a.state_dir.clone(), "state");
     let server_ip = a.server_ip.as_deref().map(parse_cidr).transpose()?;
-    let listen = a.listen.unwrap_or_else(|| {
-        let ip = server_ip
-            .map(|(ip, _)| ip)
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-        SocketAddr::from((ip, 80))
-    });
+    // Never every address by default: a host's other networks must not see the boot files.
+    let listen = match (a.listen, server_ip) {
+        (Some(listen), _) => listen,
+        (None, Some((ip, _))) => SocketAddr::from((ip, 80)),
+        (None, None) => {
+            return Err(
+                "no address to listen on: pass --server-ip (the stack's address on the lab network, e.g. 10.77.0.1/24) or --listen IP:PORT".into(),
+            )
+        }
+    };
     let port_suffix = if listen.port() == 80 {
         String::new()
     } else {
@@ -182,11 +195,15 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
             a.domain
         ));
     }
-    let nfs = (!a.no_nfs).then(|| NfsSettings {
-        binary: a.ganesha.clone(),
-        work_dir: state_dir.join("nfs"),
-        port: 2049,
-    });
+    // The exports answer the lab subnet only, so without one there is no NFS server.
+    let nfs = server_ip
+        .filter(|_| !a.no_nfs)
+        .map(|(ip, prefix)| NfsSettings {
+            binary: a.ganesha.clone(),
+            work_dir: state_dir.join("nfs"),
+            port: 2049,
+            clients: format!("{}/{prefix}", network(ip, prefix)),
+        });
     Ok(supervisor::Options {
         listen,
         vms_dir: sub(a.vms_dir.clone(), "vms"),
@@ -198,6 +215,7 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
         domain: a.domain.clone(),
         server: ServerOptions {
             max_connections: a.max_connections.max(1),
+            max_per_client: (a.max_connections / 8).max(1),
             request_timeout: Duration::from_secs(a.request_timeout.max(1)),
             access_log: !a.no_access_log,
             ..ServerOptions::default()
@@ -205,6 +223,12 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
         dnsmasq,
         nfs,
     })
+}
+
+/// The network address of `ip/prefix`.
+fn network(ip: std::net::Ipv4Addr, prefix: u8) -> std::net::Ipv4Addr {
+    let mask = u32::MAX << (32 - u32::from(prefix));
+    std::net::Ipv4Addr::from(u32::from(ip) & mask)
 }
 
 fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {

@@ -5,7 +5,8 @@
 //! (else every start costs a 90 s grace period), root not squashed (the root filesystem has
 //! root-owned 0600 files that the booting system must read). `Bind_addr` is ignored by ganesha
 //! 4.3 — it listens on `*:<port>` — so what contains it is the network namespace the stack runs
-//! in (the lab's), not the configuration.
+//! in (the lab's); and each export answers only clients of the lab subnet (a `CLIENT` block,
+//! the export itself `Access_Type = None`).
 //!
 //! Owners go over the wire as numbers (`Only_Numeric_Owners`): with `user@domain` strings the
 //! client's kernel maps names through a request-key upcall to `/sbin/request-key`, which lives on
@@ -36,6 +37,8 @@ pub struct NfsSettings {
     pub work_dir: PathBuf,
     /// TCP port ganesha listens on (2049, what the kernel's NFS client uses by default).
     pub port: u16,
+    /// The only clients the exports answer: the lab subnet, `<network>/<prefix>`.
+    pub clients: String,
 }
 
 impl NfsSettings {
@@ -144,17 +147,22 @@ pub fn render_conf(settings: &NfsSettings, exports: &[Export]) -> String {
              \x20   Export_Id = {id};\n\
              \x20   Path = \"{path}\";\n\
              \x20   Pseudo = \"{pseudo}\";\n\
-             \x20   Access_Type = RO;\n\
+             \x20   Access_Type = None;\n\
              \x20   Squash = No_Root_Squash;\n\
              \x20   Protocols = 4;\n\
              \x20   Transports = TCP;\n\
              \x20   SecType = sys;\n\
+             \x20   CLIENT {{\n\
+             \x20       Clients = {clients};\n\
+             \x20       Access_Type = RO;\n\
+             \x20   }}\n\
              \x20   FSAL {{\n\
              \x20       Name = VFS;\n\
              \x20   }}\n\
              }}\n",
             path = e.path.display(),
             pseudo = e.pseudo(),
+            clients = settings.clients,
         );
     }
     c

@@ -1,13 +1,20 @@
-//! Diskless roots: each pulled distro's `rootfs.tar.zst` unpacked once into
-//! `<images>/<distro>/<arch>/nfsroot-<sha256 prefix>/` for ganesha to export read-only, and the
+//! Diskless roots: the `rootfs.tar.zst` of each distro a diskless VM boots, unpacked once into
+//! `<state>/nfsroot/<distro>/<arch>/<sha256 prefix>/` for ganesha to export read-only, and the
 //! small initramfs addition (`/nfsroot/overlay.cpio`) that mounts it.
+//!
+//! `<state>/nfsroot` is mode 0700: the exports hold the distro's setuid binaries and root-only
+//! files (its `/etc/shadow`), which no host user may reach, and nothing under it is served over
+//! HTTP but the one initramfs a diskless boot fetches. The unpack itself ([`crate::untar`]) never
+//! writes outside the export, whatever the archive holds.
 //!
 //! Unpacking takes seconds to minutes, so it runs in a background thread and [`NfsRoots::get`]
 //! answers `Preparing` meanwhile (the handler then tells iPXE to retry). It is atomic — a hidden
-//! `.nfsroot-<prefix>.partial-<pid>` directory renamed into place at the end — and verified: the
+//! `.<prefix>.partial-<pid>` directory renamed into place at the end — and verified: the
 //! archive's sha256 is computed while streaming and must match the manifest, else the partial
 //! tree is deleted. The directory name carries the digest, so a re-pulled distro gets a new
-//! export and an unchanged one is never unpacked twice (also across restarts).
+//! export (the older ones of that distro are then deleted) and an unchanged one is never
+//! unpacked twice (also across restarts). Messages name the distro, never a host path: they
+//! reach the target's console.
 //!
 //! An export becomes bootable once the supervisor has ganesha serving it ([`NfsRoots::set_served`]).
 
@@ -15,7 +22,7 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{self, Read},
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -23,7 +30,7 @@ use std::{
 use pxelab_contract::Arch;
 use sha2::{Digest, Sha256};
 
-use crate::{images::Catalog, log, nfs::Export};
+use crate::{images::Catalog, log, nfs::Export, untar};
 
 /// Hex digits of the rootfs sha256 in the export's directory name.
 pub const DIGEST_PREFIX: usize = 16;
@@ -64,6 +71,8 @@ enum Job {
 pub struct NfsRoots {
     /// The images directory, whose manifests it reads (cached).
     catalog: Arc<Catalog>,
+    /// Where the exports are unpacked (`<state>/nfsroot`, mode 0700).
+    exports_dir: PathBuf,
     /// Unpack jobs by destination directory (one per rootfs digest).
     jobs: Mutex<BTreeMap<PathBuf, Job>>,
     /// Exports ganesha serves right now, by `(distro, arch)`.
@@ -73,9 +82,12 @@ pub struct NfsRoots {
 }
 
 impl NfsRoots {
-    pub fn new(catalog: Arc<Catalog>) -> Arc<NfsRoots> {
+    /// Roots of the distros in `catalog`, unpacked under `exports_dir` (created mode 0700 when
+    /// the first one is needed).
+    pub fn new(catalog: Arc<Catalog>, exports_dir: PathBuf) -> Arc<NfsRoots> {
         Arc::new(NfsRoots {
             catalog,
+            exports_dir,
             jobs: Mutex::new(BTreeMap::new()),
             served: Mutex::new(Vec::new()),
             server_error: Mutex::new(None),
@@ -108,8 +120,7 @@ impl NfsRoots {
             })
         } else {
             RootStatus::Preparing(format!(
-                "the NFS server is starting to export {}",
-                export.path.display()
+                "the NFS server is starting to export {distro} ({arch})"
             ))
         }
     }
@@ -126,10 +137,12 @@ impl NfsRoots {
             .manifest(distro, arch)
             .map_err(|e| RootStatus::Missing(e.to_string()))?;
         let archive = dir.join(&manifest.rootfs.file);
-        let dest = dir.join(format!(
-            "nfsroot-{}",
-            &manifest.rootfs.sha256[..DIGEST_PREFIX]
-        ));
+        let shown = format!("images/{distro}/{arch}/{}", manifest.rootfs.file);
+        let dest = self
+            .exports_dir
+            .join(distro)
+            .join(arch.as_str())
+            .join(&manifest.rootfs.sha256[..DIGEST_PREFIX]);
         let export = Export {
             distro: distro.to_string(),
             arch,
@@ -140,8 +153,7 @@ impl NfsRoots {
         }
         if !archive.is_file() {
             return Err(RootStatus::Missing(format!(
-                "{} is missing; run `cargo xtask distro pull {distro}`",
-                archive.display()
+                "{shown} is missing; run `cargo xtask distro pull {distro}`"
             )));
         }
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -152,9 +164,7 @@ impl NfsRoots {
             Some(Job::Failed(e)) => return Err(RootStatus::Failed(e.clone())),
             Some(Job::Running) => {
                 return Err(RootStatus::Preparing(format!(
-                    "unpacking {} into {}",
-                    archive.display(),
-                    dest.display()
+                    "unpacking the rootfs of {distro} ({arch})"
                 )))
             }
             _ => {}
@@ -163,6 +173,7 @@ impl NfsRoots {
         drop(jobs);
         let me = Arc::clone(self);
         let (sha, size) = (manifest.rootfs.sha256.clone(), manifest.rootfs.size);
+        let private = self.exports_dir.clone();
         let spawned = std::thread::Builder::new()
             .name("nfsroot-unpack".into())
             .spawn({
@@ -175,18 +186,26 @@ impl NfsRoots {
                         archive.display(),
                         dest.display()
                     );
-                    let job = match unpack_rootfs(&archive, &sha, size, &dest) {
+                    let unpacked = make_private(&private)
+                        .map_err(|e| format!("cannot create {}: {e}", private.display()))
+                        .and_then(|()| unpack_rootfs(&archive, &sha, size, &dest));
+                    let job = match unpacked {
                         Ok(()) => {
                             log!(
                                 "{} ready ({:.1} s)",
                                 dest.display(),
                                 started.elapsed().as_secs_f64()
                             );
+                            remove_other_versions(&dest);
                             Job::Done(dest.clone())
                         }
                         Err(e) => {
-                            log!("{e}");
-                            Job::Failed(e)
+                            log!(
+                                "unpacking {} into {} failed: {e}",
+                                archive.display(),
+                                dest.display()
+                            );
+                            Job::Failed(format!("unpacking {shown} failed: {e}"))
                         }
                     };
                     me.jobs
@@ -196,7 +215,8 @@ impl NfsRoots {
                 }
             });
         if let Err(e) = spawned {
-            let msg = format!("cannot start a thread to unpack {}: {e}", archive.display());
+            let msg =
+                format!("cannot start a thread to unpack the rootfs of {distro} ({arch}): {e}");
             self.jobs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -204,9 +224,7 @@ impl NfsRoots {
             return Err(RootStatus::Failed(msg));
         }
         Err(RootStatus::Preparing(format!(
-            "unpacking {} into {}",
-            archive.display(),
-            dest.display()
+            "unpacking the rootfs of {distro} ({arch})"
         )))
     }
 
@@ -237,17 +255,16 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Unpacks the zstd tarball `archive` into `dest` atomically, checking its sha256 and size
-/// while streaming. Ownership, modes (incl. setuid), mtimes, hard and symbolic links and
+/// while streaming, with [`untar::unpack`]: ownership, modes (incl. setuid), mtimes, links and
 /// extended attributes are kept; device nodes are created when allowed (inside a user
 /// namespace they cannot be, and need not be: the booted system mounts devtmpfs on /dev).
+/// Errors are one line without host paths (they reach the target's console).
 pub fn unpack_rootfs(archive: &Path, sha256: &str, size: u64, dest: &Path) -> Result<(), String> {
-    let parent = dest
-        .parent()
-        .ok_or_else(|| format!("{} has no parent directory", dest.display()))?;
-    let name = dest
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| format!("{} is not a usable directory name", dest.display()))?;
+    let (Some(parent), Some(name)) = (dest.parent(), dest.file_name().and_then(|n| n.to_str()))
+    else {
+        return Err("the export directory has no usable name".into());
+    };
+    fs::create_dir_all(parent).map_err(|e| format!("cannot create the export's parent: {e}"))?;
     // Leftovers of an interrupted unpack (any process) are useless: start clean.
     if let Ok(entries) = fs::read_dir(parent) {
         for e in entries.flatten() {
@@ -261,13 +278,8 @@ pub fn unpack_rootfs(archive: &Path, sha256: &str, size: u64, dest: &Path) -> Re
     }
     let partial = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let result = unpack_into(archive, sha256, size, &partial).and_then(|()| {
-        fs::rename(&partial, dest).map_err(|e| {
-            format!(
-                "cannot rename {} to {}: {e}",
-                partial.display(),
-                dest.display()
-            )
-        })
+        fs::rename(&partial, dest)
+            .map_err(|e| format!("cannot rename the unpacked tree into place: {e}"))
     });
     if result.is_err() {
         let _ = fs::remove_dir_all(&partial);
@@ -276,126 +288,93 @@ pub fn unpack_rootfs(archive: &Path, sha256: &str, size: u64, dest: &Path) -> Re
 }
 
 fn unpack_into(archive: &Path, sha256: &str, size: u64, dir: &Path) -> Result<(), String> {
-    let bad = |e: io::Error| {
-        format!(
-            "cannot unpack {} into {}: {e}",
-            archive.display(),
-            dir.display()
-        )
-    };
-    let file =
-        fs::File::open(archive).map_err(|e| format!("cannot open {}: {e}", archive.display()))?;
+    let bad = |e: io::Error| format!("cannot unpack the archive: {e}");
+    let file = fs::File::open(archive).map_err(|e| format!("cannot open the archive: {e}"))?;
     fs::create_dir(dir).map_err(bad)?;
-    let hashing = HashingReader {
+    let mut hashing = HashingReader {
         inner: file,
         hasher: Sha256::new(),
         bytes: 0,
     };
-    let decoder = zstd::Decoder::new(hashing).map_err(bad)?;
-    let mut tar = tar::Archive::new(decoder);
-    tar.set_preserve_permissions(true);
+    let mut decoder = zstd::Decoder::new(&mut hashing).map_err(bad)?;
     // Only root can give files away; an unprivileged unpack (tests) keeps its own uid.
     // SAFETY: geteuid has no preconditions.
-    tar.set_preserve_ownerships(unsafe { libc::geteuid() } == 0);
-    tar.set_preserve_mtime(true);
-    tar.set_unpack_xattrs(true);
-    tar.set_overwrite(true);
-    // Directories last, deepest first: their modes and mtimes are applied after their content.
-    let mut directories = Vec::new();
-    let mut skipped_devices = 0u32;
-    for entry in tar.entries().map_err(bad)? {
-        let mut entry = entry.map_err(bad)?;
-        let kind = entry.header().entry_type();
-        if kind.is_dir() {
-            directories.push(entry);
-        } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-            if !make_node(&entry, dir).map_err(bad)? {
-                skipped_devices += 1;
-            }
-        } else {
-            entry.unpack_in(dir).map_err(bad)?;
-        }
-    }
-    directories.sort_by(|a, b| b.path_bytes().cmp(&a.path_bytes()));
-    for mut d in directories {
-        d.unpack_in(dir).map_err(bad)?;
-    }
-    let mut rest = tar.into_inner().finish();
-    io::copy(&mut rest, &mut io::sink()).map_err(bad)?;
-    let hashing = rest.into_inner();
+    let owners = unsafe { libc::geteuid() } == 0;
+    let summary = untar::unpack(&mut decoder, dir, owners).map_err(bad)?;
+    // The tar's end may come before the compressed stream's: hash every byte of the file.
+    io::copy(&mut decoder, &mut io::sink()).map_err(bad)?;
+    drop(decoder);
+    io::copy(&mut hashing, &mut io::sink()).map_err(bad)?;
     let got = hex::encode(hashing.hasher.finalize());
     if got != sha256 || hashing.bytes != size {
         return Err(format!(
-            "{} has sha256 {got} and {} bytes but its manifest says {sha256} and {size}: the file is damaged or was replaced; re-run `cargo xtask distro pull`",
-            archive.display(),
+            "the archive has sha256 {got} and {} bytes but its manifest says {sha256} and {size}: the file is damaged or was replaced; re-run `cargo xtask distro pull`",
             hashing.bytes
         ));
     }
-    if skipped_devices > 0 {
+    if summary.skipped_devices > 0 {
         log!(
             "{} device nodes of {} not created (no permission); devtmpfs provides them at boot",
-            skipped_devices,
+            summary.skipped_devices,
             archive.display()
         );
     }
     Ok(())
 }
 
-/// mknod for a device or FIFO entry; false when not permitted (user namespace).
-fn make_node<R: Read>(entry: &tar::Entry<'_, R>, dir: &Path) -> io::Result<bool> {
-    use std::os::unix::ffi::OsStrExt;
-    let rel = entry.path()?.into_owned();
-    if rel
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("device entry {} leaves the archive root", rel.display()),
-        ));
-    }
-    let path = dir.join(&rel);
-    if let Some(p) = path.parent() {
-        fs::create_dir_all(p)?;
-    }
-    let h = entry.header();
-    let kind = h.entry_type();
-    let file_type = if kind.is_character_special() {
-        libc::S_IFCHR
-    } else if kind.is_block_special() {
-        libc::S_IFBLK
-    } else {
-        libc::S_IFIFO
+/// Creates `dir` (the exports' parent) with mode 0700, or makes an existing one 0700.
+fn make_private(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Deletes the other exports of the same distro and arch (earlier rootfs versions), now that
+/// `current` replaces them.
+fn remove_other_versions(current: &Path) {
+    let (Some(parent), Some(name)) = (current.parent(), current.file_name()) else {
+        return;
     };
-    let mode = h.mode()? & 0o7777;
-    let dev = libc::makedev(
-        h.device_major()?.unwrap_or(0),
-        h.device_minor()?.unwrap_or(0),
-    );
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let _ = fs::remove_file(&path);
-    // SAFETY: mknod/lchown with a valid NUL-terminated path.
-    unsafe {
-        if libc::mknod(c.as_ptr(), file_type | mode, dev) != 0 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::EPERM) {
-                Ok(false)
-            } else {
-                Err(e)
-            };
-        }
-        let uid = h.uid()? as libc::uid_t;
-        let gid = h.gid()? as libc::gid_t;
-        if libc::geteuid() == 0 && libc::lchown(c.as_ptr(), uid, gid) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // mknod's mode went through the umask (and chown may clear setuid bits): set it now.
-        if libc::chmod(c.as_ptr(), mode) != 0 {
-            return Err(io::Error::last_os_error());
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name() != name && e.file_type().is_ok_and(|t| t.is_dir()) {
+            match fs::remove_dir_all(e.path()) {
+                Ok(()) => log!("removed the older export {}", e.path().display()),
+                Err(err) => log!(
+                    "cannot remove the older export {}: {err}",
+                    e.path().display()
+                ),
+            }
         }
     }
-    Ok(true)
+}
+
+/// Stacks before exports moved to the state directory unpacked them next to the distro's files,
+/// where `/images/` served them: they are deleted at start.
+pub fn remove_legacy_exports(images_dir: &Path) {
+    let dirs = fs::read_dir(images_dir).into_iter().flatten().flatten();
+    for distro in dirs {
+        for arch in fs::read_dir(distro.path()).into_iter().flatten().flatten() {
+            for e in fs::read_dir(arch.path()).into_iter().flatten().flatten() {
+                let is_export = e.file_name().to_string_lossy().starts_with("nfsroot-")
+                    && e.file_type().is_ok_and(|t| t.is_dir());
+                if is_export {
+                    match fs::remove_dir_all(e.path()) {
+                        Ok(()) => log!(
+                            "removed {} (diskless exports live in the state directory now)",
+                            e.path().display()
+                        ),
+                        Err(err) => log!("cannot remove {}: {err}", e.path().display()),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `/nfsroot/overlay.cpio`: the boot script as a zstd-compressed newc archive, loaded after the

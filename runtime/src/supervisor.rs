@@ -29,6 +29,7 @@ use std::{
 use pxelab_contract::{Event, Phase, CONTROL_SOCKET};
 
 use crate::{
+    access::Leases,
     child::{self, Supervised},
     dnsmasq::{self, DnsmasqSettings},
     events::EventStore,
@@ -36,7 +37,7 @@ use crate::{
     images::Catalog,
     log,
     nfs::{self, Export, NfsSettings},
-    nfsroot::NfsRoots,
+    nfsroot::{self, NfsRoots},
     server::{Server, ServerOptions},
     signals,
     vms::VmStore,
@@ -89,12 +90,17 @@ pub fn run(opts: Options) -> Result<(), String> {
         opts.images_dir.clone(),
         opts.initrds_dir.clone(),
     ));
-    let roots = opts.nfs.as_ref().map(|_| NfsRoots::new(catalog.clone()));
+    nfsroot::remove_legacy_exports(&opts.images_dir);
+    let roots = opts
+        .nfs
+        .as_ref()
+        .map(|_| NfsRoots::new(catalog.clone(), opts.state_dir.join("nfsroot")));
     let mut nfs = opts
         .nfs
         .clone()
         .zip(roots.clone())
         .map(|(settings, roots)| NfsRun::new(settings, roots));
+    let leases = Arc::new(Leases::default());
     let watch = handler::watch_stores(&vms, &catalog);
     let watched = watch.is_some();
     let context = Context {
@@ -104,12 +110,13 @@ pub fn run(opts: Options) -> Result<(), String> {
         watch,
         advertise: opts.advertise.clone(),
         ip_check: opts.ip_check,
+        leases: leases.clone(),
         domain: opts.domain.clone(),
         nfs: roots,
     };
 
     let mut dns = match &opts.dnsmasq {
-        Some((binary, settings)) => Some(DnsmasqRun::prepare(binary, settings, &vms)?),
+        Some((binary, settings)) => Some(DnsmasqRun::prepare(binary, settings, &vms, &leases)?),
         None => None,
     };
 
@@ -169,6 +176,9 @@ pub fn run(opts: Options) -> Result<(), String> {
             if let (Some(d), true) = (dns.as_mut(), reload || now != generation) {
                 d.sync_hosts(&vms);
             }
+            if let Some(d) = dns.as_ref() {
+                d.sync_tftp();
+            }
             generation = now;
             if let Some(n) = nfs.as_mut() {
                 n.sync(&vms);
@@ -179,7 +189,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         }
         if let Some(d) = dns.as_mut() {
             d.watch();
-            d.record_leases(&vms, &events);
+            d.record_leases(&vms, &events, &leases);
         }
         if std::process::id() == 1 {
             let own: Vec<u32> = [
@@ -274,16 +284,20 @@ fn reap_orphans(own_children: &[u32]) {
 /// it sent SIGHUP) when the definitions change, restarted when it dies.
 struct DnsmasqRun {
     binary: PathBuf,
+    /// Started as nobody ([`dnsmasq::command`]).
+    unprivileged: bool,
     settings: DnsmasqSettings,
     child: Supervised,
     log: dnsmasq::LogFollower,
 }
 
 impl DnsmasqRun {
+    /// Checks and writes what dnsmasq needs; `leases` learns the leases it already gave.
     fn prepare(
         binary: &Path,
         settings: &DnsmasqSettings,
         vms: &VmStore,
+        leases: &Leases,
     ) -> Result<DnsmasqRun, String> {
         let found = child::find_binary(binary).ok_or_else(|| {
             format!(
@@ -319,8 +333,22 @@ impl DnsmasqRun {
                 settings.work_dir.display()
             )
         })?;
+        let unprivileged = dnsmasq::prepare_work_dir(settings).map_err(|e| {
+            format!(
+                "cannot prepare {} for dnsmasq (TFTP files from {}): {e}",
+                settings.work_dir.display(),
+                settings.tftp_dir.display()
+            )
+        })?;
+        if !unprivileged {
+            log!("dnsmasq keeps this user's identity (a user namespace cannot map nobody)");
+        }
+        for (mac, ip) in dnsmasq::read_leases(&settings.leases_path(), crate::now_ms() / 1000) {
+            leases.set(mac, ip);
+        }
         Ok(DnsmasqRun {
             binary: found,
+            unprivileged,
             settings: settings.clone(),
             child: Supervised::new("dnsmasq", settings.log_path()),
             log: dnsmasq::LogFollower::at_end(settings.log_path()),
@@ -328,9 +356,13 @@ impl DnsmasqRun {
     }
 
     fn start(&mut self) -> Result<(), String> {
-        let pid = self
-            .child
-            .start(|| Ok(dnsmasq::command(&self.binary, &self.settings)))?;
+        let pid = self.child.start(|| {
+            Ok(dnsmasq::command(
+                &self.binary,
+                &self.settings,
+                self.unprivileged,
+            ))
+        })?;
         log!(
             "dnsmasq started (pid {pid}, interface {}, config {}, log {})",
             self.settings.interface,
@@ -338,6 +370,18 @@ impl DnsmasqRun {
             self.settings.log_path().display()
         );
         Ok(())
+    }
+
+    /// Keeps dnsmasq's TFTP copy current (a new `build-stack` replaces the first stages).
+    fn sync_tftp(&self) {
+        match dnsmasq::sync_tftp(&self.settings.tftp_dir, &self.settings.tftp_copy()) {
+            Ok(true) => log!("TFTP files changed: dnsmasq serves the new ones"),
+            Ok(false) => {}
+            Err(e) => log!(
+                "cannot copy the TFTP files of {}: {e}",
+                self.settings.tftp_dir.display()
+            ),
+        }
     }
 
     fn sync_hosts(&mut self, vms: &VmStore) {
@@ -353,8 +397,9 @@ impl DnsmasqRun {
         }
     }
 
-    /// A `dhcp` event for every lease dnsmasq acknowledged since the last call.
-    fn record_leases(&mut self, vms: &VmStore, events: &EventStore) {
+    /// A `dhcp` event for every lease dnsmasq acknowledged since the last call; `leases` keeps
+    /// the address.
+    fn record_leases(&mut self, vms: &VmStore, events: &EventStore, leases: &Leases) {
         let acks: Vec<_> = self
             .log
             .new_lines()
@@ -366,6 +411,7 @@ impl DnsmasqRun {
         }
         let set = vms.current();
         for (mac, ip) in acks {
+            leases.set(mac, ip);
             if let Some(vm) = set.by_mac(mac) {
                 let event = Event {
                     phase: Phase::Dhcp,
@@ -456,10 +502,11 @@ impl NfsRun {
         self.listening = false;
         let (settings, exports) = (&self.settings, &self.exports);
         let started = self.child.start(|| {
+            // Shown on the targets' consoles too: the program's name, not its host path.
             let binary = child::find_binary(&settings.binary).ok_or_else(|| {
                 format!(
                     "{} not found: diskless VMs cannot boot; apt-get install nfs-ganesha nfs-ganesha-vfs, or pass --ganesha PATH",
-                    settings.binary.display()
+                    settings.binary.file_name().unwrap_or_default().to_string_lossy()
                 )
             })?;
             let conf = nfs::render_conf(settings, exports);

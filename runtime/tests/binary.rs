@@ -59,11 +59,13 @@ fn help_explains_how_to_run_it() {
 #[test]
 fn startup_errors_are_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["--no-dnsmasq", "--listen", "127.0.0.1:0"],
             "VMs directory",
         ),
+        // Never every address unless asked.
+        (&["--no-dnsmasq"], "pass --server-ip"),
         (&["--listen", "127.0.0.1:0"], "--interface"),
         (
             &["--interface", "x", "--listen", "127.0.0.1:0"],

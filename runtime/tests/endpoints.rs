@@ -27,7 +27,7 @@ fn wrong_method_is_405_with_allow() {
     let s = Stack::new();
     for (method, target, allow) in [
         ("POST", "/ipxe?mac=52:54:00:aa:bb:01", "GET, HEAD"),
-        ("DELETE", "/status", "GET, HEAD"),
+        ("DELETE", "/healthz", "GET, HEAD"),
         ("PUT", "/images/debian-12/x86_64/vmlinuz", "GET, HEAD"),
         ("GET", "/events/52:54:00:aa:bb:01", "POST"),
     ] {
@@ -55,13 +55,14 @@ fn ipxe_install_script_for_a_new_vm() {
                 .unwrap()
                 > 100
     );
-    assert_eq!(s.get("/status").json()["vms"][0]["state"], "new");
+    assert_eq!(s.control_json("/status")["vms"][0]["state"], "new");
     let r = s.get("/ipxe?mac=52-54-00-AA-BB-01");
     assert_eq!(r.status, 200, "{}", r.text());
     let t = r.text();
     assert!(t.starts_with("#!ipxe\n"));
     // URLs use the Host the client used.
-    assert!(t.contains("kernel http://pxe.test/images/debian-12/x86_64/vmlinuz console=ttyS0,115200 config_url=http://pxe.test/config/52:54:00:aa:bb:01 initrd=initrd.img initrd=modules.cpio.zst"), "{t}");
+    let token = common::token_in(&t).expect("a boot token");
+    assert!(t.contains(&format!("kernel http://pxe.test/images/debian-12/x86_64/vmlinuz console=ttyS0,115200 BOOTIF=01-52-54-00-aa-bb-01 config_url=http://pxe.test/config/52:54:00:aa:bb:01?token={token} initrd=initrd.img initrd=modules.cpio.zst")), "{t}");
     assert!(
         t.contains("initrd --name initrd.img http://pxe.test/initrds/x86_64/initrd.img"),
         "{t}"
@@ -69,7 +70,7 @@ fn ipxe_install_script_for_a_new_vm() {
     assert!(t.contains("initrd --name modules.cpio.zst http://pxe.test/images/debian-12/x86_64/modules.cpio.zst"), "{t}");
     assert!(t.contains("\nboot "), "{t}");
     // The boot was recorded.
-    let status = s.get("/status").json();
+    let status = s.control_json("/status");
     assert_eq!(status["vms"][0]["state"], "booting");
     assert_eq!(status["vms"][0]["last_event"]["phase"], "ipxe");
 }
@@ -137,6 +138,25 @@ fn ipxe_says_when_the_distro_is_not_pulled() {
     .unwrap();
     let r = s.get(&format!("/ipxe?mac={MAC}"));
     r.assert_told_to_wait_because("run `cargo xtask build-stack`");
+    // Replies name what is missing as the operator knows it, never a host path.
+    let host = s.root().to_str().unwrap();
+    assert!(!r.text().contains(host), "{}", r.text());
+    std::fs::write(s.root().join("initrds/x86_64/initrd.img"), b"i").unwrap();
+    let token = s.boot();
+    std::fs::remove_file(s.root().join("images/debian-12/x86_64/manifest.json")).unwrap();
+    std::fs::remove_file(s.root().join("images/debian-12/x86_64/vmlinuz")).unwrap();
+    for target in [
+        format!("/config/{MAC}?token={token}"),
+        format!("/ipxe?mac={MAC}"),
+    ] {
+        let r = s.get(&target);
+        assert!(
+            r.text().contains("images/debian-12/x86_64/"),
+            "{}",
+            r.text()
+        );
+        assert!(!r.text().contains(host), "{target}: {}", r.text());
+    }
 }
 
 /// Boot once: the installer until an `installed` event, the local disk after it, also after a
@@ -144,17 +164,13 @@ fn ipxe_says_when_the_distro_is_not_pulled() {
 #[test]
 fn boot_once_flow() {
     let mut s = Stack::new();
-    assert!(s.ipxe().contains("kernel "));
+    let token = s.boot();
     for (phase, state) in [
         ("installing", "installing"),
         ("rootfs", "installing"),
         ("installed", "installed"),
     ] {
-        let r = s.send(
-            "POST",
-            &format!("/events/{MAC}"),
-            format!(r#"{{"phase":"{phase}","message":"m"}}"#).as_bytes(),
-        );
+        let r = s.post_event(&token, &format!(r#"{{"phase":"{phase}","message":"m"}}"#));
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["state"], state);
     }
@@ -174,7 +190,7 @@ fn boot_once_flow() {
     let t = s.ipxe();
     assert!(t.contains("sanboot"), "state lost across a restart: {t}");
 
-    let timeline = s.get("/vms/t1/timeline").json();
+    let timeline = s.control_json("/vms/t1/timeline");
     let phases: Vec<&str> = timeline
         .as_array()
         .unwrap()
@@ -197,12 +213,9 @@ fn boot_once_flow() {
 
 /// Installs t1: the installer is handed out, then `installed` is reported.
 fn install(s: &common::Stack) {
-    assert!(s.ipxe().contains("kernel "));
-    let r = s.send(
-        "POST",
-        &format!("/events/{MAC}"),
-        br#"{"phase":"installed"}"#,
-    );
+    let token = s.boot();
+    s.post_event(&token, r#"{"phase":"installing"}"#);
+    let r = s.post_event(&token, r#"{"phase":"installed"}"#);
     assert_eq!(r.json()["state"], "installed");
     assert!(s.ipxe().contains("sanboot"));
 }
@@ -222,22 +235,21 @@ fn reprovision_on_the_control_socket_installs_again() {
     let last = status.last_event.expect("the reset is the last event");
     assert_eq!(last.event.phase, pxelab_contract::Phase::Reprovision);
     assert_eq!(status.since_ms, Some(last.at_ms));
-    assert_eq!(s.get("/status").json()["vms"][0]["state"], "new");
+    assert_eq!(s.control_json("/status")["vms"][0]["state"], "new");
     // The reset outlives a restart, and the next boot is an install.
     s.restart();
     let t = s.ipxe();
     assert!(t.contains("kernel ") && !t.contains("sanboot"), "{t}");
-    let phases: Vec<String> = s
-        .get("/vms/t1/timeline")
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["phase"].as_str().unwrap().to_string())
-        .collect();
     assert_eq!(
-        phases,
-        ["ipxe", "installed", "local-boot", "reprovision", "ipxe"]
+        s.phases("t1"),
+        [
+            "ipxe",
+            "installing",
+            "installed",
+            "local-boot",
+            "reprovision",
+            "ipxe"
+        ]
     );
 }
 
@@ -277,21 +289,17 @@ fn reprovision_of_an_unknown_vm_is_404() {
         .control("GET", "/nope")
         .text()
         .contains("/vms/<name>/reprovision"));
-    assert_eq!(s.get("/vms/t1/timeline").json(), serde_json::json!([]));
+    assert_eq!(s.control_json("/vms/t1/timeline"), serde_json::json!([]));
 }
 
 #[test]
 fn failed_install_boots_the_installer_again() {
     let s = Stack::new();
-    s.get(&format!("/ipxe?mac={MAC}"));
-    let r = s.send(
-        "POST",
-        &format!("/events/{MAC}"),
-        br#"{"phase":"failed","message":"disk too small"}"#,
-    );
+    let token = s.boot();
+    let r = s.post_event(&token, r#"{"phase":"failed","message":"disk too small"}"#);
     assert_eq!(r.json()["state"], "failed");
     assert!(s.ipxe().contains("kernel "));
-    assert_eq!(s.get("/status").json()["vms"][0]["state"], "booting");
+    assert_eq!(s.control_json("/status")["vms"][0]["state"], "booting");
 }
 
 #[test]
@@ -336,7 +344,8 @@ fn host_header_is_validated() {
 #[test]
 fn config_for_a_known_vm() {
     let s = Stack::new();
-    let r = s.get(&format!("/config/{}", MAC.to_uppercase()));
+    let token = s.boot();
+    let r = s.get(&format!("/config/{}?token={token}", MAC.to_uppercase()));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("Content-Type"), Some("application/json"));
     let c = r.json();
@@ -350,7 +359,10 @@ fn config_for_a_known_vm() {
     assert_eq!(c["rootfs"]["sha256"], common::sha256_of(b"ROOTFS-TARBALL"));
     assert_eq!(c["rootfs"]["size"], 14);
     assert_eq!(c["cloud_init_url"], "http://pxe.test/cloud-init/t1/");
-    assert_eq!(c["events_url"], format!("http://pxe.test/events/{MAC}"));
+    assert_eq!(
+        c["events_url"],
+        format!("http://pxe.test/events/{MAC}?token={token}")
+    );
     assert_eq!(c["reboot"], true);
     // The original's keys.
     assert_eq!(c["arch"], "x86_64");
@@ -369,7 +381,7 @@ fn config_for_a_known_vm() {
     assert_eq!(typed.rootfs.size, 14);
 
     std::fs::write(s.root().join("vms/t1.noreboot"), b"").unwrap();
-    let c = s.get(&format!("/config/{MAC}")).json();
+    let c = s.get(&format!("/config/{MAC}?token={token}")).json();
     assert_eq!(
         (c["reboot"].as_bool(), c["reboot_on_success"].as_bool()),
         (Some(false), Some(false))
@@ -385,10 +397,11 @@ fn config_errors() {
     let r = s.get("/config/52:54:00:00:00:99");
     assert_eq!(r.status, 404);
     r.assert_one_line();
+    let config = format!("/config/{MAC}?token={}", s.boot());
     let manifest = s.root().join("images/debian-12/x86_64/manifest.json");
     let good = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(&manifest, good.replace("\"size\":14", "\"size\":15")).unwrap();
-    let r = s.get(&format!("/config/{MAC}"));
+    let r = s.get(&config);
     assert_eq!(r.status, 500);
     assert!(
         r.text().contains("14 bytes but the manifest says 15"),
@@ -396,9 +409,9 @@ fn config_errors() {
         r.text()
     );
     std::fs::write(&manifest, "{").unwrap();
-    assert_eq!(s.get(&format!("/config/{MAC}")).status, 500);
+    assert_eq!(s.get(&config).status, 500);
     std::fs::remove_file(&manifest).unwrap();
-    let r = s.get(&format!("/config/{MAC}"));
+    let r = s.get(&config);
     assert_eq!(r.status, 503);
     r.assert_one_line();
     assert!(r.text().contains("not pulled"), "{}", r.text());
@@ -448,8 +461,8 @@ fn cloud_init_only_for_the_reserved_ip() {
         "{}",
         r.text()
     );
-    // No reservation known: served (the check needs an address to compare with).
-    assert_eq!(s.get("/cloud-init/t3/user-data").status, 200);
+    // No reservation and no lease: nothing tells its requests apart from another host's.
+    assert_eq!(s.get("/cloud-init/t3/user-data").status, 403);
     s.start(
         ServerOptions {
             access_log: false,
@@ -458,6 +471,7 @@ fn cloud_init_only_for_the_reserved_ip() {
         false,
     );
     assert_eq!(s.get("/cloud-init/t2/user-data").status, 200);
+    assert_eq!(s.get("/cloud-init/t3/user-data").status, 200);
 }
 
 #[test]
@@ -561,6 +575,7 @@ fn files_stay_inside_their_roots() {
 #[test]
 fn events_are_validated() {
     let s = Stack::new();
+    let events = format!("/events/{MAC}?token={}", s.boot());
     let r = s.send("POST", "/events/bogus", br#"{"phase":"rootfs"}"#);
     assert_eq!(r.status, 400);
     r.assert_one_line();
@@ -577,29 +592,29 @@ fn events_are_validated() {
         b"",
         br#"{"phase":"rootfs","bytes_done":-1}"#,
     ] {
-        let r = s.send("POST", &format!("/events/{MAC}"), body);
+        let r = s.send("POST", &events, body);
         assert_eq!(r.status, 400, "{:?}", String::from_utf8_lossy(body));
         r.assert_one_line();
     }
     let big = vec![b' '; 16 * 1024 + 1];
-    let r = s.send("POST", &format!("/events/{MAC}"), &big);
+    let r = s.send("POST", &events, &big);
     assert_eq!(r.status, 413);
     r.assert_one_line();
     // Chunked bodies are refused with a reason, not misread.
-    let r = s.raw(&format!("POST /events/{MAC} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"));
+    let r = s.raw(&format!("POST {events} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"));
     assert_eq!(r.status, 411);
-    // Nothing above reached the timeline.
-    assert_eq!(s.get("/vms/t1/timeline").json(), serde_json::json!([]));
+    // Nothing above reached the timeline (only the boot that handed out the token).
+    assert_eq!(s.phases("t1"), ["ipxe"]);
 
     let r = s.send(
         "POST",
-        &format!("/events/{MAC}"),
+        &events,
         br#"{"phase":"rootfs","bytes_done":10,"bytes_total":100,"elapsed_ms":5}"#,
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let timeline: Vec<pxelab_contract::TimelineEntry> =
-        serde_json::from_slice(&s.get("/vms/t1/timeline").body).unwrap();
-    let [entry] = timeline.as_slice() else {
+        serde_json::from_slice(&s.control("GET", "/vms/t1/timeline").body).unwrap();
+    let [_, entry] = timeline.as_slice() else {
         panic!("{timeline:?}")
     };
     assert_eq!(
@@ -612,12 +627,13 @@ fn events_are_validated() {
 fn expect_continue_is_honoured() {
     let s = Stack::new();
     let body = br#"{"phase":"installing"}"#;
+    let token = s.boot();
     let mut stream = std::net::TcpStream::connect(s.addr).unwrap();
     use std::io::{Read, Write};
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .unwrap();
-    write!(stream, "POST /events/{MAC} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+    write!(stream, "POST /events/{MAC}?token={token} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
     let mut first = [0u8; 25];
     stream.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -635,7 +651,7 @@ fn status_lists_vms_and_invalid_files() {
     write_vm(s.root(), "u-dup", MAC, None);
     let misnamed = write_vm(s.root(), "x1", "52:54:00:aa:bb:05", None);
     std::fs::rename(misnamed, s.root().join("vms/other.json")).unwrap();
-    let r = s.get("/status");
+    let r = s.control("GET", "/status");
     assert_eq!(r.status, 200);
     let st: pxelab_contract::StackStatus = serde_json::from_slice(&r.body).unwrap();
     let names: Vec<&str> = st.vms.iter().map(|v| v.name.as_str()).collect();
@@ -673,8 +689,8 @@ fn vm_changes_apply_without_restart() {
 #[test]
 fn timeline_of_unknown_vm_is_404() {
     let s = Stack::new();
-    assert_eq!(s.get("/vms/nobody/timeline").status, 404);
-    assert_eq!(s.get("/vms/t1/timeline").json(), serde_json::json!([]));
+    assert_eq!(s.control("GET", "/vms/nobody/timeline").status, 404);
+    assert_eq!(s.control_json("/vms/t1/timeline"), serde_json::json!([]));
 }
 
 #[test]
@@ -705,16 +721,16 @@ fn kernel_fetch_from_the_vms_address_is_on_the_timeline() {
         200
     );
     assert_eq!(
-        s.get("/vms/t1/timeline").json(),
+        s.control_json("/vms/t1/timeline"),
         serde_json::json!([]),
         "only a GET of the kernel counts"
     );
     assert_eq!(s.get(kernel).status, 200);
-    let timeline = s.get("/vms/t1/timeline").json();
+    let timeline = s.control_json("/vms/t1/timeline");
     assert_eq!(timeline.as_array().unwrap().len(), 1, "{timeline}");
     assert_eq!(timeline[0]["phase"], "kernel");
     // An observation: the state does not move.
-    assert_eq!(s.get("/status").json()["vms"][0]["state"], "new");
+    assert_eq!(s.control_json("/status")["vms"][0]["state"], "new");
 }
 
 /// Among a thousand definitions, a file replaced by rename (how tools write) and a removed
@@ -743,7 +759,7 @@ fn vm_edits_apply_at_once_among_a_thousand() {
     std::fs::remove_file(s.root().join("vms/m5.json")).unwrap();
     assert_eq!(s.get("/ipxe?mac=52:54:00:20:00:05").status, 404);
     assert_eq!(
-        s.get("/status").json()["vms"].as_array().unwrap().len(),
+        s.control_json("/status")["vms"].as_array().unwrap().len(),
         1000
     );
 }

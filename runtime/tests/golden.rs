@@ -89,16 +89,19 @@ fn nocloud_documents() {
     }
 }
 
+/// A boot token as `/ipxe` mints them (fixed here).
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
 #[test]
 fn ipxe_scripts() {
     let v = vms();
     check(
         "web-1.install.ipxe",
-        &ipxe::install_script(&v[2], "http://10.77.0.1"),
+        &ipxe::install_script(&v[2], "http://10.77.0.1", TOKEN),
     );
     check(
         "arm-1.install.ipxe",
-        &ipxe::install_script(&v[0], "http://10.77.0.1:8080"),
+        &ipxe::install_script(&v[0], "http://10.77.0.1:8080", TOKEN),
     );
     check("web-1.local.ipxe", &ipxe::local_boot_script(&v[2]));
     check("boot.ipxe", &ipxe::chain_script("http://10.77.0.1"));
@@ -109,6 +112,7 @@ fn ipxe_scripts() {
             "http://10.77.0.1",
             "10.77.0.1",
             &nfs::pseudo_path("debian-12", Arch::X86_64),
+            TOKEN,
         ),
     );
     check(
@@ -128,11 +132,12 @@ fn ganesha_conf() {
         binary: "ganesha.nfsd".into(),
         work_dir: "/var/lib/pxelab/state/nfs".into(),
         port: 2049,
+        clients: "10.77.0.0/24".into(),
     };
     let export = |distro: &str, arch: Arch| nfs::Export {
         distro: distro.into(),
         arch,
-        path: format!("/var/lib/pxelab/images/{distro}/{arch}/nfsroot-0123456789abcdef").into(),
+        path: format!("/var/lib/pxelab/state/nfsroot/{distro}/{arch}/0123456789abcdef").into(),
     };
     // Input order does not matter; the rendering is sorted by pseudo path.
     check(

@@ -3,21 +3,37 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
+    io::{ErrorKind, Read, Write},
     net::TcpStream,
     time::{Duration, Instant},
 };
 
-use common::{Stack, MAC};
+use common::{connect_from, Stack, MAC};
 use pxelab_runtime::server::ServerOptions;
 
 fn quick(max_connections: usize, timeout_ms: u64) -> ServerOptions {
     ServerOptions {
         max_connections,
+        max_per_client: (max_connections / 8).max(1),
         request_timeout: Duration::from_millis(timeout_ms),
+        head_timeout: Duration::from_millis(timeout_ms).min(ServerOptions::default().head_timeout),
         write_timeout: Duration::from_secs(2),
         access_log: false,
     }
+}
+
+/// A loopback address per `i`: as many distinct clients as a test needs.
+fn client(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8)
+}
+
+fn healthz_from(s: &Stack, from: std::net::Ipv4Addr) -> u16 {
+    common::raw_from(
+        from,
+        s.addr,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .status
 }
 
 /// xorshift64*: deterministic, so a failure can be replayed from the printed seed.
@@ -209,7 +225,7 @@ fn idle_connections_do_not_starve_others() {
     let s = Stack::with(quick(512, 10_000), true);
     let mut idle = Vec::new();
     for i in 0..200 {
-        let mut c = TcpStream::connect(s.addr).unwrap();
+        let mut c = connect_from(client(i), s.addr);
         if i % 2 == 0 {
             c.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n").unwrap();
         }
@@ -262,13 +278,17 @@ fn slow_clients_time_out() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-/// Beyond the connection limit new clients get a quick 503 instead of a hang, and capacity
-/// comes back when connections close.
+/// Beyond the connection limit, with every connection busy (mid-request), new clients get a
+/// quick 503 instead of a hang, and capacity comes back when connections close.
 #[test]
 fn connection_limit_answers_503() {
     let s = Stack::with(quick(8, 10_000), true);
     let held: Vec<TcpStream> = (0..8)
-        .map(|_| TcpStream::connect(s.addr).unwrap())
+        .map(|i| {
+            let mut c = connect_from(client(i), s.addr);
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+            c
+        })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
@@ -282,6 +302,127 @@ fn connection_limit_answers_503() {
         assert!(Instant::now() < deadline, "capacity did not come back");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The issue's reproduction: one client opens every slot with half-sent requests. Its own
+/// connections are capped, so every other client is still served.
+#[test]
+fn one_client_cannot_hold_every_slot() {
+    let s = Stack::with(quick(40, 10_000), true);
+    let rogue = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut c = connect_from(rogue, s.addr);
+        let _ = c.write_all(b"GET /healthz HTTP/1.1\r\nHo");
+        held.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..5 {
+        assert_eq!(healthz_from(&s, client(i)), 200, "client {i} locked out");
+    }
+    // The rogue holds its share (an eighth); the rest were closed (503, or closed while idle).
+    let mut open = 0;
+    for c in &mut held {
+        c.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut out = Vec::new();
+        let still = c
+            .read_to_end(&mut out)
+            .is_err_and(|e| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+        if still && out.is_empty() {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 5, "the rogue's connections still open");
+}
+
+/// When every slot holds an idle connection (kept alive, or opened and silent), a new client is
+/// served: the one idle longest is closed for it.
+#[test]
+fn idle_connections_are_evicted_for_new_clients() {
+    let s = Stack::with(quick(8, 10_000), true);
+    let mut idle: Vec<TcpStream> = (0..8).map(|i| connect_from(client(i), s.addr)).collect();
+    // One of them kept alive after a request, as a booting machine's would be.
+    idle[3]
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..3 {
+        assert_eq!(healthz_from(&s, client(100 + i)), 200, "new client {i}");
+    }
+    let mut closed = Vec::new();
+    for (i, c) in idle.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => {
+                    closed.push(i);
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    // The first new client took the oldest silent one's slot; the others found it free.
+    assert_eq!(closed, [0]);
+}
+
+/// A request head must be complete within a few seconds of its first byte, however long the
+/// request timeout (which also bounds idle keep-alive connections).
+#[test]
+fn a_half_sent_head_times_out_quickly() {
+    let s = Stack::with(
+        ServerOptions {
+            access_log: false,
+            ..ServerOptions::default()
+        },
+        true,
+    );
+    assert!(ServerOptions::default().request_timeout >= Duration::from_secs(10));
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    assert_eq!(common::parse_reply(&out).map(|r| r.status), Some(408));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "408 after {:?}",
+        started.elapsed()
+    );
+}
+
+/// RFC 9112: a Content-Length that is repeated, signed or not a plain number is refused; it
+/// could frame the body differently for a proxy in front and for us.
+#[test]
+fn ambiguous_content_lengths_are_refused() {
+    let s = Stack::new();
+    let token = s.boot();
+    let body = r#"{"phase":"installing"}"#;
+    assert_eq!(body.len(), 22);
+    for headers in [
+        "Content-Length: 22\r\nContent-Length: 22",
+        "Content-Length: 22\r\nContent-Length: 2",
+        "Content-Length: +22",
+        "Content-Length: 22, 22",
+        "Content-Length: 0x16",
+        "Content-Length: ",
+    ] {
+        let r = s.raw(&format!(
+            "POST /events/{MAC}?token={token} HTTP/1.1\r\nHost: x\r\n{headers}\r\nConnection: close\r\n\r\n{body}"
+        ));
+        assert_eq!(r.status, 400, "{headers:?}: {}", r.text());
+        r.assert_one_line();
+    }
+    assert_eq!(
+        s.phases("t1"),
+        ["ipxe"],
+        "a refused request reached the timeline"
+    );
 }
 
 #[test]

@@ -202,15 +202,10 @@ fn kill_9_after_installed_keeps_the_machine_installed() {
         )
     };
     let (mut stack, addr) = start(1);
-    assert!(send(addr, "GET", &format!("/ipxe?mac={MAC}"), "")
-        .text()
-        .contains("kernel "));
-    let r = send(
-        addr,
-        "POST",
-        &format!("/events/{MAC}"),
-        r#"{"phase":"installed"}"#,
-    );
+    let script = send(addr, "GET", &format!("/ipxe?mac={MAC}"), "").text();
+    let events = format!("/events/{MAC}?token={}", common::token_in(&script).unwrap());
+    send(addr, "POST", &events, r#"{"phase":"installing"}"#);
+    let r = send(addr, "POST", &events, r#"{"phase":"installed"}"#);
     assert_eq!(r.json()["state"], "installed");
     // SIGKILL at once: no chance to write anything more.
     let mut child = stack.child.take().unwrap();
@@ -220,6 +215,24 @@ fn kill_9_after_installed_keeps_the_machine_installed() {
     let (_stack, addr) = start(2);
     let t = send(addr, "GET", &format!("/ipxe?mac={MAC}"), "").text();
     assert!(t.contains("sanboot"), "installed lost to kill -9: {t}");
-    let timeline = send(addr, "GET", "/vms/t1/timeline", "").json();
-    assert_eq!(timeline[1]["phase"], "installed", "{timeline}");
+    let control = root.join("state").join(pxelab_contract::CONTROL_SOCKET);
+    let timeline = common::control(&control, "GET", "/vms/t1/timeline").json();
+    assert_eq!(timeline[2]["phase"], "installed", "{timeline}");
+}
+
+#[test]
+fn boot_tokens_survive_a_restart_and_a_reprovision_drops_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = {
+        let store = EventStore::open(dir.path()).unwrap();
+        store.begin_boot(&vm(), event(Phase::Ipxe, "boot")).unwrap()
+    };
+    let store = EventStore::open(dir.path()).unwrap();
+    assert_eq!(store.token(&vm()).unwrap(), Some(token));
+    store
+        .append(&vm(), event(Phase::Reprovision, "reset"))
+        .unwrap();
+    drop(store);
+    let store = EventStore::open(dir.path()).unwrap();
+    assert_eq!(store.token(&vm()).unwrap(), None);
 }

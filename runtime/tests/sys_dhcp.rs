@@ -64,6 +64,16 @@ impl Lab {
         output(self.srv.command(args[0]).args(&args[1..]))
     }
 
+    /// Gives the client interface `cidr` as its only address (`None`: no address), as the
+    /// lease would: udhcpc's script here does not configure it.
+    fn client_address(&self, cidr: Option<&str>) {
+        let ns = self.cli.name();
+        must(&["ip", "-n", ns, "addr", "flush", "dev", &self.cli_if]);
+        if let Some(cidr) = cidr {
+            must(&["ip", "-n", ns, "addr", "add", cidr, "dev", &self.cli_if]);
+        }
+    }
+
     fn set_client_mac(&self, mac: &str) {
         must(&[
             "ip",
@@ -158,9 +168,9 @@ fn prepare_data(data: &Path) {
     for d in ["vms", "tftp", "images", "initrds"] {
         std::fs::create_dir_all(data.join(d)).unwrap();
     }
-    // Names only: DHCP answers carry them; nothing fetches them in these tests.
+    // DHCP answers name them; the test fetches one over TFTP.
     for f in ["ipxe.efi", "ipxe-arm64.efi", "undionly.kpxe"] {
-        std::fs::write(data.join("tftp").join(f), b"").unwrap();
+        std::fs::write(data.join("tftp").join(f), format!("first stage {f}\n")).unwrap();
     }
     write_vm(data, "10.231.0.50");
 }
@@ -215,20 +225,24 @@ fn start_stack(lab: &Lab, data: &Path) -> StackProcess {
     stack
 }
 
-/// Running dnsmasq processes (zombies are dead) whose command line names `conf`.
+/// Running dnsmasq processes (zombies are dead) that run on `conf` (named relative to their
+/// working directory, its directory).
 fn dnsmasq_pids_using(conf: &Path) -> Vec<u32> {
-    let needle = conf.to_string_lossy().into_owned();
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let zombie = stat
                 .rsplit(')')
                 .next()
                 .is_some_and(|rest| rest.trim_start().starts_with('Z'));
-            String::from_utf8_lossy(&cmdline).contains(&needle) && !zombie
+            let name = conf.file_name().unwrap().to_string_lossy();
+            String::from_utf8_lossy(&cmdline).contains(&format!("--conf-file={name}"))
+                && Some(cwd.as_path()) == conf.parent()
+                && !zombie
         })
         .collect()
 }
@@ -242,6 +256,27 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
     let lab = Lab::new("a");
     lab.set_client_mac(MAC);
     let mut stack = start_stack(&lab, data);
+
+    // dnsmasq parses what any host on the lab network sends: it runs as nobody, with only the
+    // capabilities DHCP needs, and still serves files from a data directory only root may
+    // enter (tempdirs are 0700, as root's home is).
+    let conf = data.join("state/dnsmasq/dnsmasq.conf");
+    let [pid] = dnsmasq_pids_using(&conf)[..] else {
+        panic!("not one dnsmasq")
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid:"), ["65534"; 4], "{status}");
+    assert_eq!(field("Gid:"), ["65534"; 4], "{status}");
+    // CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_NET_RAW and nothing else.
+    assert_eq!(field("CapEff:"), ["0000000000003400"], "{status}");
 
     // The reserved address, the BIOS boot file from our TFTP server, DNS and domain.
     let lease = lab.dhcp(data, &[]).expect("the known MAC got no lease");
@@ -263,6 +298,24 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    lab.client_address(Some("10.231.0.50/24"));
+    let fetched = data.join("fetched");
+    let out = lab.in_cli(&[
+        "busybox",
+        "tftp",
+        "-g",
+        "-r",
+        "undionly.kpxe",
+        "-l",
+        fetched.to_str().unwrap(),
+        SERVER_IP,
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(&fetched).unwrap_or_default(),
+        "first stage undionly.kpxe\n",
+        "TFTP: {out:?}"
+    );
+    lab.client_address(None);
     // Per-architecture first stage, and the chain URL once the client is iPXE (option 175).
     for (extra, file) in [
         ("0x5d:0007", "ipxe.efi"),
@@ -278,16 +331,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
     }
 
     // HTTP from the VM's own address: cloud-init is served; from another address it is not.
-    must(&[
-        "ip",
-        "-n",
-        lab.cli.name(),
-        "addr",
-        "add",
-        "10.231.0.50/24",
-        "dev",
-        &lab.cli_if,
-    ]);
+    lab.client_address(Some("10.231.0.50/24"));
     let out = lab.in_cli(&[
         "busybox",
         "wget",
@@ -313,15 +357,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
         !out.status.success(),
         "cloud-init served to the server's own address"
     );
-    must(&[
-        "ip",
-        "-n",
-        lab.cli.name(),
-        "addr",
-        "flush",
-        "dev",
-        &lab.cli_if,
-    ]);
+    lab.client_address(None);
 
     // A changed VM file changes the answer, without a restart, within 2 s.
     write_vm(data, "10.231.0.51");
@@ -339,17 +375,8 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
     }
     let took = changed.elapsed();
     eprintln!("new reservation answered {took:?} after the VM file changed");
-    // DNS names for every VM (udhcpc's script here does not configure the address: do it).
-    must(&[
-        "ip",
-        "-n",
-        lab.cli.name(),
-        "addr",
-        "add",
-        "10.231.0.51/24",
-        "dev",
-        &lab.cli_if,
-    ]);
+    // DNS names for every VM.
+    lab.client_address(Some("10.231.0.51/24"));
     let dns = lab.in_cli(&["busybox", "nslookup", "t1.pxelab.local", SERVER_IP]);
     let answer = String::from_utf8_lossy(&dns.stdout);
     assert!(
@@ -357,15 +384,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
         "DNS: {answer} {}",
         String::from_utf8_lossy(&dns.stderr)
     );
-    must(&[
-        "ip",
-        "-n",
-        lab.cli.name(),
-        "addr",
-        "flush",
-        "dev",
-        &lab.cli_if,
-    ]);
+    lab.client_address(None);
 
     // Unknown MACs get nothing.
     lab.set_client_mac("52:54:00:aa:bb:99");

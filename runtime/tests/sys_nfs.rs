@@ -136,7 +136,7 @@ fn sys_ganesha_exports_the_root_read_only_inside_the_namespace_only() {
         .command(env!("CARGO_BIN_EXE_pxelab-stack"))
         .arg("--data-dir")
         .arg(data)
-        .args(["--no-dnsmasq", "--listen", &format!("{SERVER_IP}:80")])
+        .args(["--no-dnsmasq", "--server-ip", &format!("{SERVER_IP}/24")])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -201,16 +201,25 @@ fn sys_ganesha_exports_the_root_read_only_inside_the_namespace_only() {
         err.contains("NFS4ERR_ROFS"),
         "expected a read-only error: {err}"
     );
-    let export = std::fs::read_dir(data.join("images/debian-12/x86_64"))
+    let export = std::fs::read_dir(data.join("state/nfsroot/debian-12/x86_64"))
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("nfsroot-"))
-        })
+        .find(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
         .expect("no export directory");
     assert!(!export.join("etc/new-file").exists());
+    // Only the lab subnet is answered: a client on the server's loopback is not in it.
+    let out = lab.exec(
+        &lab.srv,
+        &[
+            "nfs-cat",
+            "nfs://127.0.0.1/pxelab/debian-12/x86_64/etc/hostname?version=4",
+        ],
+    );
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "served outside the lab subnet: {out:?}"
+    );
 
     // Containment: ganesha listens on *:2049, but in the lab namespace only. Checked without
     // sending a packet toward the lab from the host: ganesha's network namespace is the lab's,

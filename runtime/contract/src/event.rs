@@ -74,6 +74,9 @@ impl fmt::Display for Phase {
     }
 }
 
+/// Longest `message` the stack keeps, in bytes; longer ones are cut (on a character boundary).
+pub const MAX_MESSAGE: usize = 512;
+
 /// The body of `POST /events/<mac>`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -91,6 +94,32 @@ pub struct Event {
     /// Milliseconds since the sender started (its own clock; the handler stamps arrival).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elapsed_ms: Option<u64>,
+}
+
+impl Event {
+    /// The message as it may reach an operator's terminal: no control characters (ANSI and OSC
+    /// escape sequences lose their ESC and print as text), no bidirectional overrides, line
+    /// breaks and tabs as spaces, at most [`MAX_MESSAGE`] bytes.
+    pub fn clean_message(message: &str) -> String {
+        let mut out = String::with_capacity(message.len().min(MAX_MESSAGE));
+        for c in message.chars() {
+            let c = match c {
+                '\n' | '\r' | '\t' => ' ',
+                c if c.is_control() || is_bidi_control(c) => continue,
+                c => c,
+            };
+            if out.len() + c.len_utf8() > MAX_MESSAGE {
+                break;
+            }
+            out.push(c);
+        }
+        out
+    }
+}
+
+/// Characters that reorder the text around them when printed (Trojan Source style).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// One entry of a VM's timeline (`GET /vms/<name>/timeline` serves its last entries).
@@ -112,6 +141,18 @@ pub enum VmState {
     Installing,
     Installed,
     Failed,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::New => "new",
+            VmState::Booting => "booting",
+            VmState::Installing => "installing",
+            VmState::Installed => "installed",
+            VmState::Failed => "failed",
+        })
+    }
 }
 
 impl VmState {
@@ -219,5 +260,35 @@ mod tests {
             r#"{"at_ms":5,"phase":"rootfs","bytes_done":1}"#
         );
         assert!(serde_json::from_str::<Event>(r#"{"phase":"bogus"}"#).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(1024))]
+
+        /// Any text comes out printable, bounded and unchanged where it was already clean.
+        #[test]
+        fn any_message_comes_out_printable(message in "\\PC{0,600}|[\\x00-\\x{a0}\\x{202e}]{0,600}") {
+            let clean = Event::clean_message(&message);
+            proptest::prop_assert!(clean.len() <= MAX_MESSAGE);
+            proptest::prop_assert!(!clean.chars().any(|c| c.is_control() || is_bidi_control(c)));
+            let printable = !message.chars().any(|c| c.is_control() || is_bidi_control(c));
+            if printable && message.len() <= MAX_MESSAGE {
+                proptest::prop_assert_eq!(clean, message);
+            }
+        }
+    }
+
+    #[test]
+    fn messages_are_cleaned_for_terminals() {
+        let evil = "ok\x1b[2J\x1b]0;owned\x07\u{9b}31m\u{202e}txt.exe\r\nnext\tcol\0";
+        assert_eq!(
+            Event::clean_message(evil),
+            "ok[2J]0;owned31mtxt.exe  next col"
+        );
+        let long = "é".repeat(MAX_MESSAGE);
+        let cut = Event::clean_message(&long);
+        assert_eq!(cut.len(), MAX_MESSAGE);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(Event::clean_message("plain"), "plain");
     }
 }

@@ -11,6 +11,7 @@ mod vm;
 
 pub use event::{
     Event, InvalidVm, Phase, StackStatus, TimelineEntry, VmState, VmStatus, CONTROL_SOCKET,
+    MAX_MESSAGE,
 };
 pub use installer::{
     Artifact, ConfigReply, DistroManifest, InstallerConfig, ManifestFile, ESP_SIZE_MIB,

@@ -135,6 +135,30 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(4096))]
+
+        /// Any text: no panic, and whatever parses prints in the one form, which parses back.
+        #[test]
+        fn parsing_any_text_is_total_and_canonical(input in "\\PC{0,20}|[0-9a-fA-F:-]{10,19}") {
+            if let Ok(mac) = input.parse::<Mac>() {
+                let shown = mac.to_string();
+                proptest::prop_assert_eq!(shown.parse::<Mac>(), Ok(mac));
+                proptest::prop_assert_eq!(shown.clone(), shown.to_lowercase());
+            }
+        }
+
+        /// Every spelling of every address means that address.
+        #[test]
+        fn every_spelling_is_the_same_address(bytes in proptest::array::uniform6(0u8..)) {
+            let mac = Mac::new(bytes);
+            let colons = mac.to_string();
+            for spelling in [colons.to_uppercase(), colons.replace(':', "-"), colons.replace(':', "")] {
+                proptest::prop_assert_eq!(spelling.parse::<Mac>(), Ok(mac));
+            }
+        }
+    }
+
     #[test]
     fn local_unicast_sets_the_right_bits() {
         let mac = Mac::local_unicast([0xff; 6]);

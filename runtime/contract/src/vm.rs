@@ -143,6 +143,8 @@ pub enum VmError {
     SshKey(String),
     #[error("invalid disk {0:?}: expected a device path such as /dev/vda")]
     Disk(String),
+    #[error("invalid {field} {value:?}: expected a plain file name in the distro's image directory, such as vmlinuz (letters, digits, '.', '_', '+' and '-')")]
+    File { field: &'static str, value: String },
 }
 
 impl VmDefinition {
@@ -182,6 +184,15 @@ impl VmDefinition {
                 return Err(VmError::SshKey(line.to_string()));
             }
         }
+        // Both name a file next to the distro's manifest and are copied into iPXE scripts.
+        for (field, value) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            if let Some(v) = value.as_deref().filter(|v| !is_file_name(v)) {
+                return Err(VmError::File {
+                    field,
+                    value: v.to_string(),
+                });
+            }
+        }
         if let Some(d) = &self.disk {
             let ok = d.starts_with("/dev/")
                 && d.len() > 5
@@ -217,6 +228,15 @@ fn is_label(s: &str) -> bool {
         && !s.ends_with('-')
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A file name that is safe in a URL path and an iPXE command line alike.
+fn is_file_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
 }
 
 fn is_ssh_key(line: &str) -> bool {
@@ -276,6 +296,26 @@ mod tests {
             VmDefinition::from_json(&bad_distro),
             Err(VmError::Distro(_))
         ));
+        for (field, value) in [
+            ("kernel", r"vmlinuz rdinit=sh\nshell\n#"),
+            ("kernel", "../vmlinuz"),
+            ("initrd", "initrd.img ${x}"),
+            ("kernel", ".hidden"),
+        ] {
+            let text = vm("a").replace(
+                r#""pxeboot":true"#,
+                &format!(r#""pxeboot":true,"{field}":"{value}""#),
+            );
+            assert!(
+                matches!(VmDefinition::from_json(&text), Err(VmError::File { field: f, .. }) if f == field),
+                "{field} {value:?} accepted"
+            );
+        }
+        let fine = vm("a").replace(
+            r#""pxeboot":true"#,
+            r#""pxeboot":true,"kernel":"vmlinuz-6.1.0-9-amd64","initrd":"initrd.img-6.1_x+1""#,
+        );
+        assert!(VmDefinition::from_json(&fine).is_ok());
         let bad_key = vm("a").replace(KEY, "password123");
         assert!(matches!(
             VmDefinition::from_json(&bad_key),

@@ -5,9 +5,13 @@
 //! way to set socket timeouts (a client that connects and says nothing holds a thread forever),
 //! and the first `accept()` error (e.g. EMFILE under a connection flood) ends its accept loop for
 //! good. Here `httparse` parses, and this module owns the sockets:
-//! - at most `max_connections` live connections; one more is answered `503` and closed at once;
-//! - a request head (and body) must arrive within `request_timeout` of the first byte, and a
-//!   kept-alive connection may idle at most that long, so slow or stuck clients go away;
+//! - at most `max_connections` live connections, and at most `max_per_client` from one address
+//!   (on the network; the control socket has one local user), so one client cannot hold every
+//!   slot; when full, the connection idle longest (kept alive between requests, or opened and
+//!   silent) is closed for the new one, and only when none is idle is the new one answered `503`;
+//! - a request head must be complete within `head_timeout` of its first byte and the whole
+//!   request within `request_timeout`, and a kept-alive connection may idle at most that long,
+//!   so slow or stuck clients go away;
 //! - a write that makes no progress for `write_timeout` drops the connection;
 //! - accept errors are logged and retried; nothing a client sends can stop the loop.
 //!
@@ -21,6 +25,7 @@ mod request;
 mod response;
 
 use std::{
+    collections::HashMap,
     io::{self, Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::{
@@ -29,7 +34,7 @@ use std::{
     },
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     thread,
     time::{Duration, Instant},
@@ -46,7 +51,11 @@ pub use response::{Body, Response};
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
     pub max_connections: usize,
+    /// Most connections from one client address (network only).
+    pub max_per_client: usize,
     pub request_timeout: Duration,
+    /// How long a request head may take from its first byte (at most `request_timeout`).
+    pub head_timeout: Duration,
     pub write_timeout: Duration,
     /// Log one line per request.
     pub access_log: bool,
@@ -56,7 +65,10 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             max_connections: 512,
+            max_per_client: 64,
             request_timeout: Duration::from_secs(10),
+            // A client sends its head in one go: a few seconds is generous even under TCG.
+            head_timeout: Duration::from_secs(3),
             write_timeout: Duration::from_secs(30),
             access_log: true,
         }
@@ -223,7 +235,11 @@ fn accept_loop<L: Listen>(
             return;
         }
     };
-    let live = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Slots::default());
+    let per_client = match L::CHANNEL {
+        Channel::Network => options.max_per_client.max(1),
+        Channel::Control => usize::MAX,
+    };
     let mut last_error_log: Option<Instant> = None;
     let mut last_sweep = Instant::now();
     while !stop.load(Ordering::SeqCst) {
@@ -233,18 +249,28 @@ fn accept_loop<L: Listen>(
         }
         match listener.accept_conn() {
             Ok((conn, peer)) => {
-                if live.load(Ordering::SeqCst) >= options.max_connections {
-                    refuse_busy(conn, options.max_connections);
+                // Freeing a slot closes an idle connection, whose guard gives the slot back now.
+                if slots.of(peer) >= per_client && !pool.evict_idle(Some(peer)) {
+                    refuse_busy(
+                        conn,
+                        &format!("{per_client} connections from {peer} are open"),
+                    );
                     continue;
                 }
-                live.fetch_add(1, Ordering::SeqCst);
+                if slots.total() >= options.max_connections && !pool.evict_idle(None) {
+                    refuse_busy(
+                        conn,
+                        &format!("{} connections are open", options.max_connections),
+                    );
+                    continue;
+                }
                 let local = conn.local().unwrap_or(addr);
                 pool.add(Open {
                     conn,
                     pending: Pending::default(),
                     peer,
                     local,
-                    guard: LiveGuard(live.clone()),
+                    guard: slots.take(peer),
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&listener, 100),
@@ -265,11 +291,60 @@ fn accept_loop<L: Listen>(
 /// How often idle connections are looked for.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
-struct LiveGuard(Arc<AtomicUsize>);
+/// Live connections, in all and by client address.
+#[derive(Default)]
+struct Slots {
+    total: AtomicUsize,
+    by_peer: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Slots {
+    fn total(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+
+    fn of(&self, peer: IpAddr) -> usize {
+        let by_peer = self.by_peer.lock().unwrap_or_else(|p| p.into_inner());
+        by_peer.get(&peer).copied().unwrap_or(0)
+    }
+
+    fn take(self: &Arc<Self>, peer: IpAddr) -> LiveGuard {
+        self.total.fetch_add(1, Ordering::SeqCst);
+        *self
+            .by_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer)
+            .or_insert(0) += 1;
+        LiveGuard {
+            slots: self.clone(),
+            peer,
+        }
+    }
+}
+
+/// One connection's slot, given back when the connection is dropped.
+struct LiveGuard {
+    slots: Arc<Slots>,
+    peer: IpAddr,
+}
+
+impl LiveGuard {
+    fn peer(&self) -> IpAddr {
+        self.peer
+    }
+}
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.slots.total.fetch_sub(1, Ordering::SeqCst);
+        let mut by_peer = self.slots.by_peer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                by_peer.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -283,9 +358,9 @@ fn wait_readable(listener: &impl AsRawFd, timeout_ms: i32) {
     unsafe { libc::poll(&mut fds, 1, timeout_ms) };
 }
 
-fn refuse_busy(mut stream: impl Conn, limit: usize) {
+fn refuse_busy(mut stream: impl Conn, why: &str) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-    let body = format!("server busy: {limit} connections open, retry shortly\n");
+    let body = format!("server busy: {why}, retry shortly\n");
     let reply = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -318,19 +393,25 @@ fn serve_connection(
     let _ = stream.set_write_timeout(Some(options.write_timeout));
     loop {
         let deadline = Instant::now() + options.request_timeout;
-        let request =
-            match read_request(&mut stream, &mut pending, deadline, peer_ip, local, channel) {
-                Ok(r) => r,
-                Err(Stop::Quiet) => return,
-                Err(Stop::Reply(status, msg)) => {
-                    let _ = write_response(&mut stream, Response::line(status, &msg), false, false);
-                    linger(&mut stream);
-                    if options.access_log {
-                        log!("{peer_ip} - {status} ({msg})");
-                    }
-                    return;
+        let request = match read_request(
+            &mut stream,
+            &mut pending,
+            (deadline, options.head_timeout),
+            peer_ip,
+            local,
+            channel,
+        ) {
+            Ok(r) => r,
+            Err(Stop::Quiet) => return,
+            Err(Stop::Reply(status, msg)) => {
+                let _ = write_response(&mut stream, Response::line(status, &msg), false, false);
+                linger(&mut stream);
+                if options.access_log {
+                    log!("{peer_ip} - {status} ({msg})");
                 }
-            };
+                return;
+            }
+        };
         let keep_alive = wants_keep_alive(&request);
         let started = Instant::now();
         let response = handler.handle(&request);

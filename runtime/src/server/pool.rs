@@ -141,6 +141,23 @@ impl<C: Conn> Pool<C> {
         shard.remove(&token).map(|(open, _)| open)
     }
 
+    /// Closes the connection parked longest (from `peer` only, when given); false when none is
+    /// parked. Parked connections are idle: between requests, or not yet sent anything.
+    pub fn evict_idle(&self, peer: Option<IpAddr>) -> bool {
+        let mut oldest: Option<(Instant, u64)> = None;
+        for shard in &self.parked {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for (token, (open, since)) in shard.iter() {
+                let eligible = peer.is_none_or(|p| open.guard.peer() == p);
+                if eligible && oldest.is_none_or(|(t, _)| *since < t) {
+                    oldest = Some((*since, *token));
+                }
+            }
+        }
+        // Dropped here: the socket closes and its slot is free when this returns.
+        oldest.and_then(|(_, token)| self.take(token)).is_some()
+    }
+
     /// Closes connections that idled longer than the request timeout.
     pub fn sweep(&self) {
         for shard in &self.parked {
@@ -204,7 +221,7 @@ impl<C: Conn> Pool<C> {
             let request = match read_request(
                 &mut open.conn,
                 &mut open.pending,
-                deadline,
+                (deadline, self.options.head_timeout),
                 peer,
                 local,
                 self.channel,

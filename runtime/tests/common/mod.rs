@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::unix::net::{UnixListener, UnixStream},
     path::{Path, PathBuf},
     sync::Arc,
@@ -29,6 +29,8 @@ pub struct Stack {
     /// The same handler on `<state>/control.sock`, as the stack serves it.
     pub control: Option<Server>,
     pub addr: SocketAddr,
+    /// What both serve (tests play the supervisor's part through it, e.g. a DHCP lease).
+    pub context: Option<Arc<Context>>,
 }
 
 impl Stack {
@@ -67,6 +69,7 @@ impl Stack {
             server: None,
             control: None,
             addr: "127.0.0.1:1".parse().unwrap(),
+            context: None,
         };
         stack.start(options, ip_check);
         stack
@@ -86,20 +89,49 @@ impl Stack {
             catalog: catalog.clone(),
             advertise: Some("10.0.0.1".into()),
             ip_check,
+            leases: Arc::default(),
             domain: "pxelab.local".into(),
-            nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(catalog.clone())),
+            nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(
+                catalog.clone(),
+                root.join("state/nfsroot"),
+            )),
         }
     }
 
     /// (Re)starts the server on a fresh port and the control socket over the same directories.
     pub fn start(&mut self, options: ServerOptions, ip_check: bool) {
+        self.stop();
+        let context = Stack::context(self.root(), ip_check);
+        self.serve(context, options);
+    }
+
+    /// Stops the server and the control socket, and returns once their context is gone: its
+    /// journal has written its last lines and closed, as when a stack process exits, so a new
+    /// context can open it.
+    pub fn stop(&mut self) {
         for s in [self.server.take(), self.control.take()]
             .into_iter()
             .flatten()
         {
             s.shutdown();
         }
-        let context = Arc::new(Stack::context(self.root(), ip_check));
+        if let Some(old) = self.context.take().map(|c| Arc::downgrade(&c)) {
+            let t = std::time::Instant::now();
+            while old.strong_count() > 0 {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "old server still running"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Serves `context` (made after [`Stack::stop`]: one journal open at a time) on a fresh
+    /// port and the control socket.
+    pub fn serve(&mut self, context: Context, options: ServerOptions) {
+        self.stop();
+        let context = Arc::new(context);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let server = Server::start(listener, context.clone(), options.clone()).unwrap();
         self.addr = server.local_addr();
@@ -107,7 +139,8 @@ impl Stack {
         let path = self.control_path();
         let _ = std::fs::remove_file(&path);
         let unix = UnixListener::bind(&path).unwrap();
-        self.control = Some(Server::start_unix(unix, self.addr, context, options).unwrap());
+        self.control = Some(Server::start_unix(unix, self.addr, context.clone(), options).unwrap());
+        self.context = Some(context);
     }
 
     /// A stop and start of the stack as [`Stack::new`] runs it (same directories, new port).
@@ -141,6 +174,44 @@ impl Stack {
     /// The text of `/ipxe` for the test VM `t1`.
     pub fn ipxe(&self) -> String {
         self.get(&format!("/ipxe?mac={MAC}")).text()
+    }
+
+    /// Boots `t1` into its installer; the boot's token.
+    pub fn boot(&self) -> String {
+        let script = self.ipxe();
+        token_in(&script).unwrap_or_else(|| panic!("no boot token in {script}"))
+    }
+
+    /// `POST /events/<MAC>?token=` with `body`.
+    pub fn post_event(&self, token: &str, body: &str) -> Reply {
+        self.send(
+            "POST",
+            &format!("/events/{MAC}?token={token}"),
+            body.as_bytes(),
+        )
+    }
+
+    /// `GET target` on the control socket, as JSON.
+    pub fn control_json(&self, target: &str) -> serde_json::Value {
+        self.control("GET", target).json()
+    }
+
+    /// t1's state, read on the control socket.
+    pub fn state(&self) -> String {
+        self.control_json("/status")["vms"][0]["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// The phases of `name`'s timeline, read on the control socket.
+    pub fn phases(&self, name: &str) -> Vec<String> {
+        self.control_json(&format!("/vms/{name}/timeline"))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["phase"].as_str().unwrap().to_string())
+            .collect()
     }
 
     pub fn send(&self, method: &str, target: &str, body: &[u8]) -> Reply {
@@ -240,6 +311,57 @@ pub fn control(socket: &Path, method: &str, target: &str) -> Reply {
     let mut out = Vec::new();
     s.read_to_end(&mut out).unwrap();
     parse_reply(&out).unwrap_or_else(|| panic!("no HTTP reply to {method} {target}: {out:?}"))
+}
+
+/// The boot token in an iPXE script (`…?token=<hex>`).
+pub fn token_in(script: &str) -> Option<String> {
+    let at = script.find("?token=")? + "?token=".len();
+    let token: String = script[at..]
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect();
+    (token.len() == 32).then_some(token)
+}
+
+/// A connection to `addr` from the loopback address `from` (any of 127.0.0.0/8): another host
+/// as far as the stack can tell.
+pub fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let SocketAddr::V4(to) = addr else {
+        panic!("IPv4 only: {addr}")
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket we own, bound and connected with valid sockaddr_in values.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(from, 0);
+        let rc = libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(rc, 0, "bind {from}: {}", std::io::Error::last_os_error());
+        let remote = sockaddr(*to.ip(), to.port());
+        let rc = libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(rc, 0, "connect {addr}: {}", std::io::Error::last_os_error());
+        stream
+    }
+}
+
+/// [`raw_bytes`] from another loopback address (see [`connect_from`]).
+pub fn raw_from(from: Ipv4Addr, addr: SocketAddr, request: &str) -> Reply {
+    let mut s = connect_from(from, addr);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    parse_reply(&out).unwrap_or_else(|| panic!("no HTTP reply to {request:?}: {out:?}"))
 }
 
 /// Sends `request` on a fresh connection and reads the reply until the server closes it.

@@ -252,23 +252,27 @@ fn install_once(
     )?;
     // SIGHUP makes it re-read the VM definitions now.
     handler.signal(libc::SIGHUP);
-    let config_url = format!("{base}/config/{}", MAC.replace(':', "-"));
+    // On the control socket the config needs no boot token.
+    let control = data.join("state").join(pxelab_contract::CONTROL_SOCKET);
+    let config_path = format!("/config/{}", MAC.replace(':', "-"));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (code, body) = http_get(&config_url)?;
+        let (code, body) = crate::lab::stack::request(&control, "GET", &config_path)?;
         let config: Option<pxelab_contract::InstallerConfig> = (code == 200)
-            .then(|| serde_json::from_slice(&body).ok())
+            .then(|| serde_json::from_str(&body).ok())
             .flatten();
         if config.is_some_and(|c| c.disk.as_deref() == Some(disk.dev.as_str())) {
             break;
         }
         if Instant::now() > deadline {
-            bail!("the boot handler does not serve the new VM definition ({config_url} answers {code}: {})", String::from_utf8_lossy(&body).trim());
+            bail!(
+                "the boot handler does not serve the new VM definition (GET {config_path} answers {code}: {})",
+                body.trim()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     // The stack owns install state: ask it to forget the previous run's `installed`.
-    let control = data.join("state").join(pxelab_contract::CONTROL_SOCKET);
     let reset = format!("/vms/{NAME}/reprovision");
     match crate::lab::stack::request(&control, "POST", &reset)? {
         (200, _) => {}
@@ -278,6 +282,14 @@ fn install_once(
             body.trim()
         ),
     }
+    // A boot hands the installer its config URL, which carries that boot's token.
+    let (code, script) = http_get(&format!("{base}/ipxe?mac={MAC}"))?;
+    let script = String::from_utf8_lossy(&script);
+    let config_url = script
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("config_url="))
+        .with_context(|| format!("/ipxe answered {code} without a config_url: {script}"))?
+        .to_string();
     let log = dir.join(format!("installer-{i}.log"));
     let out = std::fs::File::create(&log)?;
     let sh = process::shell()?;

@@ -1,0 +1,97 @@
+//! Who may fetch and change what a machine has: the per-boot token it is handed with its
+//! installer or diskless boot, and the address it is known by (its reserved IP, else the address
+//! of its current DHCP lease).
+//!
+//! A token is 128 random bits from the kernel, minted by `/ipxe` for each network boot that
+//! reports back (an install, a diskless boot) and kept with the machine's state. The URLs the
+//! boot is given carry it (`config_url=…/config/<mac>?token=…`, `events_url`, the diskless
+//! `pxelab.events=`), and `/config` and `/events` over the network accept only the current one:
+//! a host that was never handed the boot cannot read a machine's install config nor change its
+//! state. `/ipxe` hands a token only to the machine's own address (unless the stack runs with
+//! `--no-ip-check`), so asking for one does not work from elsewhere either.
+
+use std::{
+    collections::HashMap,
+    io::{self, Read},
+    net::Ipv4Addr,
+    sync::Mutex,
+};
+
+use pxelab_contract::{Mac, VmDefinition};
+
+/// Hex digits of a token (128 bits).
+pub const TOKEN_LEN: usize = 32;
+
+/// A new token: 32 lowercase hex digits of kernel randomness.
+pub fn mint() -> io::Result<String> {
+    let mut bytes = [0u8; TOKEN_LEN / 2];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // A kernel without getrandom(2) (older than 3.17): the same pool through the device.
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    }
+    Ok(hex::encode(bytes))
+}
+
+/// Whether `given` is the current token `expected`, compared in constant time.
+pub fn token_matches(expected: Option<&str>, given: &str) -> bool {
+    let Some(expected) = expected else {
+        return false;
+    };
+    expected.len() == given.len()
+        && expected
+            .bytes()
+            .zip(given.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// The addresses dnsmasq last leased, by MAC (learned from its log and its lease file).
+#[derive(Default)]
+pub struct Leases {
+    by_mac: Mutex<HashMap<Mac, Ipv4Addr>>,
+}
+
+impl Leases {
+    pub fn set(&self, mac: Mac, ip: Ipv4Addr) {
+        self.by_mac
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mac, ip);
+    }
+
+    pub fn get(&self, mac: Mac) -> Option<Ipv4Addr> {
+        self.by_mac
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&mac)
+            .copied()
+    }
+}
+
+/// The address requests for `vm`'s own documents must come from: its reservation, else its
+/// current lease; `None` when neither is known.
+pub fn machine_address(vm: &VmDefinition, leases: &Leases) -> Option<Ipv4Addr> {
+    vm.ip.or_else(|| leases.get(vm.mac))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_hex_and_compared_exactly() {
+        let (a, b) = (mint().unwrap(), mint().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), TOKEN_LEN);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)));
+        assert!(token_matches(Some(&a), &a));
+        assert!(!token_matches(Some(&a), &b));
+        assert!(!token_matches(Some(&a), &a[..31]));
+        assert!(!token_matches(Some(&a), ""));
+        assert!(!token_matches(None, &a));
+    }
+}

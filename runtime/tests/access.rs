@@ -1,0 +1,229 @@
+//! Who may read and change what: the per-boot token on `/config` and `/events`, the machine's
+//! own address for its boot and cloud-init documents, status and timelines on the control socket
+//! only, and what event messages may carry to an operator's terminal.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::{raw_from, token_in, write_vm, Stack, MAC};
+
+/// Another host on the lab network, as far as the stack can tell (t1 is 127.0.0.1).
+const ROGUE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+fn post_from(s: &Stack, from: Ipv4Addr, target: &str, body: &str) -> common::Reply {
+    raw_from(
+        from,
+        s.addr,
+        &format!(
+            "POST {target} HTTP/1.1\r\nHost: pxe.test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn get_from(s: &Stack, from: Ipv4Addr, target: &str) -> common::Reply {
+    raw_from(
+        from,
+        s.addr,
+        &format!("GET {target} HTTP/1.1\r\nHost: pxe.test\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// The issue's reproduction: an unrelated host posts `installed` for a machine that is being
+/// installed. It is refused, and the machine is still handed its installer.
+#[test]
+fn another_host_cannot_set_a_machines_state() {
+    let s = Stack::new();
+    let token = s.boot();
+    for target in [
+        format!("/events/{MAC}"),
+        format!("/events/{MAC}?token="),
+        format!("/events/{MAC}?token={}", "0".repeat(32)),
+        format!("/events/{MAC}?token={}", &token[..31]),
+    ] {
+        let r = post_from(&s, ROGUE, &target, r#"{"phase":"installed"}"#);
+        assert_eq!(r.status, 403, "{target}: {}", r.text());
+        r.assert_one_line();
+        assert!(r.text().contains("token"), "{}", r.text());
+        let r = post_from(&s, ROGUE, &target, r#"{"phase":"failed"}"#);
+        assert_eq!(r.status, 403, "{target}: {}", r.text());
+    }
+    assert_eq!(s.state(), "booting");
+    assert!(s.ipxe().contains("kernel "), "the machine lost its install");
+    assert_eq!(s.phases("t1"), ["ipxe", "ipxe"]);
+}
+
+#[test]
+fn installed_is_accepted_only_from_installing_with_the_current_token() {
+    let s = Stack::new();
+    let token = s.boot();
+    let r = s.post_event(&token, r#"{"phase":"installed"}"#);
+    assert_eq!(r.status, 409, "{}", r.text());
+    r.assert_one_line();
+    assert!(r.text().contains("booting"), "{}", r.text());
+    assert_eq!(
+        s.post_event(&token, r#"{"phase":"installing"}"#).status,
+        200
+    );
+    // A new boot replaces the token: the old installer's events no longer count.
+    let second = s.boot();
+    assert_ne!(second, token);
+    assert_eq!(
+        s.post_event(&token, r#"{"phase":"installing"}"#).status,
+        403
+    );
+    assert_eq!(
+        s.post_event(&second, r#"{"phase":"installing"}"#).status,
+        200
+    );
+    let r = s.post_event(&second, r#"{"phase":"installed"}"#);
+    assert_eq!(
+        (r.status, r.json()["state"].as_str()),
+        (200, Some("installed"))
+    );
+    // The installed system reports with the URL its installer was given (cloud-init's first
+    // boot), and booting from disk keeps that token valid.
+    assert!(s.ipxe().contains("sanboot"));
+    let r = s.post_event(
+        &second,
+        r#"{"phase":"installing","message":"cloud-init done"}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["state"].as_str()),
+        (200, Some("installed"))
+    );
+    // A reprovision forgets it.
+    assert_eq!(s.control("POST", "/vms/t1/reprovision").status, 200);
+    assert_eq!(s.post_event(&second, r#"{"phase":"seed"}"#).status, 403);
+}
+
+#[test]
+fn the_config_needs_the_token_and_hands_it_on_in_its_events_url() {
+    let mut s = Stack::new();
+    let r = s.get(&format!("/config/{MAC}"));
+    assert_eq!(r.status, 403, "{}", r.text());
+    r.assert_one_line();
+    let token = s.boot();
+    // The URL the kernel command line carries, as the installer uses it.
+    let script = s.ipxe();
+    let token2 = token_in(&script).unwrap();
+    assert_ne!(token, token2);
+    assert!(
+        script.contains(&format!(
+            " BOOTIF=01-52-54-00-aa-bb-01 config_url=http://pxe.test/config/{MAC}?token={token2} "
+        )),
+        "{script}"
+    );
+    assert_eq!(
+        s.get(&format!("/config/{MAC}?token={token}")).status,
+        403,
+        "an earlier boot's token"
+    );
+    let c = s.get(&format!("/config/{MAC}?token={token2}")).json();
+    assert_eq!(
+        c["events_url"],
+        format!("http://pxe.test/events/{MAC}?token={token2}")
+    );
+    // The operator's socket needs no token.
+    let r = s.control("GET", &format!("/config/{MAC}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The token is part of the machine's durable state.
+    s.restart();
+
+    assert_eq!(s.get(&format!("/config/{MAC}?token={token2}")).status, 200);
+    assert_eq!(s.post_event(&token2, r#"{"phase":"disk"}"#).status, 200);
+}
+
+#[test]
+fn a_machine_is_handed_its_boot_only_at_its_own_address() {
+    let s = Stack::new();
+    let r = get_from(&s, ROGUE, &format!("/ipxe?mac={MAC}"));
+    r.assert_told_to_wait_because("served only to its address 127.0.0.1, not 127.0.0.2");
+    assert_eq!(token_in(&r.text()), None, "{}", r.text());
+    assert_eq!(s.state(), "new", "a refused boot is not a boot");
+    // A local boot hands nothing out: anyone may see it.
+    let token = s.boot();
+    s.post_event(&token, r#"{"phase":"installing"}"#);
+    s.post_event(&token, r#"{"phase":"installed"}"#);
+    let r = get_from(&s, ROGUE, &format!("/ipxe?mac={MAC}"));
+    assert!(r.text().contains("sanboot"), "{}", r.text());
+}
+
+#[test]
+fn status_and_timelines_are_served_only_on_the_control_socket() {
+    let s = Stack::new();
+    for target in ["/status", "/vms/t1/timeline"] {
+        let r = s.get(target);
+        assert_eq!(r.status, 404, "{target}: {}", r.text());
+        r.assert_one_line();
+        let listed = r
+            .text()
+            .split("endpoints:")
+            .nth(1)
+            .unwrap_or("")
+            .to_string();
+        assert!(!listed.contains(target), "{}", r.text());
+        assert_eq!(s.control("GET", target).status, 200, "{target}");
+    }
+    let listed = s.control("GET", "/nope").text();
+    assert!(
+        listed.contains("/status") && listed.contains("/vms/<name>/timeline"),
+        "{listed}"
+    );
+}
+
+/// A VM without a reserved address gets its documents only at the address of its DHCP lease.
+#[test]
+fn cloud_init_of_a_vm_without_ip_goes_to_its_lease_only() {
+    let s = Stack::new();
+    write_vm(s.root(), "t3", "52:54:00:aa:bb:03", None);
+    let r = s.get("/cloud-init/t3/user-data");
+    assert_eq!(r.status, 403, "{}", r.text());
+    r.assert_one_line();
+    assert!(r.text().contains("no DHCP lease"), "{}", r.text());
+    let leases = &s.context.as_ref().unwrap().leases;
+    leases.set(
+        "52:54:00:aa:bb:03".parse().unwrap(),
+        Ipv4Addr::new(127, 0, 0, 3),
+    );
+    assert_eq!(s.get("/cloud-init/t3/user-data").status, 403);
+    let r = get_from(&s, Ipv4Addr::new(127, 0, 0, 3), "/cloud-init/t3/user-data");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Terminal escape sequences in messages never come back out, and a flood of long messages
+/// keeps the timeline small.
+#[test]
+fn event_messages_are_cleaned_and_bounded() {
+    let s = Stack::new();
+    let token = s.boot();
+    let evil =
+        r#"{"phase":"installing","message":"\u001b]0;pwned\u0007\u001b[2J\u009b1mred\r\nline"}"#;
+    assert_eq!(s.post_event(&token, evil).status, 200);
+    let status = s.control("GET", "/status").text();
+    assert!(
+        !status.contains("\\u001b") && !status.contains("\\u0007") && !status.contains("\\u009b"),
+        "{status}"
+    );
+    let last = &s.control_json("/status")["vms"][0]["last_event"]["message"];
+    assert_eq!(last, "]0;pwned[2J1mred  line");
+    let long = format!(
+        r#"{{"phase":"rootfs","message":"{}"}}"#,
+        "x".repeat(16 * 1024 - 40)
+    );
+    for _ in 0..300 {
+        assert_eq!(s.post_event(&token, &long).status, 200);
+    }
+    let timeline = s.control("GET", "/vms/t1/timeline");
+    assert!(
+        timeline.body.len() < 256 * 1024,
+        "timeline of {} bytes",
+        timeline.body.len()
+    );
+    let entries = timeline.json();
+    assert_eq!(
+        entries[255]["message"].as_str().unwrap().len(),
+        pxelab_contract::MAX_MESSAGE
+    );
+}
