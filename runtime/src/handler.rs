@@ -222,7 +222,7 @@ impl Context {
         if vm.boot == BootMode::Nfsroot {
             return self.nfsroot_ipxe(r, vm, base);
         }
-        if state == VmState::Installed || !vm.pxeboot {
+        if (state == VmState::Installed && !vm.installer_shell) || !vm.pxeboot {
             let why = if vm.pxeboot {
                 "installed"
             } else {
@@ -437,11 +437,12 @@ impl Context {
         };
         let base = self.base_url(r);
         let images = format!("{base}/images/{}/{}", vm.distro, vm.arch);
-        let reboot = !self
-            .vms
-            .dir()
-            .join(format!("{}.noreboot", vm.name))
-            .exists();
+        let reboot = !vm.no_reboot
+            && !self
+                .vms
+                .dir()
+                .join(format!("{}.noreboot", vm.name))
+                .exists();
         let kmods = manifest
             .modules
             .as_ref()

@@ -244,6 +244,8 @@ fn install_once(
         hostname: None,
         disk: Some(disk.dev.clone()),
         boot: BootMode::Install,
+        installer_shell: false,
+        no_reboot: false,
     };
     for f in [format!("{NAME}.state"), format!("{NAME}.timeline.jsonl")] {
         let _ = std::fs::remove_file(data.join("state").join(f));
