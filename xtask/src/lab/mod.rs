@@ -408,7 +408,7 @@ fn status(lab: &Lab) -> Result<()> {
 }
 
 /// How long `lab status` gives a VM to answer SSH.
-const SSH_PROBE: Duration = Duration::from_secs(8);
+const SSH_PROBE: Duration = Duration::from_secs(15);
 
 /// Whether each running VM that should answer SSH (installed, diskless or booting its own
 /// disk) does; `None` for the others. Probed from inside the namespace, all at once.
