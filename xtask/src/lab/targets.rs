@@ -471,21 +471,26 @@ pub fn remove(lab: &Lab, name: &str) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn start_switches_are_stored_until_the_next_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let lab = Lab::at(dir.path().to_path_buf()).unwrap();
+    /// A target `name` as `lab vm create` plans it.
+    fn planned(name: &str) -> VmDefinition {
         let key =
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab";
         let request = vms::VmRequest {
-            name: "t-1".into(),
+            name: name.into(),
             distro: "debian-12".into(),
             arch: pxelab_contract::Arch::X86_64,
             mac: None,
             ip: None,
             boot: BootMode::Install,
         };
-        let vm = vms::plan(&[], &request, "10.77.0.0/24".parse().unwrap(), key).unwrap();
+        vms::plan(&[], &request, "10.77.0.0/24".parse().unwrap(), key).unwrap()
+    }
+
+    #[test]
+    fn start_switches_are_stored_until_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = Lab::at(dir.path().to_path_buf()).unwrap();
+        let vm = planned("t-1");
         vms::write_new(&lab.vms_dir(), &vm).unwrap();
         let file = lab.vm_file("t-1", VmFile::Definition);
         let original = std::fs::read(&file).unwrap();
@@ -517,17 +522,7 @@ mod tests {
 
     #[test]
     fn only_a_disk_worth_keeping_gets_a_shutdown() {
-        let key =
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab";
-        let request = vms::VmRequest {
-            name: "t-1".into(),
-            distro: "debian-12".into(),
-            arch: pxelab_contract::Arch::X86_64,
-            mac: None,
-            ip: None,
-            boot: BootMode::Install,
-        };
-        let vm = vms::plan(&[], &request, "10.77.0.0/24".parse().unwrap(), key).unwrap();
+        let vm = planned("t-1");
         use qemu::Stop::{PowerCut, Shutdown};
         let kind = |vm: &VmDefinition, state| stop_kind(Some(vm), state);
         assert_eq!(kind(&vm, Some(VmState::Installed)), Shutdown);
