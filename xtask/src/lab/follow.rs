@@ -217,13 +217,8 @@ pub fn wait_all(
                     .entry(vm.name.clone())
                     .or_insert_with(Instant::now);
                 let console = console_since(lab, &vm.name, console_start[&vm.name]);
-                if let Some(why) = ssh_wait_over(booted.elapsed(), &console) {
-                    bail!(
-                        "{}: {why}\n{}\n{}",
-                        vm.name,
-                        console_tail(lab, &vm.name),
-                        ssh_fix(vm)
-                    );
+                if let Some((why, fix)) = ssh_wait_over(vm, booted.elapsed(), &console) {
+                    bail!("{}: {why}\n{}\n{fix}", vm.name, console_tail(lab, &vm.name));
                 }
                 let due = last_ssh_try
                     .get(&vm.name)
@@ -301,41 +296,54 @@ pub fn wait_all(
 /// busy machine.
 pub const SSH_WAIT: Duration = Duration::from_secs(600);
 
-/// Why waiting for SSH on a VM that booted its system `waited` ago is over, if it is: the
-/// console (what it printed since the wait began) shows sshd failing to start, or the wait
-/// passed [`SSH_WAIT`].
-fn ssh_wait_over(waited: Duration, console: &str) -> Option<String> {
-    let failed = console.lines().find(|line| {
-        line.contains("Failed to start")
-            && (line.contains("ssh.service") || line.contains("OpenBSD Secure Shell"))
-    });
-    if let Some(line) = failed {
-        let line = line.trim().trim_start_matches("[FAILED]").trim();
-        return Some(format!(
-            "its SSH server failed to start (console: {line:?})"
-        ));
-    }
-    (waited > SSH_WAIT).then(|| {
-        format!(
-            "booted {} s ago but SSH does not answer (the lab gives it {} s)",
-            waited.as_secs(),
-            SSH_WAIT.as_secs()
-        )
-    })
-}
-
-/// What to do about a VM whose SSH does not come up.
-fn ssh_fix(vm: &VmDefinition) -> String {
+/// Why waiting for SSH on `vm`, which booted its system `waited` ago, is over, and what to do
+/// about it, if it is: the console (what it printed since the wait began) shows its kernel
+/// panicking or sshd failing to start, or the wait passed [`SSH_WAIT`].
+fn ssh_wait_over(vm: &VmDefinition, waited: Duration, console: &str) -> Option<(String, String)> {
     let name = &vm.name;
+    let restart = format!("`cargo xtask lab vm stop {name} && cargo xtask lab vm start {name}`");
     let attach = format!("`cargo xtask lab vm console {name}` attaches to its console");
-    match vm.boot {
-        pxelab_contract::BootMode::Nfsroot => format!(
-            "{attach}; a diskless VM starts afresh at every boot: `cargo xtask lab vm stop {name} && cargo xtask lab vm start {name}`"
-        ),
+    let ssh_fix = match vm.boot {
+        pxelab_contract::BootMode::Nfsroot => {
+            format!("{attach}; a diskless VM starts afresh at every boot: {restart}")
+        }
         pxelab_contract::BootMode::Install => format!(
             "{attach}; if its disk lost its SSH host keys (e.g. to a power cut right after the first boot), install it again: `cargo xtask lab vm reprovision {name} && cargo xtask lab vm start {name}`"
         ),
+    };
+    let line = |found: &str| {
+        found
+            .trim()
+            .trim_start_matches("[FAILED]")
+            .trim()
+            .to_string()
+    };
+    if let Some(panic) = console
+        .lines()
+        .find(|l| l.contains("Kernel panic - not syncing"))
+    {
+        let why = format!("its kernel panicked (console: {:?})", line(panic));
+        return Some((why, format!("start it again: {restart}")));
     }
+    let failed = console.lines().find(|l| {
+        l.contains("Failed to start")
+            && (l.contains("ssh.service") || l.contains("OpenBSD Secure Shell"))
+    });
+    if let Some(failed) = failed {
+        let why = format!(
+            "its SSH server failed to start (console: {:?})",
+            line(failed)
+        );
+        return Some((why, ssh_fix));
+    }
+    (waited > SSH_WAIT).then(|| {
+        let why = format!(
+            "booted {} s ago but SSH does not answer (the lab gives it {} s)",
+            waited.as_secs(),
+            SSH_WAIT.as_secs()
+        );
+        (why, ssh_fix)
+    })
 }
 
 /// What `name`'s console printed after its first `from` bytes (lossy UTF-8).
@@ -402,31 +410,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_ssh_wait_ends_when_sshd_fails_or_after_its_bound() {
-        let quiet = "[  OK  ] Reached target Multi-User System.\r\n";
-        assert_eq!(ssh_wait_over(Duration::from_secs(30), quiet), None);
-        let late = ssh_wait_over(SSH_WAIT + Duration::from_secs(1), quiet).unwrap();
-        assert!(late.contains("SSH does not answer"), "{late}");
-        // What systemd prints when the host keys are empty files (seen after a power cut).
-        let failed = "[FAILED] Failed to start ssh.service - OpenBSD Secure Shell server.\r\n";
-        let why = ssh_wait_over(Duration::from_secs(5), failed).unwrap();
-        assert!(
-            why.contains("failed to start") && why.contains("Failed to start ssh.service"),
-            "{why}"
-        );
-    }
-
-    #[test]
-    fn the_fix_fits_the_vm() {
+    fn the_ssh_wait_ends_when_the_console_says_why_or_after_its_bound() {
         let vm = VmDefinition::from_json(
             r#"{"name":"t-1","arch":"x86_64","distro":"debian-12","mac":"0a:00:00:00:00:01","pxeboot":true}"#,
         )
         .unwrap();
-        assert!(ssh_fix(&vm).contains("lab vm reprovision t-1 && cargo xtask lab vm start t-1"));
+        let quiet = "[  OK  ] Reached target Multi-User System.\r\n";
+        assert_eq!(ssh_wait_over(&vm, Duration::from_secs(30), quiet), None);
+        let (why, fix) = ssh_wait_over(&vm, SSH_WAIT + Duration::from_secs(1), quiet).unwrap();
+        assert!(why.contains("SSH does not answer"), "{why}");
+        assert!(
+            fix.contains("lab vm reprovision t-1 && cargo xtask lab vm start t-1"),
+            "{fix}"
+        );
+        // What systemd prints when the host keys are empty files (seen after a power cut).
+        let failed = "[FAILED] Failed to start ssh.service - OpenBSD Secure Shell server.\r\n";
+        let (why, _) = ssh_wait_over(&vm, Duration::from_secs(5), failed).unwrap();
+        assert!(
+            why.contains("failed to start") && why.contains("Failed to start ssh.service"),
+            "{why}"
+        );
+        // Seen under TCG on a loaded machine: the kernel's timer check fails at boot.
+        let panic = "[    0.056000] Kernel panic - not syncing: IO-APIC + timer doesn't work!\r\n";
+        let (why, fix) = ssh_wait_over(&vm, Duration::from_secs(5), panic).unwrap();
+        assert!(
+            why.contains("kernel panicked") && why.contains("IO-APIC"),
+            "{why}"
+        );
+        assert!(
+            fix.contains("lab vm stop t-1 && cargo xtask lab vm start t-1"),
+            "{fix}"
+        );
         let diskless = VmDefinition {
             boot: pxelab_contract::BootMode::Nfsroot,
             ..vm
         };
-        assert!(ssh_fix(&diskless).contains("lab vm stop t-1 && cargo xtask lab vm start t-1"));
+        let (_, fix) = ssh_wait_over(&diskless, SSH_WAIT * 2, quiet).unwrap();
+        assert!(
+            fix.contains("lab vm stop t-1 && cargo xtask lab vm start t-1"),
+            "{fix}"
+        );
     }
 }
