@@ -300,7 +300,7 @@ impl Context {
         };
         let base = self.base_url(r);
         let images = format!("{base}/images/{}/{}", vm.distro, vm.arch);
-        let reboot = self.set().reboots(&vm.name);
+        let reboot = !vm.no_reboot && self.set().reboots(&vm.name);
         let kmods = manifest
             .modules
             .as_ref()

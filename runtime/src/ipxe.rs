@@ -31,7 +31,7 @@ pub fn install_script(vm: &VmDefinition, base: &str, token: &str) -> String {
     format!(
         "#!ipxe\n\
          echo pxelab: installing {distro} ({arch}) on {name} ({mac})\n\
-         kernel {kernel} {console} BOOTIF=01-{bootif} config_url={base}/config/{mac}?token={token} initrd={INSTALLER_INITRD} initrd={MODULES_ARCHIVE} || goto failed\n\
+         kernel {kernel} {console} BOOTIF=01-{bootif} config_url={base}/config/{mac}?token={token}{shell} initrd={INSTALLER_INITRD} initrd={MODULES_ARCHIVE} || goto failed\n\
          initrd --name {INSTALLER_INITRD} {base}/initrds/{arch}/{INSTALLER_INITRD} || goto failed\n\
          initrd --name {MODULES_ARCHIVE} {images}/{MODULES_ARCHIVE} || goto failed\n\
          boot || goto failed\n\
@@ -43,6 +43,7 @@ pub fn install_script(vm: &VmDefinition, base: &str, token: &str) -> String {
         name = vm.name,
         mac = vm.mac,
         console = console(vm.arch),
+        shell = if vm.installer_shell { " pxelab.mode=shell" } else { "" },
     )
 }
 

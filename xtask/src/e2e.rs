@@ -1,19 +1,26 @@
 //! `cargo xtask e2e`: the lab end to end, as root under TCG, in a throw-away lab home.
 //!
-//! 1. `lab vm create` rejects a bad MAC and a duplicate IP and changes nothing.
+//! 1. `lab vm create` (the command itself) refuses a bad MAC and a duplicate IP, naming them,
+//!    and writes nothing.
 //! 2. `lab up --targets 1 --distro debian` (UEFI with the NIC's iPXE ROM, stack as a process)
 //!    while, in the middle of the rootfs stream, the stack is swapped for its container image
 //!    (`lab stack reload --image`): the install still completes (resumed download), the target
 //!    reboots from its disk without fetching the installer again, answers SSH with the lab key
-//!    and reports its own name as hostname.
-//! 3. On that container stack: SeaBIOS (QEMU's iPXE NIC ROM) and OVMF without NIC ROM → TFTP
+//!    and reports its own name as hostname. The lab namespace has no route out.
+//! 3. `lab down` right after that first boot (target-1 shuts down by ACPI, not a power cut)
+//!    and `lab up` again: target-1 boots from its disk and answers SSH; `lab status` says so.
+//!    `lab vm copy` copies a file to it and back. `lab vm start --installer-shell --no-reboot`
+//!    boots its installer's shell (the config says not to reboot, `lab status` says SSH is
+//!    down), and a command typed through `lab vm console` answers on the serial console.
+//! 4. On that container stack: SeaBIOS (QEMU's iPXE NIC ROM) and OVMF without NIC ROM → TFTP
 //!    ipxe.efi each reach "installer started".
-//! 4. Two diskless targets boot from one read-only NFS export served by the container's
+//! 5. Two diskless targets boot from one read-only NFS export served by the container's
 //!    ganesha (see `e2e_diskless`).
-//! 5. `lab down` leaves no namespace, container or process behind (QEMU, stack, dnsmasq,
+//! 6. `lab down` leaves no namespace, container or process behind (QEMU, stack, dnsmasq,
 //!    ganesha).
 
 use std::{
+    io::{Read, Write},
     path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -21,11 +28,12 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use pxelab_contract::{Arch, Phase};
+use sha2::Digest;
 
 use crate::{
     lab::{
         self, follow,
-        home::{Lab, StackKind},
+        home::{Lab, StackKind, VmFile},
         qemu, ssh, stack, targets, vms, UpArgs,
     },
     process::{self, pid},
@@ -46,6 +54,8 @@ pub struct Args {
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
+    /// `lab vm create`'s refusals only (no stack, no VM).
+    Definitions,
     Install,
     Firmware,
     Diskless,
@@ -81,8 +91,11 @@ pub fn run(args: Args) -> Result<()> {
 
 fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
     let runs = |part: Part| only.is_none_or(|o| o == part);
-    step("bad VM definitions are rejected and change nothing");
+    step("`lab vm create` refuses bad definitions and changes nothing");
     rejects_bad_definitions()?;
+    if only == Some(Part::Definitions) {
+        return Ok(());
+    }
 
     let up = UpArgs {
         targets: if runs(Part::Install) { 1 } else { 0 },
@@ -102,6 +115,17 @@ fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
         targets::up(Lab::open()?, &up)?;
     }
     let lab = Lab::open()?;
+    if let Some(route) = lab.net()?.route_out()? {
+        bail!("the lab namespace has a route out of the lab: {route}");
+    }
+    if runs(Part::Install) {
+        step("lab down right after target-1's first boot, lab up: it boots from its disk and answers SSH");
+        down_and_up_keeps_ssh(&up)?;
+        step("lab vm copy: a file to target-1 and back");
+        copies_both_ways(&lab)?;
+        step("lab vm start --installer-shell --no-reboot: a command typed into target-1's serial console");
+        types_into_the_installer_shell(&lab)?;
+    }
     let distro = crate::distro::canonical_name(distro)?;
     if runs(Part::Firmware) {
         for (name, firmware) in [
@@ -172,58 +196,77 @@ fn step(what: &str) {
     eprintln!("\n==> e2e: {what}");
 }
 
+/// `lab vm create` as a user runs it: a good VM is written, a bad MAC and a duplicate IP are
+/// refused with errors naming them, and a refusal writes nothing (definitions or disks).
 fn rejects_bad_definitions() -> Result<()> {
     let lab = Lab::open()?;
-    lab.create_dirs()?;
-    let key = ssh::ensure_key(&lab)?;
-    let subnet = lab.subnet()?;
-    let request = |name: &str, mac: Option<&str>, ip: Option<&str>| vms::VmRequest {
-        name: name.into(),
-        distro: "debian-12".into(),
-        arch: Arch::X86_64,
-        mac: mac.map(Into::into),
-        ip: ip.map(|i| i.parse().expect("test IPs are valid")),
-        boot: pxelab_contract::BootMode::Install,
-    };
-    let first = vms::plan(
-        &[],
-        &request("keep-1", None, Some("10.77.0.50")),
-        subnet,
-        &key,
-    )?;
-    vms::write_new(&lab.vms_dir(), &first)?;
-    let before = snapshot(&lab.vms_dir())?;
-    let existing = vms::load_all(&lab.vms_dir())?;
-    let bad_mac = vms::plan(
-        &existing,
-        &request("bad-mac", Some("52:54:00:zz:00:01"), None),
-        subnet,
-        &key,
-    );
-    let dup_ip = vms::plan(
-        &existing,
-        &request("dup-ip", None, Some("10.77.0.50")),
-        subnet,
-        &key,
-    );
-    let bad_mac = bad_mac.err().context("a bad MAC was accepted")?.to_string();
-    let dup_ip = dup_ip
-        .err()
-        .context("a duplicate IP was accepted")?
-        .to_string();
+    xtask_ok(&[
+        "lab",
+        "vm",
+        "create",
+        "keep-1",
+        "--ip",
+        "10.77.0.50",
+        "--disk-size",
+        "1G",
+    ])?;
     ensure!(
-        bad_mac.contains("52:54:00:zz:00:01"),
-        "the error does not name the bad MAC: {bad_mac}"
+        lab.vm_file("keep-1", VmFile::Definition).exists()
+            && lab.vm_file("keep-1", VmFile::Disk).exists(),
+        "`lab vm create keep-1` wrote no definition or disk"
     );
+    let before = (snapshot(&lab.vms_dir())?, snapshot(&lab.disks_dir())?);
+    for (args, names) in [
+        (
+            ["bad-mac", "--mac", "52:54:00:zz:00:01"],
+            "52:54:00:zz:00:01",
+        ),
+        (["dup-ip", "--ip", "10.77.0.50"], "keep-1"),
+    ] {
+        let out = xtask(&[&["lab", "vm", "create"][..], &args[..]].concat())?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success(),
+            "`lab vm create {}` was accepted",
+            args.join(" ")
+        );
+        ensure!(
+            err.contains(names),
+            "the refusal of `lab vm create {}` does not name {names}: {err}",
+            args.join(" ")
+        );
+    }
     ensure!(
-        dup_ip.contains("keep-1"),
-        "the error does not name the VM holding the IP: {dup_ip}"
+        (snapshot(&lab.vms_dir())?, snapshot(&lab.disks_dir())?) == before,
+        "a refused `lab vm create` changed the VMs or disks directory"
     );
+    xtask_ok(&["lab", "vm", "rm", "keep-1"])?;
+    Ok(())
+}
+
+/// Runs this binary as a user runs `cargo xtask …`, on the e2e's lab home (`PXELAB_HOME` is
+/// inherited); what it printed, whatever its status.
+fn xtask(args: &[&str]) -> Result<std::process::Output> {
+    let exe = std::env::current_exe().context("finding the xtask binary")?;
+    let sh = process::shell()?;
+    process::command(xshell::cmd!(sh, "{exe} {args...}"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running xtask {}", args.join(" ")))
+}
+
+/// [`xtask`], which must succeed; its stdout.
+fn xtask_ok(args: &[&str]) -> Result<String> {
+    let out = xtask(args)?;
     ensure!(
-        snapshot(&lab.vms_dir())? == before,
-        "a rejected definition changed the VMs directory"
+        out.status.success(),
+        "`cargo xtask {}` failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    targets::remove(&lab, "keep-1")
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn snapshot(dir: &std::path::Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
@@ -311,7 +354,221 @@ fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmwa
         }
         std::thread::sleep(Duration::from_secs(1));
     }
-    targets::stop_vm(lab, name, Duration::from_secs(5))
+    targets::stop_vm(lab, name)?;
+    Ok(())
+}
+
+/// The power-cut regression of issue 16: stopping VMs was a power cut, and `lab down` seconds
+/// after a first boot left the target's SSH host keys 0 bytes long (its SSH never came back).
+fn down_and_up_keeps_ssh(up: &UpArgs) -> Result<()> {
+    let took = Instant::now();
+    let out = xtask(&["lab", "down"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "`lab down` failed: {err}");
+    ensure!(
+        !err.contains("power was cut"),
+        "target-1 did not shut down when asked: {err}"
+    );
+    eprintln!(
+        "e2e: lab down (target-1 shut down by ACPI) took {:.1}s",
+        took.elapsed().as_secs_f64()
+    );
+    // The stack kind the lab has now (the container, since the reload) stays.
+    let again = UpArgs {
+        stack: None,
+        ..up.clone()
+    };
+    targets::up(Lab::open()?, &again)?;
+    let lab = Lab::open()?;
+    let hostname = ssh_output(&lab, "target-1", "hostname")?;
+    ensure!(
+        hostname == "target-1",
+        "hostname is {hostname:?} after lab up"
+    );
+    ensure!(
+        status_ssh("target-1")? == "up",
+        "`lab status` does not say target-1's SSH is up"
+    );
+    Ok(())
+}
+
+/// The SSH column of `lab status` for `name`.
+fn status_ssh(name: &str) -> Result<String> {
+    let table = xtask_ok(&["lab", "status"])?;
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("NAME "))
+        .with_context(|| format!("`lab status` printed no VM table:\n{table}"))?;
+    let column = header
+        .split_whitespace()
+        .position(|c| c == "SSH")
+        .with_context(|| format!("`lab status` has no SSH column:\n{table}"))?;
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(column))
+        .map(str::to_string)
+        .with_context(|| format!("`lab status` has no row for {name}:\n{table}"))
+}
+
+/// `lab vm copy` in both directions, a relative local path included; the bytes arrive intact.
+fn copies_both_ways(lab: &Lab) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let content: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.path().join("to-vm.bin"), &content)?;
+    let (sh, exe) = (process::shell()?, std::env::current_exe()?);
+    let out = process::command(xshell::cmd!(
+        sh,
+        "{exe} lab vm copy to-vm.bin target-1:/tmp/e2e-copy.bin"
+    ))
+    // A path relative to where the user stands.
+    .current_dir(dir.path())
+    .stdin(std::process::Stdio::null())
+    .output()?;
+    ensure!(
+        out.status.success(),
+        "`lab vm copy to-vm.bin target-1:/tmp/e2e-copy.bin` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = hex::encode(sha2::Sha256::digest(&content));
+    let remote = ssh_output(lab, "target-1", "sha256sum /tmp/e2e-copy.bin")?;
+    ensure!(
+        remote.starts_with(&digest),
+        "the copy on target-1 differs: {remote} (sent {digest})"
+    );
+    let back = dir.path().join("from-vm.bin");
+    let back_arg = back.display().to_string();
+    xtask_ok(&["lab", "vm", "copy", "target-1:/tmp/e2e-copy.bin", &back_arg])?;
+    ensure!(
+        std::fs::read(&back)? == content,
+        "the file copied back from target-1 differs"
+    );
+    Ok(())
+}
+
+/// `lab vm start --installer-shell --no-reboot`: the stack serves the installer's debug shell
+/// (and a config that says not to reboot), and `lab vm console` types a command into it and
+/// reads its output back; `lab status` says the VM's SSH is down meanwhile.
+fn types_into_the_installer_shell(lab: &Lab) -> Result<()> {
+    let took = Instant::now();
+    xtask_ok(&["lab", "vm", "stop", "target-1"])?;
+    eprintln!(
+        "e2e: lab vm stop target-1 (ACPI shutdown) took {:.1}s",
+        took.elapsed().as_secs_f64()
+    );
+    let log = lab.vm_file("target-1", VmFile::Console);
+    let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    xtask_ok(&[
+        "lab",
+        "vm",
+        "start",
+        "target-1",
+        "--installer-shell",
+        "--no-reboot",
+    ])?;
+    let vm = targets::definition(lab, "target-1")?;
+    ensure!(
+        vm.installer_shell && vm.no_reboot,
+        "the switches are not in target-1's definition"
+    );
+    let (code, config) = stack::get(lab, &format!("/config/{}", vm.mac))?;
+    let config: serde_json::Value = serde_json::from_str(&config)
+        .with_context(|| format!("GET /config answered {code}: {config}"))?;
+    ensure!(
+        config["reboot"] == false,
+        "the installer config still says reboot: {config}"
+    );
+    wait_console(
+        lab,
+        "target-1",
+        offset,
+        "console shell;",
+        Duration::from_secs(300),
+    )?;
+    ensure!(
+        status_ssh("target-1")? == "down",
+        "`lab status` does not say that target-1's SSH is down"
+    );
+
+    let (sh, exe) = (process::shell()?, std::env::current_exe()?);
+    let mut console = process::command(xshell::cmd!(sh, "{exe} lab vm console target-1"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting `lab vm console target-1`")?;
+    let mut keys = console.stdin.take().context("piped stdin")?;
+    let screen = console.stdout.take().context("piped stdout")?;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        let mut screen = screen;
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = screen.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&buf[..n]);
+        }
+    });
+    // The echo of the typed line shows `$((6*7))`; only the shell's output has 42.
+    keys.write_all(b"echo typed-$((6*7))-back\r")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text =
+            String::from_utf8_lossy(&seen.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+        if text.contains("typed-42-back") {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = console.kill();
+            bail!("the installer shell's output never came back through `lab vm console`; seen: {text:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    keys.write_all(&[lab::console::DETACH])?;
+    let out = console.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && err.contains("Ctrl-] detaches"),
+        "`lab vm console` did not detach cleanly ({}): {err}",
+        out.status
+    );
+    let logged = std::fs::read(&log)?;
+    ensure!(
+        String::from_utf8_lossy(&logged[offset as usize..]).contains("typed-42-back"),
+        "the console log stopped while the console was attached"
+    );
+    ensure!(
+        pid::read(&lab.vm_file("target-1", VmFile::Pid)).is_some(),
+        "detaching from the console stopped target-1"
+    );
+    targets::stop_vm(lab, "target-1")?;
+    Ok(())
+}
+
+/// Waits until `name`'s console printed `text` after its first `offset` bytes.
+fn wait_console(lab: &Lab, name: &str, offset: u64, text: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let log = std::fs::read(lab.vm_file(name, VmFile::Console)).unwrap_or_default();
+        let start = (offset as usize).min(log.len());
+        if String::from_utf8_lossy(&log[start..]).contains(text) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{name}'s console did not show {text:?} within {} s\n{}",
+                limit.as_secs(),
+                follow::console_tail(lab, name)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 fn ssh_output(lab: &Lab, name: &str, command: &str) -> Result<String> {

@@ -2,13 +2,15 @@
 //! same distro export from the stack's NFS server at the same time, one under SeaBIOS and one
 //! under OVMF (the lab's default firmware), both through QEMU's iPXE NIC ROM.
 //!
-//! Checked: each reaches SSH with its own hostname (cloud-init's NoCloud seed applied) and its
-//! kernel was started by the firmware it was given; `/` is an overlay (tmpfs over the read-only
-//! NFS root); a file written on one is not visible on the other; writing the NFS root itself is
-//! refused; the other VM's name resolves (the resolver comes from the initramfs's lease) and
-//! `systemctl stop networking`, the first step of every shutdown, leaves the root alone; the
-//! timeline shows DHCP → iPXE → kernel → DHCP (initramfs) → NFS root; and the
-//! export on the stack side is byte-for-byte unchanged afterwards.
+//! Checked on each VM, and between them in both directions: it reaches SSH with its own
+//! hostname (cloud-init's NoCloud seed applied) and its kernel was started by the firmware it
+//! was given; `/` is an overlay (tmpfs over the read-only NFS root); a file it writes is not
+//! visible on the other; writing the NFS root itself is refused; the other VM's name resolves
+//! (the resolver comes from the initramfs's lease); `systemctl stop networking`, the first
+//! step of every shutdown, leaves the root alone. Then `diskless-1` reboots and comes back (a
+//! new boot id, over NFS again) without the files it wrote before. The timelines show DHCP →
+//! iPXE → kernel → DHCP (initramfs) → NFS root; and the export on the stack side is
+//! byte-for-byte unchanged afterwards.
 //!
 //! Call [`scenario`] with the lab up (stack running); it leaves the two VMs stopped but
 //! defined. After `lab down`, [`nfs_server_pid`] (read before) must name no live process.
@@ -70,7 +72,7 @@ pub fn scenario(lab: &Lab, distro: &str) -> Result<()> {
     }
     let result = checks(lab, distro, &defined, &started);
     for vm in &defined {
-        let stopped = targets::stop_vm(lab, &vm.name, Duration::from_secs(5));
+        let stopped = targets::stop_vm(lab, &vm.name);
         if result.is_ok() {
             stopped?;
         }
@@ -108,75 +110,83 @@ fn checks(
     let export = export_dir(lab, distro)?;
     let before = tree_digest(&export)?;
 
-    let (one, two) = (&defined[0], &defined[1]);
-    let fstype = ssh_output(lab, one, "findmnt -n -o FSTYPE /")?;
-    ensure!(
-        fstype == "overlay",
-        "/ of {} is {fstype:?}, expected the tmpfs overlay",
-        one.name
-    );
-    let marker = format!("/etc/pxelab-e2e-{}", one.name);
-    ssh_output(
-        lab,
-        one,
-        &format!(
-            "echo written-on-{} | sudo tee {marker} /root/e2e-marker >/dev/null && cat {marker}",
-            one.name
-        ),
-    )
-    .and_then(|seen| {
+    for vm in defined {
+        let fstype = ssh_output(lab, vm, "findmnt -n -o FSTYPE /")?;
         ensure!(
-            seen == format!("written-on-{}", one.name),
-            "{} cannot read back its own write: {seen:?}",
-            one.name
+            fstype == "overlay",
+            "/ of {} is {fstype:?}, expected the tmpfs overlay",
+            vm.name
         );
-        Ok(())
-    })?;
-    let other = ssh_output(
-        lab,
-        two,
-        &format!("if sudo test -e {marker} || sudo test -e /root/e2e-marker; then echo visible; else echo absent; fi"),
-    )?;
-    ensure!(
-        other == "absent",
-        "a file written on {} is visible on {}",
-        one.name,
-        two.name
-    );
-    // The NFS layer itself is read-only, also for root.
-    let direct = ssh_output(
-        lab,
-        two,
-        "sudo touch /run/pxelab/lower/pxelab-e2e 2>/dev/null && echo writable || echo refused",
-    )?;
-    ensure!(
-        direct == "refused",
-        "root on {} could write the NFS root directly",
-        two.name
-    );
-    // No DHCP client manages the root's NIC (cloud-init's networking is off), so the resolver
-    // comes from the initramfs's lease: the other VM's name resolves through the stack's DNS.
-    let seen = ssh_output(lab, one, &format!("getent hosts {}", two.name))?;
-    let ip = two.ip.map(|i| i.to_string()).unwrap_or_default();
-    ensure!(
-        !ip.is_empty() && seen.split_whitespace().next() == Some(ip.as_str()),
-        "{} resolves {} to {seen:?}, expected {ip} (resolv.conf from the initramfs's lease)",
-        one.name,
-        two.name
-    );
+        let seen = ssh_output(
+            lab,
+            vm,
+            &format!(
+                "echo written-on-{name} | sudo tee {marker} {ROOT_MARKER} >/dev/null && cat {marker}",
+                name = vm.name,
+                marker = marker(vm)
+            ),
+        )?;
+        ensure!(
+            seen == format!("written-on-{}", vm.name),
+            "{} cannot read back its own write: {seen:?}",
+            vm.name
+        );
+        // The NFS layer itself is read-only, also for root.
+        let direct = ssh_output(
+            lab,
+            vm,
+            "sudo touch /run/pxelab/lower/pxelab-e2e 2>/dev/null && echo writable || echo refused",
+        )?;
+        ensure!(
+            direct == "refused",
+            "root on {} could write the NFS root directly",
+            vm.name
+        );
+    }
+    for (me, other) in [(&defined[0], &defined[1]), (&defined[1], &defined[0])] {
+        let seen = ssh_output(
+            lab,
+            other,
+            &format!("sudo cat {} 2>/dev/null || echo absent", marker(me)),
+        )?;
+        ensure!(
+            seen == "absent",
+            "a file written on {} is visible on {}: {seen:?}",
+            me.name,
+            other.name
+        );
+        // No DHCP client manages the root's NIC (cloud-init's networking is off), so the
+        // resolver comes from the initramfs's lease: the other VM's name resolves through the
+        // stack's DNS.
+        let resolved = ssh_output(lab, me, &format!("getent hosts {}", other.name))?;
+        let ip = other.ip.map(|i| i.to_string()).unwrap_or_default();
+        ensure!(
+            !ip.is_empty() && resolved.split_whitespace().next() == Some(ip.as_str()),
+            "{} resolves {} to {resolved:?}, expected {ip} (resolv.conf from the initramfs's lease)",
+            me.name,
+            other.name
+        );
+    }
     // What every shutdown does first. When ifupdown managed the NIC, this flushed the address
     // under the NFS root and the VM hung ("nfs: server … not responding").
-    let alive = ssh_output_within(
-        lab,
-        one,
-        "sudo systemctl stop networking.service && cat /etc/hostname",
-        Duration::from_secs(90),
-    )?;
-    ensure!(
-        alive == one.guest_hostname(),
-        "{} after `systemctl stop networking`: {alive:?}",
-        one.name
-    );
+    for vm in defined {
+        let alive = ssh::output_within(
+            ssh::command(
+                lab,
+                vm,
+                &["sudo systemctl stop networking.service && cat /etc/hostname".to_string()],
+            )?,
+            Duration::from_secs(90),
+        )?;
+        let alive = String::from_utf8_lossy(&alive.stdout).trim().to_string();
+        ensure!(
+            alive == vm.guest_hostname(),
+            "{} after `systemctl stop networking`: {alive:?}\n{}",
+            vm.name,
+            follow::console_tail(lab, &vm.name)
+        );
+    }
+    nothing_survives_a_reboot(lab, &defined[0])?;
 
     for vm in defined {
         let timeline = follow::timeline(lab, &vm.name)?;
@@ -267,8 +277,8 @@ fn wait_ssh(lab: &Lab, vm: &VmDefinition, start_ms: u64, deadline: Instant) -> R
             }
         } else {
             // No host keys on the console yet (cloud-init still running) is "not yet", not an error.
-            let answered =
-                ssh::command(lab, vm, &["hostname".to_string()]).and_then(|mut c| Ok(c.output()?));
+            let answered = ssh::command(lab, vm, &["hostname".to_string()])
+                .and_then(|c| ssh::output_within(c, Duration::from_secs(30)));
             if let Some(out) = answered.ok().filter(|out| out.status.success()) {
                 let host = String::from_utf8_lossy(&out.stdout).trim().to_string();
                 ensure!(
@@ -296,38 +306,56 @@ fn wait_ssh(lab: &Lab, vm: &VmDefinition, start_ms: u64, deadline: Instant) -> R
     }
 }
 
-fn ssh_output(lab: &Lab, vm: &VmDefinition, command: &str) -> Result<String> {
-    ssh_output_within(lab, vm, command, Duration::from_secs(120))
+/// Where each VM writes a file that no other VM and no later boot may see (and a second one
+/// in root's home, [`ROOT_MARKER`]).
+fn marker(vm: &VmDefinition) -> String {
+    format!("/etc/pxelab-e2e-{}", vm.name)
 }
 
-/// Runs `command` on `vm` and gives up (and kills ssh) after `limit`: a VM that lost its root
-/// keeps the connection open without answering. Outputs are a few lines (no pipe fills up).
-fn ssh_output_within(
-    lab: &Lab,
-    vm: &VmDefinition,
-    command: &str,
-    limit: Duration,
-) -> Result<String> {
-    let mut child = ssh::command(lab, vm, &[command.to_string()])?
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting ssh to {}", vm.name))?;
-    let deadline = Instant::now() + limit;
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "ssh {} {command:?} did not finish within {} s\n{}",
-                vm.name,
-                limit.as_secs(),
-                follow::console_tail(lab, &vm.name)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let out = child.wait_with_output()?;
+const ROOT_MARKER: &str = "/root/e2e-marker";
+
+/// Reboots `vm` (which wrote its markers) and checks that it came back as a new boot, over
+/// NFS again, without them: nothing persists across reboots.
+fn nothing_survives_a_reboot(lab: &Lab, vm: &VmDefinition) -> Result<()> {
+    let boot_id = "cat /proc/sys/kernel/random/boot_id";
+    let before = ssh_output(lab, vm, boot_id)?;
+    let rebooted = follow::now_ms();
+    // The connection may drop with the VM: whether it rebooted is seen from outside.
+    let _ = ssh::output_within(
+        ssh::command(lab, vm, &["sudo systemctl --no-block reboot".to_string()])?,
+        Duration::from_secs(30),
+    );
+    eprintln!("e2e: {} rebooting", vm.name);
+    wait_ssh(lab, vm, rebooted, Instant::now() + Duration::from_secs(900))?;
+    let after = ssh_output(lab, vm, boot_id)?;
+    ensure!(
+        before != after,
+        "{} answers with the same boot id: it did not reboot",
+        vm.name
+    );
+    let left = ssh_output(
+        lab,
+        vm,
+        &format!(
+            "for f in {} {ROOT_MARKER}; do sudo test -e $f && echo $f; done; true",
+            marker(vm)
+        ),
+    )?;
+    ensure!(
+        left.is_empty(),
+        "{} still has what it wrote before its reboot: {left}",
+        vm.name
+    );
+    Ok(())
+}
+
+/// Runs `command` on `vm` and gives up after 120 s (see [`ssh::output_within`]).
+fn ssh_output(lab: &Lab, vm: &VmDefinition, command: &str) -> Result<String> {
+    let out = ssh::output_within(
+        ssh::command(lab, vm, &[command.to_string()])?,
+        Duration::from_secs(120),
+    )
+    .with_context(|| follow::console_tail(lab, &vm.name))?;
     ensure!(
         out.status.success(),
         "ssh {} {command:?} failed: {}",

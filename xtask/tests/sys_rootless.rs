@@ -8,6 +8,7 @@
 //! `TMPDIR` set to a private directory.
 
 use std::{
+    io::Read,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -98,6 +99,7 @@ fn sys_rootless_lab_boots_a_target_to_its_ipxe_script() {
     );
     assert!(out.status.success(), "the rootless run failed:\n{log}");
     assert!(log.contains("reached LocalBoot"), "{log}");
+    assert!(log.contains("console attached in a rootless lab"), "{log}");
     // Nothing the user started is left: no process of nobody runs from this lab home.
     let (user, home) = (NOBODY.to_string(), &guard.0);
     let left = cmd!(sh, "pgrep -u {user} -a -f {home}")
@@ -171,6 +173,21 @@ fn unprivileged(home: PathBuf) {
     // before the target's first DHCP request.
     std::thread::sleep(Duration::from_secs(2));
     targets::start_vm(&lab, &vm, Firmware::Bios, Accel::Tcg).unwrap();
+    // The serial console is a socket the user can attach to from outside the namespaces:
+    // iPXE's banner comes through it (read, then let go: an unread console stalls the VM).
+    let mut attached = xtask::lab::console::connect(&lab, &vm.name).unwrap();
+    attached
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("iPXE") {
+        let n = attached.read(&mut buf).unwrap();
+        assert!(n > 0, "the console closed: {seen:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(attached);
+    println!("target-1's console attached in a rootless lab");
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let reached = loop {

@@ -91,7 +91,9 @@ pub enum BootMode {
 /// One target machine, as stored in `<vms dir>/<name>.json`.
 ///
 /// The keys of the original pvmlab (`name, arch, distro, mac, ssh_key, kernel, initrd, pxeboot`)
-/// keep their meaning; the others are pxelab's. Construct it with [`VmDefinition::from_json`] or
+/// keep their meaning, also when absent: pvmlab leaves `pxeboot` out when it is false (a
+/// disk-mode VM, which must never be installed over), so a missing `pxeboot` is false; pxelab
+/// always writes it. The others are pxelab's. Construct it with [`VmDefinition::from_json`] or
 /// [`VmDefinition::validate`], which reject anything the stack could not serve safely.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmDefinition {
@@ -108,7 +110,7 @@ pub struct VmDefinition {
     pub kernel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
-    #[serde(default = "default_true")]
+    #[serde(default)]
     pub pxeboot: bool,
     /// The address reserved for this MAC on the lab network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,10 +123,17 @@ pub struct VmDefinition {
     pub disk: Option<String>,
     #[serde(default)]
     pub boot: BootMode,
+    /// Debug switch (`lab vm start --installer-shell`): network-boot the installer's console
+    /// shell (`pxelab.mode=shell`) instead of installing, also once installed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub installer_shell: bool,
+    /// Debug switch (`lab vm start --no-reboot`): stay in the installer after installing.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_reboot: bool,
 }
 
-fn default_true() -> bool {
-    true
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -321,6 +330,53 @@ mod tests {
             VmDefinition::from_json(&bad_key),
             Err(VmError::SshKey(_))
         ));
+    }
+
+    /// A target VM file as pvmlab writes it (Go's `omitempty`: no `pxeboot` when false, and keys
+    /// pxelab does not use) for a disk-mode VM, and the same VM in PXE mode.
+    #[test]
+    fn an_upstream_vm_without_pxeboot_is_not_network_installed() {
+        let disk_mode = r#"{
+  "name": "client1",
+  "role": "target",
+  "arch": "x86_64",
+  "ip": "192.168.100.2",
+  "subnet": "192.168.100.0/24",
+  "mac": "0a:5d:ea:18:55:b6",
+  "distro": "ubuntu-24.04",
+  "ssh_key": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 pvmlab\n",
+  "kernel": "vmlinuz-6.8.0-87-generic",
+  "initrd": "initrd.img-6.8.0-87-generic"
+}
+"#;
+        let vm = VmDefinition::from_json(disk_mode).unwrap();
+        assert!(
+            !vm.pxeboot,
+            "a VM file without pxeboot was read as a PXE VM"
+        );
+        assert_eq!(vm.kernel.as_deref(), Some("vmlinuz-6.8.0-87-generic"));
+        let pxe = disk_mode.replace("\"distro\"", "\"pxeboot\": true,\n  \"distro\"");
+        assert!(VmDefinition::from_json(&pxe).unwrap().pxeboot);
+        // pxelab writes the key either way, so its own files never depend on the default.
+        assert!(vm.to_json().contains("\"pxeboot\": false"));
+    }
+
+    #[test]
+    fn debug_switches_are_optional_and_written_only_when_on() {
+        let plain = VmDefinition::from_json(&vm("t1")).unwrap();
+        assert!(!plain.installer_shell && !plain.no_reboot);
+        assert!(
+            !plain.to_json().contains("installer_shell") && !plain.to_json().contains("no_reboot"),
+            "a definition without debug switches must stay byte-identical"
+        );
+        let debug = VmDefinition {
+            installer_shell: true,
+            no_reboot: true,
+            ..plain
+        };
+        let text = debug.to_json();
+        assert!(text.contains("\"installer_shell\": true") && text.contains("\"no_reboot\": true"));
+        assert_eq!(VmDefinition::from_json(&text).unwrap(), debug);
     }
 
     #[test]

@@ -72,7 +72,7 @@ impl Context {
         if vm.boot == BootMode::Nfsroot {
             return self.nfsroot_ipxe(r, vm, base);
         }
-        if state == VmState::Installed || !vm.pxeboot {
+        if (state == VmState::Installed && !vm.installer_shell) || !vm.pxeboot {
             let why = if vm.pxeboot {
                 "installed"
             } else {

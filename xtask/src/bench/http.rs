@@ -225,6 +225,8 @@ fn write_fixture(data: &Path) -> Result<()> {
         hostname: None,
         disk: None,
         boot: BootMode::Install,
+        installer_shell: false,
+        no_reboot: false,
     };
     let images = data.join("images/bench/x86_64");
     for d in [

@@ -244,6 +244,8 @@ fn install_once(
         hostname: None,
         disk: Some(disk.dev.clone()),
         boot: BootMode::Install,
+        installer_shell: false,
+        no_reboot: false,
     };
     std::fs::write(data.join(format!("vms/{NAME}.noreboot")), b"")?;
     crate::store::write_atomic(

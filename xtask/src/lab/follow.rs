@@ -84,10 +84,18 @@ pub struct Row {
     pub installed: Option<u64>,
     /// The stack told the rebooted VM to boot its disk.
     pub local_boot: Option<u64>,
+    /// A diskless VM mounted its root.
+    pub nfs_root: Option<u64>,
     pub ssh: Option<u64>,
 }
 
 impl Row {
+    /// The VM runs its own system (from its disk or its NFS root): SSH is next.
+    fn booted(&self) -> bool {
+        self.local_boot.is_some() && (self.installed.is_some() || self.installer.is_none())
+            || self.nfs_root.is_some()
+    }
+
     fn absorb(&mut self, started_ms: u64, timeline: &[TimelineEntry]) {
         let rel = |e: &TimelineEntry| e.at_ms.saturating_sub(started_ms);
         // Only this boot's events count: a reused VM's older history is before `started_ms`.
@@ -111,6 +119,9 @@ impl Row {
                 }
                 Phase::LocalBoot if self.installed.is_some() || self.installer.is_none() => {
                     self.local_boot.get_or_insert(rel(e));
+                }
+                Phase::NfsRoot => {
+                    self.nfs_root.get_or_insert(rel(e));
                 }
                 _ => {}
             }
@@ -155,6 +166,17 @@ pub fn wait_all(
         })
         .collect();
     let deadline = Instant::now() + timeout;
+    // Only what the consoles print from now on tells about this boot.
+    let console_start: BTreeMap<String, u64> = vms
+        .iter()
+        .map(|vm| {
+            let len = std::fs::metadata(lab.vm_file(&vm.name, VmFile::Console))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            (vm.name.clone(), len)
+        })
+        .collect();
+    let mut booted_at: BTreeMap<String, Instant> = BTreeMap::new();
     let mut last_line: BTreeMap<String, String> = BTreeMap::new();
     let mut last_ssh_try: BTreeMap<String, Instant> = BTreeMap::new();
     loop {
@@ -190,9 +212,14 @@ pub fn wait_all(
                     console_tail(lab, &vm.name)
                 );
             }
-            let line = if row.local_boot.is_some() && row.installed.is_some()
-                || row.local_boot.is_some() && row.installer.is_none()
-            {
+            let line = if row.booted() {
+                let booted = *booted_at
+                    .entry(vm.name.clone())
+                    .or_insert_with(Instant::now);
+                let console = console_since(lab, &vm.name, console_start[&vm.name]);
+                if let Some((why, fix)) = ssh_wait_over(vm, booted.elapsed(), &console) {
+                    bail!("{}: {why}\n{}\n{fix}", vm.name, console_tail(lab, &vm.name));
+                }
                 let due = last_ssh_try
                     .get(&vm.name)
                     .is_none_or(|t| t.elapsed() > Duration::from_secs(3));
@@ -212,6 +239,8 @@ pub fn wait_all(
                 }
                 if row.ssh.is_some() {
                     "SSH ready".to_string()
+                } else if row.nfs_root.is_some() {
+                    "NFS root mounted, waiting for SSH".to_string()
                 } else {
                     "booted from disk, waiting for SSH".to_string()
                 }
@@ -262,6 +291,68 @@ pub fn wait_all(
     }
 }
 
+/// How long a VM that has booted its own system may take to answer SSH: a first boot from
+/// disk took 46 s under TCG here and a diskless one ~130 s, two to three times as long on a
+/// busy machine.
+pub const SSH_WAIT: Duration = Duration::from_secs(600);
+
+/// Why waiting for SSH on `vm`, which booted its system `waited` ago, is over, and what to do
+/// about it, if it is: the console (what it printed since the wait began) shows its kernel
+/// panicking or sshd failing to start, or the wait passed [`SSH_WAIT`].
+fn ssh_wait_over(vm: &VmDefinition, waited: Duration, console: &str) -> Option<(String, String)> {
+    let name = &vm.name;
+    let restart = format!("`cargo xtask lab vm stop {name} && cargo xtask lab vm start {name}`");
+    let attach = format!("`cargo xtask lab vm console {name}` attaches to its console");
+    let ssh_fix = match vm.boot {
+        pxelab_contract::BootMode::Nfsroot => {
+            format!("{attach}; a diskless VM starts afresh at every boot: {restart}")
+        }
+        pxelab_contract::BootMode::Install => format!(
+            "{attach}; if its disk lost its SSH host keys (e.g. to a power cut right after the first boot), install it again: `cargo xtask lab vm reprovision {name} && cargo xtask lab vm start {name}`"
+        ),
+    };
+    let line = |found: &str| {
+        found
+            .trim()
+            .trim_start_matches("[FAILED]")
+            .trim()
+            .to_string()
+    };
+    if let Some(panic) = console
+        .lines()
+        .find(|l| l.contains("Kernel panic - not syncing"))
+    {
+        let why = format!("its kernel panicked (console: {:?})", line(panic));
+        return Some((why, format!("start it again: {restart}")));
+    }
+    let failed = console.lines().find(|l| {
+        l.contains("Failed to start")
+            && (l.contains("ssh.service") || l.contains("OpenBSD Secure Shell"))
+    });
+    if let Some(failed) = failed {
+        let why = format!(
+            "its SSH server failed to start (console: {:?})",
+            line(failed)
+        );
+        return Some((why, ssh_fix));
+    }
+    (waited > SSH_WAIT).then(|| {
+        let why = format!(
+            "booted {} s ago but SSH does not answer (the lab gives it {} s)",
+            waited.as_secs(),
+            SSH_WAIT.as_secs()
+        );
+        (why, ssh_fix)
+    })
+}
+
+/// What `name`'s console printed after its first `from` bytes (lossy UTF-8).
+fn console_since(lab: &Lab, name: &str, from: u64) -> String {
+    let bytes = std::fs::read(lab.vm_file(name, VmFile::Console)).unwrap_or_default();
+    let from = usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len());
+    String::from_utf8_lossy(&bytes[from..]).into_owned()
+}
+
 /// The last lines of a VM's serial console, for error reports.
 pub fn console_tail(lab: &Lab, name: &str) -> String {
     let path = lab.vm_file(name, VmFile::Console);
@@ -310,6 +401,54 @@ pub fn print_summary(rows: &[Row]) {
             s(r.installed),
             s(r.local_boot),
             s(r.ssh)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ssh_wait_ends_when_the_console_says_why_or_after_its_bound() {
+        let vm = VmDefinition::from_json(
+            r#"{"name":"t-1","arch":"x86_64","distro":"debian-12","mac":"0a:00:00:00:00:01","pxeboot":true}"#,
+        )
+        .unwrap();
+        let quiet = "[  OK  ] Reached target Multi-User System.\r\n";
+        assert_eq!(ssh_wait_over(&vm, Duration::from_secs(30), quiet), None);
+        let (why, fix) = ssh_wait_over(&vm, SSH_WAIT + Duration::from_secs(1), quiet).unwrap();
+        assert!(why.contains("SSH does not answer"), "{why}");
+        assert!(
+            fix.contains("lab vm reprovision t-1 && cargo xtask lab vm start t-1"),
+            "{fix}"
+        );
+        // What systemd prints when the host keys are empty files (seen after a power cut).
+        let failed = "[FAILED] Failed to start ssh.service - OpenBSD Secure Shell server.\r\n";
+        let (why, _) = ssh_wait_over(&vm, Duration::from_secs(5), failed).unwrap();
+        assert!(
+            why.contains("failed to start") && why.contains("Failed to start ssh.service"),
+            "{why}"
+        );
+        // Seen under TCG on a loaded machine: the kernel's timer check fails at boot.
+        let panic = "[    0.056000] Kernel panic - not syncing: IO-APIC + timer doesn't work!\r\n";
+        let (why, fix) = ssh_wait_over(&vm, Duration::from_secs(5), panic).unwrap();
+        assert!(
+            why.contains("kernel panicked") && why.contains("IO-APIC"),
+            "{why}"
+        );
+        assert!(
+            fix.contains("lab vm stop t-1 && cargo xtask lab vm start t-1"),
+            "{fix}"
+        );
+        let diskless = VmDefinition {
+            boot: pxelab_contract::BootMode::Nfsroot,
+            ..vm
+        };
+        let (_, fix) = ssh_wait_over(&diskless, SSH_WAIT * 2, quiet).unwrap();
+        assert!(
+            fix.contains("lab vm stop t-1 && cargo xtask lab vm start t-1"),
+            "{fix}"
         );
     }
 }

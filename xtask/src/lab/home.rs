@@ -10,7 +10,8 @@
 //! state/                   the stack's own: VM states, timelines, dnsmasq files, control.sock
 //! disks/<name>.qcow2       target disks, and <name>-vars.fd UEFI variable stores
 //! bin/pxelab-stack         the stack binary the lab runs (copied from `build-stack`)
-//! run/                     pid files, QMP sockets, a rootless lab's netns holder (gone after `lab down`)
+//! run/                     pid files, QMP and serial console sockets, a rootless lab's netns
+//!                          holder (gone after `lab down`)
 //! logs/                    stack.log, <name>.console.log
 //! ssh/id_ed25519           the lab's key pair (private key mode 0600), known_hosts.<name>
 //! ```
@@ -91,7 +92,10 @@ pub enum VmFile {
     Definition,
     Disk,
     Vars,
+    /// The serial console's log (everything the VM printed, and the echo of what was typed).
     Console,
+    /// The serial console itself: QEMU listens on this socket (`lab vm console` attaches).
+    ConsoleSocket,
     Pid,
     Qmp,
 }
@@ -302,6 +306,7 @@ impl Lab {
             VmFile::Console => self.logs_dir().join(format!("{vm}.console.log")),
             VmFile::Pid => self.run_dir().join(format!("{vm}.pid")),
             VmFile::Qmp => self.run_dir().join(format!("{vm}.qmp")),
+            VmFile::ConsoleSocket => self.run_dir().join(format!("{vm}.console")),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! installed, rebooted from its disk and answering SSH. Every other verb is a piece of that.
 
 pub mod artifacts;
+pub mod console;
 pub mod follow;
 pub mod home;
 pub mod net;
@@ -14,7 +15,12 @@ pub mod stack;
 pub mod targets;
 pub mod vms;
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use pxelab_contract::{Arch, BootMode};
@@ -105,23 +111,46 @@ enum StackCommand {
 enum VmCommand {
     /// Define a target (MAC and IP allocated unless given) and create its blank disk.
     Create(CreateArgs),
-    /// Boot a target (network boot first; the stack decides installer or disk).
+    /// Boot a target (network boot first; the stack decides installer or disk) and follow it
+    /// until it answers SSH (Ctrl-C leaves it running).
     Start {
         name: String,
         #[arg(long, value_enum, default_value = "uefi")]
         firmware: Firmware,
         #[arg(long, value_enum, default_value = "auto")]
         accel: AccelChoice,
+        /// Boot the installer's console shell instead of installing (also once installed);
+        /// stored in the VM's definition until the next `vm start` without it.
+        #[arg(long)]
+        installer_shell: bool,
+        /// Stay in the installer after installing instead of rebooting into the disk; stored
+        /// like --installer-shell.
+        #[arg(long)]
+        no_reboot: bool,
     },
-    /// Power a target off.
+    /// Shut a target down (`systemctl poweroff` over SSH and the ACPI power button), cutting
+    /// its power if it has not powered off within 45 s.
     Stop { name: String },
     /// List targets.
     List,
-    /// Print a target's serial console log (add --follow to keep reading).
+    /// Attach to a target's serial console (read-write; Ctrl-] detaches).
     Console {
         name: String,
+        /// Follow the console's log read-only instead (Ctrl-C stops).
         #[arg(long, short)]
         follow: bool,
+        /// Print the console's log so far instead.
+        #[arg(long, conflicts_with = "follow")]
+        log: bool,
+    },
+    /// Copy files between the host and a target: `NAME:PATH LOCAL` or `LOCAL NAME:PATH`
+    /// (scp inside the lab namespace).
+    Copy {
+        from: String,
+        to: String,
+        /// Copy directories recursively.
+        #[arg(long, short)]
+        recursive: bool,
     },
     /// Print a target's timeline as the stack recorded it.
     Logs { name: String },
@@ -234,34 +263,62 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
             name,
             firmware,
             accel,
+            installer_shell,
+            no_reboot,
         } => {
-            let vm = targets::definition(lab, &name)?;
+            if pid::read(&lab.vm_file(&name, VmFile::Pid)).is_some() {
+                bail!("{name} is already running: `cargo xtask lab vm stop {name}` first");
+            }
+            let vm = targets::set_switches(lab, &name, installer_shell, no_reboot)?;
             let accel = qemu::resolve_accel(accel, vm.arch, &lab.run_dir())?;
+            let started = follow::now_ms();
             targets::start_vm(lab, &vm, firmware, accel)?;
-            println!("{name} started; console: cargo xtask lab vm console {name} --follow");
+            if installer_shell || no_reboot {
+                println!("{name} started; its console: cargo xtask lab vm console {name}");
+                return Ok(());
+            }
+            eprintln!("following {name}; Ctrl-C leaves it running");
+            let started = [(name.clone(), started)].into_iter().collect();
+            let rows = follow::wait_all(lab, &[vm], &started, targets::FOLLOW_TIMEOUT)?;
+            follow::print_summary(&rows);
             Ok(())
         }
         VmCommand::Stop { name } => {
-            targets::stop_vm(lab, &name, Duration::from_secs(10))?;
-            println!("{name} stopped");
+            match targets::stop_vm(lab, &name)? {
+                qemu::Stopped::NotRunning => println!("{name} was not running"),
+                _ => println!("{name} stopped"),
+            }
             Ok(())
         }
         VmCommand::List => status(lab),
-        VmCommand::Console { name, follow } => {
-            let log = lab.vm_file(&name, VmFile::Console);
-            if !log.exists() {
+        VmCommand::Console { name, follow, log } => {
+            let path = lab.vm_file(&name, VmFile::Console);
+            if !(follow || log) {
+                return console::attach(lab, &name);
+            }
+            if !path.exists() {
                 bail!(
                     "no console log for {name:?} at {}: has it been started?",
-                    log.display()
+                    path.display()
                 );
             }
             let sh = process::shell()?;
             if follow {
-                xshell::cmd!(sh, "tail -n 50 -f {log}").run()?;
+                xshell::cmd!(sh, "tail -n 50 -f {path}").run()?;
             } else {
-                xshell::cmd!(sh, "cat {log}").run()?;
+                xshell::cmd!(sh, "cat {path}").run()?;
             }
             Ok(())
+        }
+        VmCommand::Copy {
+            from,
+            to,
+            recursive,
+        } => {
+            let (from, to) = (ssh::CopyEnd::parse(&from)?, ssh::CopyEnd::parse(&to)?);
+            let vm = targets::definition(lab, ssh::copy_vm(&from, &to)?)?;
+            let status = ssh::copy(lab, &vm, &from, &to, recursive)?.status()?;
+            std::process::exit(status.code().unwrap_or(1));
         }
         VmCommand::Logs { name } => {
             let (status, body) = stack::get(lab, &format!("/vms/{name}/timeline"))?;
@@ -307,11 +364,12 @@ fn status(lab: &Lab) -> Result<()> {
         return Ok(());
     }
     let states = follow::fetch_status(lab).unwrap_or_default();
+    let ssh = ssh_probes(lab, &vms, &states);
     println!(
-        "{:<16} {:<18} {:<15} {:<10} {:<8} {:<11} STATE / LAST EVENT",
-        "NAME", "MAC", "IP", "DISTRO", "BOOT", "QEMU"
+        "{:<16} {:<18} {:<15} {:<10} {:<8} {:<11} {:<5} STATE / LAST EVENT",
+        "NAME", "MAC", "IP", "DISTRO", "BOOT", "QEMU", "SSH"
     );
-    for vm in vms {
+    for (vm, ssh) in vms.iter().zip(&ssh) {
         let running = if pid::read(&lab.vm_file(&vm.name, VmFile::Pid)).is_some() {
             "running"
         } else {
@@ -322,17 +380,65 @@ fn status(lab: &Lab) -> Result<()> {
             .find(|s| s.name == vm.name)
             .map(follow::describe)
             .unwrap_or_else(|| "-".into());
-        let boot = match vm.boot {
-            BootMode::Install => "install",
-            BootMode::Nfsroot => "nfsroot",
+        let boot = match (vm.boot, vm.pxeboot) {
+            (BootMode::Nfsroot, _) => "nfsroot",
+            (BootMode::Install, true) => "install",
+            (BootMode::Install, false) => "disk",
         };
         let ip = vm.ip.map(|i| i.to_string()).unwrap_or_default();
+        let ssh = match ssh {
+            None => "-",
+            Some(Ok(())) => "up",
+            Some(Err(_)) => "down",
+        };
         println!(
-            "{:<16} {:<18} {:<15} {:<10} {:<8} {:<11} {}",
-            vm.name, vm.mac, ip, vm.distro, boot, running, state
+            "{:<16} {:<18} {:<15} {:<10} {:<8} {:<11} {:<5} {}",
+            vm.name, vm.mac, ip, vm.distro, boot, running, ssh, state
         );
     }
+    for (vm, ssh) in vms.iter().zip(&ssh) {
+        if let Some(Err(why)) = ssh {
+            println!(
+                "{}: SSH is down ({why}); `cargo xtask lab vm console {} --log` shows its console",
+                vm.name, vm.name
+            );
+        }
+    }
     Ok(())
+}
+
+/// How long `lab status` gives a VM to answer SSH.
+const SSH_PROBE: Duration = Duration::from_secs(15);
+
+/// Whether each running VM that should answer SSH (installed, diskless or booting its own
+/// disk) does; `None` for the others. Probed from inside the namespace, all at once.
+fn ssh_probes(
+    lab: &Lab,
+    vms: &[pxelab_contract::VmDefinition],
+    states: &[pxelab_contract::VmStatus],
+) -> Vec<Option<std::result::Result<(), String>>> {
+    std::thread::scope(|scope| {
+        let probes: Vec<_> = vms
+            .iter()
+            .map(|vm| {
+                let state = states.iter().find(|s| s.name == vm.name).map(|s| s.state);
+                let expected = pid::read(&lab.vm_file(&vm.name, VmFile::Pid)).is_some()
+                    && (vm.boot == BootMode::Nfsroot
+                        || !vm.pxeboot
+                        || state == Some(pxelab_contract::VmState::Installed));
+                expected.then(|| scope.spawn(|| ssh::probe(lab, vm, SSH_PROBE)))
+            })
+            .collect();
+        probes
+            .into_iter()
+            .map(|p| {
+                p.map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("the SSH probe panicked".into()))
+                })
+            })
+            .collect()
+    })
 }
 
 /// Stops everything this lab started and removes the namespace; disks stay unless `purge`.
@@ -352,19 +458,24 @@ pub fn down(lab: &Lab, purge: bool) -> Result<()> {
     Ok(())
 }
 
-/// Stops every VM and the stack; how many VMs were running.
+/// Stops every VM (all at once, see [`targets::stop_vms`]) and the stack; how many VMs were
+/// running.
 fn stop_processes(lab: &Lab) -> Result<usize> {
-    let mut stopped = 0;
-    for vm in vms::load_all(&lab.vms_dir()).unwrap_or_default() {
-        if pid::read(&lab.vm_file(&vm.name, VmFile::Pid)).is_some() {
-            stopped += 1;
-        }
-        targets::stop_vm(lab, &vm.name, Duration::from_secs(5))?;
-    }
+    let mut names: Vec<String> = vms::load_all(&lab.vms_dir())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|vm| vm.name)
+        .collect();
     // Pid files of VMs whose definition is gone still name processes this lab started.
-    for vm in lab.vm_pidfiles() {
-        targets::stop_vm(lab, &vm, Duration::from_secs(5))?;
+    for name in lab.vm_pidfiles() {
+        if !names.contains(&name) {
+            names.push(name);
+        }
     }
+    let stopped = targets::stop_vms(lab, &names)?
+        .into_iter()
+        .filter(|s| *s != qemu::Stopped::NotRunning)
+        .count();
     stack::stop(lab)?;
     Ok(stopped)
 }
@@ -401,11 +512,29 @@ pub fn ensure_stack(lab: &Lab) -> Result<()> {
     stack::wait_healthy(lab, Duration::from_secs(20))
 }
 
+/// Set by the interrupt handler of a throw-away lab (under the lock) before it takes the lab
+/// down. Starting QEMU or the stack holds the lock ([`may_start`]) and is refused once it is
+/// set: the main thread runs on while the handler works, and must not start anything behind
+/// its back.
+static TAKEN_DOWN: Mutex<bool> = Mutex::new(false);
+
+/// Held while a process of the lab is started; an error once an interrupt took the lab down.
+pub fn may_start() -> Result<MutexGuard<'static, bool>> {
+    let guard = TAKEN_DOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if *guard {
+        bail!("interrupted: the lab is being taken down");
+    }
+    Ok(guard)
+}
+
 /// For throw-away labs (e2e, bench): on Ctrl-C or SIGTERM, take the lab at `home` down
 /// (VMs, stack, namespace, files) and exit, so an interrupted run leaves nothing behind. With
 /// `keep`, say where the lab is instead and leave it up for inspection.
 pub fn down_on_interrupt(home: PathBuf, keep: bool) -> Result<()> {
     ctrlc::set_handler(move || {
+        // Held until `exit`: nothing starts after this.
+        let mut taken_down = TAKEN_DOWN.lock().unwrap_or_else(|e| e.into_inner());
+        *taken_down = true;
         if keep {
             eprintln!(
                 "\ninterrupted: lab kept at {} (`PXELAB_HOME={} cargo xtask lab down --purge` when done)",

@@ -33,6 +33,7 @@ pub fn start(lab: &Lab) -> Result<bool> {
     if running(lab).is_some() {
         return Ok(false);
     }
+    let _starting = super::may_start()?;
     let pid = match lab.config.stack {
         StackKind::Process => start_process(lab, &stack_binary(lab)?)?,
         StackKind::Container => start_container(lab)?,

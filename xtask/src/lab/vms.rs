@@ -109,6 +109,8 @@ pub fn plan(
         hostname: None,
         disk: None,
         boot: req.boot,
+        installer_shell: false,
+        no_reboot: false,
     };
     vm.validate()?;
     Ok(vm)
@@ -128,6 +130,16 @@ fn allocate_mac(existing: &[VmDefinition], name: &str) -> Mac {
         })
         .find(|mac| existing.iter().all(|v| v.mac != *mac))
         .expect("an unbounded search over 2^40 addresses finds a free one")
+}
+
+/// Replaces an existing definition atomically (for a changed setting: the name, MAC and IP
+/// stay as planned).
+pub fn rewrite(dir: &Path, vm: &VmDefinition) -> Result<()> {
+    let path = dir.join(format!("{}.json", vm.name));
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    crate::store::write_atomic(&path, vm.to_json().as_bytes())
 }
 
 /// Writes a new definition atomically; refuses to overwrite.
