@@ -38,6 +38,10 @@ pub enum Phase {
     /// A diskless VM mounted its root over NFS (reported by its initramfs); it is booting
     /// into the distro, with nothing to install.
     NfsRoot,
+    /// The installed system's cloud-init finished all its stages (reported by the target after
+    /// `cloud-final`, on every boot; `message` says whether any module failed). SSH answers
+    /// before this: the installer already wrote the host keys and the login.
+    CloudInitDone,
 }
 
 impl Phase {
@@ -57,6 +61,7 @@ impl Phase {
             Phase::Installed => "installed",
             Phase::Failed => "failed",
             Phase::NfsRoot => "nfs-root",
+            Phase::CloudInitDone => "cloud-init-done",
         }
     }
 }
@@ -84,6 +89,10 @@ pub struct Event {
     /// Milliseconds since the sender started (its own clock; the handler stamps arrival).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elapsed_ms: Option<u64>,
+    /// On `installed`: the public SSH host keys the installer wrote into the target
+    /// (`<type> <base64>`, as in `known_hosts`), so SSH can trust them from the first login.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_keys: Vec<String>,
 }
 
 /// One line of a VM's timeline (`<state dir>/<name>.timeline.jsonl`).
@@ -119,6 +128,8 @@ impl VmState {
             (_, Phase::Dhcp | Phase::Kernel) => self,
             // A diskless boot is booting until the lab sees SSH; it never installs.
             (_, Phase::NfsRoot) => self,
+            // Reported by the running system, after the install (or by a diskless one).
+            (_, Phase::CloudInitDone) => self,
             (_, Phase::LocalBoot) => self,
             (_, Phase::Installed) => VmState::Installed,
             (_, Phase::Failed) => VmState::Failed,
@@ -183,6 +194,14 @@ mod tests {
         assert_eq!(walk(&[Ipxe, Installing, Failed, Ipxe]), VmState::Booting);
         assert_eq!(walk(&[Ipxe, Installed, Ipxe, Failed]), VmState::Installed);
         assert_eq!(walk(&[Dhcp, Ipxe, Kernel, NfsRoot]), VmState::Booting);
+        assert_eq!(
+            walk(&[Ipxe, Installing, Installed, CloudInitDone]),
+            VmState::Installed
+        );
+        assert_eq!(
+            walk(&[Dhcp, Ipxe, NfsRoot, CloudInitDone]),
+            VmState::Booting
+        );
     }
 
     #[test]
@@ -204,5 +223,14 @@ mod tests {
             r#"{"at_ms":5,"phase":"rootfs","bytes_done":1}"#
         );
         assert!(serde_json::from_str::<Event>(r#"{"phase":"bogus"}"#).is_err());
+        let done: Event =
+            serde_json::from_str(r#"{"phase":"cloud-init-done","message":"no errors"}"#).unwrap();
+        assert_eq!(done.phase.as_str(), "cloud-init-done");
+        let installed: Event =
+            serde_json::from_str(r#"{"phase":"installed","host_keys":["ssh-ed25519 AAAAC3Nza"]}"#)
+                .unwrap();
+        assert_eq!(installed.host_keys, ["ssh-ed25519 AAAAC3Nza"]);
+        let plain = serde_json::to_string(&Event::default()).unwrap();
+        assert!(!plain.contains("host_keys"), "{plain}");
     }
 }

@@ -13,7 +13,8 @@ pub use event::{
     Event, InvalidVm, Phase, StackStatus, TimelineEntry, VmState, VmStatus, CONTROL_SOCKET,
 };
 pub use installer::{
-    Artifact, ConfigReply, DistroManifest, InstallerConfig, ManifestFile, ESP_SIZE_MIB,
+    Artifact, ConfigReply, DistroManifest, InstallerConfig, Login, ManifestFile, ESP_SIZE_MIB,
+    NIC_NAME,
 };
 pub use mac::{Mac, MacError};
 pub use vm::{Arch, BootMode, VmDefinition, VmError};
