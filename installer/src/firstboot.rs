@@ -9,8 +9,8 @@
 //! the address the installer itself was leased — the same reservation DHCP hands out again
 //! later — and runs sshd on it until Debian's `ssh.service` starts; that one's drop-in stops
 //! the early sshd first (sessions survive: `KillMode=process`). The NIC gets the name the
-//! NoCloud network-config gives it (a `.link` file), so cloud-init finds it already named and
-//! renames nothing under a live sshd. Only until cloud-init finished its first run
+//! NoCloud network-config gives it (by the unit itself, and a `.link` file for udev), so
+//! cloud-init finds it already named and renames nothing under a live sshd. Only until cloud-init finished its first run
 //! (`/var/lib/cloud/instance/boot-finished`): later boots are left to the distro.
 //!
 //! systemd keeps `/run/nologin` until the boot is complete, and sshd's PAM stack has
@@ -37,6 +37,7 @@ pub const CLOUD_INIT_DONE: &str = "pxelab-cloud-init-done.service";
 const REPORTER: &str = "usr/local/lib/pxelab/cloud-init-done";
 /// The early sshd's program name, hence its PAM service.
 const EARLY_SSHD: &str = "pxelab-early-sshd";
+const EARLY_NET: &str = "usr/local/lib/pxelab/early-ssh-net";
 
 /// The IPv4 address and prefix length of a network interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,8 +77,13 @@ pub fn early_ssh(root: &Path, mac: Mac, address: Address) -> Result<String> {
         0o644,
     )?;
     write_atomic(
+        &root.join(EARLY_NET),
+        early_net_script(&ip).as_bytes(),
+        0o755,
+    )?;
+    write_atomic(
         &root.join(UNITS).join(EARLY_SSH),
-        early_ssh_unit(&ip, &program, address).as_bytes(),
+        early_ssh_unit(&program, mac, address).as_bytes(),
         0o644,
     )?;
     write_atomic(
@@ -122,8 +128,7 @@ fn link_file(mac: Mac) -> String {
     )
 }
 
-fn early_ssh_unit(ip: &str, sshd: &str, address: Address) -> String {
-    let device = format!("sys-subsystem-net-devices-{NIC_NAME}.device");
+fn early_ssh_unit(sshd: &str, mac: Mac, address: Address) -> String {
     format!(
         "# Written by pxelab-installer: SSH on the first boot before cloud-init has run (the host\n\
          # keys and the login are already in place). ssh.service stops it when it starts.\n\
@@ -132,15 +137,13 @@ fn early_ssh_unit(ip: &str, sshd: &str, address: Address) -> String {
          DefaultDependencies=no\n\
          ConditionPathExists=!/var/lib/cloud/instance/boot-finished\n\
          ConditionPathExists=!/etc/ssh/sshd_not_to_be_run\n\
-         BindsTo={device}\n\
-         After={device} systemd-remount-fs.service\n\
+         After=systemd-remount-fs.service\n\
          Conflicts=shutdown.target\n\
          Before=shutdown.target\n\
          \n\
          [Service]\n\
          Type=notify\n\
-         ExecStartPre={ip} address replace {address} dev {NIC_NAME}\n\
-         ExecStartPre={ip} link set {NIC_NAME} up\n\
+         ExecStartPre=/bin/sh /{EARLY_NET} {mac} {address}\n\
          ExecStart={sshd} -D -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no -o PermitRootLogin=no\n\
          KillMode=process\n\
          RuntimeDirectory=sshd\n\
@@ -150,6 +153,31 @@ fn early_ssh_unit(ip: &str, sshd: &str, address: Address) -> String {
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n"
+    )
+}
+
+/// Names the NIC and gives it the address without waiting for udev's coldplug (which reached
+/// the NIC 14 s into userspace under TCG). udev applies the same `.link` name later and finds
+/// it in place; whichever renames first, the other sees `lan0` already.
+fn early_net_script(ip: &str) -> String {
+    format!(
+        "#!/bin/sh\n\
+         # Written by pxelab-installer: name the NIC with MAC $1 {NIC_NAME}, as the .link file and\n\
+         # cloud-init do, and give it address $2 (the installer's lease) for the early sshd.\n\
+         mac=$1 address=$2\n\
+         tries=0\n\
+         while [ $tries -lt 300 ]; do\n\
+         \tfor dev in /sys/class/net/*; do\n\
+         \t\t[ \"$(cat \"$dev/address\" 2>/dev/null)\" = \"$mac\" ] || continue\n\
+         \t\tname=${{dev##*/}}\n\
+         \t\t[ \"$name\" = {NIC_NAME} ] || {ip} link set dev \"$name\" name {NIC_NAME} || continue\n\
+         \t\t{ip} address replace \"$address\" dev {NIC_NAME} && {ip} link set {NIC_NAME} up && exit 0\n\
+         \tdone\n\
+         \ttries=$((tries + 1))\n\
+         \tsleep 0.1\n\
+         done\n\
+         echo \"no network interface with MAC $mac came up\" >&2\n\
+         exit 1\n"
     )
 }
 
@@ -381,8 +409,8 @@ mod tests {
         for line in [
             "DefaultDependencies=no\n",
             "ConditionPathExists=!/var/lib/cloud/instance/boot-finished\n",
-            "After=sys-subsystem-net-devices-lan0.device systemd-remount-fs.service\n",
-            "ExecStartPre=/bin/ip address replace 10.77.0.10/24 dev lan0\n",
+            "After=systemd-remount-fs.service\n",
+            "ExecStartPre=/bin/sh /usr/local/lib/pxelab/early-ssh-net 52:54:00:12:34:56 10.77.0.10/24\n",
             "ExecStart=/usr/local/sbin/pxelab-early-sshd -D -o PasswordAuthentication=no",
             "KillMode=process\n",
             "RuntimeDirectoryPreserve=yes\n",

@@ -251,6 +251,14 @@ fn build_rootfs() -> Rootfs {
         None,
     );
     add(
+        "etc/os-release",
+        File,
+        0o644,
+        (0, 0),
+        b"PRETTY_NAME=\"Fixture\"\nID=fixture\n",
+        None,
+    );
+    add(
         "etc/hostname",
         File,
         0o644,
@@ -613,6 +621,11 @@ fn install_to_a_loop_disk_end_to_end() {
         "the rootfs's monolithic GRUB, unchanged"
     );
     let esp_cfg = esp_file(&lab, "::/EFI/BOOT/grub.cfg");
+    assert_eq!(
+        esp_file(&lab, "::/EFI/fixture/grub.cfg"),
+        esp_cfg,
+        "the same config where the image's prefix points (/EFI/<os-release ID>)"
+    );
     assert!(
         esp_cfg.contains(&format!(
             "search --no-floppy --fs-uuid --set=root {root_uuid}\n"
@@ -677,8 +690,9 @@ fn install_to_a_loop_disk_end_to_end() {
     let units = m.join("etc/systemd/system");
     let early = fs::read_to_string(units.join("pxelab-early-ssh.service")).unwrap();
     assert!(
-        early.contains("ExecStartPre=/bin/ip address replace 10.99.7.10/24 dev lan0\n")
-            && early.contains("ExecStart=/usr/local/sbin/pxelab-early-sshd -D "),
+        early.contains(&format!(
+            "ExecStartPre=/bin/sh /usr/local/lib/pxelab/early-ssh-net {MAC} 10.99.7.10/24\n"
+        )) && early.contains("ExecStart=/usr/local/sbin/pxelab-early-sshd -D "),
         "{early}"
     );
     assert!(units
@@ -689,6 +703,23 @@ fn install_to_a_loop_disk_end_to_end() {
     assert!(link.contains(&format!("MACAddress={MAC}\n")), "{link}");
     let done = fs::read_to_string(units.join("pxelab-cloud-init-done.service")).unwrap();
     assert!(done.contains(&lab.server.url(EVENTS_PATH)), "{done}");
+    // The unit's network step, run here as at boot (NIC down, not yet renamed), with a sysfs
+    // of this network namespace.
+    sh(Command::new("ip").args(["link", "set", "eth0", "down"]));
+    let script = m.join("usr/local/lib/pxelab/early-ssh-net");
+    sh(Command::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!(
+            "mount -t sysfs sysfs /sys && sh {} {MAC} 10.99.7.11/24",
+            script.display()
+        )));
+    let lan0 = sh(Command::new("ip").args(["-o", "address", "show", "dev", "lan0"]));
+    assert!(lan0.contains("inet 10.99.7.11/24"), "{lan0}");
+    let link = sh(Command::new("ip").args(["-o", "link", "show", "dev", "lan0"]));
+    assert!(
+        link.contains(&format!("link/ether {MAC}")) && link.contains(",UP"),
+        "{link}"
+    );
 
     // Events: every phase in order, progress during the stream, durations add up.
     let events = lab.events();
