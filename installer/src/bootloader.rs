@@ -86,14 +86,34 @@ pub fn install(t: &Target<'_>, mounts: &mut Mounts) -> Result<BootEntry> {
     )?;
     let esp = t.root.join("boot/efi");
     mounts.mount(t.esp_dev, &esp, "vfat", "umask=0077")?;
-    let dir = esp.join("EFI/BOOT");
-    fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
-    write_fat(&dir.join(removable), &grub)?;
-    write_fat(
-        &dir.join("grub.cfg"),
-        esp_grub_cfg(&t.ids.root_uuid).as_bytes(),
-    )?;
+    let config = esp_grub_cfg(&t.ids.root_uuid);
+    // The image reads `/EFI/<vendor>/grub.cfg` (its built-in prefix), else searches every disk
+    // for a CD's `/.disk/info` (two error lines on each boot) and reads the file beside itself.
+    let vendor = os_id(t.root).map(|id| format!("EFI/{id}"));
+    for dir in ["EFI/BOOT".to_string()].into_iter().chain(vendor) {
+        let dir = esp.join(dir);
+        fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+        write_fat(&dir.join("grub.cfg"), config.as_bytes())?;
+    }
+    write_fat(&esp.join("EFI/BOOT").join(removable), &grub)?;
     Ok(entry)
+}
+
+/// The distro's `ID` from os-release, which Debian and Ubuntu also use as GRUB's EFI vendor
+/// directory; only a plain lowercase word.
+fn os_id(root: &Path) -> Option<String> {
+    let text = ["etc/os-release", "usr/lib/os-release"]
+        .iter()
+        .find_map(|p| fs::read_to_string(root.join(p)).ok())?;
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ID="))?
+        .trim_matches('"');
+    let plain = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    plain.then(|| id.to_string())
 }
 
 /// The newest `/boot/vmlinuz-<version>` (GRUB's menu lists it first), which must have an
@@ -320,6 +340,22 @@ mod tests {
         fs::remove_dir_all(&boot).unwrap();
         let e = newest_kernel(t.path(), "1234").unwrap_err().0;
         assert!(e.contains("has no kernel"), "{e}");
+    }
+
+    #[test]
+    fn the_vendor_directory_is_the_os_release_id() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(os_id(t.path()), None);
+        fs::create_dir_all(t.path().join("usr/lib")).unwrap();
+        fs::write(
+            t.path().join("usr/lib/os-release"),
+            "NAME=\"Debian\"\nID=debian\n",
+        )
+        .unwrap();
+        assert_eq!(os_id(t.path()).as_deref(), Some("debian"));
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        fs::write(t.path().join("etc/os-release"), "ID=\"../x\"\n").unwrap();
+        assert_eq!(os_id(t.path()), None);
     }
 
     #[test]

@@ -199,7 +199,7 @@ fn install_and_check(rootfs: Vec<u8>) {
     let uuid = sh(Command::new("blkid").args(["-s", "UUID", "-o", "value", &disk.partition(2)]));
     let uuid = uuid.trim();
     let esp_cfg =
-        sh(Command::new("mtype").args(["-i", &disk.partition(1), "::/EFI/BOOT/grub.cfg"]));
+        sh(Command::new("mtype").args(["-i", &disk.partition(1), "::/EFI/debian/grub.cfg"]));
     let image = Command::new("mcopy")
         .args([
             "-n",
@@ -272,7 +272,7 @@ fn install_and_check(rootfs: Vec<u8>) {
             "insmod {module} is not built into the image"
         );
     }
-    // The ESP's config still finds that file.
+    // The ESP config at the image's built-in prefix (/EFI/debian) still finds that file.
     assert!(
         esp_cfg.contains(&format!("--set=root {uuid}\n"))
             && esp_cfg.contains("configfile $prefix/grub.cfg"),
