@@ -170,8 +170,8 @@ pub fn newest_kernel(root: &Path, root_uuid: &str) -> Result<BootEntry> {
 fn default_value(defaults: &str, key: &str) -> String {
     defaults
         .lines()
-        .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.strip_prefix('"')?.strip_suffix('"'))
         .filter(|v| !v.contains(['$', '`', '"', '\\']))
         .unwrap_or_default()
