@@ -13,14 +13,13 @@
 //! Running grub-install and update-grub in a chroot under emulation took 16-27 s per install.
 
 use std::cmp::Ordering;
-use std::fs::{self, File};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 
 use crate::error::{err, Context, Result};
 use crate::mkfs::FsIds;
 use crate::mounts::Mounts;
-use crate::seed::write_atomic;
+use crate::seed::{write_atomic, write_with};
 
 /// The rootfs's monolithic GRUB image and the removable-media file name firmware looks for.
 fn efi_image() -> (&'static str, &'static str) {
@@ -251,22 +250,10 @@ pub fn esp_grub_cfg(root_uuid: &str) -> String {
     )
 }
 
-/// Writes a file on the FAT ESP: temp file, fsync, rename, fsync of the directory. FAT has no
-/// owners or modes to set (the mount's umask decides).
+/// Writes a file on the FAT ESP, which has no owners or modes to set (the mount's umask
+/// decides).
 fn write_fat(path: &Path, body: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let tmp: PathBuf = path.with_extension("pxelab-tmp");
-    let result = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(body)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.context(|| format!("writing {} on the ESP", path.display()))
+    write_with(path, body, |_| Ok(()))
 }
 
 #[cfg(test)]

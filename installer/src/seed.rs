@@ -89,6 +89,26 @@ pub fn write_atomic(path: &Path, body: &[u8], mode: u32) -> Result<()> {
 
 /// [`write_atomic`] for a file owned by `(uid, gid)`.
 pub fn write_owned(path: &Path, body: &[u8], mode: u32, (uid, gid): (u32, u32)) -> Result<()> {
+    write_with(path, body, |f| {
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        std::os::unix::fs::fchown(f, Some(uid), Some(gid)).or_else(|e| {
+            // Only root can chown; the unit tests run the writer as any user.
+            if e.raw_os_error() == Some(libc::EPERM) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+    })
+}
+
+/// Writes `path` via a temp file in the same directory, which `prepare` gets before it is
+/// synced and renamed into place; then syncs the directory.
+pub fn write_with(
+    path: &Path,
+    body: &[u8],
+    prepare: impl FnOnce(&File) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| err(format!("{} has no parent directory", path.display())))?;
@@ -101,15 +121,7 @@ pub fn write_owned(path: &Path, body: &[u8], mode: u32, (uid, gid): (u32, u32)) 
     let result = (|| -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(body)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).or_else(|e| {
-            // Only root can chown; the unit tests run the writer as any user.
-            if e.raw_os_error() == Some(libc::EPERM) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
+        prepare(&f)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()

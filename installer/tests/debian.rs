@@ -8,12 +8,12 @@
 
 mod common;
 
-use common::{in_private_network, require, serial, sh, LoopDisk, MAC};
+use common::{in_private_network, lab_login, require_root_and_tools, serial, sh, LoopDisk, MAC};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pxelab_contract::{Artifact, Event, InstallerConfig, Login, Phase};
+use pxelab_contract::{Artifact, Event, InstallerConfig, Phase};
 use pxelab_tests::{sha256_hex, Behavior, FixtureServer};
 
 const GIB: u64 = 1 << 30;
@@ -111,21 +111,7 @@ fn chroot(root: &Path, args: &[&str]) -> String {
 #[test]
 fn sys_debian_install_survives_update_grub_and_sshd_loads_its_keys() {
     let _serial = serial();
-    // SAFETY: geteuid cannot fail.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (loop devices, mount, chroot)"
-    );
-    for (tool, package) in [
-        ("losetup", "util-linux"),
-        ("mke2fs", "e2fsprogs"),
-        ("mkfs.fat", "dosfstools"),
-        ("mcopy", "mtools"),
-        ("ip", "iproute2"),
-    ] {
-        require(tool, package);
-    }
+    require_root_and_tools();
     let home = tempfile::tempdir().unwrap();
     let rootfs = fs::read(pull_debian(home.path())).expect("the pulled rootfs");
     in_private_network(|| install_and_check(rootfs));
@@ -150,15 +136,7 @@ fn install_and_check(rootfs: Vec<u8>) {
         disk: Some(disk.dev.clone()),
         reboot: false,
         kexec: true,
-        login: Some(Login {
-            user: "pxelab".into(),
-            gecos: "pxelab lab user".into(),
-            shell: "/bin/bash".into(),
-            sudo: Some("ALL=(ALL) NOPASSWD:ALL".into()),
-            ssh_authorized_keys: vec![
-                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab".into(),
-            ],
-        }),
+        login: Some(lab_login()),
     };
     server.serve(rootfs_path, rootfs, Behavior::Normal);
     server.serve(

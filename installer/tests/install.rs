@@ -8,7 +8,10 @@
 
 mod common;
 
-use common::{in_private_network, mounts_under, require, serial, sh, LoopDisk, MAC};
+use common::{
+    in_private_network, lab_login, mounts_under, require_root_and_tools, serial, sh, LoopDisk,
+    LAB_KEY, MAC,
+};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -17,42 +20,13 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use pxelab_contract::{Artifact, Event, InstallerConfig, Login, Mac, Phase};
+use pxelab_contract::{Artifact, Event, InstallerConfig, Mac, Phase};
 use pxelab_tests::{sha256_hex, Behavior, FixtureServer};
 
 const GIB: u64 = 1 << 30;
 const ROOTFS_PATH: &str = "/images/debian-12/x86_64/rootfs.tar.zst";
 const EVENTS_PATH: &str = "/events/52-54-00-12-34-56";
 const KERNEL: &str = "6.1.0-pxelab-test";
-const LAB_KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab";
-
-// ---------------------------------------------------------------------------------------------
-// Prerequisites and guards
-// ---------------------------------------------------------------------------------------------
-
-fn require_root_and_tools() {
-    // SAFETY: geteuid cannot fail.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "sys_ installer tests need root (loop devices, mkfs, mount)"
-    );
-    for (tool, package) in [
-        ("losetup", "util-linux"),
-        ("blkid", "util-linux"),
-        ("sfdisk", "fdisk"),
-        ("mke2fs", "e2fsprogs"),
-        ("mkfs.fat", "dosfstools"),
-        ("tar", "tar"),
-        ("zstd", "zstd"),
-        ("mtype", "mtools"),
-        ("ssh-keygen", "openssh-client"),
-        ("ip", "iproute2"),
-    ] {
-        require(tool, package);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fixture rootfs and server
@@ -366,13 +340,7 @@ fn lab(disk_size: u64, rootfs_behavior: Behavior) -> Lab {
         disk: Some(disk.dev.clone()),
         reboot: false,
         kexec: true,
-        login: Some(Login {
-            user: "pxelab".into(),
-            gecos: "pxelab lab user".into(),
-            shell: "/bin/bash".into(),
-            sudo: Some("ALL=(ALL) NOPASSWD:ALL".into()),
-            ssh_authorized_keys: vec![LAB_KEY.into()],
-        }),
+        login: Some(lab_login()),
     };
     server.serve(
         "/config/52-54-00-12-34-56",

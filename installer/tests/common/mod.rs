@@ -8,6 +8,19 @@ use std::sync::{Mutex, MutexGuard};
 
 /// The MAC of the test VM (its NIC in [`in_private_network`]).
 pub const MAC: &str = "52:54:00:12:34:56";
+pub const LAB_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab";
+
+/// The login the stack's user-data declares, as the config hands it to the installer.
+pub fn lab_login() -> pxelab_contract::Login {
+    pxelab_contract::Login {
+        user: "pxelab".into(),
+        gecos: "pxelab lab user".into(),
+        shell: "/bin/bash".into(),
+        sudo: Some("ALL=(ALL) NOPASSWD:ALL".into()),
+        ssh_authorized_keys: vec![LAB_KEY.into()],
+    }
+}
 
 /// Fails the test unless `tool` is on PATH, naming the package that provides it.
 pub fn require(tool: &str, package: &str) {
@@ -150,4 +163,30 @@ pub fn in_private_network(body: impl FnOnce() + Send) {
             std::panic::resume_unwind(panic);
         }
     });
+}
+
+/// Root and the host tools the loop-disk tests run.
+pub fn require_root_and_tools() {
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "sys_ installer tests need root (loop devices, mkfs, mount)"
+    );
+    for (tool, package) in [
+        ("losetup", "util-linux"),
+        ("blkid", "util-linux"),
+        ("sfdisk", "fdisk"),
+        ("mke2fs", "e2fsprogs"),
+        ("mkfs.fat", "dosfstools"),
+        ("tar", "tar"),
+        ("zstd", "zstd"),
+        ("mtype", "mtools"),
+        ("ssh-keygen", "openssh-client"),
+        ("ip", "iproute2"),
+        ("chroot", "coreutils"),
+        ("unshare", "util-linux"),
+    ] {
+        require(tool, package);
+    }
 }
