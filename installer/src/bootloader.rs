@@ -1,32 +1,38 @@
-//! Installing GRUB with the tools the rootfs already contains, run in a chroot: no network and no
-//! package manager in the target.
+//! Making the new root bootable without running GRUB's tools: the files `grub-install` and
+//! `update-grub` would produce are written directly.
 //!
-//! `grub-install --removable --no-nvram` puts GRUB at `EFI/BOOT/BOOT<ARCH>.EFI`, which firmware
-//! boots without an NVRAM entry (a fresh OVMF VARS file has none). The initrd has no udev, so
-//! grub-mkconfig would fall back to `root=/dev/vda2` (FIELD-NOTES pitfall 7): we provide
-//! `/dev/disk/by-uuid` links while it runs, set `GRUB_DISABLE_LINUX_UUID=false`, and then check
-//! (and if needed fix) that the generated grub.cfg boots `root=UUID=<root fs>`.
+//! - The rootfs's monolithic EFI GRUB image (every module it needs built in, e.g. Debian's
+//!   `usr/lib/grub/x86_64-efi/monolithic/grubx64.efi`) is copied to the removable-media path
+//!   `EFI/BOOT/BOOT<ARCH>.EFI`, which firmware boots without an NVRAM entry.
+//! - Its built-in config reads `grub.cfg` beside it; ours finds the root filesystem by UUID
+//!   and loads `/boot/grub/grub.cfg` from it — the file `update-grub` maintains, so a kernel
+//!   upgrade in the target (which runs `update-grub`) keeps the disk booting.
+//! - `/boot/grub/grub.cfg` boots the newest kernel with `root=UUID=…`, and
+//!   `/etc/default/grub.d/90-pxelab.cfg` makes the target's own `update-grub` write the same.
+//!
+//! Running grub-install and update-grub in a chroot under emulation took 16-27 s per install.
 
-use std::ffi::CString;
+use std::cmp::Ordering;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use crate::cmd;
 use crate::error::{err, Context, Result};
 use crate::mkfs::FsIds;
 use crate::mounts::Mounts;
-use crate::say;
-use crate::seed::write_atomic;
+use crate::seed::{write_atomic, write_with};
 
-/// GRUB's platform name for the machine the installer runs on.
-pub fn grub_target() -> &'static str {
+/// The rootfs's monolithic GRUB image and the removable-media file name firmware looks for.
+fn efi_image() -> (&'static str, &'static str) {
     if cfg!(target_arch = "aarch64") {
-        "arm64-efi"
+        (
+            "usr/lib/grub/arm64-efi/monolithic/grubaa64.efi",
+            "BOOTAA64.EFI",
+        )
     } else {
-        "x86_64-efi"
+        (
+            "usr/lib/grub/x86_64-efi/monolithic/grubx64.efi",
+            "BOOTX64.EFI",
+        )
     }
 }
 
@@ -39,21 +45,80 @@ fn serial_console() -> &'static str {
     }
 }
 
-const SEARCH: [&str; 4] = ["usr/sbin", "usr/bin", "sbin", "bin"];
+/// GRUB's menu timeout, in seconds, for both the config written here and `update-grub`'s.
+const TIMEOUT: u32 = 1;
 
-/// `/usr/sbin/<name>` (or another standard dir) as seen inside `root`, if it exists there.
-pub fn find_in_root(root: &Path, names: &[&str]) -> Option<String> {
-    names.iter().find_map(|name| {
-        SEARCH.iter().find_map(|dir| {
-            let rel = format!("{dir}/{name}");
-            root.join(&rel).is_file().then(|| format!("/{rel}"))
-        })
-    })
+/// Everything the boot-loader step needs to know about the new install.
+pub struct Target<'a> {
+    pub root: &'a Path,
+    pub esp_dev: &'a Path,
+    pub ids: &'a FsIds,
 }
 
-/// Kernel versions with a `/boot/vmlinuz-<version>` in the new root, sorted.
-pub fn kernels(root: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(root.join("boot"))
+/// The kernel the disk boots, as GRUB starts it (paths inside the root filesystem).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootEntry {
+    pub version: String,
+    pub kernel: String,
+    pub initrd: String,
+    /// The kernel command line without `BOOT_IMAGE=` (which GRUB adds).
+    pub cmdline: String,
+}
+
+/// Mounts the ESP at `boot/efi` (it stays on `mounts` until the final unmount) and writes the
+/// boot files. Returns what GRUB will boot.
+pub fn install(t: &Target<'_>, mounts: &mut Mounts) -> Result<BootEntry> {
+    let entry = newest_kernel(t.root, &t.ids.root_uuid)?;
+    let (image, removable) = efi_image();
+    let grub = fs::read(t.root.join(image)).context(|| {
+        format!("reading /{image} from the rootfs (Debian: package grub-efi-amd64-bin or grub-efi-arm64-bin)")
+    })?;
+    write_atomic(
+        &t.root.join("etc/default/grub.d/90-pxelab.cfg"),
+        grub_defaults().as_bytes(),
+        0o644,
+    )?;
+    write_atomic(
+        &t.root.join("boot/grub/grub.cfg"),
+        grub_cfg(&entry, &t.ids.root_uuid).as_bytes(),
+        0o444,
+    )?;
+    let esp = t.root.join("boot/efi");
+    mounts.mount(t.esp_dev, &esp, "vfat", "umask=0077")?;
+    let config = esp_grub_cfg(&t.ids.root_uuid);
+    // The image reads `/EFI/<vendor>/grub.cfg` (its built-in prefix), else searches every disk
+    // for a CD's `/.disk/info` (two error lines on each boot) and reads the file beside itself.
+    let vendor = os_id(t.root).map(|id| format!("EFI/{id}"));
+    for dir in ["EFI/BOOT".to_string()].into_iter().chain(vendor) {
+        let dir = esp.join(dir);
+        fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+        write_fat(&dir.join("grub.cfg"), config.as_bytes())?;
+    }
+    write_fat(&esp.join("EFI/BOOT").join(removable), &grub)?;
+    Ok(entry)
+}
+
+/// The distro's `ID` from os-release, which Debian and Ubuntu also use as GRUB's EFI vendor
+/// directory; only a plain lowercase word.
+fn os_id(root: &Path) -> Option<String> {
+    let text = ["etc/os-release", "usr/lib/os-release"]
+        .iter()
+        .find_map(|p| fs::read_to_string(root.join(p)).ok())?;
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ID="))?
+        .trim_matches('"');
+    let plain = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    plain.then(|| id.to_string())
+}
+
+/// The newest `/boot/vmlinuz-<version>` (GRUB's menu lists it first), which must have an
+/// initramfs, with the command line `update-grub` would give it.
+pub fn newest_kernel(root: &Path, root_uuid: &str) -> Result<BootEntry> {
+    let mut versions: Vec<String> = fs::read_dir(root.join("boot"))
         .into_iter()
         .flatten()
         .flatten()
@@ -64,237 +129,131 @@ pub fn kernels(root: &Path) -> Vec<String> {
                 .map(str::to_string)
         })
         .collect();
-    v.sort();
-    v
-}
-
-/// Runs `program` (a path inside `root`) chrooted into `root`, with a clean environment.
-pub fn chroot_run(root: &Path, program: &str, args: &[&str]) -> Result<String> {
-    let root_c =
-        CString::new(root.as_os_str().as_bytes()).map_err(|_| err("root path contains NUL"))?;
-    let mut c = Command::new(program);
-    c.args(args)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("LC_ALL", "C")
-        .env("HOME", "/root")
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    // SAFETY: chroot and chdir are async-signal-safe; root_c lives until the closure is dropped.
-    unsafe {
-        c.pre_exec(move || {
-            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd::run(&mut c, None, "not in the rootfs")
-        .context(|| format!("chroot {program} {}", args.join(" ")))
-}
-
-/// Everything the boot-loader step needs to know about the new install.
-pub struct Target<'a> {
-    pub root: &'a Path,
-    pub root_dev: &'a Path,
-    pub esp_dev: &'a Path,
-    pub ids: &'a FsIds,
-}
-
-/// Mounts the ESP and the API filesystems into the new root (they stay on `mounts` until the
-/// final unmount), then installs and configures GRUB.
-pub fn install(t: &Target<'_>, mounts: &mut Mounts) -> Result<()> {
-    let kernels = kernels(t.root);
-    if kernels.is_empty() {
+    if versions.is_empty() {
         return Err(err("the rootfs has no kernel (/boot/vmlinuz-*); it cannot boot: rebuild it with a kernel package"));
     }
-    let grub_install =
-        find_in_root(t.root, &["grub-install", "grub2-install"]).ok_or_else(|| {
-            err("the rootfs has no grub-install: rebuild it with grub-efi (Debian: grub-efi-amd64)")
-        })?;
-
-    mounts.mount(t.esp_dev, &t.root.join("boot/efi"), "vfat", "umask=0077")?;
-    for api in ["dev", "proc", "sys"] {
-        mounts.bind(&Path::new("/").join(api), &t.root.join(api))?;
-    }
-    let efivars = Path::new("/sys/firmware/efi/efivars");
-    if fs::read_dir(efivars)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false)
-    {
-        mounts.bind(efivars, &t.root.join("sys/firmware/efi/efivars"))?;
-    }
-    let _links =
-        ByUuidLinks::create(&[(&t.ids.root_uuid, t.root_dev), (&t.ids.esp_uuid, t.esp_dev)]);
-    write_grub_defaults(t.root)?;
-
-    for version in &kernels {
-        ensure_initrd(t.root, version)?;
-    }
-
-    let target = format!("--target={}", grub_target());
-    let out = chroot_run(
-        t.root,
-        &grub_install,
-        &[
-            &target,
-            "--efi-directory=/boot/efi",
-            "--removable",
-            "--no-nvram",
-        ],
-    )?;
-    say!(
-        "bootloader: {grub_install} {target} --removable --no-nvram: {}",
-        last_line(&out).unwrap_or("ok")
-    );
-
-    let cfg = if let Some(update) = find_in_root(t.root, &["update-grub"]) {
-        chroot_run(t.root, &update, &[])?;
-        "boot/grub/grub.cfg"
-    } else if let Some(mkconfig) = find_in_root(t.root, &["grub-mkconfig"]) {
-        chroot_run(t.root, &mkconfig, &["-o", "/boot/grub/grub.cfg"])?;
-        "boot/grub/grub.cfg"
-    } else if let Some(mkconfig) = find_in_root(t.root, &["grub2-mkconfig"]) {
-        chroot_run(t.root, &mkconfig, &["-o", "/boot/grub2/grub.cfg"])?;
-        "boot/grub2/grub.cfg"
-    } else {
-        return Err(err("the rootfs has neither update-grub nor grub-mkconfig"));
-    };
-    fix_root_by_uuid(&t.root.join(cfg), &t.ids.root_uuid)
+    versions.sort_by(|a, b| version_cmp(b, a));
+    let version = versions.remove(0);
+    let initrd = [
+        format!("/boot/initrd.img-{version}"),
+        format!("/boot/initramfs-{version}.img"),
+    ]
+    .into_iter()
+    .find(|p| root.join(&p[1..]).is_file())
+    .ok_or_else(|| {
+        err(format!(
+            "the rootfs has no initramfs for kernel {version} (/boot/initrd.img-{version}); rebuild it with initramfs-tools"
+        ))
+    })?;
+    let defaults = fs::read_to_string(root.join("etc/default/grub")).unwrap_or_default();
+    let words = [
+        format!("root=UUID={root_uuid} ro"),
+        default_value(&defaults, "GRUB_CMDLINE_LINUX"),
+        serial_console().to_string(),
+        default_value(&defaults, "GRUB_CMDLINE_LINUX_DEFAULT"),
+    ];
+    Ok(BootEntry {
+        kernel: format!("/boot/vmlinuz-{version}"),
+        initrd,
+        cmdline: words
+            .join(" ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+        version,
+    })
 }
 
-/// Debian's grub-mkconfig sources `/etc/default/grub.d/*.cfg` after `/etc/default/grub`;
-/// `90-` sorts after the distro's own drop-ins.
-fn write_grub_defaults(root: &Path) -> Result<()> {
-    let text = format!(
-        "# Written by pxelab-installer: the installer has no udev, so make sure GRUB boots the root\n\
-         # by UUID; short menu timeout; kernel messages on the serial console for the lab's log.\n\
+/// The value of a plain `KEY="words"` line of `/etc/default/grub` (the last one wins, as when
+/// the shell sources it); empty if absent or not a plain quoted string.
+fn default_value(defaults: &str, key: &str) -> String {
+    defaults
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.strip_prefix('"')?.strip_suffix('"'))
+        .filter(|v| !v.contains(['$', '`', '"', '\\']))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Orders kernel versions as people (and GRUB's `version_sort`) do: runs of digits by value,
+/// so `6.1.0-10` is newer than `6.1.0-9`.
+pub fn version_cmp(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let digits = |s: &[u8]| s.iter().take_while(|c| c.is_ascii_digit()).count();
+                let (na, nb) = (digits(a), digits(b));
+                let (da, db) = (trim_zeros(&a[..na]), trim_zeros(&b[..nb]));
+                let by_value = da.len().cmp(&db.len()).then_with(|| da.cmp(db));
+                if by_value != Ordering::Equal {
+                    return by_value;
+                }
+                (a, b) = (&a[na..], &b[nb..]);
+            }
+            (Some(x), Some(y)) if x != y => return x.cmp(y),
+            _ => (a, b) = (&a[1..], &b[1..]),
+        }
+    }
+}
+
+fn trim_zeros(digits: &[u8]) -> &[u8] {
+    let zeros = digits.iter().take_while(|c| **c == b'0').count();
+    &digits[zeros..]
+}
+
+/// `/etc/default/grub.d/90-pxelab.cfg`: Debian's grub-mkconfig sources it after
+/// `/etc/default/grub` (`90-` sorts after the distro's own drop-ins).
+fn grub_defaults() -> String {
+    format!(
+        "# Written by pxelab-installer: boot the root by UUID, a short menu timeout, kernel messages\n\
+         # on the serial console for the lab's log. update-grub (run by kernel upgrades) reads it.\n\
          GRUB_DISABLE_LINUX_UUID=false\n\
-         GRUB_TIMEOUT=1\n\
+         GRUB_TIMEOUT={TIMEOUT}\n\
          GRUB_CMDLINE_LINUX=\"$GRUB_CMDLINE_LINUX {}\"\n",
         serial_console()
-    );
-    write_atomic(
-        &root.join("etc/default/grub.d/90-pxelab.cfg"),
-        text.as_bytes(),
-        0o644,
     )
 }
 
-/// Builds an initramfs for `version` only when the rootfs has none (a rootfs built by a package
-/// manager normally has one already, and rebuilding costs tens of seconds).
-fn ensure_initrd(root: &Path, version: &str) -> Result<()> {
-    let present = [
-        format!("boot/initrd.img-{version}"),
-        format!("boot/initramfs-{version}.img"),
-    ]
-    .iter()
-    .any(|p| root.join(p).is_file());
-    if present {
-        return Ok(());
-    }
-    if let Some(tool) = find_in_root(root, &["update-initramfs"]) {
-        say!("bootloader: no initrd for kernel {version}; running update-initramfs");
-        chroot_run(root, &tool, &["-c", "-k", version])?;
-    } else if let Some(tool) = find_in_root(root, &["dracut"]) {
-        say!("bootloader: no initramfs for kernel {version}; running dracut");
-        chroot_run(
-            root,
-            &tool,
-            &[
-                "--force",
-                &format!("/boot/initramfs-{version}.img"),
-                version,
-            ],
-        )?;
-    } else {
-        say!("bootloader: warning: kernel {version} has no initrd and the rootfs has no tool to build one");
-    }
-    Ok(())
+/// `/boot/grub/grub.cfg` until the target's own `update-grub` replaces it.
+pub fn grub_cfg(entry: &BootEntry, root_uuid: &str) -> String {
+    format!(
+        "# Written by pxelab-installer; update-grub replaces it (with the settings of\n\
+         # /etc/default/grub.d/90-pxelab.cfg).\n\
+         set default=0\n\
+         set timeout={TIMEOUT}\n\
+         menuentry 'Linux {version}' {{\n\
+         \tsearch --no-floppy --fs-uuid --set=root {root_uuid}\n\
+         \tlinux\t{kernel} {cmdline}\n\
+         \tinitrd\t{initrd}\n\
+         }}\n",
+        version = entry.version,
+        kernel = entry.kernel,
+        cmdline = entry.cmdline,
+        initrd = entry.initrd,
+    )
 }
 
-/// Rewrites every `root=/dev/…` in grub.cfg to `root=UUID=<uuid>`, then requires that the
-/// config boots that UUID.
-pub fn fix_root_by_uuid(cfg: &Path, uuid: &str) -> Result<()> {
-    let text =
-        fs::read_to_string(cfg).context(|| format!("reading the generated {}", cfg.display()))?;
-    let wanted = format!("root=UUID={uuid}");
-    let mut fixed = 0;
-    let out: Vec<String> = text
-        .split_inclusive('\n')
-        .map(|line| {
-            if !line.contains("root=/dev/") {
-                return line.to_string();
-            }
-            let mut pieces = Vec::new();
-            for piece in line.split(' ') {
-                if piece.starts_with("root=/dev/") {
-                    fixed += 1;
-                    let tail = if piece.ends_with('\n') { "\n" } else { "" };
-                    pieces.push(format!("{wanted}{tail}"));
-                } else {
-                    pieces.push(piece.to_string());
-                }
-            }
-            pieces.join(" ")
-        })
-        .collect();
-    let out = out.concat();
-    if fixed > 0 {
-        say!(
-            "bootloader: {} used root=/dev/…; rewrote {fixed} entries to {wanted}",
-            cfg.display()
-        );
-        write_atomic(cfg, out.as_bytes(), 0o444)?;
-    }
-    if !out.contains(&wanted) {
-        return Err(err(format!(
-            "{} has no kernel entry with {wanted}; the disk would not boot",
-            cfg.display()
-        )));
-    }
-    Ok(())
+/// `EFI/BOOT/grub.cfg` on the ESP, read by the GRUB image beside it.
+pub fn esp_grub_cfg(root_uuid: &str) -> String {
+    format!(
+        "# Written by pxelab-installer: load the root filesystem's GRUB config, which update-grub\n\
+         # maintains.\n\
+         search --no-floppy --fs-uuid --set=root {root_uuid}\n\
+         set prefix=($root)/boot/grub\n\
+         configfile $prefix/grub.cfg\n"
+    )
 }
 
-fn last_line(s: &str) -> Option<&str> {
-    s.lines().rev().map(str::trim).find(|l| !l.is_empty())
-}
-
-/// `/dev/disk/by-uuid/<uuid>` links for the new filesystems while GRUB runs, removed afterwards
-/// (only what we created).
-struct ByUuidLinks {
-    created: Vec<PathBuf>,
-}
-
-impl ByUuidLinks {
-    fn create(links: &[(&String, &Path)]) -> ByUuidLinks {
-        let mut created = Vec::new();
-        let dir = Path::new("/dev/disk/by-uuid");
-        for d in [Path::new("/dev/disk"), dir] {
-            if !d.exists() && fs::create_dir(d).is_ok() {
-                created.push(d.to_path_buf());
-            }
-        }
-        for (uuid, dev) in links {
-            let link = dir.join(uuid);
-            if fs::symlink_metadata(&link).is_err()
-                && std::os::unix::fs::symlink(dev, &link).is_ok()
-            {
-                created.push(link);
-            }
-        }
-        ByUuidLinks { created }
-    }
-}
-
-impl Drop for ByUuidLinks {
-    fn drop(&mut self) {
-        for p in self.created.iter().rev() {
-            let _ = fs::remove_file(p).or_else(|_| fs::remove_dir(p));
-        }
-    }
+/// Writes a file on the FAT ESP, which has no owners or modes to set (the mount's umask
+/// decides).
+fn write_fat(path: &Path, body: &[u8]) -> Result<()> {
+    write_with(path, body, |_| Ok(()))
 }
 
 #[cfg(test)]
@@ -302,38 +261,97 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rewrites_device_roots_to_uuid() {
-        let t = tempfile::tempdir().unwrap();
-        let cfg = t.path().join("grub.cfg");
-        fs::write(&cfg, "menuentry 'x' {\n\tlinux /boot/vmlinuz-6.1 root=/dev/vda2 ro quiet\n\tlinux /v root=/dev/vda2\n}\n").unwrap();
-        fix_root_by_uuid(&cfg, "1234").unwrap();
-        let text = fs::read_to_string(&cfg).unwrap();
-        assert_eq!(text, "menuentry 'x' {\n\tlinux /boot/vmlinuz-6.1 root=UUID=1234 ro quiet\n\tlinux /v root=UUID=1234\n}\n");
-    }
-
-    #[test]
-    fn a_config_that_boots_another_root_is_refused() {
-        let t = tempfile::tempdir().unwrap();
-        let cfg = t.path().join("grub.cfg");
-        fs::write(&cfg, "linux /vmlinuz root=UUID=other ro\n").unwrap();
-        let e = fix_root_by_uuid(&cfg, "1234").unwrap_err().0;
-        assert!(e.contains("no kernel entry with root=UUID=1234"), "{e}");
-    }
-
-    #[test]
-    fn finds_tools_and_kernels_in_the_root() {
-        let t = tempfile::tempdir().unwrap();
-        fs::create_dir_all(t.path().join("usr/sbin")).unwrap();
-        fs::create_dir_all(t.path().join("boot")).unwrap();
-        fs::write(t.path().join("usr/sbin/grub-install"), "").unwrap();
-        fs::write(t.path().join("boot/vmlinuz-6.1.0-9-amd64"), "").unwrap();
-        fs::write(t.path().join("boot/vmlinuz-6.1.0-10-amd64"), "").unwrap();
-        fs::write(t.path().join("boot/config-6.1.0-9-amd64"), "").unwrap();
+    fn kernel_versions_sort_by_number() {
+        let mut v = vec![
+            "6.1.0-9-amd64",
+            "6.1.0-10-amd64",
+            "5.10.0-28-amd64",
+            "6.1.0-10",
+        ];
+        v.sort_by(|a, b| version_cmp(a, b));
         assert_eq!(
-            find_in_root(t.path(), &["grub-install"]).as_deref(),
-            Some("/usr/sbin/grub-install")
+            v,
+            [
+                "5.10.0-28-amd64",
+                "6.1.0-9-amd64",
+                "6.1.0-10",
+                "6.1.0-10-amd64"
+            ]
         );
-        assert_eq!(find_in_root(t.path(), &["update-grub"]), None);
-        assert_eq!(kernels(t.path()), ["6.1.0-10-amd64", "6.1.0-9-amd64"]);
+        assert_eq!(version_cmp("6.01", "6.1"), Ordering::Equal);
+    }
+
+    #[test]
+    fn boots_the_newest_kernel_with_an_initramfs_by_uuid() {
+        let t = tempfile::tempdir().unwrap();
+        let boot = t.path().join("boot");
+        fs::create_dir_all(&boot).unwrap();
+        for f in [
+            "vmlinuz-6.1.0-9-amd64",
+            "initrd.img-6.1.0-9-amd64",
+            "vmlinuz-6.1.0-10-amd64",
+            "initrd.img-6.1.0-10-amd64",
+            "config-6.1.0-10-amd64",
+        ] {
+            fs::write(boot.join(f), "").unwrap();
+        }
+        let e = newest_kernel(t.path(), "1234").unwrap();
+        assert_eq!(e.kernel, "/boot/vmlinuz-6.1.0-10-amd64");
+        assert_eq!(e.initrd, "/boot/initrd.img-6.1.0-10-amd64");
+        assert_eq!(e.cmdline, format!("root=UUID=1234 ro {}", serial_console()));
+        // As update-grub: GRUB_CMDLINE_LINUX, then ours, then GRUB_CMDLINE_LINUX_DEFAULT.
+        fs::create_dir_all(t.path().join("etc/default")).unwrap();
+        fs::write(
+            t.path().join("etc/default/grub"),
+            "GRUB_CMDLINE_LINUX_DEFAULT=\"splash\"\n# GRUB_CMDLINE_LINUX=\"x\"\nGRUB_CMDLINE_LINUX=\"net.ifnames=0\"\nGRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\n",
+        )
+        .unwrap();
+        let e = newest_kernel(t.path(), "1234").unwrap();
+        assert_eq!(
+            e.cmdline,
+            format!("root=UUID=1234 ro net.ifnames=0 {} quiet", serial_console())
+        );
+        let shell = "GRUB_CMDLINE_LINUX=\"$X y\"\n";
+        assert_eq!(default_value(shell, "GRUB_CMDLINE_LINUX"), "");
+        let cfg = grub_cfg(&e, "1234");
+        assert!(cfg.contains("\tsearch --no-floppy --fs-uuid --set=root 1234\n"));
+        assert!(cfg.contains(&format!(
+            "\tlinux\t/boot/vmlinuz-6.1.0-10-amd64 {}\n",
+            e.cmdline
+        )));
+        assert!(cfg.contains("set timeout=1\n"));
+
+        fs::remove_file(boot.join("initrd.img-6.1.0-10-amd64")).unwrap();
+        let e = newest_kernel(t.path(), "1234").unwrap_err().0;
+        assert!(e.contains("no initramfs for kernel 6.1.0-10-amd64"), "{e}");
+        fs::remove_dir_all(&boot).unwrap();
+        let e = newest_kernel(t.path(), "1234").unwrap_err().0;
+        assert!(e.contains("has no kernel"), "{e}");
+    }
+
+    #[test]
+    fn the_vendor_directory_is_the_os_release_id() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(os_id(t.path()), None);
+        fs::create_dir_all(t.path().join("usr/lib")).unwrap();
+        fs::write(
+            t.path().join("usr/lib/os-release"),
+            "NAME=\"Debian\"\nID=debian\n",
+        )
+        .unwrap();
+        assert_eq!(os_id(t.path()).as_deref(), Some("debian"));
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        fs::write(t.path().join("etc/os-release"), "ID=\"../x\"\n").unwrap();
+        assert_eq!(os_id(t.path()), None);
+    }
+
+    #[test]
+    fn the_esp_config_chains_the_roots_config_and_defaults_keep_uuid_and_console() {
+        let esp = esp_grub_cfg("abcd");
+        assert!(esp.contains("search --no-floppy --fs-uuid --set=root abcd\n"));
+        assert!(esp.ends_with("configfile $prefix/grub.cfg\n"));
+        let d = grub_defaults();
+        assert!(d.contains("GRUB_DISABLE_LINUX_UUID=false\n"));
+        assert!(d.contains(serial_console()));
     }
 }

@@ -1,10 +1,14 @@
 //! Running the initrd's tools (sfdisk, mke2fs, mkfs.fat) and chrooted commands, with errors that
 //! name the tool, its exit status and the tail of its output.
 
+use std::ffi::CString;
 use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::error::{err, Result};
+use crate::error::{err, Context, Result};
 
 /// Runs `cmd` to completion with `stdin` as its input; returns stdout. `hint` says where the
 /// tool should come from, for the "not found" error.
@@ -37,6 +41,32 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, hint: &str) -> Result<String
     let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
     Err(err(format!("{program} failed ({}): {tail}", out.status)))
+}
+
+/// Runs `program` (a path inside `root`) chrooted into `root`, with a clean environment.
+pub fn chroot_run(root: &Path, program: &str, args: &[&str]) -> Result<String> {
+    let root_c =
+        CString::new(root.as_os_str().as_bytes()).map_err(|_| err("root path contains NUL"))?;
+    let mut c = Command::new(program);
+    c.args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("LC_ALL", "C")
+        .env("HOME", "/root");
+    // SAFETY: chroot and chdir are async-signal-safe; root_c lives until the closure is dropped.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run(&mut c, None, "not in the rootfs")
+        .context(|| format!("chroot {program} {}", args.join(" ")))
 }
 
 #[cfg(test)]

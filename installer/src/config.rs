@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pxelab_contract::InstallerConfig;
+use pxelab_contract::{InstallerConfig, Login};
 
 use crate::error::{err, Result};
 use crate::http::{Backoff, Http};
@@ -126,6 +126,9 @@ pub fn parse(body: &[u8], url: &str) -> Result<InstallerConfig> {
             )));
         }
     }
+    if let Some(login) = &config.login {
+        check_login(login).map_err(|what| err(format!("login in {url}: {what}")))?;
+    }
     let hostname_ok = !config.hostname.is_empty()
         && config.hostname.len() <= 253
         && config
@@ -139,6 +142,37 @@ pub fn parse(body: &[u8], url: &str) -> Result<InstallerConfig> {
         )));
     }
     Ok(config)
+}
+
+/// The login's fields end up in `/etc/passwd`, `authorized_keys` and sudoers: one line each,
+/// no field separators.
+fn check_login(login: &Login) -> Result<(), String> {
+    let u = login.user.as_bytes();
+    let user_ok = !u.is_empty()
+        && u.len() <= 32
+        && (u[0].is_ascii_lowercase() || u[0] == b'_')
+        && u.iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(b));
+    if !user_ok {
+        return Err(format!("user {:?} is not a valid user name", login.user));
+    }
+    let line = |s: &str| !s.chars().any(char::is_control);
+    if !line(&login.gecos) || login.gecos.contains(':') {
+        return Err(format!(
+            "gecos {:?} must be one line without ':'",
+            login.gecos
+        ));
+    }
+    if !login.shell.starts_with('/') || !line(&login.shell) || login.shell.contains([':', ' ']) {
+        return Err(format!("shell {:?} is not an absolute path", login.shell));
+    }
+    if let Some(rule) = login.sudo.as_deref().filter(|r| !line(r)) {
+        return Err(format!("sudo rule {rule:?} must be one line"));
+    }
+    if let Some(key) = login.ssh_authorized_keys.iter().find(|k| !line(k)) {
+        return Err(format!("SSH key {key:?} must be one line"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -205,10 +239,23 @@ mod tests {
         assert_eq!(parse(&body, "u").unwrap(), config);
     }
 
+    fn login(user: &str) -> String {
+        format!(
+            r#""login":{{"user":"{user}","gecos":"lab","shell":"/bin/bash","sudo":"ALL=(ALL) NOPASSWD:ALL","ssh_authorized_keys":["ssh-ed25519 AAAA x"]}}"#
+        )
+    }
+
     #[test]
     fn accepts_a_good_config_and_rejects_bad_fields() {
         let c = parse(GOOD.as_bytes(), "u").unwrap();
-        assert_eq!(c.disk, None);
+        assert_eq!((c.disk, c.kexec, c.login), (None, false, None));
+        let with_login = GOOD.replace(
+            "\"reboot\":true",
+            &format!("\"reboot\":true,\"kexec\":true,{}", login("pxelab")),
+        );
+        let c = parse(with_login.as_bytes(), "u").unwrap();
+        assert!(c.kexec);
+        assert_eq!(c.login.unwrap().ssh_authorized_keys, ["ssh-ed25519 AAAA x"]);
         let bad = [
             GOOD.replace("\"size\":5", "\"size\":0"),
             GOOD.replace(
@@ -219,6 +266,15 @@ mod tests {
             GOOD.replace("http://h/r.tar.zst", "https://h/r.tar.zst"),
             GOOD.replace("\"hostname\":\"t1\"", "\"hostname\":\"a b\""),
             GOOD.replace("\"reboot\":true", "\"reboot\":true,\"disk\":\"vda\""),
+            GOOD.replace(
+                "\"reboot\":true",
+                &format!("\"reboot\":true,{}", login("Root")),
+            ),
+            GOOD.replace(
+                "\"reboot\":true",
+                &format!("\"reboot\":true,{}", login("a"))
+                    .replace("NOPASSWD:ALL", "ALL\\nroot ALL"),
+            ),
         ];
         for b in bad {
             assert!(parse(b.as_bytes(), "u").is_err(), "{b}");

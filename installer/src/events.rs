@@ -130,13 +130,12 @@ impl Reporter {
         enqueue(self.tx.as_ref(), event);
     }
 
-    /// Sends the final event after the queued ones (waiting at most a few seconds for them).
-    pub fn finish(mut self, phase: Phase, duration: Duration, message: String) {
+    /// Sends the final event (`installed` or `failed`, lasting `duration` in all) after the
+    /// queued ones, waiting at most a few seconds for them.
+    pub fn finish(mut self, duration: Duration, event: Event) {
         let event = self.stamp(Event {
-            phase,
-            message,
             duration_ms: Some(millis(duration)),
-            ..Event::default()
+            ..event
         });
         self.tx = None;
         match self.done.recv_timeout(DRAIN_DEADLINE) {
@@ -206,7 +205,15 @@ mod tests {
         }
         drop(progress);
         r.phase(Phase::Rootfs, Duration::from_millis(7), String::new());
-        r.finish(Phase::Installed, Duration::from_millis(20), "done".into());
+        r.finish(
+            Duration::from_millis(20),
+            Event {
+                phase: Phase::Installed,
+                message: "done".into(),
+                host_keys: vec!["ssh-ed25519 AAAA".into()],
+                ..Event::default()
+            },
+        );
         let events = posted(&server);
         let phases: Vec<Phase> = events.iter().map(|e| e.phase).collect();
         assert_eq!(
@@ -227,6 +234,8 @@ mod tests {
         assert_eq!(events[2].bytes_done, Some(100));
         assert_eq!(events[3].duration_ms, Some(7));
         assert_eq!(events[4].message, "done");
+        assert_eq!(events[4].duration_ms, Some(20));
+        assert_eq!(events[4].host_keys, ["ssh-ed25519 AAAA"]);
         assert!(server
             .requests()
             .iter()
@@ -249,7 +258,13 @@ mod tests {
         for _ in 0..200 {
             r.phase(Phase::Disk, Duration::ZERO, String::new());
         }
-        r.finish(Phase::Failed, Duration::ZERO, "x".into());
+        r.finish(
+            Duration::ZERO,
+            Event {
+                phase: Phase::Failed,
+                ..Event::default()
+            },
+        );
         assert!(
             t.elapsed() < Duration::from_secs(5),
             "took {:?}",

@@ -2,9 +2,10 @@
 //! disk into a bootable install, reporting every phase to the boot handler.
 //!
 //! This file is the glue: parse the command line, fetch the config, run the phases in order,
-//! and end with one clear console line and one final event. The phases live in their modules;
-//! the ordering rule that matters is that the boot loader is installed only after the rootfs
-//! stream was verified, so a corrupt or partial download never yields a bootable disk.
+//! and end with one clear console line and one final event, then start the installed system
+//! (kexec, else a firmware reboot). The phases live in their modules; the ordering rule that
+//! matters is that the boot loader is installed only after the rootfs stream was verified, so a
+//! corrupt or partial download never yields a bootable disk.
 
 mod bootloader;
 mod cmd;
@@ -13,7 +14,11 @@ mod disk;
 mod error;
 mod events;
 mod extract;
+mod firstboot;
+mod hostkeys;
 mod http;
+mod kexec;
+mod login;
 mod mkfs;
 mod mounts;
 mod partition;
@@ -24,7 +29,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use pxelab_contract::{InstallerConfig, Phase};
+use pxelab_contract::{Event, InstallerConfig, Phase};
 
 use crate::config::Args;
 use crate::disk::Disk;
@@ -103,27 +108,57 @@ fn main() -> ExitCode {
     let total = start.elapsed();
     let reporter = run.reporter;
     match result {
-        Ok(cleanup) => {
+        Ok(done) => {
+            let next = match (&done.kexec, config.reboot) {
+                (_, false) => "stay up".to_string(),
+                (Some(version), true) => format!("kexec into {version}"),
+                (None, true) => "reboot".to_string(),
+            };
             let message = format!(
-                "installed in {:.1} s (final sync and unmount {:.1} s)",
+                "installed in {:.1} s (final sync and unmount {:.1} s); next: {next}",
                 total.as_secs_f64(),
-                cleanup.as_secs_f64()
+                done.cleanup.as_secs_f64()
             );
-            reporter.finish(Phase::Installed, total, message.clone());
+            let event = Event {
+                phase: Phase::Installed,
+                message: message.clone(),
+                host_keys: done.host_keys,
+                ..Event::default()
+            };
+            reporter.finish(total, event);
             say!("SUCCESS: {} {message}", config.hostname);
             if config.reboot {
+                if let Some(version) = &done.kexec {
+                    say!("starting the installed kernel {version} (kexec)");
+                    let e = kexec::exec();
+                    say!("kexec failed: {e}; rebooting through the firmware instead");
+                }
                 reboot();
             }
             say!("reboot disabled by the config: staying up");
             ExitCode::SUCCESS
         }
         Err(Failure { phase, error }) => {
-            let message = format!("{phase}: {error}");
-            reporter.finish(Phase::Failed, total, message);
+            let event = Event {
+                phase: Phase::Failed,
+                message: format!("{phase}: {error}"),
+                ..Event::default()
+            };
+            reporter.finish(total, event);
             say!("FAILED at step {phase}: {error}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A finished install, before the final event.
+struct Done {
+    /// How long the final sync and unmount took.
+    cleanup: Duration,
+    /// The target's public host keys (`<type> <base64>`).
+    host_keys: Vec<String>,
+    /// The kernel version loaded for kexec, if the config asked for it and loading worked.
+    kexec: Option<String>,
 }
 
 struct Run<'a> {
@@ -143,8 +178,8 @@ impl Run<'_> {
         self.phase_start = Instant::now();
     }
 
-    /// All phases after the config. Returns how long the final sync and unmount took.
-    fn install(&mut self, seed: &Seed) -> Result<Duration, Failure> {
+    /// All phases after the config, up to the final unmount.
+    fn install(&mut self, seed: &Seed) -> Result<Done, Failure> {
         let at = |phase: Phase| move |error: Error| Failure { phase, error };
         let config = self.config;
 
@@ -179,39 +214,69 @@ impl Run<'_> {
         let message = self.stream_rootfs(&target).map_err(at(Phase::Rootfs))?;
         self.done(Phase::Rootfs, message);
 
-        (|| -> Result<()> {
+        let (host_keys, first_boot) = (|| -> Result<(Vec<String>, String)> {
             seed.write(&target)?;
             seed::write_fstab(&target, &ids)?;
-            seed::write_hostname(&target, &config.hostname)
+            seed::write_hostname(&target, &config.hostname)?;
+            let keys = hostkeys::write(&target, &config.hostname)?;
+            let mut notes = vec![format!("{} host keys", keys.len())];
+            if let Some(login) = &config.login {
+                login::create(&target, login)?;
+                notes.push(format!("login {}", login.user));
+            }
+            notes.push(match firstboot::nic_address(config.mac) {
+                Ok(Some(address)) => firstboot::early_ssh(&target, config.mac, address)?,
+                Ok(None) => firstboot::no_address(config.mac),
+                Err(e) => format!("no early SSH: {e}"),
+            });
+            firstboot::cloud_init_done(&target, &config.events_url)?;
+            Ok((keys, notes.join(", ")))
         })()
         .map_err(at(Phase::Seed))?;
         self.done(
             Phase::Seed,
             format!(
-                "cloud-init seed, fstab by UUID, hostname {}",
+                "cloud-init seed, fstab by UUID, hostname {}, {first_boot}",
                 config.hostname
             ),
         );
 
         let t = bootloader::Target {
             root: &target,
-            root_dev: &root_dev,
             esp_dev: &esp_dev,
             ids: &ids,
         };
-        bootloader::install(&t, &mut mounts).map_err(at(Phase::Bootloader))?;
+        let entry = bootloader::install(&t, &mut mounts).map_err(at(Phase::Bootloader))?;
+        let kexec = (config.reboot && config.kexec && in_initrd())
+            .then(|| match kexec::load(&target, &entry) {
+                Ok(()) => Some(entry.version.clone()),
+                Err(e) => {
+                    say!("{e}; the firmware will boot the disk instead");
+                    None
+                }
+            })
+            .flatten();
         self.done(
             Phase::Bootloader,
             format!(
-                "GRUB {} (removable), root=UUID={}",
-                bootloader::grub_target(),
-                ids.root_uuid
+                "EFI GRUB (removable) booting {} with root=UUID={}{}",
+                entry.kernel,
+                ids.root_uuid,
+                if kexec.is_some() {
+                    "; kexec loaded"
+                } else {
+                    ""
+                }
             ),
         );
 
         let cleanup = Instant::now();
         mounts.unmount_all().map_err(at(Phase::Bootloader))?;
-        Ok(cleanup.elapsed())
+        Ok(Done {
+            cleanup: cleanup.elapsed(),
+            host_keys,
+            kexec,
+        })
     }
 
     /// HTTP → sha256 → decompress → tar, with progress events; verified before returning.
@@ -284,8 +349,12 @@ fn make_filesystems(esp: &Path, root: &Path, target: &Path, mounts: &mut Mounts)
     Ok(ids)
 }
 
+fn in_initrd() -> bool {
+    Path::new(INITRD_MARKER).exists()
+}
+
 fn reboot() {
-    if !Path::new(INITRD_MARKER).exists() {
+    if !in_initrd() {
         say!("not rebooting: {INITRD_MARKER} is missing, so this is not the pxelab initrd");
         return;
     }

@@ -24,7 +24,6 @@ use crate::say;
 #[derive(Debug)]
 enum Kind {
     Filesystem,
-    Bind,
     /// A FUSE filesystem served by this child process.
     Fuse(Child),
 }
@@ -109,34 +108,6 @@ impl Mounts {
         Ok(())
     }
 
-    /// Bind-mounts `source` on `target` (created if missing); not recursive, so nothing but
-    /// what we mount ourselves ends up under the target.
-    pub fn bind(&mut self, source: &Path, target: &Path) -> Result<()> {
-        fs::create_dir_all(target)
-            .context(|| format!("creating mount point {}", target.display()))?;
-        let (src, tgt) = (cstr(source)?, cstr(target)?);
-        // SAFETY: valid NUL-terminated paths; fstype and data may be null for MS_BIND.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                tgt.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            return Err(err(format!(
-                "bind-mounting {} on {}: {e}",
-                source.display(),
-                target.display()
-            )));
-        }
-        self.stack.push((target.to_path_buf(), Kind::Bind));
-        Ok(())
-    }
-
     /// Syncs, then unmounts everything, newest first; reports the first failure.
     pub fn unmount_all(&mut self) -> Result<()> {
         // SAFETY: sync has no preconditions.
@@ -161,9 +132,8 @@ impl Drop for Mounts {
     }
 }
 
-/// Unmounts, retrying while busy (a chrooted helper may still be exiting). A bind mount that
-/// stays busy is detached lazily; a real filesystem that stays busy is an error, because its
-/// data may not be on disk.
+/// Unmounts, retrying while busy (a chrooted helper may still be exiting). A filesystem that
+/// stays busy is an error, because its data may not be on disk.
 fn unmount(target: &Path, kind: Kind) -> Result<()> {
     let tgt = cstr(target)?;
     if let Kind::Fuse(mut child) = kind {
@@ -193,13 +163,10 @@ fn unmount(target: &Path, kind: Kind) -> Result<()> {
     }
     // SAFETY: valid NUL-terminated path.
     let detached = unsafe { libc::umount2(tgt.as_ptr(), libc::MNT_DETACH) } == 0;
-    match (&kind, detached) {
-        (Kind::Bind, true) => Ok(()),
-        _ => Err(err(format!(
-            "unmounting {}: still busy after 3 s (detached lazily: {detached})",
-            target.display()
-        ))),
-    }
+    Err(err(format!(
+        "unmounting {}: still busy after 3 s (detached lazily: {detached})",
+        target.display()
+    )))
 }
 
 /// True if `path` is listed as a mount point in /proc/self/mountinfo.

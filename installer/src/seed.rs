@@ -1,6 +1,6 @@
 //! The files the installer writes into the new root: the cloud-init NoCloud seed, `/etc/fstab`
-//! by UUID and `/etc/hostname`. Each is written to a temp file, fsynced and renamed, so a crash
-//! never leaves half a file.
+//! by UUID and `/etc/hostname`. Each is written to a temp file, fsynced and renamed (and the
+//! directory fsynced), so a crash or power cut never leaves half a file or an empty one.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -80,10 +80,35 @@ pub fn write_hostname(root: &Path, hostname: &str) -> Result<()> {
     )
 }
 
-/// Writes `path` via a temp file in the same directory (fsync, chmod, rename), owned by root.
-/// Replaces a symlink at `path` rather than writing through it: a symlink in the new root
-/// points into the new root, not into the initrd.
+/// Writes `path` via a temp file in the same directory (fsync, chmod, rename, fsync of the
+/// directory), owned by root. Replaces a symlink at `path` rather than writing through it: a
+/// symlink in the new root points into the new root, not into the initrd.
 pub fn write_atomic(path: &Path, body: &[u8], mode: u32) -> Result<()> {
+    write_owned(path, body, mode, (0, 0))
+}
+
+/// [`write_atomic`] for a file owned by `(uid, gid)`.
+pub fn write_owned(path: &Path, body: &[u8], mode: u32, (uid, gid): (u32, u32)) -> Result<()> {
+    write_with(path, body, |f| {
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        std::os::unix::fs::fchown(f, Some(uid), Some(gid)).or_else(|e| {
+            // Only root can chown; the unit tests run the writer as any user.
+            if e.raw_os_error() == Some(libc::EPERM) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+    })
+}
+
+/// Writes `path` via a temp file in the same directory, which `prepare` gets before it is
+/// synced and renamed into place; then syncs the directory.
+pub fn write_with(
+    path: &Path,
+    body: &[u8],
+    prepare: impl FnOnce(&File) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| err(format!("{} has no parent directory", path.display())))?;
@@ -96,17 +121,10 @@ pub fn write_atomic(path: &Path, body: &[u8], mode: u32) -> Result<()> {
     let result = (|| -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(body)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        std::os::unix::fs::fchown(&f, Some(0), Some(0)).or_else(|e| {
-            // Only root can chown; the unit tests run the writer as any user.
-            if e.raw_os_error() == Some(libc::EPERM) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
+        prepare(&f)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -1,20 +1,23 @@
 //! The installer binary, run as the initrd runs it, against a sparse disk image on a loop device
 //! and a fixture boot server on loopback (config, cloud-init, events, rootfs with fault
-//! injection). The fixture rootfs carries fake `grub-install`/`update-grub` scripts that record
-//! their arguments and behave like the real ones without udev (root=/dev/… in grub.cfg).
+//! injection). The fixture rootfs carries a stand-in GRUB image (the installer copies it, never
+//! runs it) and a fake `useradd` (busybox) that records its arguments.
 //!
-//! `sys_*` tests need root, losetup, sfdisk, blkid, mke2fs, mkfs.fat and a static busybox; they
-//! run one at a time (loop devices, mounts and /dev/disk are machine-wide).
+//! `sys_*` tests need root, losetup, sfdisk, blkid, mke2fs, mkfs.fat, mtools, ssh-keygen and a
+//! static busybox; they run one at a time (loop devices, mounts and /dev/disk are machine-wide).
 
 mod common;
 
-use common::{require, sh};
+use common::{
+    in_private_network, lab_login, mounts_under, require_root_and_tools, serial, sh, LoopDisk,
+    LAB_KEY, MAC,
+};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use pxelab_contract::{Artifact, Event, InstallerConfig, Mac, Phase};
@@ -24,115 +27,6 @@ const GIB: u64 = 1 << 30;
 const ROOTFS_PATH: &str = "/images/debian-12/x86_64/rootfs.tar.zst";
 const EVENTS_PATH: &str = "/events/52-54-00-12-34-56";
 const KERNEL: &str = "6.1.0-pxelab-test";
-
-// ---------------------------------------------------------------------------------------------
-// Prerequisites and guards
-// ---------------------------------------------------------------------------------------------
-
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn require_root_and_tools() {
-    // SAFETY: geteuid cannot fail.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "sys_ installer tests need root (loop devices, mkfs, mount)"
-    );
-    for (tool, package) in [
-        ("losetup", "util-linux"),
-        ("blkid", "util-linux"),
-        ("sfdisk", "fdisk"),
-        ("mke2fs", "e2fsprogs"),
-        ("mkfs.fat", "dosfstools"),
-        ("tar", "tar"),
-        ("zstd", "zstd"),
-        ("mtype", "mtools"),
-    ] {
-        require(tool, package);
-    }
-}
-
-/// A sparse disk image attached to a loop device (with partition scanning). Drop unmounts
-/// anything still mounted under its directory and detaches the device, also after a failure.
-struct LoopDisk {
-    dir: tempfile::TempDir,
-    image: PathBuf,
-    dev: String,
-}
-
-impl LoopDisk {
-    fn new(size: u64) -> LoopDisk {
-        let dir = tempfile::Builder::new()
-            .prefix("pxelab-installer-test")
-            .tempdir()
-            .expect("tempdir");
-        let image = dir.path().join("disk.img");
-        fs::File::create(&image)
-            .and_then(|f| f.set_len(size))
-            .expect("sparse disk image");
-        let dev = sh(Command::new("losetup")
-            .args(["--find", "--show", "--partscan"])
-            .arg(&image))
-        .trim()
-        .to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        LoopDisk { dir, image, dev }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn partition(&self, n: u32) -> String {
-        format!("{}p{n}", self.dev)
-    }
-
-    /// Mounts partition `n` read-only at a fresh directory (unmounted by Drop).
-    fn mount_ro(&self, n: u32, name: &str) -> PathBuf {
-        let at = self.path(name);
-        fs::create_dir_all(&at).expect("mount point");
-        let out = Command::new("mount")
-            .args(["-o", "ro"])
-            .arg(self.partition(n))
-            .arg(&at)
-            .output()
-            .expect("mount");
-        if !out.status.success() {
-            let diag = sh(Command::new("sh").args(["-c", "losetup -a; grep -E 'loop|pxelab' /proc/self/mountinfo; ls -l /sys/block/loop*/loop*/holders; dmesg | tail -5"]));
-            panic!(
-                "mount {} failed: {}\n{diag}",
-                self.partition(n),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        at
-    }
-}
-
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let prefix = dir.to_string_lossy().into_owned();
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(&prefix))
-        .map(str::to_string)
-        .collect();
-    found.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    found
-}
-
-impl Drop for LoopDisk {
-    fn drop(&mut self) {
-        for m in mounts_under(self.dir.path()) {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fixture rootfs and server
@@ -169,39 +63,20 @@ fn elf_has_interp(b: &[u8]) -> bool {
     })
 }
 
-const FAKE_GRUB_INSTALL: &str = r#"#!/bin/sh
-# Fake grub-install: records its arguments, checks what the real one needs, writes the
-# removable-media boot file.
-bb=/bin/busybox
-echo "grub-install $*" >> /var/log/pxelab-fake-grub.log
-# (fuse.fusefat when the test host's kernel has no vfat; see mounts.rs)
-$bb grep -qE ' /boot/efi (vfat|fuse.fusefat) ' /proc/mounts || { echo "fake grub-install: no FAT ESP at /boot/efi" >&2; exit 1; }
-$bb test -e /dev/null && $bb test -d /sys/block || { echo "fake grub-install: /dev or /sys missing" >&2; exit 1; }
-$bb mkdir -p /boot/efi/EFI/BOOT
-echo fake-grub > /boot/efi/EFI/BOOT/BOOTX64.EFI
-echo "Installation finished. No error reported."
-"#;
-
-const FAKE_UPDATE_GRUB: &str = r#"#!/bin/sh
-# Fake update-grub: like grub-mkconfig in an initrd without udev, it names the root by device.
-bb=/bin/busybox
-echo "update-grub $*" >> /var/log/pxelab-fake-grub.log
-echo "by-uuid: $($bb ls /dev/disk/by-uuid 2>/dev/null | $bb tr '\n' ' ')" >> /var/log/pxelab-fake-grub.log
-. /etc/default/grub
-for f in /etc/default/grub.d/*.cfg; do . "$f"; done
-dev=$($bb awk '$2 == "/" { d = $1 } END { print d }' /proc/mounts)
-$bb mkdir -p /boot/grub
-cat > /boot/grub/grub.cfg <<EOF
-set timeout=${GRUB_TIMEOUT}
-menuentry 'Debian GNU/Linux' {
-	linux	/boot/vmlinuz-KERNEL root=${dev} ro ${GRUB_CMDLINE_LINUX} ${GRUB_CMDLINE_LINUX_DEFAULT}
-	initrd	/boot/initrd.img-KERNEL
+/// Stands in for Debian's monolithic grubx64.efi: the installer copies it to the ESP.
+fn grub_image() -> Vec<u8> {
+    filler(4, 64 << 10)
 }
-EOF
-"#;
 
-const FAKE_UPDATE_INITRAMFS: &str =
-    "#!/bin/sh\necho \"update-initramfs $*\" >> /var/log/pxelab-fake-grub.log\n";
+const FAKE_USERADD: &str = r#"#!/bin/sh
+# Fake useradd: records its arguments and adds the user as useradd would (uid/gid 1000).
+bb=/bin/busybox
+echo "useradd $*" >> /var/log/pxelab-fake-useradd.log
+echo "$1:x:1000:1000:$3:/home/$1:$5" >> /etc/passwd
+echo "$1:x:1000:" >> /etc/group
+$bb mkdir -p /home/$1
+$bb chown 1000:1000 /home/$1
+"#;
 
 struct Rootfs {
     zst: Vec<u8>,
@@ -281,6 +156,10 @@ fn build_rootfs() -> Rootfs {
         ("usr/bin", 0o755),
         ("usr/sbin", 0o755),
         ("usr/share", 0o755),
+        ("usr/lib", 0o755),
+        ("usr/lib/grub", 0o755),
+        ("usr/lib/grub/x86_64-efi", 0o755),
+        ("usr/lib/grub/x86_64-efi/monolithic", 0o755),
         ("var", 0o755),
         ("var/log", 0o755),
     ] {
@@ -295,27 +174,30 @@ fn build_rootfs() -> Rootfs {
     add("bin/sh", Symlink, 0o777, (0, 0), b"", Some("busybox"));
     add("bin/su-helper", File, 0o4755, (0, 0), b"#!/bin/sh\n", None);
     add(
-        "usr/sbin/grub-install",
+        "usr/lib/grub/x86_64-efi/monolithic/grubx64.efi",
         File,
-        0o755,
+        0o644,
         (0, 0),
-        FAKE_GRUB_INSTALL.as_bytes(),
+        &grub_image(),
         None,
     );
     add(
-        "usr/sbin/update-grub",
+        "usr/sbin/useradd",
         File,
         0o755,
         (0, 0),
-        FAKE_UPDATE_GRUB.replace("KERNEL", KERNEL).as_bytes(),
+        FAKE_USERADD.as_bytes(),
         None,
     );
+    // Only their presence matters: the first-boot units name them.
+    add("usr/sbin/sshd", File, 0o755, (0, 0), b"", None);
+    add("bin/ip", File, 0o755, (0, 0), b"", None);
     add(
-        "usr/sbin/update-initramfs",
+        "etc/passwd",
         File,
-        0o755,
+        0o644,
         (0, 0),
-        FAKE_UPDATE_INITRAMFS.as_bytes(),
+        b"root:x:0:0:root:/root:/bin/bash\n",
         None,
     );
     add(
@@ -340,6 +222,14 @@ fn build_rootfs() -> Rootfs {
         0o644,
         (0, 0),
         b"GRUB_TIMEOUT=5\nGRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\nGRUB_CMDLINE_LINUX=\"\"\n",
+        None,
+    );
+    add(
+        "etc/os-release",
+        File,
+        0o644,
+        (0, 0),
+        b"PRETTY_NAME=\"Fixture\"\nID=fixture\n",
         None,
     );
     add(
@@ -437,7 +327,7 @@ fn lab(disk_size: u64, rootfs_behavior: Behavior) -> Lab {
     );
     let config = InstallerConfig {
         name: "t1".into(),
-        mac: "52:54:00:12:34:56".parse::<Mac>().expect("mac"),
+        mac: MAC.parse::<Mac>().expect("mac"),
         hostname: "pxelab-t1".into(),
         distro: "debian-12".into(),
         rootfs: Artifact {
@@ -449,6 +339,8 @@ fn lab(disk_size: u64, rootfs_behavior: Behavior) -> Lab {
         events_url: server.url(EVENTS_PATH),
         disk: Some(disk.dev.clone()),
         reboot: false,
+        kexec: true,
+        login: Some(lab_login()),
     };
     server.serve(
         "/config/52-54-00-12-34-56",
@@ -549,6 +441,10 @@ fn mode(p: &Path) -> u32 {
 fn sys_install_to_a_loop_disk_end_to_end() {
     let _serial = serial();
     require_root_and_tools();
+    in_private_network(install_to_a_loop_disk_end_to_end);
+}
+
+fn install_to_a_loop_disk_end_to_end() {
     let had_dev_disk = Path::new("/dev/disk").exists();
     let lab = lab(6 * GIB, Behavior::Normal);
     let run = lab.install();
@@ -685,32 +581,113 @@ fn sys_install_to_a_loop_disk_end_to_end() {
         "pxelab-t1\n"
     );
 
-    // GRUB: removable install on the ESP, config by UUID, no initramfs rebuild (one exists).
-    let log = fs::read_to_string(m.join("var/log/pxelab-fake-grub.log")).unwrap();
-    let lines: Vec<&str> = log.lines().collect();
+    // Boot files: GRUB's image at the removable path, its config chaining the root's config,
+    // which boots the kernel by UUID with update-grub's settings.
     assert_eq!(
-        lines[0],
-        "grub-install --target=x86_64-efi --efi-directory=/boot/efi --removable --no-nvram"
+        esp_bytes(&lab, "::/EFI/BOOT/BOOTX64.EFI"),
+        grub_image(),
+        "the rootfs's monolithic GRUB, unchanged"
     );
-    assert_eq!(lines[1], "update-grub ");
+    let esp_cfg = esp_file(&lab, "::/EFI/BOOT/grub.cfg");
+    assert_eq!(
+        esp_file(&lab, "::/EFI/fixture/grub.cfg"),
+        esp_cfg,
+        "the same config where the image's prefix points (/EFI/<os-release ID>)"
+    );
     assert!(
-        lines[2].contains(&root_uuid) && lines[2].contains(&esp_uuid),
-        "by-uuid links visible: {log}"
-    );
-    assert_eq!(
-        lines.len(),
-        3,
-        "update-initramfs must not run when the kernel has an initrd: {log}"
+        esp_cfg.contains(&format!(
+            "search --no-floppy --fs-uuid --set=root {root_uuid}\n"
+        )) && esp_cfg.contains("set prefix=($root)/boot/grub\nconfigfile $prefix/grub.cfg\n"),
+        "{esp_cfg}"
     );
     let cfg = fs::read_to_string(m.join("boot/grub/grub.cfg")).unwrap();
-    assert!(cfg.contains(&format!("root=UUID={root_uuid} ro")), "{cfg}");
-    assert!(!cfg.contains("root=/dev/"), "{cfg}");
     assert!(
-        cfg.contains("console=ttyS0,115200n8") && cfg.contains("set timeout=1"),
+        cfg.contains(&format!(
+            "\tlinux\t/boot/vmlinuz-{KERNEL} root=UUID={root_uuid} ro console=tty0 console=ttyS0,115200n8 quiet\n"
+        )) && cfg.contains(&format!("\tinitrd\t/boot/initrd.img-{KERNEL}\n")),
         "{cfg}"
     );
-    assert_eq!(esp_file(&lab, "::/EFI/BOOT/BOOTX64.EFI"), "fake-grub\n");
+    assert!(cfg.contains("set timeout=1\n"), "{cfg}");
+    let defaults = fs::read_to_string(m.join("etc/default/grub.d/90-pxelab.cfg")).unwrap();
+    assert!(
+        defaults.contains("GRUB_DISABLE_LINUX_UUID=false\n") && defaults.contains("ttyS0"),
+        "{defaults}"
+    );
     sh(Command::new("fsck.fat").args(["-n", &lab.disk.partition(1)]));
+
+    // Host keys: on the disk, loadable by OpenSSH, and the same ones `installed` reported.
+    let installed = lab.events().pop().unwrap();
+    assert_eq!(installed.phase, Phase::Installed);
+    assert_eq!(installed.host_keys.len(), 2, "{installed:?}");
+    for (name, reported) in ["ed25519", "ecdsa"].iter().zip(&installed.host_keys) {
+        let key = m.join(format!("etc/ssh/ssh_host_{name}_key"));
+        assert_eq!(mode(&key), 0o600);
+        let public = sh(Command::new("ssh-keygen").arg("-y").arg("-f").arg(&key));
+        assert_eq!(
+            public.trim(),
+            format!("{reported} root@pxelab-t1"),
+            "{name}"
+        );
+        let pub_file = fs::read_to_string(key.with_extension("pub")).unwrap();
+        assert_eq!(pub_file, format!("{reported} root@pxelab-t1\n"));
+    }
+
+    // The login, ready before cloud-init: useradd as cloud-init calls it, keys, sudo.
+    let useradd = fs::read_to_string(m.join("var/log/pxelab-fake-useradd.log")).unwrap();
+    assert_eq!(
+        useradd,
+        "useradd pxelab --comment pxelab lab user --shell /bin/bash -m\n"
+    );
+    let keys = m.join("home/pxelab/.ssh/authorized_keys");
+    assert_eq!(fs::read_to_string(&keys).unwrap(), format!("{LAB_KEY}\n"));
+    let owner = |p: &Path| {
+        let md = fs::metadata(p).unwrap();
+        (md.uid(), md.gid())
+    };
+    assert_eq!((owner(&keys), mode(&keys)), ((1000, 1000), 0o600));
+    let ssh_dir = m.join("home/pxelab/.ssh");
+    assert_eq!((owner(&ssh_dir), mode(&ssh_dir)), ((1000, 1000), 0o700));
+    let sudoers = m.join("etc/sudoers.d/90-pxelab-login");
+    assert_eq!(mode(&sudoers), 0o440);
+    assert!(fs::read_to_string(&sudoers)
+        .unwrap()
+        .ends_with("\npxelab ALL=(ALL) NOPASSWD:ALL\n"));
+
+    // First boot: SSH on the address the installer was leased, the NIC named as cloud-init
+    // names it, and a report when cloud-init is done.
+    let units = m.join("etc/systemd/system");
+    let early = fs::read_to_string(units.join("pxelab-early-ssh.service")).unwrap();
+    assert!(
+        early.contains(&format!(
+            "ExecStartPre=/bin/sh /usr/local/lib/pxelab/early-ssh-net {MAC} 10.99.7.10/24\n"
+        )) && early.contains("ExecStart=/usr/local/sbin/pxelab-early-sshd -D "),
+        "{early}"
+    );
+    assert!(units
+        .join("multi-user.target.wants/pxelab-early-ssh.service")
+        .is_symlink());
+    assert!(units.join("ssh.service.d/pxelab-early-ssh.conf").is_file());
+    let link = fs::read_to_string(m.join("etc/systemd/network/10-pxelab-lan0.link")).unwrap();
+    assert!(link.contains(&format!("MACAddress={MAC}\n")), "{link}");
+    let done = fs::read_to_string(units.join("pxelab-cloud-init-done.service")).unwrap();
+    assert!(done.contains(&lab.server.url(EVENTS_PATH)), "{done}");
+    // The unit's network step, run here as at boot (NIC down, not yet renamed), with a sysfs
+    // of this network namespace.
+    sh(Command::new("ip").args(["link", "set", "eth0", "down"]));
+    let script = m.join("usr/local/lib/pxelab/early-ssh-net");
+    sh(Command::new("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!(
+            "mount -t sysfs sysfs /sys && sh {} {MAC} 10.99.7.11/24",
+            script.display()
+        )));
+    let lan0 = sh(Command::new("ip").args(["-o", "address", "show", "dev", "lan0"]));
+    assert!(lan0.contains("inet 10.99.7.11/24"), "{lan0}");
+    let link = sh(Command::new("ip").args(["-o", "link", "show", "dev", "lan0"]));
+    assert!(
+        link.contains(&format!("link/ether {MAC}")) && link.contains(",UP"),
+        "{link}"
+    );
 
     // Events: every phase in order, progress during the stream, durations add up.
     let events = lab.events();
@@ -757,7 +734,20 @@ fn sys_install_to_a_loop_disk_end_to_end() {
 
 /// A file on the ESP, read with mtools (the test host's kernel may have no vfat).
 fn esp_file(lab: &Lab, path: &str) -> String {
-    sh(Command::new("mtype").args(["-i", &lab.disk.partition(1), path]))
+    String::from_utf8(esp_bytes(lab, path)).expect("UTF-8")
+}
+
+fn esp_bytes(lab: &Lab, path: &str) -> Vec<u8> {
+    let out = Command::new("mcopy")
+        .args(["-n", "-i", &lab.disk.partition(1), path, "-"])
+        .output()
+        .expect("mcopy");
+    assert!(
+        out.status.success(),
+        "mcopy {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 fn parse_cleanup_ms(message: &str) -> u64 {
@@ -879,10 +869,10 @@ fn sys_install_with_corrupt_rootfs_fails_without_a_boot_loader() {
         e.phase,
         Phase::Rootfs | Phase::Seed | Phase::Bootloader
     ) && e.duration_ms.is_some()));
-    // Nothing bootable: no grub run, nothing on the ESP.
+    // Nothing bootable: no GRUB config, no host keys, nothing on the ESP.
     let m = lab.disk.mount_ro(2, "check-root");
-    assert!(!m.join("var/log/pxelab-fake-grub.log").exists());
     assert!(!m.join("boot/grub/grub.cfg").exists());
+    assert!(!m.join("etc/ssh/ssh_host_ed25519_key").exists());
     let listing = sh(Command::new("mdir").args(["-b", "-i", &lab.disk.partition(1), "::/"]));
     assert_eq!(listing.trim(), "", "the ESP stays empty");
 }

@@ -2,18 +2,21 @@
 //!
 //! One login: user `pxelab` with the VM's SSH keys and passwordless sudo. No password is set
 //! for anyone, SSH password login is off and root login is disabled. Networking is DHCP on the
-//! NIC matched by MAC (renamed `lan0` so every renderer — netplan, networkd, ifupdown — agrees
+//! NIC matched by MAC (renamed [`NIC_NAME`] so every renderer — netplan, networkd, ifupdown — agrees
 //! on the name). Strings are emitted as JSON strings, which YAML reads as double-quoted scalars,
 //! so an SSH key comment cannot break the document.
 //!
 //! First boot is kept short (measured under TCG: RSA host key generation and grub-dpkg's
 //! debconf run were 10 s of cloud-init's 31 s): ed25519 and ECDSA host keys only, and no
-//! grub-dpkg (the installer already made the disk bootable). The locale module is off: it ran
+//! grub-dpkg (the installer already made the disk bootable). The installer writes the host keys
+//! and this login itself (see [`login`]) so SSH answers before cloud-init runs: cloud-init must
+//! keep those keys (`ssh_deletekeys: false`) and only makes the ones that are missing (a
+//! diskless root has none). The locale module is off: it ran
 //! Debian's `locale-gen` (which builds only what /etc/locale.gen lists, none) and then failed on
 //! `update-locale LANG=en_US.UTF-8`, 5 s and a warning on every first boot for nothing; the
 //! system keeps the rootfs's locale settings (only C.UTF-8 is built).
 
-use pxelab_contract::VmDefinition;
+use pxelab_contract::{Login, VmDefinition, NIC_NAME};
 
 pub const USER: &str = "pxelab";
 pub const DOCUMENTS: [&str; 4] = ["meta-data", "user-data", "network-config", "vendor-data"];
@@ -30,6 +33,17 @@ pub fn meta_data(vm: &VmDefinition) -> String {
     )
 }
 
+/// The one login of the user-data, for the installer to create before cloud-init runs.
+pub fn login(vm: &VmDefinition) -> Login {
+    Login {
+        user: USER.to_string(),
+        gecos: "pxelab lab user".to_string(),
+        shell: "/bin/bash".to_string(),
+        sudo: Some("ALL=(ALL) NOPASSWD:ALL".to_string()),
+        ssh_authorized_keys: vm.ssh_keys().map(str::to_string).collect(),
+    }
+}
+
 pub fn user_data(vm: &VmDefinition, domain: &str) -> String {
     let host = vm.guest_hostname();
     let fqdn = if host.contains('.') {
@@ -37,8 +51,9 @@ pub fn user_data(vm: &VmDefinition, domain: &str) -> String {
     } else {
         format!("{host}.{domain}")
     };
+    let login = login(vm);
     let mut keys = String::new();
-    for key in vm.ssh_keys() {
+    for key in &login.ssh_authorized_keys {
         keys.push_str(&format!("      - {}\n", q(key)));
     }
     let keys = if keys.is_empty() {
@@ -54,19 +69,28 @@ pub fn user_data(vm: &VmDefinition, domain: &str) -> String {
          manage_etc_hosts: true\n\
          ssh_pwauth: false\n\
          disable_root: true\n\
+         ssh_deletekeys: false\n\
          ssh_genkeytypes: [ed25519, ecdsa]\n\
          locale: false\n\
          grub_dpkg:\n\
          \x20 enabled: false\n\
          users:\n\
-         \x20 - name: {USER}\n\
-         \x20   gecos: pxelab lab user\n\
-         \x20   shell: /bin/bash\n\
+         \x20 - name: {user}\n\
+         \x20   gecos: {gecos}\n\
+         \x20   shell: {shell}\n\
          \x20   lock_passwd: true\n\
-         \x20   sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n\
+         {sudo}\
          {keys}",
         short = q(host.split('.').next().unwrap_or(host)),
         fqdn = q(&fqdn),
+        user = login.user,
+        gecos = login.gecos,
+        shell = login.shell,
+        sudo = login
+            .sudo
+            .as_deref()
+            .map(|rule| format!("    sudo: {}\n", q(rule)))
+            .unwrap_or_default(),
     )
 }
 
@@ -74,10 +98,10 @@ pub fn network_config(vm: &VmDefinition) -> String {
     format!(
         "version: 2\n\
          ethernets:\n\
-         \x20 lan0:\n\
+         \x20 {NIC_NAME}:\n\
          \x20   match:\n\
          \x20     macaddress: {mac}\n\
-         \x20   set-name: lan0\n\
+         \x20   set-name: {NIC_NAME}\n\
          \x20   dhcp4: true\n",
         mac = q(&vm.mac.to_string()),
     )

@@ -231,7 +231,7 @@ impl EventStore {
         check: impl FnOnce(Option<&MachineRecord>) -> Result<(), Refused>,
         f: impl FnOnce(&MachineRecord) -> T,
     ) -> Result<T, Refused> {
-        event.message = Event::clean_message(&event.message);
+        event.clean();
         let entry = TimelineEntry {
             at_ms: crate::now_ms(),
             event,

@@ -320,6 +320,9 @@ impl Context {
             events_url: format!("{base}/events/{}?token={token}", vm.mac),
             disk: vm.disk.clone(),
             reboot,
+            // `vms/<name>.nokexec`: reboot through the firmware instead (kexec is the default).
+            kexec: !self.vms.dir().join(format!("{}.nokexec", vm.name)).exists(),
+            login: Some(cloudinit::login(&vm)),
         };
         let reply = ConfigReply {
             arch: vm.arch,

@@ -33,7 +33,7 @@ use std::{
     time::Duration,
 };
 
-use pxelab_contract::{Event, Mac, Phase, TimelineEntry, VmState};
+use pxelab_contract::{Mac, Phase, TimelineEntry, VmState};
 use serde::{Deserialize, Serialize};
 
 use crate::log;
@@ -101,8 +101,8 @@ impl MachineRecord {
         if token.is_some() {
             self.token = token;
         }
-        // Journals written before messages were cleaned on arrival.
-        entry.event.message = Event::clean_message(&entry.event.message);
+        // Journals written before events were cleaned on arrival.
+        entry.event.clean();
         let old = if self.mac == mac {
             self.state
         } else {
@@ -429,7 +429,7 @@ fn replay(dir: &Path) -> io::Result<Replayed> {
                     ))
                 })?;
                 for entry in &mut r.timeline {
-                    entry.event.message = Event::clean_message(&entry.event.message);
+                    entry.event.clean();
                 }
                 machines.insert(r.vm.clone(), r);
             }

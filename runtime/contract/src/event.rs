@@ -44,6 +44,10 @@ pub enum Phase {
     /// The operator reset the VM's install state (`POST /vms/<name>/reprovision` on the
     /// control socket): its next network boot installs again. Never sent by a machine.
     Reprovision,
+    /// The installed system's cloud-init finished all its stages (reported by the target after
+    /// `cloud-final`, on every boot; `message` says whether any module failed). SSH answers
+    /// before this: the installer already wrote the host keys and the login.
+    CloudInitDone,
 }
 
 impl Phase {
@@ -64,6 +68,7 @@ impl Phase {
             Phase::Failed => "failed",
             Phase::NfsRoot => "nfs-root",
             Phase::Reprovision => "reprovision",
+            Phase::CloudInitDone => "cloud-init-done",
         }
     }
 }
@@ -94,9 +99,44 @@ pub struct Event {
     /// Milliseconds since the sender started (its own clock; the handler stamps arrival).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elapsed_ms: Option<u64>,
+    /// On `installed`: the public SSH host keys the installer wrote into the target
+    /// (`<type> <base64>`, as in `known_hosts`), so SSH can trust them from the first login.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_keys: Vec<String>,
 }
 
+/// At most this many host keys are kept from one `installed` event.
+pub const MAX_HOST_KEYS: usize = 8;
+
 impl Event {
+    /// What a machine sent, made safe to keep and show: the message cleaned
+    /// ([`Event::clean_message`]) and only well-formed host keys kept ([`Event::is_host_key`]),
+    /// since the lab writes them into a `known_hosts` file.
+    pub fn clean(&mut self) {
+        self.message = Event::clean_message(&self.message);
+        self.host_keys.retain(|k| Event::is_host_key(k));
+        self.host_keys.truncate(MAX_HOST_KEYS);
+    }
+
+    /// `<type> <base64>` of an OpenSSH public host key type, nothing else (no comment, no
+    /// options, no line break): one line of `known_hosts` after the host name.
+    pub fn is_host_key(key: &str) -> bool {
+        let Some((kind, blob)) = key.split_once(' ') else {
+            return false;
+        };
+        matches!(
+            kind,
+            "ssh-ed25519"
+                | "ecdsa-sha2-nistp256"
+                | "ecdsa-sha2-nistp384"
+                | "ecdsa-sha2-nistp521"
+                | "ssh-rsa"
+        ) && (16..=1024).contains(&blob.len())
+            && blob
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+    }
+
     /// The message as it may reach an operator's terminal: no control characters (ANSI and OSC
     /// escape sequences lose their ESC and print as text), no bidirectional overrides, line
     /// breaks and tabs as spaces, at most [`MAX_MESSAGE`] bytes.
@@ -168,6 +208,8 @@ impl VmState {
             (_, Phase::Dhcp | Phase::Kernel) => self,
             // A diskless boot is booting until the lab sees SSH; it never installs.
             (_, Phase::NfsRoot) => self,
+            // Reported by the running system, after the install (or by a diskless one).
+            (_, Phase::CloudInitDone) => self,
             (_, Phase::LocalBoot) => self,
             (_, Phase::Installed) => VmState::Installed,
             (_, Phase::Failed) => VmState::Failed,
@@ -236,6 +278,14 @@ mod tests {
         assert_eq!(walk(&[Dhcp, Ipxe, Kernel, NfsRoot]), VmState::Booting);
         assert_eq!(walk(&[Ipxe, Installed, Reprovision]), VmState::New);
         assert_eq!(
+            walk(&[Ipxe, Installing, Installed, CloudInitDone]),
+            VmState::Installed
+        );
+        assert_eq!(
+            walk(&[Dhcp, Ipxe, NfsRoot, CloudInitDone]),
+            VmState::Booting
+        );
+        assert_eq!(
             walk(&[Ipxe, Installed, Reprovision, Ipxe]),
             VmState::Booting
         );
@@ -260,6 +310,15 @@ mod tests {
             r#"{"at_ms":5,"phase":"rootfs","bytes_done":1}"#
         );
         assert!(serde_json::from_str::<Event>(r#"{"phase":"bogus"}"#).is_err());
+        let done: Event =
+            serde_json::from_str(r#"{"phase":"cloud-init-done","message":"no errors"}"#).unwrap();
+        assert_eq!(done.phase.as_str(), "cloud-init-done");
+        let installed: Event =
+            serde_json::from_str(r#"{"phase":"installed","host_keys":["ssh-ed25519 AAAAC3Nza"]}"#)
+                .unwrap();
+        assert_eq!(installed.host_keys, ["ssh-ed25519 AAAAC3Nza"]);
+        let plain = serde_json::to_string(&Event::default()).unwrap();
+        assert!(!plain.contains("host_keys"), "{plain}");
     }
 
     proptest::proptest! {
@@ -290,5 +349,27 @@ mod tests {
         assert_eq!(cut.len(), MAX_MESSAGE);
         assert!(cut.chars().all(|c| c == 'é'));
         assert_eq!(Event::clean_message("plain"), "plain");
+    }
+
+    #[test]
+    fn only_well_formed_host_keys_are_kept() {
+        let good =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHhK0VfjzHd3vOj2mFGa7JjCqUSzPxcS7zX5pG1e2W9c";
+        let mut e = Event {
+            phase: Phase::Installed,
+            host_keys: vec![
+                good.to_string(),
+                format!("{good}\n@cert-authority * {good}"),
+                format!("{good} comment"),
+                "ssh-dss AAAAB3NzaC1kc3MAAACBAP".to_string(),
+                "ssh-ed25519 short".to_string(),
+            ],
+            ..Event::default()
+        };
+        e.clean();
+        assert_eq!(e.host_keys, [good]);
+        e.host_keys = vec![good.to_string(); 20];
+        e.clean();
+        assert_eq!(e.host_keys.len(), MAX_HOST_KEYS);
     }
 }

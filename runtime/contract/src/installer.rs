@@ -8,6 +8,10 @@ use crate::Mac;
 /// Size of the EFI system partition the installer creates.
 pub const ESP_SIZE_MIB: u64 = 512;
 
+/// The name the NoCloud network-config gives a target's NIC (matched by MAC), so every network
+/// renderer agrees on it; the installer names it so too for the first boot's early SSH.
+pub const NIC_NAME: &str = "lan0";
+
 /// A file the installer downloads, pinned by digest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Artifact {
@@ -39,6 +43,30 @@ pub struct InstallerConfig {
     pub disk: Option<String>,
     /// Reboot after a successful install (else stay up, e.g. for debugging).
     pub reboot: bool,
+    /// With `reboot`: start the installed kernel with kexec (no firmware, no boot loader) and
+    /// fall back to a firmware reboot if that fails. Absent from older stacks: a plain reboot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kexec: bool,
+    /// The login the cloud-init user-data creates, set up by the installer too, so SSH works
+    /// from the first boot's start instead of after cloud-init's user module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<Login>,
+}
+
+/// A user account as the NoCloud user-data declares it (cloud-init applies it again later and
+/// finds it in place).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Login {
+    /// A POSIX user name (lowercase letters, digits, `-`, `_`; not starting with `-`).
+    pub user: String,
+    pub gecos: String,
+    pub shell: String,
+    /// A sudoers rule for the user (`ALL=(ALL) NOPASSWD:ALL`), or none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sudo: Option<String>,
+    /// OpenSSH public keys for `~/.ssh/authorized_keys`, one per entry.
+    #[serde(default)]
+    pub ssh_authorized_keys: Vec<String>,
 }
 
 /// The body of `GET /config/<mac>`: the [`InstallerConfig`] plus the keys the original pvmlab

@@ -1,0 +1,306 @@
+//! The installer with the real Debian 12 rootfs (what `cargo xtask distro pull debian` builds)
+//! on a loop disk, then what the installed system will do itself: its `update-grub` (a kernel
+//! upgrade runs it) must still write a config that boots the root by UUID with modules the
+//! ESP's GRUB image has built in, and its sshd must accept the host keys the installer wrote.
+//!
+//! Needs root, everything `install.rs` needs, and the pulled rootfs (the test pulls it into a
+//! temporary lab home; the content store makes that a copy once it was built).
+
+mod common;
+
+use common::{in_private_network, lab_login, require_root_and_tools, serial, sh, LoopDisk, MAC};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pxelab_contract::{Artifact, Event, InstallerConfig, Phase};
+use pxelab_tests::{sha256_hex, Behavior, FixtureServer};
+
+const GIB: u64 = 1 << 30;
+
+/// The pulled rootfs.tar.zst, in `home`.
+fn pull_debian(home: &Path) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    sh(Command::new(cargo)
+        .args(["xtask", "distro", "pull", "debian"])
+        .current_dir(&workspace)
+        .env("PXELAB_HOME", home));
+    home.join("images/debian-12/x86_64/rootfs.tar.zst")
+}
+
+/// The names of the modules built into a GRUB EFI image (each module is an ELF object whose
+/// `.modname` section holds its name).
+fn grub_image_modules(image: &[u8]) -> Vec<String> {
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap()) as usize;
+    let mut names = Vec::new();
+    let mut at = 0;
+    while let Some(found) = image[at..]
+        .windows(7)
+        .position(|w| w == b"\x7fELF\x02\x01\x01")
+    {
+        let elf = &image[at + found..];
+        at += found + 1;
+        let (shoff, shentsize, shnum, shstrndx) = (
+            u64_at(elf, 0x28),
+            u16_at(elf, 0x3a),
+            u16_at(elf, 0x3c),
+            u16_at(elf, 0x3e),
+        );
+        if shentsize != 64 || shnum > 256 || shoff + shnum * 64 > elf.len() {
+            continue;
+        }
+        let section = |i: usize| {
+            let h = &elf[shoff + i * 64..];
+            let name = u32::from_le_bytes(h[..4].try_into().unwrap()) as usize;
+            (name, u64_at(h, 0x18), u64_at(h, 0x20))
+        };
+        let strtab = section(shstrndx).1;
+        for i in 0..shnum {
+            let (name, off, size) = section(i);
+            if elf.get(strtab + name..strtab + name + 9) == Some(b".modname\0".as_slice()) {
+                let text = &elf[off..off + size];
+                let text = text.split(|b| *b == 0).next().unwrap_or_default();
+                names.push(String::from_utf8_lossy(text).into_owned());
+            }
+        }
+    }
+    names
+}
+
+/// Mounts for a chroot into the installed root, as the running system has them: proc, sys,
+/// and a /dev holding the root partition and the `/dev/disk/by-uuid` link udev would make.
+fn prepare_chroot(root: &Path, partition: &str, uuid: &str) {
+    let name = partition.trim_start_matches("/dev/");
+    let dev = fs::read_to_string(format!("/sys/class/block/{name}/dev")).unwrap();
+    let (major, minor) = dev.trim().split_once(':').unwrap();
+    sh(Command::new("mount")
+        .args(["-t", "proc", "proc"])
+        .arg(root.join("proc")));
+    sh(Command::new("mount")
+        .args(["--bind", "/sys"])
+        .arg(root.join("sys")));
+    sh(Command::new("mount")
+        .args(["-t", "tmpfs", "dev"])
+        .arg(root.join("dev")));
+    let d = root.join("dev");
+    for (node, kind, maj, min) in [
+        ("null", "c", "1", "3"),
+        ("zero", "c", "1", "5"),
+        ("urandom", "c", "1", "9"),
+        (name, "b", major, minor),
+    ] {
+        sh(Command::new("mknod")
+            .arg(d.join(node))
+            .args([kind, maj, min]));
+    }
+    fs::create_dir_all(d.join("disk/by-uuid")).unwrap();
+    std::os::unix::fs::symlink(format!("../../{name}"), d.join("disk/by-uuid").join(uuid)).unwrap();
+}
+
+fn chroot(root: &Path, args: &[&str]) -> String {
+    sh(Command::new("chroot")
+        .arg(root)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LC_ALL", "C"))
+}
+
+#[test]
+fn sys_debian_install_survives_update_grub_and_sshd_loads_its_keys() {
+    let _serial = serial();
+    require_root_and_tools();
+    let home = tempfile::tempdir().unwrap();
+    let rootfs = fs::read(pull_debian(home.path())).expect("the pulled rootfs");
+    in_private_network(|| install_and_check(rootfs));
+}
+
+fn install_and_check(rootfs: Vec<u8>) {
+    let server = FixtureServer::start();
+    let disk = LoopDisk::new(6 * GIB);
+    let rootfs_path = "/images/debian-12/x86_64/rootfs.tar.zst";
+    let config = InstallerConfig {
+        name: "deb-1".into(),
+        mac: MAC.parse().unwrap(),
+        hostname: "deb-1".into(),
+        distro: "debian-12".into(),
+        rootfs: Artifact {
+            url: server.url(rootfs_path),
+            sha256: sha256_hex(&rootfs),
+            size: rootfs.len() as u64,
+        },
+        cloud_init_url: server.url("/cloud-init/deb-1/"),
+        events_url: server.url("/events/deb-1"),
+        disk: Some(disk.dev.clone()),
+        reboot: false,
+        kexec: true,
+        login: Some(lab_login()),
+    };
+    server.serve(rootfs_path, rootfs, Behavior::Normal);
+    server.serve(
+        "/cloud-init/deb-1/meta-data",
+        "instance-id: deb-1\n",
+        Behavior::Normal,
+    );
+    server.serve(
+        "/cloud-init/deb-1/user-data",
+        "#cloud-config\n",
+        Behavior::Normal,
+    );
+    server.serve(
+        "/config/deb-1",
+        serde_json::to_vec(&config).unwrap(),
+        Behavior::Normal,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_pxelab-installer"))
+        .arg(format!("config_url={}", server.url("/config/deb-1")))
+        .arg(format!("pxelab.target={}", disk.path("target").display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "installer failed:\n{stderr}");
+    eprintln!("{stderr}");
+    let installed: Event = server
+        .requests()
+        .iter()
+        .rev()
+        .find(|r| r.method == "POST")
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .unwrap();
+    assert_eq!(installed.phase, Phase::Installed);
+
+    let root = disk.path("root");
+    fs::create_dir_all(&root).unwrap();
+    sh(Command::new("mount").arg(disk.partition(2)).arg(&root));
+    let uuid = sh(Command::new("blkid").args(["-s", "UUID", "-o", "value", &disk.partition(2)]));
+    let uuid = uuid.trim();
+    let esp_cfg =
+        sh(Command::new("mtype").args(["-i", &disk.partition(1), "::/EFI/debian/grub.cfg"]));
+    let image = Command::new("mcopy")
+        .args([
+            "-n",
+            "-i",
+            &disk.partition(1),
+            "::/EFI/BOOT/BOOTX64.EFI",
+            "-",
+        ])
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(
+        image,
+        fs::read(root.join("usr/lib/grub/x86_64-efi/monolithic/grubx64.efi")).unwrap()
+    );
+    let built_in = grub_image_modules(&image);
+    assert!(
+        built_in.len() > 50 && built_in.iter().any(|m| m == "ext2"),
+        "{built_in:?}"
+    );
+
+    // What a kernel upgrade runs in the target.
+    prepare_chroot(&root, &disk.partition(2), uuid);
+    let ours = fs::read_to_string(root.join("boot/grub/grub.cfg")).unwrap();
+    chroot(&root, &["update-grub"]);
+    let cfg = fs::read_to_string(root.join("boot/grub/grub.cfg")).unwrap();
+    assert_ne!(cfg, ours, "update-grub rewrote the config");
+    let linux: Vec<&str> = cfg
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("linux"))
+        .collect();
+    assert!(!linux.is_empty(), "{cfg}");
+    for line in &linux {
+        assert!(
+            line.contains(&format!("root=UUID={uuid} ro"))
+                && line.contains("console=ttyS0,115200n8"),
+            "{line}"
+        );
+    }
+    assert!(cfg.contains("set timeout=1\n"), "{cfg}");
+    // Its kernel line is the one the installer wrote (and kexec used), word for word.
+    let first = linux[0]
+        .split_whitespace()
+        .skip(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        ours.contains(&first),
+        "update-grub: {first}\ninstaller:\n{ours}"
+    );
+    // GRUB has no module directory to load from (only the ESP image's built-in ones), and an
+    // error inside the boot entry stops it for 10 s at "Press any key to continue": every
+    // module the default entry loads must be built in — load_video's all_video branch
+    // (GRUB >= 2.02) included, the Xen-only line excluded.
+    let default_entry = cfg
+        .split("\nmenuentry ")
+        .nth(1)
+        .and_then(|e| e.split("\n}").next())
+        .unwrap();
+    assert!(default_entry.contains("\tload_video\n"), "{default_entry}");
+    let loaded = default_entry
+        .lines()
+        .filter(|l| !l.contains("xxen"))
+        .filter_map(|l| l.trim().strip_prefix("insmod "))
+        .chain(["all_video"]);
+    for module in loaded {
+        assert!(
+            built_in.iter().any(|m| m == module),
+            "insmod {module} is not built into the image"
+        );
+    }
+    // The ESP config at the image's built-in prefix (/EFI/debian) still finds that file.
+    assert!(
+        esp_cfg.contains(&format!("--set=root {uuid}\n"))
+            && esp_cfg.contains("configfile $prefix/grub.cfg"),
+        "{esp_cfg}"
+    );
+
+    // sshd loads the installer's keys and config (what the early unit and ssh.service run).
+    fs::create_dir_all(root.join("run/sshd")).unwrap();
+    chroot(&root, &["/usr/sbin/sshd", "-t"]);
+    chroot(&root, &["/usr/local/sbin/pxelab-early-sshd", "-t"]);
+    assert!(root.join("etc/pam.d/pxelab-early-sshd").is_file());
+    let fingerprints = chroot(
+        &root,
+        &[
+            "ssh-keygen",
+            "-l",
+            "-f",
+            "/etc/ssh/ssh_host_ed25519_key.pub",
+        ],
+    );
+    assert!(
+        fingerprints.contains("root@deb-1 (ED25519)"),
+        "{fingerprints}"
+    );
+    assert!(installed.host_keys[0].starts_with("ssh-ed25519 "));
+    // The real useradd made the login as cloud-init would.
+    let passwd = fs::read_to_string(root.join("etc/passwd")).unwrap();
+    assert!(
+        passwd.contains("pxelab:x:1000:1000:pxelab lab user:/home/pxelab:/bin/bash\n"),
+        "{passwd}"
+    );
+    assert!(
+        root.join("home/pxelab/.bashrc").is_file(),
+        "home made from /etc/skel"
+    );
+    // The units are ones systemd accepts.
+    let verify = Command::new("chroot")
+        .arg(&root)
+        .args([
+            "systemd-analyze",
+            "verify",
+            "/etc/systemd/system/pxelab-early-ssh.service",
+            "/etc/systemd/system/pxelab-cloud-init-done.service",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        verify.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify ({}): {text}",
+        verify.status
+    );
+}
