@@ -167,7 +167,7 @@ fn install_with_restart(up: &UpArgs) -> Result<()> {
         "after `reload --image` the lab should run a container stack, not {:?}",
         lab.config.stack
     );
-    let timeline = follow::timeline(&lab, "target-1")?;
+    let timeline = stack::timeline(&lab, "target-1")?;
     let installed = timeline
         .iter()
         .position(|e| e.event.phase == Phase::Installed)
@@ -287,7 +287,7 @@ fn restart_during_stream(done: &AtomicBool, restarted: &AtomicBool) -> Result<()
     while !done.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(500));
         let Ok(lab) = Lab::open() else { continue };
-        let Ok(timeline) = follow::timeline(&lab, "target-1") else {
+        let Ok(timeline) = stack::timeline(&lab, "target-1") else {
             continue;
         };
         let streaming = timeline
@@ -335,7 +335,7 @@ fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmwa
     targets::start_vm(lab, &vm, firmware, accel)?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let timeline = follow::timeline(lab, name).unwrap_or_default();
+        let timeline = stack::timeline(lab, name).unwrap_or_default();
         if let Some(e) = timeline
             .iter()
             .find(|e| e.event.phase == Phase::Installing && e.at_ms >= started)

@@ -189,7 +189,7 @@ fn checks(
     nothing_survives_a_reboot(lab, &defined[0])?;
 
     for vm in defined {
-        let timeline = follow::timeline(lab, &vm.name)?;
+        let timeline = crate::lab::stack::timeline(lab, &vm.name)?;
         let entries: Vec<_> = timeline
             .iter()
             .filter(|e| e.at_ms >= started[&vm.name])
@@ -263,7 +263,7 @@ fn wait_ssh(lab: &Lab, vm: &VmDefinition, start_ms: u64, deadline: Instant) -> R
             );
         }
         if !mounted {
-            let timeline = follow::timeline(lab, &vm.name).unwrap_or_default();
+            let timeline = crate::lab::stack::timeline(lab, &vm.name).unwrap_or_default();
             if let Some(e) = timeline
                 .iter()
                 .find(|e| e.event.phase == Phase::NfsRoot && e.at_ms >= start_ms)

@@ -19,11 +19,12 @@ use xshell::cmd;
 use xtask::{
     lab::{
         artifacts, down,
-        follow::timeline,
         home::{Lab, VmFile},
         net,
         qemu::{Accel, Firmware},
-        ssh, stack, targets, vms,
+        ssh, stack,
+        stack::timeline,
+        targets, vms,
     },
     process::{self, pid},
 };

@@ -208,7 +208,7 @@ fn one_target(up: &UpArgs) -> Result<(Marks, Option<anyhow::Error>)> {
     let end = follow::now_ms();
     let lab = Lab::open()?;
     let (start, timeline) = match qemu_start_ms(&lab, "target-1") {
-        Ok(start) => (start, follow::timeline(&lab, "target-1")?),
+        Ok(start) => (start, crate::lab::stack::timeline(&lab, "target-1")?),
         Err(e) => return Err(result.err().unwrap_or(e)),
     };
     let (milestones, rootfs_rate) = milestones(&timeline, start);
@@ -233,7 +233,7 @@ fn four_targets(up: &UpArgs) -> Result<(f64, Vec<String>)> {
         let name = format!("target-{i}");
         let start = qemu_start_ms(&lab, &name)?;
         first = first.min(start);
-        let (m, _) = milestones(&follow::timeline(&lab, &name)?, start);
+        let (m, _) = milestones(&crate::lab::stack::timeline(&lab, &name)?, start);
         let at = m[5]
             .map(|s| format!("{s:.0} s"))
             .unwrap_or_else(|| "?".into());

@@ -34,14 +34,6 @@ pub fn fetch_status(lab: &Lab) -> Result<Vec<VmStatus>> {
         .vms)
 }
 
-pub fn timeline(lab: &Lab, name: &str) -> Result<Vec<TimelineEntry>> {
-    let (code, body) = stack::get(lab, &format!("/vms/{name}/timeline"))?;
-    if code != 200 {
-        bail!("GET /vms/{name}/timeline answered {code}: {}", body.trim());
-    }
-    serde_json::from_str(&body).context("parsing the timeline")
-}
-
 /// "installing: rootfs 120.0 MiB/170.0 MiB" — a VM's state and last event in one phrase.
 pub fn describe(s: &VmStatus) -> String {
     let state = format!("{:?}", s.state).to_lowercase();
@@ -87,13 +79,25 @@ pub struct Row {
     /// A diskless VM mounted its root.
     pub nfs_root: Option<u64>,
     pub ssh: Option<u64>,
+    /// The target reported cloud-init done.
+    pub cloud_init: Option<u64>,
+    /// The installer started the installed kernel with kexec (no firmware reboot).
+    pub kexec: bool,
 }
 
 impl Row {
-    /// The VM runs its own system (from its disk or its NFS root): SSH is next.
+    /// The VM runs its own system (from its disk, kexec'd into it, or its NFS root): SSH is
+    /// next.
     fn booted(&self) -> bool {
         self.local_boot.is_some() && (self.installed.is_some() || self.installer.is_none())
+            || self.kexec && self.installed.is_some()
             || self.nfs_root.is_some()
+    }
+
+    /// SSH answers, and an installed system has also reported cloud-init done (the installer
+    /// put the reporter there; a diskless root has none, so SSH is its last milestone).
+    fn done(&self) -> bool {
+        self.ssh.is_some() && (self.cloud_init.is_some() || self.nfs_root.is_some())
     }
 
     fn absorb(&mut self, started_ms: u64, timeline: &[TimelineEntry]) {
@@ -116,6 +120,11 @@ impl Row {
                 }
                 Phase::Installed => {
                     self.installed.get_or_insert(rel(e));
+                    // The installer's message says what it does next (main.rs of the installer).
+                    self.kexec = e.event.message.contains("next: kexec");
+                }
+                Phase::CloudInitDone => {
+                    self.cloud_init.get_or_insert(rel(e));
                 }
                 Phase::LocalBoot if self.installed.is_some() || self.installer.is_none() => {
                     self.local_boot.get_or_insert(rel(e));
@@ -183,12 +192,12 @@ pub fn wait_all(
         let statuses = fetch_status(lab).unwrap_or_default();
         let mut pending = 0;
         for ((vm, row), bar) in vms.iter().zip(rows.iter_mut()).zip(&bars) {
-            if row.ssh.is_some() {
+            if row.done() {
                 continue;
             }
             pending += 1;
             let start = started[&vm.name];
-            if let Ok(tl) = timeline(lab, &vm.name) {
+            if let Ok(tl) = stack::timeline(lab, &vm.name) {
                 row.absorb(start, &tl);
             }
             let status = statuses.iter().find(|s| s.name == vm.name);
@@ -217,12 +226,17 @@ pub fn wait_all(
                     .entry(vm.name.clone())
                     .or_insert_with(Instant::now);
                 let console = console_since(lab, &vm.name, console_start[&vm.name]);
-                if let Some((why, fix)) = ssh_wait_over(vm, booted.elapsed(), &console) {
+                let over = row
+                    .ssh
+                    .is_none()
+                    .then(|| ssh_wait_over(vm, booted.elapsed(), &console));
+                if let Some(Some((why, fix))) = over {
                     bail!("{}: {why}\n{}\n{fix}", vm.name, console_tail(lab, &vm.name));
                 }
-                let due = last_ssh_try
-                    .get(&vm.name)
-                    .is_none_or(|t| t.elapsed() > Duration::from_secs(3));
+                let due = row.ssh.is_none()
+                    && last_ssh_try
+                        .get(&vm.name)
+                        .is_none_or(|t| t.elapsed() > Duration::from_secs(3));
                 if due {
                     last_ssh_try.insert(vm.name.clone(), Instant::now());
                     if let Ok(out) = ssh::command(lab, vm, &["hostname".to_string()])
@@ -237,8 +251,10 @@ pub fn wait_all(
                         }
                     }
                 }
-                if row.ssh.is_some() {
+                if row.done() {
                     "SSH ready".to_string()
+                } else if row.ssh.is_some() {
+                    "SSH ready, waiting for cloud-init".to_string()
                 } else if row.nfs_root.is_some() {
                     "NFS root mounted, waiting for SSH".to_string()
                 } else {
@@ -260,17 +276,21 @@ pub fn wait_all(
                 bar.set_message(line.clone());
                 last_line.insert(vm.name.clone(), line);
             }
-            if row.ssh.is_some() {
-                bar.finish_with_message("SSH ready");
+            if row.done() {
+                bar.finish_with_message(if row.cloud_init.is_some() {
+                    "SSH ready, cloud-init done"
+                } else {
+                    "SSH ready"
+                });
             }
         }
-        if pending == 0 || rows.iter().all(|r| r.ssh.is_some()) {
+        if pending == 0 || rows.iter().all(Row::done) {
             return Ok(rows);
         }
         if Instant::now() > deadline {
             let late: Vec<_> = rows
                 .iter()
-                .filter(|r| r.ssh.is_none())
+                .filter(|r| !r.done())
                 .map(|r| r.name.clone())
                 .collect();
             let detail: Vec<String> = late
@@ -374,7 +394,7 @@ pub fn print_summary(rows: &[Row]) {
             .unwrap_or_else(|| "-".into())
     };
     println!(
-        "{:<12} {:<15} {:<18} {:<10} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10} {:>8}",
+        "{:<12} {:<15} {:<18} {:<10} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10} {:>8} {:>10}",
         "VM",
         "IP",
         "MAC",
@@ -385,11 +405,12 @@ pub fn print_summary(rows: &[Row]) {
         "INSTALLER",
         "INSTALLED",
         "DISK BOOT",
-        "SSH"
+        "SSH",
+        "CLOUD-INIT"
     );
     for r in rows {
         println!(
-            "{:<12} {:<15} {:<18} {:<10} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10} {:>8}",
+            "{:<12} {:<15} {:<18} {:<10} {:>7} {:>7} {:>7} {:>10} {:>10} {:>10} {:>8} {:>10}",
             r.name,
             r.ip,
             r.mac,
@@ -399,8 +420,13 @@ pub fn print_summary(rows: &[Row]) {
             s(r.kernel),
             s(r.installer),
             s(r.installed),
-            s(r.local_boot),
-            s(r.ssh)
+            if r.kexec {
+                "kexec".to_string()
+            } else {
+                s(r.local_boot)
+            },
+            s(r.ssh),
+            s(r.cloud_init)
         );
     }
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use pxelab_contract::VmDefinition;
+use pxelab_contract::{Phase, VmDefinition};
 use xshell::cmd;
 
 use super::home::{Lab, VmFile};
@@ -130,8 +130,13 @@ fn trusted(lab: &Lab, vm: &VmDefinition) -> Result<(Ipv4Addr, Vec<OsString>)> {
     let ip = vm
         .ip
         .with_context(|| format!("{} has no IP address", vm.name))?;
-    let console = std::fs::read(lab.vm_file(&vm.name, VmFile::Console)).unwrap_or_default();
-    let keys = console_host_keys(&String::from_utf8_lossy(&console));
+    let keys = match installed_host_keys(lab, &vm.name) {
+        Some(keys) => keys,
+        None => {
+            let console = std::fs::read(lab.vm_file(&vm.name, VmFile::Console)).unwrap_or_default();
+            console_host_keys(&String::from_utf8_lossy(&console))
+        }
+    };
     if keys.is_empty() {
         bail!(
             "{} has not printed its SSH host keys on its console yet (cloud-init does that when it is done)",
@@ -200,6 +205,21 @@ pub fn probe(lab: &Lab, vm: &VmDefinition, limit: Duration) -> std::result::Resu
 /// Forgets the host keys trusted for `vm` (it is reinstalled or gone).
 pub fn forget_host_key(lab: &Lab, vm: &str) {
     let _ = std::fs::remove_file(lab.known_hosts(vm));
+}
+
+/// The host keys the installer wrote into `vm`'s disk, as its last `installed` event recorded
+/// them: trusted from the first login, before cloud-init prints any. None for a machine that
+/// was not installed by this stack (a diskless root makes its keys at boot).
+fn installed_host_keys(lab: &Lab, vm: &str) -> Option<Vec<String>> {
+    let timeline = super::stack::timeline(lab, vm).ok()?;
+    let last = timeline.iter().rev().find(|e| {
+        matches!(
+            e.event.phase,
+            Phase::Installed | Phase::Reprovision | Phase::NfsRoot
+        )
+    })?;
+    (last.event.phase == Phase::Installed && !last.event.host_keys.is_empty())
+        .then(|| last.event.host_keys.clone())
 }
 
 /// The host public keys (`<type> <base64>`) of the last `BEGIN SSH HOST KEY KEYS` block that

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use pxelab_contract::{Arch, VmStatus};
+use pxelab_contract::{Arch, TimelineEntry, VmStatus};
 use xshell::cmd;
 
 use super::{
@@ -324,6 +324,15 @@ pub fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String)>
         status,
         String::from_utf8_lossy(&reply[body_at..]).into_owned(),
     ))
+}
+
+/// The last entries of `name`'s timeline, from the stack's control socket.
+pub fn timeline(lab: &Lab, name: &str) -> Result<Vec<TimelineEntry>> {
+    let (code, body) = get(lab, &format!("/vms/{name}/timeline"))?;
+    if code != 200 {
+        bail!("GET /vms/{name}/timeline answered {code}: {}", body.trim());
+    }
+    serde_json::from_str(&body).context("parsing the timeline")
 }
 
 #[cfg(test)]
