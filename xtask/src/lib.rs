@@ -9,7 +9,6 @@ pub mod bench;
 pub mod cache_cmd;
 pub mod distro;
 pub mod e2e;
-pub mod e2e_diskless;
 pub mod fetch;
 pub mod fetch_cmd;
 pub mod hostdeps;

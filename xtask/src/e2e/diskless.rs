@@ -351,18 +351,7 @@ fn nothing_survives_a_reboot(lab: &Lab, vm: &VmDefinition) -> Result<()> {
 
 /// Runs `command` on `vm` and gives up after 120 s (see [`ssh::output_within`]).
 fn ssh_output(lab: &Lab, vm: &VmDefinition, command: &str) -> Result<String> {
-    let out = ssh::output_within(
-        ssh::command(lab, vm, &[command.to_string()])?,
-        Duration::from_secs(120),
-    )
-    .with_context(|| follow::console_tail(lab, &vm.name))?;
-    ensure!(
-        out.status.success(),
-        "ssh {} {command:?} failed: {}",
-        vm.name,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    super::ssh_output(lab, &vm.name, command)
 }
 
 /// The unpacked export the stack serves for `distro` (`images/<distro>/x86_64/nfsroot-*`).

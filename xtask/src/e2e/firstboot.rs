@@ -1,0 +1,158 @@
+//! The fast first boot as `cargo xtask e2e` checks it on target-1 (issue 15): the installer
+//! resumed its rootfs stream across the stack swap, went straight into the installed kernel
+//! with kexec (no firmware boot in between), SSH answered before cloud-init finished, and
+//! cloud-init then applied the user-data and reported `cloud-init-done` without errors. Then
+//! what a kernel upgrade does: `update-grub` inside the target and a reboot through the
+//! firmware, after which the disk boots again.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use pxelab_contract::{Phase, TimelineEntry};
+
+use super::ssh_output;
+use crate::lab::{follow, home::Lab, stack};
+
+const VM: &str = "target-1";
+
+/// Checks target-1's first install, right after the `lab up` that installed it.
+pub fn checks(lab: &Lab) -> Result<()> {
+    let timeline = stack::timeline(lab, VM)?;
+    let installed = timeline
+        .iter()
+        .rposition(|e| e.event.phase == Phase::Installed)
+        .context("no `installed` event")?;
+    resumed_across_the_swap(&timeline[..installed])?;
+    let after = &timeline[installed + 1..];
+    // The installer's message says what it does next (see the installer's main.rs).
+    let message = &timeline[installed].event.message;
+    ensure!(
+        message.contains("next: kexec"),
+        "the installer did not kexec into the installed system (the lab's default): {message:?}"
+    );
+    ensure!(
+        !after
+            .iter()
+            .any(|e| matches!(e.event.phase, Phase::Ipxe | Phase::LocalBoot)),
+        "target-1 went through the firmware after its install although it kexec'd: {after:?}"
+    );
+    let done = after
+        .iter()
+        .find(|e| e.event.phase == Phase::CloudInitDone)
+        .context("target-1 never reported cloud-init-done")?;
+    ensure!(
+        done.event.message.ends_with("; no errors"),
+        "cloud-init reported errors: {:?}",
+        done.event.message
+    );
+    eprintln!("e2e: cloud-init on target-1: {}", done.event.message);
+    // SSH is not gated on cloud-init: the early sshd was up before cloud-final finished. The
+    // journal, since the early unit is unloaded once Debian's ssh.service took over.
+    let seconds = |unit: &str, what: &str| -> Result<f64> {
+        let line = ssh_output(
+            lab,
+            VM,
+            &format!("sudo journalctl -b -o short-monotonic -u {unit} | grep -m1 '{what}' || true"),
+        )?;
+        line.strip_prefix('[')
+            .and_then(|l| l.split_once(']'))
+            .and_then(|(t, _)| t.trim().parse().ok())
+            .with_context(|| format!("no {what:?} line for {unit} in target-1's journal: {line:?}"))
+    };
+    let ssh = seconds("pxelab-early-ssh.service", "Started")?;
+    let final_stage = seconds("cloud-final.service", "Finished")?;
+    ensure!(
+        ssh < final_stage,
+        "early SSH started at {ssh} s, cloud-final finished at {final_stage} s: SSH waited for cloud-init"
+    );
+    eprintln!(
+        "e2e: SSH was up {:.1} s before cloud-init finished ({ssh:.1} s and {final_stage:.1} s after boot)",
+        final_stage - ssh
+    );
+    // `manage_etc_hosts` is the user-data's, applied by cloud-init and by nothing else.
+    let hosts = ssh_output(
+        lab,
+        VM,
+        "grep -c '^127.0.1.1 .*target-1' /etc/hosts || true",
+    )?;
+    ensure!(
+        hosts == "1",
+        "cloud-init did not apply the user-data's manage_etc_hosts (/etc/hosts has {hosts} lines for target-1)"
+    );
+    Ok(())
+}
+
+/// The installer's rootfs stream was cut by the stack swap and resumed: its summary
+/// ("…, N reconnects) at …") counts at least one reconnect.
+fn resumed_across_the_swap(before_installed: &[TimelineEntry]) -> Result<()> {
+    let rootfs = before_installed
+        .iter()
+        .rev()
+        .find(|e| e.event.phase == Phase::Rootfs && e.event.duration_ms.is_some())
+        .context("no finished rootfs step before `installed`")?;
+    let message = &rootfs.event.message;
+    let reconnects: u32 = message
+        .split_once(" reconnects")
+        .and_then(|(head, _)| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no reconnect count in the rootfs summary {message:?}"))?;
+    ensure!(
+        reconnects >= 1,
+        "the stack was swapped mid-stream but the installer never reconnected: {message:?}"
+    );
+    eprintln!("e2e: the rootfs stream resumed after {reconnects} reconnect(s)");
+    Ok(())
+}
+
+/// What a kernel upgrade in the target does: `update-grub` rewrites `/boot/grub/grub.cfg`, and
+/// the next boot, through the firmware and the stack's local-boot answer, must come up again.
+pub fn update_grub_and_reboot(lab: &Lab) -> Result<()> {
+    let boot_id = || ssh_output(lab, VM, "cat /proc/sys/kernel/random/boot_id");
+    let before = boot_id()?;
+    let out = ssh_output(lab, VM, "sudo update-grub 2>&1")?;
+    ensure!(
+        out.contains("Found linux image"),
+        "update-grub in target-1 found no kernel:\n{out}"
+    );
+    let cfg = ssh_output(lab, VM, "head -5 /boot/grub/grub.cfg")?;
+    ensure!(
+        cfg.contains("generated by grub-mkconfig"),
+        "/boot/grub/grub.cfg is not update-grub's:\n{cfg}"
+    );
+    let asked = follow::now_ms();
+    // Detached, so the SSH session ends cleanly before the machine goes down.
+    ssh_output(
+        lab,
+        VM,
+        "sudo systemd-run --on-active=1 --timer-property=AccuracySec=100ms systemctl reboot",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        std::thread::sleep(Duration::from_secs(3));
+        if let Ok(now) = boot_id() {
+            if now != before {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "target-1 did not come back within 300 s of its reboot after update-grub\n{}",
+                follow::console_tail(lab, VM)
+            );
+        }
+    }
+    let timeline = stack::timeline(lab, VM)?;
+    ensure!(
+        timeline
+            .iter()
+            .any(|e| e.at_ms >= asked && e.event.phase == Phase::LocalBoot),
+        "target-1's reboot did not go through the firmware and the stack's local-boot answer"
+    );
+    let hostname = ssh_output(lab, VM, "hostname")?;
+    ensure!(hostname == VM, "hostname is {hostname:?} after the reboot");
+    eprintln!(
+        "e2e: update-grub, reboot, SSH again after {:.1} s",
+        follow::now_ms().saturating_sub(asked) as f64 / 1000.0
+    );
+    Ok(())
+}
