@@ -257,6 +257,8 @@ pub fn wait_all(
                     "SSH ready, waiting for cloud-init".to_string()
                 } else if row.nfs_root.is_some() {
                     "NFS root mounted, waiting for SSH".to_string()
+                } else if row.kexec && row.local_boot.is_none() {
+                    "kexec'd into the installed system, waiting for SSH".to_string()
                 } else {
                     "booted from disk, waiting for SSH".to_string()
                 }
