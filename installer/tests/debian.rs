@@ -8,13 +8,14 @@
 
 mod common;
 
-use common::{in_private_network, lab_login, require_root_and_tools, serial, sh, LoopDisk, MAC};
+use common::{lab_login, private_network, require_root_and_tools, serial, MAC};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use pxelab_contract::{Artifact, Event, InstallerConfig, Phase};
-use pxelab_tests::{sha256_hex, Behavior, FixtureServer};
+use pxelab_tests::cmd::{check, checked, failure, must, output};
+use pxelab_tests::{sha256_hex, Behavior, FixtureServer, LoopDisk};
 
 const GIB: u64 = 1 << 30;
 
@@ -22,10 +23,12 @@ const GIB: u64 = 1 << 30;
 fn pull_debian(home: &Path) -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    sh(Command::new(cargo)
-        .args(["xtask", "distro", "pull", "debian"])
-        .current_dir(&workspace)
-        .env("PXELAB_HOME", home));
+    check(
+        Command::new(cargo)
+            .args(["xtask", "distro", "pull", "debian"])
+            .current_dir(&workspace)
+            .env("PXELAB_HOME", home),
+    );
     home.join("images/debian-12/x86_64/rootfs.tar.zst")
 }
 
@@ -75,15 +78,21 @@ fn prepare_chroot(root: &Path, partition: &str, uuid: &str) {
     let name = partition.trim_start_matches("/dev/");
     let dev = fs::read_to_string(format!("/sys/class/block/{name}/dev")).unwrap();
     let (major, minor) = dev.trim().split_once(':').unwrap();
-    sh(Command::new("mount")
-        .args(["-t", "proc", "proc"])
-        .arg(root.join("proc")));
-    sh(Command::new("mount")
-        .args(["--bind", "/sys"])
-        .arg(root.join("sys")));
-    sh(Command::new("mount")
-        .args(["-t", "tmpfs", "dev"])
-        .arg(root.join("dev")));
+    check(
+        Command::new("mount")
+            .args(["-t", "proc", "proc"])
+            .arg(root.join("proc")),
+    );
+    check(
+        Command::new("mount")
+            .args(["--bind", "/sys"])
+            .arg(root.join("sys")),
+    );
+    check(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "dev"])
+            .arg(root.join("dev")),
+    );
     let d = root.join("dev");
     for (node, kind, maj, min) in [
         ("null", "c", "1", "3"),
@@ -91,21 +100,25 @@ fn prepare_chroot(root: &Path, partition: &str, uuid: &str) {
         ("urandom", "c", "1", "9"),
         (name, "b", major, minor),
     ] {
-        sh(Command::new("mknod")
-            .arg(d.join(node))
-            .args([kind, maj, min]));
+        check(
+            Command::new("mknod")
+                .arg(d.join(node))
+                .args([kind, maj, min]),
+        );
     }
     fs::create_dir_all(d.join("disk/by-uuid")).unwrap();
     std::os::unix::fs::symlink(format!("../../{name}"), d.join("disk/by-uuid").join(uuid)).unwrap();
 }
 
 fn chroot(root: &Path, args: &[&str]) -> String {
-    sh(Command::new("chroot")
-        .arg(root)
-        .args(args)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("LC_ALL", "C"))
+    check(
+        Command::new("chroot")
+            .arg(root)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("LC_ALL", "C"),
+    )
 }
 
 #[test]
@@ -114,7 +127,7 @@ fn sys_debian_install_survives_update_grub_and_sshd_loads_its_keys() {
     require_root_and_tools();
     let home = tempfile::tempdir().unwrap();
     let rootfs = fs::read(pull_debian(home.path())).expect("the pulled rootfs");
-    in_private_network(|| install_and_check(rootfs));
+    private_network().within(|| install_and_check(rootfs));
 }
 
 fn install_and_check(rootfs: Vec<u8>) {
@@ -133,7 +146,7 @@ fn install_and_check(rootfs: Vec<u8>) {
         },
         cloud_init_url: server.url("/cloud-init/deb-1/"),
         events_url: server.url("/events/deb-1"),
-        disk: Some(disk.dev.clone()),
+        disk: Some(disk.dev().to_string()),
         reboot: false,
         kexec: true,
         login: Some(lab_login()),
@@ -154,11 +167,11 @@ fn install_and_check(rootfs: Vec<u8>) {
         serde_json::to_vec(&config).unwrap(),
         Behavior::Normal,
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_pxelab-installer"))
-        .arg(format!("config_url={}", server.url("/config/deb-1")))
-        .arg(format!("pxelab.target={}", disk.path("target").display()))
-        .output()
-        .unwrap();
+    let out = output(
+        Command::new(env!("CARGO_BIN_EXE_pxelab-installer"))
+            .arg(format!("config_url={}", server.url("/config/deb-1")))
+            .arg(format!("pxelab.target={}", disk.path("target").display())),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "installer failed:\n{stderr}");
     eprintln!("{stderr}");
@@ -173,22 +186,18 @@ fn install_and_check(rootfs: Vec<u8>) {
 
     let root = disk.path("root");
     fs::create_dir_all(&root).unwrap();
-    sh(Command::new("mount").arg(disk.partition(2)).arg(&root));
-    let uuid = sh(Command::new("blkid").args(["-s", "UUID", "-o", "value", &disk.partition(2)]));
+    check(Command::new("mount").arg(disk.partition(2)).arg(&root));
+    let uuid = must(&["blkid", "-s", "UUID", "-o", "value", &disk.partition(2)]);
     let uuid = uuid.trim();
-    let esp_cfg =
-        sh(Command::new("mtype").args(["-i", &disk.partition(1), "::/EFI/debian/grub.cfg"]));
-    let image = Command::new("mcopy")
-        .args([
-            "-n",
-            "-i",
-            &disk.partition(1),
-            "::/EFI/BOOT/BOOTX64.EFI",
-            "-",
-        ])
-        .output()
-        .unwrap()
-        .stdout;
+    let esp_cfg = must(&["mtype", "-i", &disk.partition(1), "::/EFI/debian/grub.cfg"]);
+    let image = checked(Command::new("mcopy").args([
+        "-n",
+        "-i",
+        &disk.partition(1),
+        "::/EFI/BOOT/BOOTX64.EFI",
+        "-",
+    ]))
+    .stdout;
     assert_eq!(
         image,
         fs::read(root.join("usr/lib/grub/x86_64-efi/monolithic/grubx64.efi")).unwrap()
@@ -287,20 +296,17 @@ fn install_and_check(rootfs: Vec<u8>) {
         "home made from /etc/skel"
     );
     // The units are ones systemd accepts.
-    let verify = Command::new("chroot")
-        .arg(&root)
-        .args([
-            "systemd-analyze",
-            "verify",
-            "/etc/systemd/system/pxelab-early-ssh.service",
-            "/etc/systemd/system/pxelab-cloud-init-done.service",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&verify.stderr);
+    let mut verify = Command::new("chroot");
+    verify.arg(&root).args([
+        "systemd-analyze",
+        "verify",
+        "/etc/systemd/system/pxelab-early-ssh.service",
+        "/etc/systemd/system/pxelab-cloud-init-done.service",
+    ]);
+    let out = output(&mut verify);
     assert!(
-        verify.status.success() && text.trim().is_empty(),
-        "systemd-analyze verify ({}): {text}",
-        verify.status
+        out.status.success() && out.stderr.trim_ascii().is_empty(),
+        "{}",
+        failure(&verify, &out)
     );
 }

@@ -6,16 +6,16 @@
 //!
 //! Needs root, iproute2 (`ip`), util-linux (`unshare`) and a static busybox (busybox-static).
 
-mod common;
-
-use common::{require, sh};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use pxelab_tests::cmd::{require, require_root};
+use pxelab_tests::NetNs;
 
 fn initrd_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../initrd")
@@ -60,33 +60,13 @@ fn build_root(dir: &Path) -> PathBuf {
     root
 }
 
-/// Network namespaces, udhcpd and the /init process; all removed on drop.
-struct Netns {
-    names: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
-/// Runs /init in the client namespace and collects console lines until `until` appears.
-fn run_init(ns: &mut Netns, client: &str, root: &Path, cmdline: &str, until: &str) -> Vec<String> {
+/// Runs /init in the client namespace and collects console lines until `until` appears. The
+/// namespace's drop kills whatever a failed assertion leaves running.
+fn run_init(client: &NetNs, root: &Path, cmdline: &str, until: &str) -> Vec<String> {
     fs::write(root.join("cmdline"), cmdline).unwrap();
-    let mut child = Command::new("ip")
+    let mut child = client
+        .command("unshare")
         .args([
-            "netns",
-            "exec",
-            client,
-            "unshare",
             "--fork",
             "--pid",
             "--mount",
@@ -116,7 +96,6 @@ fn run_init(ns: &mut Netns, client: &str, root: &Path, cmdline: &str, until: &st
         });
     }
     drop(tx);
-    ns.children.push(child);
     let start = Instant::now();
     let mut lines = Vec::new();
     while start.elapsed() < Duration::from_secs(40) {
@@ -132,10 +111,8 @@ fn run_init(ns: &mut Netns, client: &str, root: &Path, cmdline: &str, until: &st
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
-    if let Some(mut c) = ns.children.pop() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    let _ = child.kill();
+    let _ = child.wait();
     assert!(
         lines.iter().any(|l| l.contains(until)),
         "no {until:?} from /init; console:\n{}",
@@ -146,42 +123,25 @@ fn run_init(ns: &mut Netns, client: &str, root: &Path, cmdline: &str, until: &st
 
 #[test]
 fn sys_init_brings_up_dhcp_on_the_boot_nic_and_runs_the_installer() {
-    // SAFETY: geteuid cannot fail.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the /init test needs root (namespaces, chroot)"
-    );
+    require_root("the /init test (namespaces, chroot)");
     require("ip", "iproute2");
     require("unshare", "util-linux");
     let dir = tempfile::tempdir().unwrap();
     let root = build_root(dir.path());
-    let tag = std::process::id();
-    let (srv, client) = (format!("pxelab-h4s-{tag}"), format!("pxelab-h4c-{tag}"));
-    let mut ns = Netns {
-        names: vec![],
-        children: vec![],
-    };
-    for n in [&srv, &client] {
-        sh(Command::new("ip").args(["netns", "add", n]));
-        ns.names.push(n.clone());
-    }
-    let ip = |args: String| sh(Command::new("ip").args(args.split_whitespace()));
+    let mut srv = NetNs::new("init-srv");
+    let client = NetNs::new("init-client");
     // eth1 is the boot NIC, wired to the server namespace. eth0 comes first and has carrier
     // too, so only the MAC can make /init pick eth1.
-    ip(format!(
-        "-n {srv} link add veth-s type veth peer name eth1 netns {client}"
+    srv.ip(&format!(
+        "link add veth-s type veth peer name eth1 netns {}",
+        client.name()
     ));
-    ip(format!(
-        "-n {client} link set eth1 address 52:54:00:aa:bb:cc"
-    ));
-    ip(format!(
-        "-n {client} link add eth0 address 52:54:00:00:00:99 type veth peer name eth0p"
-    ));
-    ip(format!("-n {client} link set eth0p up"));
-    ip(format!("-n {client} link set eth0 up"));
-    ip(format!("-n {srv} addr add 10.99.0.1/24 dev veth-s"));
-    ip(format!("-n {srv} link set veth-s up"));
+    client.ip("link set eth1 address 52:54:00:aa:bb:cc");
+    client.ip("link add eth0 address 52:54:00:00:00:99 type veth peer name eth0p");
+    client.ip("link set eth0p up");
+    client.ip("link set eth0 up");
+    srv.ip("addr add 10.99.0.1/24 dev veth-s");
+    srv.ip("link set veth-s up");
     let conf = dir.path().join("udhcpd.conf");
     fs::write(
         &conf,
@@ -194,18 +154,19 @@ fn sys_init_brings_up_dhcp_on_the_boot_nic_and_runs_the_installer() {
     )
     .unwrap();
     fs::write(dir.path().join("leases"), "").unwrap();
-    let udhcpd = Command::new("ip")
-        .args(["netns", "exec", &srv, "/bin/busybox", "udhcpd", "-f"])
+    let udhcpd = srv
+        .command("/bin/busybox")
+        .args(["udhcpd", "-f"])
         .arg(&conf)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("udhcpd");
-    ns.children.push(udhcpd);
+    srv.adopt(udhcpd);
 
     // Install path: DHCP on the NIC iPXE booted from, installer started with config_url.
     let cmdline = "console=ttyS0 BOOTIF=01-52-54-00-AA-BB-CC config_url=http://10.99.0.1/config/52-54-00-aa-bb-cc pxelab.retries=2 quiet";
-    let lines = run_init(&mut ns, &client, &root, cmdline, "console shell");
+    let lines = run_init(&client, &root, cmdline, "console shell");
     let text = lines.join("\n");
     assert_eq!(
         lines.first().map(String::as_str),
@@ -234,22 +195,7 @@ fn sys_init_brings_up_dhcp_on_the_boot_nic_and_runs_the_installer() {
 
     // The handler's real command line has no BOOTIF: the MAC in config_url names the NIC.
     let cmdline = "console=ttyS0,115200 config_url=http://10.99.0.1/config/52:54:00:aa:bb:cc initrd=initrd.img";
-    let lines = run_init(&mut ns, &client, &root, cmdline, "console shell");
-    let text = lines.join("\n");
-    assert!(
-        text.contains("pxelab-init: network: DHCP on eth1"),
-        "{text}"
-    );
-    assert!(
-        text.contains(
-            "fake-installer args: config_url=http://10.99.0.1/config/52:54:00:aa:bb:cc\n"
-        ),
-        "{text}"
-    );
-
-    // The handler's real command line has no BOOTIF: the MAC in config_url names the NIC.
-    let cmdline = "console=ttyS0,115200 config_url=http://10.99.0.1/config/52:54:00:aa:bb:cc initrd=initrd.img";
-    let lines = run_init(&mut ns, &client, &root, cmdline, "console shell");
+    let lines = run_init(&client, &root, cmdline, "console shell");
     let text = lines.join("\n");
     assert!(
         text.contains("pxelab-init: network: DHCP on eth1"),
@@ -260,7 +206,6 @@ fn sys_init_brings_up_dhcp_on_the_boot_nic_and_runs_the_installer() {
 
     // Debug mode: a shell instead of the installer.
     let lines = run_init(
-        &mut ns,
         &client,
         &root,
         "pxelab.mode=shell config_url=http://x/",
@@ -273,7 +218,6 @@ fn sys_init_brings_up_dhcp_on_the_boot_nic_and_runs_the_installer() {
 
     // A boot MAC that no NIC has: a clear message, then the shell (never the installer).
     let lines = run_init(
-        &mut ns,
         &client,
         &root,
         "pxelab.mac=02:00:00:00:00:42 config_url=http://x/",

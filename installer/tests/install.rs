@@ -8,10 +8,7 @@
 
 mod common;
 
-use common::{
-    in_private_network, lab_login, mounts_under, require_root_and_tools, serial, sh, LoopDisk,
-    LAB_KEY, MAC,
-};
+use common::{lab_login, private_network, require_root_and_tools, serial, LAB_KEY, MAC};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -21,7 +18,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use pxelab_contract::{Artifact, Event, InstallerConfig, Mac, Phase};
-use pxelab_tests::{sha256_hex, Behavior, FixtureServer};
+use pxelab_tests::cmd::{check, checked, must, output};
+use pxelab_tests::{sha256_hex, Behavior, FixtureServer, LoopDisk};
 
 const GIB: u64 = 1 << 30;
 const ROOTFS_PATH: &str = "/images/debian-12/x86_64/rootfs.tar.zst";
@@ -337,7 +335,7 @@ fn lab(disk_size: u64, rootfs_behavior: Behavior) -> Lab {
         },
         cloud_init_url: server.url("/cloud-init/t1/"),
         events_url: server.url(EVENTS_PATH),
-        disk: Some(disk.dev.clone()),
+        disk: Some(disk.dev().to_string()),
         reboot: false,
         kexec: true,
         login: Some(lab_login()),
@@ -358,10 +356,7 @@ struct Run {
 
 fn run_installer(args: &[String]) -> Run {
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_pxelab-installer"))
-        .args(args)
-        .output()
-        .expect("run pxelab-installer");
+    let out = output(Command::new(env!("CARGO_BIN_EXE_pxelab-installer")).args(args));
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     eprintln!(
         "--- installer stderr ({}) ---\n{stderr}--- end ---",
@@ -402,7 +397,7 @@ impl Lab {
     /// Everything the installer mounted is gone, and it left no /dev/disk links behind.
     fn assert_clean(&self, had_dev_disk: bool) {
         assert_eq!(
-            mounts_under(self.disk.dir.path()),
+            self.disk.mounts(),
             Vec::<String>::new(),
             "installer left mounts behind"
         );
@@ -416,7 +411,7 @@ impl Lab {
 }
 
 fn blkid(dev: &str) -> std::collections::HashMap<String, String> {
-    sh(Command::new("blkid").args(["-p", "-o", "export", dev]))
+    must(&["blkid", "-p", "-o", "export", dev])
         .lines()
         .filter_map(|l| {
             l.split_once('=')
@@ -441,7 +436,7 @@ fn mode(p: &Path) -> u32 {
 fn sys_install_to_a_loop_disk_end_to_end() {
     let _serial = serial();
     require_root_and_tools();
-    in_private_network(install_to_a_loop_disk_end_to_end);
+    private_network().within(install_to_a_loop_disk_end_to_end);
 }
 
 fn install_to_a_loop_disk_end_to_end() {
@@ -467,8 +462,7 @@ fn install_to_a_loop_disk_end_to_end() {
 
     // Partition table: GPT, 512 MiB ESP at 1 MiB, Linux root after it.
     let table: serde_json::Value =
-        serde_json::from_str(&sh(Command::new("sfdisk").args(["--json", &lab.disk.dev])))
-            .expect("sfdisk --json");
+        serde_json::from_str(&must(&["sfdisk", "--json", lab.disk.dev()])).expect("sfdisk --json");
     let pt = &table["partitiontable"];
     assert_eq!(pt["label"], "gpt");
     let parts = pt["partitions"].as_array().expect("partitions");
@@ -492,7 +486,7 @@ fn install_to_a_loop_disk_end_to_end() {
     assert_eq!(root["TYPE"], "ext4", "{root:?}");
     assert_eq!(root["LABEL"], "pxelab-root");
     let (root_uuid, esp_uuid) = (root["UUID"].clone(), esp["UUID"].clone());
-    let features = sh(Command::new("dumpe2fs").args(["-h", &lab.disk.partition(2)]));
+    let features = must(&["dumpe2fs", "-h", &lab.disk.partition(2)]);
     assert!(
         !features.contains("orphan_file") && !features.contains("metadata_csum_seed"),
         "{features}"
@@ -613,7 +607,7 @@ fn install_to_a_loop_disk_end_to_end() {
         defaults.contains("GRUB_DISABLE_LINUX_UUID=false\n") && defaults.contains("ttyS0"),
         "{defaults}"
     );
-    sh(Command::new("fsck.fat").args(["-n", &lab.disk.partition(1)]));
+    must(&["fsck.fat", "-n", &lab.disk.partition(1)]);
 
     // Host keys: on the disk, loadable by OpenSSH, and the same ones `installed` reported.
     let installed = lab.events().pop().unwrap();
@@ -622,7 +616,7 @@ fn install_to_a_loop_disk_end_to_end() {
     for (name, reported) in ["ed25519", "ecdsa"].iter().zip(&installed.host_keys) {
         let key = m.join(format!("etc/ssh/ssh_host_{name}_key"));
         assert_eq!(mode(&key), 0o600);
-        let public = sh(Command::new("ssh-keygen").arg("-y").arg("-f").arg(&key));
+        let public = check(Command::new("ssh-keygen").arg("-y").arg("-f").arg(&key));
         assert_eq!(
             public.trim(),
             format!("{reported} root@pxelab-t1"),
@@ -673,17 +667,19 @@ fn install_to_a_loop_disk_end_to_end() {
     assert!(done.contains(&lab.server.url(EVENTS_PATH)), "{done}");
     // The unit's network step, run here as at boot (NIC down, not yet renamed), with a sysfs
     // of this network namespace.
-    sh(Command::new("ip").args(["link", "set", "eth0", "down"]));
+    must(&["ip", "link", "set", "eth0", "down"]);
     let script = m.join("usr/local/lib/pxelab/early-ssh-net");
-    sh(Command::new("unshare")
-        .args(["-m", "sh", "-c"])
-        .arg(format!(
-            "mount -t sysfs sysfs /sys && sh {} {MAC} 10.99.7.11/24",
-            script.display()
-        )));
-    let lan0 = sh(Command::new("ip").args(["-o", "address", "show", "dev", "lan0"]));
+    check(
+        Command::new("unshare")
+            .args(["-m", "sh", "-c"])
+            .arg(format!(
+                "mount -t sysfs sysfs /sys && sh {} {MAC} 10.99.7.11/24",
+                script.display()
+            )),
+    );
+    let lan0 = must(&["ip", "-o", "address", "show", "dev", "lan0"]);
     assert!(lan0.contains("inet 10.99.7.11/24"), "{lan0}");
-    let link = sh(Command::new("ip").args(["-o", "link", "show", "dev", "lan0"]));
+    let link = must(&["ip", "-o", "link", "show", "dev", "lan0"]);
     assert!(
         link.contains(&format!("link/ether {MAC}")) && link.contains(",UP"),
         "{link}"
@@ -738,16 +734,7 @@ fn esp_file(lab: &Lab, path: &str) -> String {
 }
 
 fn esp_bytes(lab: &Lab, path: &str) -> Vec<u8> {
-    let out = Command::new("mcopy")
-        .args(["-n", "-i", &lab.disk.partition(1), path, "-"])
-        .output()
-        .expect("mcopy");
-    assert!(
-        out.status.success(),
-        "mcopy {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    checked(Command::new("mcopy").args(["-n", "-i", &lab.disk.partition(1), path, "-"])).stdout
 }
 
 fn parse_cleanup_ms(message: &str) -> u64 {
@@ -770,9 +757,10 @@ fn report_throughput(lab: &Lab, events: &[Event], checked_root: PathBuf) {
         .unwrap()
         .duration_ms
         .unwrap();
-    sh(Command::new("umount").arg(&checked_root));
+    check(Command::new("umount").arg(&checked_root));
     let part = lab.disk.partition(2);
-    sh(Command::new("mke2fs").args([
+    must(&[
+        "mke2fs",
         "-t",
         "ext4",
         "-F",
@@ -780,22 +768,24 @@ fn report_throughput(lab: &Lab, events: &[Event], checked_root: PathBuf) {
         "-E",
         "lazy_itable_init=1,nodiscard",
         &part,
-    ]));
+    ]);
     let at = lab.disk.path("tar-x");
     fs::create_dir_all(&at).unwrap();
-    sh(Command::new("mount").arg(&part).arg(&at));
+    check(Command::new("mount").arg(&part).arg(&at));
     let tarball = lab.disk.path("rootfs.tar.zst");
     fs::File::create(&tarball)
         .and_then(|mut f| f.write_all(&r.zst))
         .unwrap();
     let t = Instant::now();
-    sh(Command::new("tar")
-        .args(["--zstd", "-xpf"])
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&at));
+    check(
+        Command::new("tar")
+            .args(["--zstd", "-xpf"])
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&at),
+    );
     let tar_ms = t.elapsed().as_millis().max(1) as u64;
-    sh(Command::new("umount").arg(&at));
+    check(Command::new("umount").arg(&at));
     let mib = |bytes: u64, ms: u64| bytes as f64 / 1048576.0 / (ms as f64 / 1000.0);
     eprintln!(
         "THROUGHPUT streaming install (HTTP+sha256+zstd+tar, loopback → loop ext4): {rootfs_ms} ms, {:.1} MiB/s compressed, {:.1} MiB/s unpacked",
@@ -873,7 +863,7 @@ fn sys_install_with_corrupt_rootfs_fails_without_a_boot_loader() {
     let m = lab.disk.mount_ro(2, "check-root");
     assert!(!m.join("boot/grub/grub.cfg").exists());
     assert!(!m.join("etc/ssh/ssh_host_ed25519_key").exists());
-    let listing = sh(Command::new("mdir").args(["-b", "-i", &lab.disk.partition(1), "::/"]));
+    let listing = must(&["mdir", "-b", "-i", &lab.disk.partition(1), "::/"]);
     assert_eq!(listing.trim(), "", "the ESP stays empty");
 }
 
@@ -887,14 +877,14 @@ fn sys_install_refuses_a_small_disk_before_writing() {
     {
         let mut f = fs::OpenOptions::new()
             .write(true)
-            .open(&lab.disk.image)
+            .open(lab.disk.image())
             .unwrap();
         f.write_all(&pattern).unwrap();
         std::io::Seek::seek(&mut f, std::io::SeekFrom::End(-(1 << 20))).unwrap();
         f.write_all(&pattern).unwrap();
         f.sync_all().unwrap();
     }
-    let before = file_sha256(&lab.disk.image);
+    let before = file_sha256(lab.disk.image());
     let run = lab.install();
     assert_eq!(run.out.status.code(), Some(1), "{}", run.stderr);
     let last = run.stderr.lines().last().unwrap_or("");
@@ -907,7 +897,7 @@ fn sys_install_refuses_a_small_disk_before_writing() {
         "{last}"
     );
     assert_eq!(
-        file_sha256(&lab.disk.image),
+        file_sha256(lab.disk.image()),
         before,
         "the disk image changed"
     );

@@ -61,6 +61,11 @@ impl LoopDisk {
         path
     }
 
+    /// Mount points still at or below the disk's scratch directory, deepest first.
+    pub fn mounts(&self) -> Vec<String> {
+        mounts_under(self.dir.path())
+    }
+
     /// Mounts partition `n` read-only at `path(name)` (unmounted on drop).
     pub fn mount_ro(&self, n: u32, name: &str) -> PathBuf {
         let at = self.path(name);
@@ -72,7 +77,8 @@ impl LoopDisk {
             let state = output(&mut command(&[
                 "sh",
                 "-c",
-                "losetup -a; grep -E 'loop|pxelab' /proc/self/mountinfo; dmesg | tail -5",
+                "losetup -a; grep -E 'loop|pxelab' /proc/self/mountinfo; \
+                 ls -l /sys/block/loop*/loop*/holders; dmesg | tail -5",
             ]));
             panic!(
                 "{}\n--- loop devices and mounts ---\n{}",

@@ -75,7 +75,8 @@ impl NetNs {
                 f()
             })
             .join()
-            .expect("the thread inside the namespace panicked")
+            // The test fails with the thread's own message.
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 
