@@ -158,7 +158,7 @@ fn install_with_restart(up: &UpArgs) -> Result<()> {
     let done = AtomicBool::new(false);
     std::thread::scope(|s| -> Result<()> {
         let chaos = s.spawn(|| restart_during_stream(&done, &restarted));
-        let result = targets::up(Lab::open()?, up);
+        let result = targets::up(Lab::open()?, up).map(drop);
         done.store(true, Ordering::SeqCst);
         chaos
             .join()

@@ -191,7 +191,7 @@ struct CreateArgs {
 pub fn run(args: Args) -> Result<()> {
     let mut lab = Lab::open()?;
     match args.command {
-        LabCommand::Up(up) => targets::up(lab, &up),
+        LabCommand::Up(up) => targets::up(lab, &up).map(drop),
         LabCommand::Status => status(&lab),
         LabCommand::Down { purge } => down(&lab, purge),
         LabCommand::Stack { command } => match command {

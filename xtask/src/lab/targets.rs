@@ -27,7 +27,9 @@ use super::{
 /// notation).
 pub const DEFAULT_DISK_SIZE: &str = "20G";
 
-pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
+/// Brings the lab up and follows its targets; their milestones (none when there are no targets
+/// to follow).
+pub fn up(mut lab: Lab, a: &UpArgs) -> Result<Vec<follow::Row>> {
     crate::hostdeps::ensure(&LAB_TOOLS)?;
     if lab.is_created() {
         if a.subnet != super::home::DEFAULT_SUBNET && a.subnet != lab.config.subnet {
@@ -120,7 +122,7 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
             net.subnet.gateway(),
             net.ns
         );
-        return Ok(());
+        return Ok(Vec::new());
     }
     eprintln!(
         "following {} target(s) ({:?}, {:?} firmware); Ctrl-C leaves them running",
@@ -134,7 +136,7 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<()> {
         "ssh: cargo xtask lab vm ssh {}   stop: cargo xtask lab down",
         chosen[0].name
     );
-    Ok(())
+    Ok(rows)
 }
 
 /// Host tools the lab runs, with the Debian package providing each.
