@@ -223,10 +223,10 @@ fn special<R: Read>(entry: &tar::Entry<'_, R>, root: &Path) -> io::Result<()> {
         return Err(with_path(io::Error::last_os_error(), "mknod", &dest));
     }
     let (uid, gid) = (header.uid()? as libc::uid_t, header.gid()? as libc::gid_t);
-    // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::lchown(c.as_ptr(), uid, gid) } != 0
-        || unsafe { libc::chmod(c.as_ptr(), mode) } != 0
-    {
+    // SAFETY: valid NUL-terminated path (both calls).
+    let failed =
+        unsafe { libc::lchown(c.as_ptr(), uid, gid) != 0 || libc::chmod(c.as_ptr(), mode) != 0 };
+    if failed {
         return Err(with_path(io::Error::last_os_error(), "chown/chmod", &dest));
     }
     set_mtime(&dest, header.mtime()?)
@@ -291,8 +291,9 @@ mod tests {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
         // SAFETY: getuid/getgid cannot fail.
-        h.set_uid(u64::from(unsafe { libc::getuid() }));
-        h.set_gid(u64::from(unsafe { libc::getgid() }));
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        h.set_uid(u64::from(uid));
+        h.set_gid(u64::from(gid));
         h.set_size(0);
         h
     }

@@ -239,6 +239,7 @@ fn make_dir(parent: &OwnedFd, name: &CString) -> io::Result<()> {
 fn is_dir_at(parent: &OwnedFd, name: &CString) -> io::Result<bool> {
     // SAFETY: stat is plain data, filled by fstatat on a valid descriptor and name.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor, a NUL-terminated name and a stat buffer we own.
     check(unsafe {
         libc::fstatat(
             parent.as_raw_fd(),

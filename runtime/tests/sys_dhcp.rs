@@ -21,9 +21,9 @@ const KEY: &str =
 
 fn prerequisites() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "this sys_ test creates network namespaces: run it as root"
     );
     require("ip", "iproute2");

@@ -24,9 +24,9 @@ const MAC: &str = "52:54:00:aa:bb:07";
 
 fn prerequisites() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "this sys_ test creates network namespaces: run it as root"
     );
     require("ip", "iproute2");

@@ -143,10 +143,7 @@ mod tests {
         }
         assert!(!Path::new(&path).exists(), "{path} left behind");
         // SAFETY: signal 0 only checks existence.
-        assert_ne!(
-            unsafe { libc::kill(sleeper, 0) },
-            0,
-            "process {sleeper} left running"
-        );
+        let alive = unsafe { libc::kill(sleeper, 0) };
+        assert_ne!(alive, 0, "process {sleeper} left running");
     }
 }

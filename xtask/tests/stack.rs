@@ -429,6 +429,7 @@ fn sys_image_passes_skopeo_and_umoci_and_its_dnsmasq_runs() {
     std::fs::create_dir_all(rootfs.join("dev")).unwrap();
     for (name, minor) in [("null", 3), ("urandom", 9)] {
         let p = std::ffi::CString::new(rootfs.join("dev").join(name).to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
         let rc = unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, minor)) };
         assert_eq!(rc, 0, "mknod /dev/{name} in the unpacked rootfs");
     }
