@@ -45,6 +45,9 @@ use crate::stream::{HttpSource, StreamError, VerifiedStream};
 /// for (e.g. a developer's, when run by hand or by a test).
 const INITRD_MARKER: &str = "/etc/pxelab-initrd";
 
+/// The exit status (which `/init` tells apart) of an install the stack did not acknowledge.
+const NOT_ACKNOWLEDGED: u8 = 3;
+
 /// A failed install: the phase that failed and why.
 struct Failure {
     phase: Phase,
@@ -125,8 +128,12 @@ fn main() -> ExitCode {
                 host_keys: done.host_keys,
                 ..Event::default()
             };
-            reporter.finish(total, event);
+            let delivery = reporter.finish(total, event, Some(events::UNTIL_ACKNOWLEDGED));
             say!("SUCCESS: {} {message}", config.hostname);
+            if let Err(why) = acknowledged(delivery) {
+                say!("NOT REBOOTING: {why}; the machine would be reinstalled at its next network boot. The disk is installed: make the stack accept it (`cargo xtask lab status`), then reboot");
+                return ExitCode::from(NOT_ACKNOWLEDGED);
+            }
             if config.reboot {
                 if let Some(version) = &done.kexec {
                     say!("starting the installed kernel {version} (kexec)");
@@ -144,10 +151,22 @@ fn main() -> ExitCode {
                 message: format!("{phase}: {error}"),
                 ..Event::default()
             };
-            reporter.finish(total, event);
+            reporter.finish(total, event, None);
             say!("FAILED at step {phase}: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Ok when the stack recorded `installed`, so the next network boot will not reinstall.
+fn acknowledged(delivery: events::Delivery) -> Result<(), String> {
+    match delivery {
+        events::Delivery::Acknowledged { .. } => Ok(()),
+        events::Delivery::Refused(why) => Err(format!("the stack refused the installed report ({why})")),
+        events::Delivery::Unanswered { error, attempts } => Err(format!(
+            "the stack did not acknowledge the installed report after {attempts} attempts over {} minutes (last: {error})",
+            events::UNTIL_ACKNOWLEDGED.give_up_after.as_secs() / 60
+        )),
     }
 }
 
