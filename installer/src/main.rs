@@ -24,6 +24,7 @@ mod mounts;
 mod partition;
 mod seed;
 mod stream;
+mod wipeguard;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -212,12 +213,16 @@ impl Run<'_> {
         let layout = partition::layout(disk.size);
         let [esp_dev, root_dev] =
             partition::partition(&disk, &layout).map_err(at(Phase::Partition))?;
+        let id = install_id(config)
+            .and_then(|id| wipeguard::write_id(&disk.path, &id).map(|()| id))
+            .map_err(at(Phase::Partition))?;
         self.done(
             Phase::Partition,
             format!(
-                "GPT: {} ESP, {} root",
+                "GPT: {} ESP, {} root; install id {}",
                 esp_dev.display(),
-                root_dev.display()
+                root_dev.display(),
+                id.id
             ),
         );
 
@@ -351,13 +356,33 @@ impl Run<'_> {
     }
 }
 
-/// The target disk and why it was chosen, checked before anything is written.
+/// The target disk and why it was chosen, checked before anything is written: a disk that
+/// holds anything is wiped only when the operator reprovisioned the machine.
 fn choose_disk(config: &InstallerConfig) -> Result<(Disk, String)> {
-    let (path, why) = disk::choose(config.disk.as_deref(), Path::new("/sys/block"))?;
+    let (path, mut why) = disk::choose(config.disk.as_deref(), Path::new("/sys/block"))?;
     let disk = Disk::open(&path)?;
     disk.check_size(config.rootfs.size)?;
     disk.check_unused()?;
+    if let Some(wiping) = wipeguard::check(&disk.path, &config.name, config.wipe.as_deref())? {
+        why = format!("{why}; {wiping}");
+    }
     Ok((disk, why))
+}
+
+/// What marks `disk` as this install's: checked by the next install before it wipes anything.
+fn install_id(config: &InstallerConfig) -> Result<wipeguard::InstallId> {
+    let mut id = [0u8; 16];
+    mkfs::getrandom(&mut id)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(wipeguard::InstallId {
+        vm: config.name.clone(),
+        mac: config.mac.to_string(),
+        at: wipeguard::utc(now),
+        id: hex::encode(id),
+    })
 }
 
 fn make_filesystems(esp: &Path, root: &Path, target: &Path, mounts: &mut Mounts) -> Result<FsIds> {

@@ -51,6 +51,11 @@ pub struct InstallerConfig {
     /// from the first boot's start instead of after cloud-init's user module.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login: Option<Login>,
+    /// The reprovision nonce: present only between an operator's reprovision of the VM and its
+    /// next `installed`. The installer wipes a disk that carries anything (a partition table, a
+    /// filesystem, an earlier install) only when it is present; a blank disk needs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wipe: Option<String>,
 }
 
 /// A user account as the NoCloud user-data declares it (cloud-init applies it again later and
