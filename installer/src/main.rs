@@ -296,6 +296,11 @@ impl Run<'_> {
 
         let cleanup = Instant::now();
         mounts.unmount_all().map_err(at(Phase::Bootloader))?;
+        let finished = wipeguard::InstallId {
+            finished: Some(wipeguard::utc(unix_now())),
+            ..id
+        };
+        wipeguard::write_id(&disk.path, &finished).map_err(at(Phase::Bootloader))?;
         Ok(Done {
             cleanup: cleanup.elapsed(),
             host_keys,
@@ -363,7 +368,9 @@ fn choose_disk(config: &InstallerConfig) -> Result<(Disk, String)> {
     let disk = Disk::open(&path)?;
     disk.check_size(config.rootfs.size)?;
     disk.check_unused()?;
-    if let Some(wiping) = wipeguard::check(&disk.path, &config.name, config.wipe.as_deref())? {
+    let mac = config.mac.to_string();
+    if let Some(wiping) = wipeguard::check(&disk.path, &config.name, &mac, config.wipe.as_deref())?
+    {
         why = format!("{why}; {wiping}");
     }
     Ok((disk, why))
@@ -373,16 +380,20 @@ fn choose_disk(config: &InstallerConfig) -> Result<(Disk, String)> {
 fn install_id(config: &InstallerConfig) -> Result<wipeguard::InstallId> {
     let mut id = [0u8; 16];
     mkfs::getrandom(&mut id)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     Ok(wipeguard::InstallId {
         vm: config.name.clone(),
         mac: config.mac.to_string(),
-        at: wipeguard::utc(now),
+        at: wipeguard::utc(unix_now()),
         id: hex::encode(id),
+        finished: None,
     })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn make_filesystems(esp: &Path, root: &Path, target: &Path, mounts: &mut Mounts) -> Result<FsIds> {

@@ -4,7 +4,10 @@
 //!
 //! The install id is a small JSON line at [`ID_OFFSET`], in the gap GPT leaves between its
 //! partition entries and the first partition (at 1 MiB): no partition or filesystem owns those
-//! bytes, and they are read back together with the signatures, before anything is written.
+//! bytes, and they are read back together with the signatures, before anything is written. It is
+//! written right after partitioning and again, marked finished, after the final unmount: a disk
+//! left by an unfinished install of the same machine (a failed download, a power cut) is its
+//! own to retry, a finished one needs the operator's word.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -34,6 +37,9 @@ pub struct InstallId {
     pub at: String,
     /// 128 random bits, hex: tells two installs of the same VM apart.
     pub id: String,
+    /// When the install finished (its disk complete), UTC; absent while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
 }
 
 /// What the start of a disk holds.
@@ -50,8 +56,12 @@ impl Found {
     pub fn describe(&self) -> String {
         let mut s = self.what.join(", ");
         if let Some(id) = &self.install {
+            let state = match &id.finished {
+                Some(at) => format!("finished {at}"),
+                None => "unfinished".to_string(),
+            };
             s.push_str(&format!(
-                " (pxelab install of {} ({}) at {}, id {})",
+                " (pxelab install of {} ({}) started {}, {state}, id {})",
                 id.vm, id.mac, id.at, id.id
             ));
         }
@@ -113,8 +123,9 @@ fn read_id(head: &[u8]) -> Option<InstallId> {
 }
 
 /// Refuses `disk` when it holds anything, unless the config carries the operator's reprovision
-/// nonce (`wipe`). Returns what will be wiped, for the log.
-pub fn check(disk: &Path, vm: &str, wipe: Option<&str>) -> Result<Option<String>> {
+/// nonce (`wipe`) or it holds an unfinished install of this machine (`mac`). Returns what will
+/// be wiped, for the log.
+pub fn check(disk: &Path, vm: &str, mac: &str, wipe: Option<&str>) -> Result<Option<String>> {
     let Some(found) = inspect(disk)? else {
         return Ok(None);
     };
@@ -123,6 +134,13 @@ pub fn check(disk: &Path, vm: &str, wipe: Option<&str>) -> Result<Option<String>
             "wiping {} as reprovisioned",
             found.describe()
         )));
+    }
+    if found
+        .install
+        .as_ref()
+        .is_some_and(|id| id.mac == mac && id.finished.is_none())
+    {
+        return Ok(Some(format!("retrying over {}", found.describe())));
     }
     Err(err(format!(
         "{} is not blank: it carries {}; refusing to wipe it without the operator's word: run `cargo xtask lab vm reprovision {vm}` (or clear the disk), then boot {vm} again",
@@ -218,7 +236,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("disk.img");
         std::fs::write(&disk, blank()).unwrap();
-        assert_eq!(check(&disk, "t1", None).unwrap(), None, "blank: installs");
+        assert_eq!(
+            check(&disk, "t1", "52:54:00:12:34:56", None).unwrap(),
+            None,
+            "blank: installs"
+        );
 
         let mut head = blank();
         head[512..520].copy_from_slice(b"EFI PART");
@@ -228,19 +250,36 @@ mod tests {
             mac: "52:54:00:12:34:56".into(),
             at: utc(1_796_278_476),
             id: "0123456789abcdef0123456789abcdef".into(),
+            finished: None,
         };
         write_id(&disk, &id).unwrap();
-        assert_eq!(inspect(&disk).unwrap().unwrap().install, Some(id));
+        assert_eq!(inspect(&disk).unwrap().unwrap().install, Some(id.clone()));
+        let note = check(&disk, "t1", &id.mac, None).unwrap().unwrap();
+        assert!(
+            note.starts_with("retrying over a GPT partition table (pxelab install of t1"),
+            "an unfinished install of the same machine is retried: {note}"
+        );
+        assert!(
+            check(&disk, "t2", "52:54:00:12:34:99", None).is_err(),
+            "another machine's unfinished install is not"
+        );
 
-        let e = check(&disk, "t1", None).unwrap_err().0;
+        let done = InstallId {
+            finished: Some(utc(1_796_278_536)),
+            ..id
+        };
+        write_id(&disk, &done).unwrap();
+        let e = check(&disk, "t1", &done.mac, None).unwrap_err().0;
         assert_eq!(
             e,
             format!(
-                "{} is not blank: it carries a GPT partition table (pxelab install of t1 (52:54:00:12:34:56) at 2026-12-03T06:14:36Z, id 0123456789abcdef0123456789abcdef); refusing to wipe it without the operator's word: run `cargo xtask lab vm reprovision t1` (or clear the disk), then boot t1 again",
+                "{} is not blank: it carries a GPT partition table (pxelab install of t1 (52:54:00:12:34:56) started 2026-12-03T06:14:36Z, finished 2026-12-03T06:15:36Z, id 0123456789abcdef0123456789abcdef); refusing to wipe it without the operator's word: run `cargo xtask lab vm reprovision t1` (or clear the disk), then boot t1 again",
                 disk.display()
             )
         );
-        let note = check(&disk, "t1", Some("nonce")).unwrap().unwrap();
+        let note = check(&disk, "t1", &done.mac, Some("nonce"))
+            .unwrap()
+            .unwrap();
         assert!(
             note.starts_with("wiping a GPT partition table (pxelab install of t1"),
             "{note}"
