@@ -132,7 +132,7 @@ fn main() -> ExitCode {
             let delivery = reporter.finish(total, event, Some(events::UNTIL_ACKNOWLEDGED));
             say!("SUCCESS: {} {message}", config.hostname);
             if let Err(why) = acknowledged(delivery) {
-                say!("NOT REBOOTING: {why}; the machine would be reinstalled at its next network boot. The disk is installed: make the stack accept it (`cargo xtask lab status`), then reboot");
+                say!("NOT REBOOTING: {why}; the machine would be reinstalled at its next network boot. Check the stack (`cargo xtask lab status`); `cargo xtask lab vm reprovision {}` installs it again", config.name);
                 return ExitCode::from(NOT_ACKNOWLEDGED);
             }
             if config.reboot {
