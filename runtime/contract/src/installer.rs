@@ -151,6 +151,22 @@ impl ManifestFile {
 mod tests {
     use super::*;
 
+    /// A config from a stack without reprovision nonces reads as "no wipe", and a config
+    /// without one does not mention it (installers that predate it see the same JSON).
+    #[test]
+    fn the_wipe_nonce_is_optional_and_left_out_when_absent() {
+        let text = r#"{"name":"t1","mac":"52:54:00:00:00:01","hostname":"t1","distro":"debian-12",
+            "rootfs":{"url":"http://s/r","sha256":"00","size":1},"cloud_init_url":"http://s/c/",
+            "events_url":"http://s/e","reboot":true}"#;
+        let mut c: InstallerConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(c.wipe, None);
+        assert!(!serde_json::to_string(&c).unwrap().contains("wipe"));
+        c.wipe = Some("ab".into());
+        let back: InstallerConfig =
+            serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.wipe.as_deref(), Some("ab"));
+    }
+
     #[test]
     fn manifest_reads_the_documented_keys_and_ignores_others() {
         let text = r#"{"rootfs":{"file":"rootfs.tar.zst","sha256":"00000000000000000000000000000000000000000000000000000000000000aa","size":7},
