@@ -165,27 +165,70 @@ pub fn read_trim(path: &Path) -> Option<String> {
     fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
-/// The disk to use: the config's, else the first candidate in `sys_block` (normally /sys/block).
-/// Returns the device path and a note for the log saying why.
+/// The disk to use: the config's, else the only candidate of the best kind in `sys_block`
+/// (normally /sys/block). Two or more of the best kind are refused: guessing would wipe a disk
+/// the operator may need. Returns the device path and a note for the log saying why.
 pub fn choose(configured: Option<&str>, sys_block: &Path) -> Result<(PathBuf, String)> {
     if let Some(path) = configured {
         return Ok((PathBuf::from(path), "named by the config".into()));
     }
     let found = candidates(sys_block);
-    match found.first() {
-        Some((name, kind)) => {
-            let others = found.len() - 1;
-            Ok((PathBuf::from("/dev").join(name), format!("first non-removable {kind} disk ({others} other candidates)")))
-        }
-        None => Err(err(format!(
+    let Some((name, kind)) = found.first() else {
+        return Err(err(format!(
             "no disk found: no non-removable virtio, NVMe or SATA/SCSI disk in {}; attach one or name it in the VM definition (\"disk\")",
             sys_block.display()
-        ))),
+        )));
+    };
+    let same: Vec<String> = found
+        .iter()
+        .filter(|(_, k)| k == kind)
+        .map(|(n, _)| format!("/dev/{n}"))
+        .collect();
+    if same.len() > 1 {
+        return Err(err(format!(
+            "{} {kind} disks ({}) and none named; name the one to install to in the VM definition (\"disk\": \"{}\")",
+            same.len(),
+            same.join(", "),
+            same[0]
+        )));
     }
+    let others = found.len() - 1;
+    Ok((
+        PathBuf::from("/dev").join(name),
+        format!("the only non-removable {kind} disk ({others} of other kinds)"),
+    ))
+}
+
+/// One run of a kernel disk name: letters compare shorter first (`vdb` < `vdaa`, the order the
+/// kernel names them in), digits by value (`nvme1n1` < `nvme10n1`).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Run {
+    Digits(u64),
+    Letters(usize, String),
+}
+
+/// `name` as runs, so that sorting these sorts disks in the order they were named.
+fn natural_key(name: &str) -> Vec<Run> {
+    let mut runs = Vec::new();
+    let mut rest = name;
+    while let Some(first) = rest.chars().next() {
+        let digit = first.is_ascii_digit();
+        let end = rest
+            .find(|c: char| c.is_ascii_digit() != digit)
+            .unwrap_or(rest.len());
+        let (run, tail) = rest.split_at(end);
+        runs.push(if digit {
+            Run::Digits(run.parse().unwrap_or(u64::MAX))
+        } else {
+            Run::Letters(run.len(), run.to_string())
+        });
+        rest = tail;
+    }
+    runs
 }
 
 /// Non-removable, writable, non-empty, non-USB disks, best kind first (virtio, NVMe, SATA/SCSI,
-/// Xen), then by name.
+/// Xen), then in the kernel's naming order (`nvme1n1` before `nvme10n1`, `sdz` before `sdaa`).
 pub fn candidates(sys_block: &Path) -> Vec<(String, &'static str)> {
     let kind_of = |name: &str| -> Option<(u8, &'static str)> {
         if name.starts_with("vd") {
@@ -200,7 +243,7 @@ pub fn candidates(sys_block: &Path) -> Vec<(String, &'static str)> {
             None
         }
     };
-    let mut found: Vec<(u8, String, &'static str)> = Vec::new();
+    let mut found: Vec<(u8, Vec<Run>, String, &'static str)> = Vec::new();
     for entry in fs::read_dir(sys_block).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some((rank, kind)) = kind_of(&name) else {
@@ -216,13 +259,13 @@ pub fn candidates(sys_block: &Path) -> Vec<(String, &'static str)> {
             .map(|t| t.to_string_lossy().contains("/usb"))
             .unwrap_or(false);
         if usable && !via_usb {
-            found.push((rank, name, kind));
+            found.push((rank, natural_key(&name), name, kind));
         }
     }
     found.sort();
     found
         .into_iter()
-        .map(|(_, name, kind)| (name, kind))
+        .map(|(_, _, name, kind)| (name, kind))
         .collect()
 }
 
@@ -275,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn picks_the_first_fixed_disk_of_the_best_kind() {
+    fn picks_the_only_fixed_disk_of_the_best_kind() {
         let t = tempfile::tempdir().unwrap();
         fake_disk(t.path(), "sda", "0\n", "100\n");
         fake_disk(t.path(), "sr0", "1\n", "100\n");
@@ -296,6 +339,43 @@ mod tests {
         assert_eq!(
             choose(Some("/dev/sdz"), t.path()).unwrap().0,
             PathBuf::from("/dev/sdz")
+        );
+    }
+
+    #[test]
+    fn candidates_come_in_the_kernels_naming_order() {
+        let t = tempfile::tempdir().unwrap();
+        for name in ["nvme10n1", "nvme2n1", "nvme1n1", "nvme1n10", "nvme1n2"] {
+            fake_disk(t.path(), name, "0\n", "100\n");
+        }
+        for name in ["sdaa", "sdb", "sdz", "vdaa", "vdb"] {
+            fake_disk(t.path(), name, "0\n", "100\n");
+        }
+        let names: Vec<String> = candidates(t.path()).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "vdb", "vdaa", "nvme1n1", "nvme1n2", "nvme1n10", "nvme2n1", "nvme10n1", "sdb",
+                "sdz", "sdaa"
+            ]
+        );
+    }
+
+    #[test]
+    fn two_disks_of_the_best_kind_and_none_named_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        fake_disk(t.path(), "nvme10n1", "0\n", "100\n");
+        fake_disk(t.path(), "nvme1n1", "0\n", "100\n");
+        fake_disk(t.path(), "sda", "0\n", "100\n");
+        let e = choose(None, t.path()).unwrap_err().0;
+        assert_eq!(
+            e,
+            "2 NVMe disks (/dev/nvme1n1, /dev/nvme10n1) and none named; name the one to install to in the VM definition (\"disk\": \"/dev/nvme1n1\")"
+        );
+        assert_eq!(
+            choose(Some("/dev/nvme10n1"), t.path()).unwrap().0,
+            PathBuf::from("/dev/nvme10n1"),
+            "naming one settles it"
         );
     }
 

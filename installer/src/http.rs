@@ -148,9 +148,9 @@ impl Http {
         }
     }
 
-    /// POST a JSON body once, with an overall timeout. Used for events: never retried, since a
-    /// later event supersedes an earlier one.
-    pub fn post_json(&self, url: &str, body: &[u8], timeout: Duration) -> Result<(), String> {
+    /// POST a JSON body once, with an overall timeout. Retrying is the caller's choice: most
+    /// events are superseded by the next one, the final one is retried until acknowledged.
+    pub fn post_json(&self, url: &str, body: &[u8], timeout: Duration) -> Result<(), PostError> {
         let resp = self
             .agent
             .post(url)
@@ -159,13 +159,36 @@ impl Http {
             .build()
             .header("Content-Type", "application/json")
             .send(body)
-            .map_err(|e| format!("POST {url}: {e}"))?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("POST {url}: server answered {}", resp.status()))
+            .map_err(|e| PostError::Failed(format!("POST {url}: {e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
         }
+        let answer = format!("POST {url}: server answered {status}");
+        if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
+            // The stack says why in a one-line body: that line is what the operator needs.
+            let why = resp
+                .into_body()
+                .with_config()
+                .limit(512)
+                .read_to_string()
+                .unwrap_or_default();
+            return Err(PostError::Refused(format!("{answer}: {}", why.trim())));
+        }
+        Err(PostError::Failed(answer))
     }
+}
+
+/// Why a POST was not acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PostError {
+    /// A 4xx answer (not 408/429): the server understood and said no; the same request again
+    /// gets the same answer.
+    #[error("{0}")]
+    Refused(String),
+    /// No answer, or one worth retrying (5xx, 408, 429).
+    #[error("{0}")]
+    Failed(String),
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ mod mounts;
 mod partition;
 mod seed;
 mod stream;
+mod wipeguard;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -44,6 +45,9 @@ use crate::stream::{HttpSource, StreamError, VerifiedStream};
 /// Present only in the pxelab initrd: the installer never reboots a machine it was not booted on
 /// for (e.g. a developer's, when run by hand or by a test).
 const INITRD_MARKER: &str = "/etc/pxelab-initrd";
+
+/// The exit status (which `/init` tells apart) of an install the stack did not acknowledge.
+const NOT_ACKNOWLEDGED: u8 = 3;
 
 /// A failed install: the phase that failed and why.
 struct Failure {
@@ -125,8 +129,12 @@ fn main() -> ExitCode {
                 host_keys: done.host_keys,
                 ..Event::default()
             };
-            reporter.finish(total, event);
+            let delivery = reporter.finish(total, event, Some(events::UNTIL_ACKNOWLEDGED));
             say!("SUCCESS: {} {message}", config.hostname);
+            if let Err(why) = acknowledged(delivery) {
+                say!("NOT REBOOTING: {why}; the machine would be reinstalled at its next network boot. Check the stack (`cargo xtask lab status`); `cargo xtask lab vm reprovision {}` installs it again", config.name);
+                return ExitCode::from(NOT_ACKNOWLEDGED);
+            }
             if config.reboot {
                 if let Some(version) = &done.kexec {
                     say!("starting the installed kernel {version} (kexec)");
@@ -144,10 +152,22 @@ fn main() -> ExitCode {
                 message: format!("{phase}: {error}"),
                 ..Event::default()
             };
-            reporter.finish(total, event);
+            reporter.finish(total, event, None);
             say!("FAILED at step {phase}: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Ok when the stack recorded `installed`, so the next network boot will not reinstall.
+fn acknowledged(delivery: events::Delivery) -> Result<(), String> {
+    match delivery {
+        events::Delivery::Acknowledged { .. } => Ok(()),
+        events::Delivery::Refused(why) => Err(format!("the stack refused the installed report ({why})")),
+        events::Delivery::Unanswered { error, attempts } => Err(format!(
+            "the stack did not acknowledge the installed report after {attempts} attempts over {} minutes (last: {error})",
+            events::UNTIL_ACKNOWLEDGED.give_up_after.as_secs() / 60
+        )),
     }
 }
 
@@ -193,12 +213,16 @@ impl Run<'_> {
         let layout = partition::layout(disk.size);
         let [esp_dev, root_dev] =
             partition::partition(&disk, &layout).map_err(at(Phase::Partition))?;
+        let id = install_id(config)
+            .and_then(|id| wipeguard::write_id(&disk.path, &id).map(|()| id))
+            .map_err(at(Phase::Partition))?;
         self.done(
             Phase::Partition,
             format!(
-                "GPT: {} ESP, {} root",
+                "GPT: {} ESP, {} root; install id {}",
                 esp_dev.display(),
-                root_dev.display()
+                root_dev.display(),
+                id.id
             ),
         );
 
@@ -272,6 +296,11 @@ impl Run<'_> {
 
         let cleanup = Instant::now();
         mounts.unmount_all().map_err(at(Phase::Bootloader))?;
+        let finished = wipeguard::InstallId {
+            finished: Some(wipeguard::utc(unix_now())),
+            ..id
+        };
+        wipeguard::write_id(&disk.path, &finished).map_err(at(Phase::Bootloader))?;
         Ok(Done {
             cleanup: cleanup.elapsed(),
             host_keys,
@@ -332,13 +361,39 @@ impl Run<'_> {
     }
 }
 
-/// The target disk and why it was chosen, checked before anything is written.
+/// The target disk and why it was chosen, checked before anything is written: a disk that
+/// holds anything is wiped only when the operator reprovisioned the machine.
 fn choose_disk(config: &InstallerConfig) -> Result<(Disk, String)> {
-    let (path, why) = disk::choose(config.disk.as_deref(), Path::new("/sys/block"))?;
+    let (path, mut why) = disk::choose(config.disk.as_deref(), Path::new("/sys/block"))?;
     let disk = Disk::open(&path)?;
     disk.check_size(config.rootfs.size)?;
     disk.check_unused()?;
+    let mac = config.mac.to_string();
+    if let Some(wiping) = wipeguard::check(&disk.path, &config.name, &mac, config.wipe.as_deref())?
+    {
+        why = format!("{why}; {wiping}");
+    }
     Ok((disk, why))
+}
+
+/// What marks `disk` as this install's: checked by the next install before it wipes anything.
+fn install_id(config: &InstallerConfig) -> Result<wipeguard::InstallId> {
+    let mut id = [0u8; 16];
+    mkfs::getrandom(&mut id)?;
+    Ok(wipeguard::InstallId {
+        vm: config.name.clone(),
+        mac: config.mac.to_string(),
+        at: wipeguard::utc(unix_now()),
+        id: hex::encode(id),
+        finished: None,
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn make_filesystems(esp: &Path, root: &Path, target: &Path, mounts: &mut Mounts) -> Result<FsIds> {

@@ -51,7 +51,7 @@ impl FsIds {
     }
 }
 
-fn getrandom(buf: &mut [u8]) -> Result<()> {
+pub fn getrandom(buf: &mut [u8]) -> Result<()> {
     // SAFETY: writes at most buf.len() bytes into buf.
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n != buf.len() as isize {

@@ -150,6 +150,7 @@ fn install_and_check(rootfs: Vec<u8>) {
         reboot: false,
         kexec: true,
         login: Some(lab_login()),
+        wipe: None,
     };
     server.serve(rootfs_path, rootfs, Behavior::Normal);
     server.serve(

@@ -339,6 +339,7 @@ fn lab(disk_size: u64, rootfs_behavior: Behavior) -> Lab {
         reboot: false,
         kexec: true,
         login: Some(lab_login()),
+        wipe: None,
     };
     server.serve(
         "/config/52-54-00-12-34-56",

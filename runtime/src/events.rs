@@ -24,7 +24,7 @@ use pxelab_contract::{Event, Mac, Phase, TimelineEntry, VmDefinition, VmState};
 
 use crate::{
     access,
-    journal::{Journal, MachineRecord, Ticket},
+    journal::{Journal, MachineRecord, Minted, Ticket},
     log,
     vms::VmSet,
 };
@@ -167,7 +167,7 @@ impl EventStore {
     /// a change into or out of `installed` is durable. For the stack's own observations and
     /// operator actions: what a machine posts goes through [`EventStore::post`].
     pub fn append(&self, vm: &VmDefinition, event: Event) -> Result<StateRecord, StateError> {
-        self.write(vm, event, None, |_| Ok(()), report)
+        self.write(vm, event, Minted::default(), |_| Ok(()), report)
             .map_err(|e| match e {
                 Refused::Failed(e) => e,
                 other => StateError(format!("internal error: {other:?}")),
@@ -184,12 +184,36 @@ impl EventStore {
     pub fn begin_boot(&self, vm: &VmDefinition, event: Event) -> Result<String, StateError> {
         let token = access::mint()
             .map_err(|e| StateError(format!("cannot make a boot token for {}: {e}", vm.name)))?;
-        self.write(vm, event, Some(&token), |_| Ok(()), |_| ())
+        let minted = Minted {
+            token: Some(token.clone()),
+            wipe: None,
+        };
+        self.write(vm, event, minted, |_| Ok(()), |_| ())
             .map_err(|e| match e {
                 Refused::Failed(e) => e,
                 other => StateError(format!("internal error: {other:?}")),
             })?;
         Ok(token)
+    }
+
+    /// The operator's reprovision: the machine's next network boot installs again, and that
+    /// install may wipe its disk (the new nonce, handed out in `/config` until `installed`).
+    pub fn reprovision(&self, vm: &VmDefinition, event: Event) -> Result<StateRecord, StateError> {
+        let wipe = access::mint().map_err(|e| {
+            StateError(format!(
+                "cannot make a reprovision nonce for {}: {e}",
+                vm.name
+            ))
+        })?;
+        let minted = Minted {
+            token: None,
+            wipe: Some(wipe),
+        };
+        self.write(vm, event, minted, |_| Ok(()), report)
+            .map_err(|e| match e {
+                Refused::Failed(e) => e,
+                other => StateError(format!("internal error: {other:?}")),
+            })
     }
 
     /// An event a machine posted: recorded only with the machine's current boot token
@@ -215,7 +239,7 @@ impl EventStore {
             }
             Ok(())
         };
-        self.write(vm, event, None, check, report)
+        self.write(vm, event, Minted::default(), check, report)
     }
 
     /// The VM's current boot token, if a boot handed one out.
@@ -223,11 +247,16 @@ impl EventStore {
         Ok(self.read(vm, |r| r.token.clone())?.flatten())
     }
 
+    /// The VM's reprovision nonce, from its reprovision until it reports `installed`.
+    pub fn wipe(&self, vm: &VmDefinition) -> Result<Option<String>, StateError> {
+        Ok(self.read(vm, |r| r.wipe.clone())?.flatten())
+    }
+
     fn write<T>(
         &self,
         vm: &VmDefinition,
         mut event: Event,
-        token: Option<&str>,
+        minted: Minted,
         check: impl FnOnce(Option<&MachineRecord>) -> Result<(), Refused>,
         f: impl FnOnce(&MachineRecord) -> T,
     ) -> Result<T, Refused> {
@@ -242,10 +271,10 @@ impl EventStore {
             check(guard.as_ref())?;
             let (seq, ticket) = self
                 .journal
-                .append(&vm.name, vm.mac, &entry, token)
+                .append(&vm.name, vm.mac, &entry, &minted)
                 .map_err(|e| StateError(format!("cannot record an event of {}: {e}", vm.name)))?;
             let r = guard.get_or_insert_with(|| MachineRecord::new(&vm.name, vm.mac));
-            r.apply(vm.mac, entry, seq, ticket, token.map(str::to_string));
+            r.apply(vm.mac, entry, seq, ticket, minted);
             (f(r), r.state_ticket)
         };
         self.durable(ticket)?;

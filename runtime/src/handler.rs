@@ -294,6 +294,10 @@ impl Context {
             Ok(token) => token,
             Err(reply) => return reply,
         };
+        let wipe = match self.events.wipe(&vm) {
+            Ok(wipe) => wipe,
+            Err(e) => return Response::line(500, &e.to_string()),
+        };
         let manifest = match self.install_manifest(&vm) {
             Ok(m) => m,
             Err(reply) => return reply,
@@ -323,6 +327,7 @@ impl Context {
             // `vms/<name>.nokexec`: reboot through the firmware instead (kexec is the default).
             kexec: !self.vms.dir().join(format!("{}.nokexec", vm.name)).exists(),
             login: Some(cloudinit::login(&vm)),
+            wipe,
         };
         let reply = ConfigReply {
             arch: vm.arch,
@@ -430,7 +435,7 @@ impl Context {
     }
 
     /// Forgets that `name` is installed (control socket only): its next `/ipxe` hands out the
-    /// installer again.
+    /// installer again, with a new reprovision nonce in `/config` that lets it wipe the disk.
     fn reprovision(&self, name: &str) -> Response {
         let set = self.set();
         let Some(vm) = set.by_name(name) else {
@@ -441,7 +446,7 @@ impl Context {
             message: "install state reset: the next network boot installs again".into(),
             ..Event::default()
         };
-        match self.events.append(vm, event) {
+        match self.events.reprovision(vm, event) {
             Ok(record) => {
                 log!("{}: install state reset (reprovision)", vm.name);
                 Response::json(200, &vm_status(vm, Some(record)))

@@ -67,6 +67,19 @@ pub struct MachineRecord {
     /// that handed the boot out, dropped by a reprovision or a new MAC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The reprovision nonce ([`pxelab_contract::InstallerConfig::wipe`]): set by the operator's
+    /// reprovision, dropped when the machine reports `installed` (or a new MAC appears).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wipe: Option<String>,
+}
+
+/// The secrets an event hands out, kept with the machine's record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Minted {
+    /// A boot token (an `/ipxe` that hands out a boot).
+    pub token: Option<String>,
+    /// A reprovision nonce (the operator's reprovision).
+    pub wipe: Option<String>,
 }
 
 impl MachineRecord {
@@ -80,12 +93,13 @@ impl MachineRecord {
             state_ticket: Ticket::default(),
             timeline: VecDeque::new(),
             token: None,
+            wipe: None,
         }
     }
 
     /// Folds one event in: the state machine of the contract, a bounded timeline of cleaned
-    /// messages, the boot token the event hands out (if any). A record of another MAC (the VM
-    /// was redefined) starts over from `new` without a token, keeping the timeline. Returns
+    /// messages, the secrets the event hands out (if any). A record of another MAC (the VM was
+    /// redefined) starts over from `new` without a token or nonce, keeping the timeline. Returns
     /// whether the state changed.
     pub fn apply(
         &mut self,
@@ -93,13 +107,17 @@ impl MachineRecord {
         mut entry: TimelineEntry,
         seq: u64,
         ticket: Ticket,
-        token: Option<String>,
+        minted: Minted,
     ) -> bool {
         if self.mac != mac || entry.event.phase == Phase::Reprovision {
             self.token = None;
+            self.wipe = None;
         }
-        if token.is_some() {
-            self.token = token;
+        if minted.token.is_some() {
+            self.token = minted.token;
+        }
+        if minted.wipe.is_some() {
+            self.wipe = minted.wipe;
         }
         // Journals written before events were cleaned on arrival.
         entry.event.clean();
@@ -118,6 +136,10 @@ impl MachineRecord {
         // same way (the installer), so those replies do not wait for the disk.
         if changed && (new == VmState::Installed || old == VmState::Installed) {
             self.state_ticket = ticket;
+        }
+        if new == VmState::Installed {
+            // The reprovisioned install is done: the next one needs the operator again.
+            self.wipe = None;
         }
         self.mac = mac;
         self.state = new;
@@ -139,6 +161,9 @@ struct EventLine {
     /// The boot token this event handed out.
     #[serde(default)]
     token: Option<String>,
+    /// The reprovision nonce this event handed out.
+    #[serde(default)]
+    wipe: Option<String>,
     #[serde(flatten)]
     entry: TimelineEntry,
 }
@@ -151,6 +176,8 @@ struct EventLineRef<'a> {
     mac: Mac,
     #[serde(skip_serializing_if = "Option::is_none")]
     token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wipe: Option<&'a str>,
     #[serde(flatten)]
     entry: &'a TimelineEntry,
 }
@@ -227,7 +254,7 @@ impl Journal {
         Ok((journal, machines))
     }
 
-    /// Appends `entry` for `vm` (and the boot token it hands out); returns its sequence and the
+    /// Appends `entry` for `vm` (and the secrets it hands out); returns its sequence and the
     /// ticket to wait on for it to be durable. Callers hold the machine's own lock, so one
     /// machine's events are in the journal in the order its record sees them.
     pub fn append(
@@ -235,7 +262,7 @@ impl Journal {
         vm: &str,
         mac: Mac,
         entry: &TimelineEntry,
-        token: Option<&str>,
+        minted: &Minted,
     ) -> io::Result<(u64, Ticket)> {
         let s = &self.shared;
         let seq = s.next_seq.fetch_add(1, Ordering::SeqCst);
@@ -243,7 +270,8 @@ impl Journal {
             seq,
             vm,
             mac,
-            token,
+            token: minted.token.as_deref(),
+            wipe: minted.wipe.as_deref(),
             entry,
         };
         let mut bytes = serde_json::to_vec(&line).map_err(io::Error::other)?;
@@ -454,7 +482,11 @@ fn replay(dir: &Path) -> io::Result<Replayed> {
                 .entry(e.vm.clone())
                 .or_insert_with(|| MachineRecord::new(&e.vm, e.mac));
             if e.seq > record.seq {
-                record.apply(e.mac, e.entry, e.seq, Ticket::default(), e.token);
+                let minted = Minted {
+                    token: e.token,
+                    wipe: e.wipe,
+                };
+                record.apply(e.mac, e.entry, e.seq, Ticket::default(), minted);
             }
         }
         if skipped > 0 {
@@ -513,6 +545,7 @@ fn import_legacy(dir: &Path, machines: &mut BTreeMap<String, MachineRecord>) {
                 state_ticket: Ticket::default(),
                 timeline,
                 token: None,
+                wipe: None,
             },
         );
     }

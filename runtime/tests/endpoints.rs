@@ -253,6 +253,50 @@ fn reprovision_on_the_control_socket_installs_again() {
     );
 }
 
+/// The reprovision nonce lets the installer wipe a used disk: in `/config` from the operator's
+/// reprovision until `installed` (a restart in between included), never before or after.
+#[test]
+fn config_carries_a_wipe_nonce_only_between_reprovision_and_installed() {
+    let mut s = Stack::new();
+    let wipe = |s: &common::Stack, token: &str| {
+        let r = s.get(&format!("/config/{MAC}?token={token}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json().get("wipe").cloned()
+    };
+    let token = s.boot();
+    assert_eq!(wipe(&s, &token), None, "a first install gets none");
+    s.post_event(&token, r#"{"phase":"installing"}"#);
+    s.post_event(&token, r#"{"phase":"installed"}"#);
+
+    s.control("POST", "/vms/t1/reprovision");
+    let token = s.boot();
+    let first = wipe(&s, &token).expect("a nonce after the reprovision");
+    let first = first.as_str().unwrap().to_string();
+    assert_eq!(first.len(), 32, "{first}");
+    s.post_event(&token, r#"{"phase":"installing"}"#);
+    s.post_event(&token, r#"{"phase":"failed","message":"disk: x"}"#);
+    s.restart();
+    let token = s.boot();
+    assert_eq!(
+        wipe(&s, &token).and_then(|w| w.as_str().map(str::to_string)),
+        Some(first.clone()),
+        "kept across a failed install and a restart"
+    );
+    s.post_event(&token, r#"{"phase":"installing"}"#);
+    s.post_event(&token, r#"{"phase":"installed"}"#);
+    s.control("POST", "/vms/t1/reprovision");
+    let second = wipe(&s, &s.boot()).expect("a new nonce for a new reprovision");
+    assert_ne!(second.as_str(), Some(first.as_str()));
+
+    // Installed: the next install (the operator asked none) may not wipe.
+    let token = s.boot();
+    s.post_event(&token, r#"{"phase":"installing"}"#);
+    s.post_event(&token, r#"{"phase":"installed"}"#);
+    assert_eq!(wipe(&s, &token), None);
+    s.restart();
+    assert_eq!(wipe(&s, &token), None, "still none after a restart");
+}
+
 #[test]
 fn reprovision_is_not_served_over_the_network() {
     let s = Stack::new();

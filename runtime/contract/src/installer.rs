@@ -51,6 +51,11 @@ pub struct InstallerConfig {
     /// from the first boot's start instead of after cloud-init's user module.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login: Option<Login>,
+    /// The reprovision nonce: present only between an operator's reprovision of the VM and its
+    /// next `installed`. The installer wipes a disk that carries anything (a partition table, a
+    /// filesystem, an earlier install) only when it is present; a blank disk needs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wipe: Option<String>,
 }
 
 /// A user account as the NoCloud user-data declares it (cloud-init applies it again later and
@@ -145,6 +150,22 @@ impl ManifestFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config from a stack without reprovision nonces reads as "no wipe", and a config
+    /// without one does not mention it (installers that predate it see the same JSON).
+    #[test]
+    fn the_wipe_nonce_is_optional_and_left_out_when_absent() {
+        let text = r#"{"name":"t1","mac":"52:54:00:00:00:01","hostname":"t1","distro":"debian-12",
+            "rootfs":{"url":"http://s/r","sha256":"00","size":1},"cloud_init_url":"http://s/c/",
+            "events_url":"http://s/e","reboot":true}"#;
+        let mut c: InstallerConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(c.wipe, None);
+        assert!(!serde_json::to_string(&c).unwrap().contains("wipe"));
+        c.wipe = Some("ab".into());
+        let back: InstallerConfig =
+            serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.wipe.as_deref(), Some("ab"));
+    }
 
     #[test]
     fn manifest_reads_the_documented_keys_and_ignores_others() {
