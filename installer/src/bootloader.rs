@@ -215,6 +215,9 @@ fn grub_defaults() -> String {
          # on the serial console for the lab's log. update-grub (run by kernel upgrades) reads it.\n\
          GRUB_DISABLE_LINUX_UUID=false\n\
          GRUB_TIMEOUT={TIMEOUT}\n\
+         # GRUB's own console, which the firmware mirrors to the serial port: without it\n\
+         # update-grub's menu switches to gfxterm and the serial log goes silent.\n\
+         GRUB_TERMINAL=console\n\
          GRUB_CMDLINE_LINUX=\"$GRUB_CMDLINE_LINUX {}\"\n",
         serial_console()
     )
@@ -353,5 +356,6 @@ mod tests {
         let d = grub_defaults();
         assert!(d.contains("GRUB_DISABLE_LINUX_UUID=false\n"));
         assert!(d.contains(serial_console()));
+        assert!(d.contains("\nGRUB_TERMINAL=console\n"), "{d}");
     }
 }
