@@ -7,8 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context, Result};
-use pxelab_contract::{Arch, Phase};
+use anyhow::{ensure, Result};
+use pxelab_contract::Arch;
 
 use super::ssh_output;
 use crate::lab::{artifacts, follow, home::Lab, qemu, stack, targets};
@@ -41,16 +41,7 @@ pub fn scenario(lab: &Lab) -> Result<()> {
         seen.contains("status: done"),
         "cloud-init is not done on trixie-1: {seen:?}"
     );
-    let timeline = stack::timeline(lab, VM)?;
-    let done = timeline
-        .iter()
-        .rfind(|e| e.event.phase == Phase::CloudInitDone)
-        .context("trixie-1 never reported cloud-init-done")?;
-    ensure!(
-        done.event.message.ends_with("; no errors"),
-        "cloud-init on trixie-1 reported errors: {:?}",
-        done.event.message
-    );
+    super::firstboot::cloud_init_done(VM, &stack::timeline(lab, VM)?)?;
     targets::stop_vm(lab, VM)?;
     eprintln!(
         "e2e: trixie-1 (Debian 13) installed, answered SSH and finished cloud-init in {:.0}s \
