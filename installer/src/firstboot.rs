@@ -15,8 +15,11 @@
 //!
 //! systemd keeps `/run/nologin` until the boot is complete, and sshd's PAM stack has
 //! `pam_nologin` (measured: every login refused until cloud-init's second stage was done). The
-//! early sshd runs under its own name, and sshd names its PAM service after itself: its stack is
-//! the distro's common one, without `pam_nologin` (or the motd and mail session extras).
+//! early sshd has a PAM service of its own: its stack is the distro's common one, without
+//! `pam_nologin` (or the motd and mail session extras). OpenSSH up to 9.7 (Debian 12) names the
+//! service after its program, so the early sshd runs under its own name; from 9.8 the PAM work
+//! is `sshd-session`'s, under the fixed service `sshd` unless `PAMServiceName` (10.0, Debian 13)
+//! says otherwise, so where sshd knows that keyword the unit passes it too.
 //!
 //! `pxelab-cloud-init-done.service` runs after `cloud-final` on every boot and posts a
 //! `cloud-init-done` event with each stage's duration and any errors.
@@ -35,8 +38,10 @@ const UNITS: &str = "etc/systemd/system";
 pub const EARLY_SSH: &str = "pxelab-early-ssh.service";
 pub const CLOUD_INIT_DONE: &str = "pxelab-cloud-init-done.service";
 const REPORTER: &str = "usr/local/lib/pxelab/cloud-init-done";
-/// The early sshd's program name, hence its PAM service.
+/// The early sshd's program name and PAM service.
 const EARLY_SSHD: &str = "pxelab-early-sshd";
+/// sshd's keyword for its PAM service, as its keyword table spells it.
+const PAM_SERVICE_KEYWORD: &[u8] = b"pamservicename";
 const EARLY_NET: &str = "usr/local/lib/pxelab/early-ssh-net";
 
 /// The IPv4 address and prefix length of a network interface.
@@ -83,7 +88,7 @@ pub fn early_ssh(root: &Path, mac: Mac, address: Address) -> Result<String> {
     )?;
     write_atomic(
         &root.join(UNITS).join(EARLY_SSH),
-        early_ssh_unit(&program, mac, address).as_bytes(),
+        early_ssh_unit(&program, &pam_service_option(root, &sshd), mac, address).as_bytes(),
         0o644,
     )?;
     write_atomic(
@@ -128,7 +133,21 @@ fn link_file(mac: Mac) -> String {
     )
 }
 
-fn early_ssh_unit(sshd: &str, mac: Mac, address: Address) -> String {
+/// `-o PAMServiceName=…` when the rootfs's sshd has the keyword (asked of its keyword table:
+/// the target's sshd cannot be run here), else nothing, which older sshds would refuse.
+fn pam_service_option(root: &Path, sshd: &str) -> String {
+    let binary = fs::read(root.join(sshd.trim_start_matches('/'))).unwrap_or_default();
+    let knows = binary
+        .windows(PAM_SERVICE_KEYWORD.len())
+        .any(|w| w == PAM_SERVICE_KEYWORD);
+    if knows {
+        format!(" -o PAMServiceName={EARLY_SSHD}")
+    } else {
+        String::new()
+    }
+}
+
+fn early_ssh_unit(sshd: &str, pam_service: &str, mac: Mac, address: Address) -> String {
     format!(
         "# Written by pxelab-installer: SSH on the first boot before cloud-init has run (the host\n\
          # keys and the login are already in place). ssh.service stops it when it starts.\n\
@@ -144,7 +163,7 @@ fn early_ssh_unit(sshd: &str, mac: Mac, address: Address) -> String {
          [Service]\n\
          Type=notify\n\
          ExecStartPre=/bin/sh /{EARLY_NET} {mac} {address}\n\
-         ExecStart={sshd} -D -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no -o PermitRootLogin=no\n\
+         ExecStart={sshd} -D -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no -o PermitRootLogin=no{pam_service}\n\
          KillMode=process\n\
          RuntimeDirectory=sshd\n\
          RuntimeDirectoryMode=0755\n\
@@ -182,8 +201,8 @@ fn early_net_script(ip: &str) -> String {
 }
 
 const EARLY_SSHD_PAM: &str = "\
-# Written by pxelab-installer: PAM for the first boot's early sshd (sshd names its PAM service
-# after its program name). /etc/pam.d/sshd without pam_nologin: systemd forbids logins until the
+# Written by pxelab-installer: PAM for the first boot's early sshd (its program name or
+# PAMServiceName). /etc/pam.d/sshd without pam_nologin: systemd forbids logins until the
 # boot is complete, and answering SSH before that is the point.
 @include common-auth
 @include common-account
@@ -417,6 +436,15 @@ mod tests {
         ] {
             assert!(unit.contains(line), "{line:?} missing from\n{unit}");
         }
+        // An sshd before OpenSSH 10 refuses the keyword; one that has it is given its service.
+        assert!(!unit.contains("PAMServiceName"), "{unit}");
+        fs::write(root.join("usr/sbin/sshd"), b"\x7fELF..pamservicename\0..").unwrap();
+        early_ssh(root, mac(), address).unwrap();
+        let unit = fs::read_to_string(root.join(UNITS).join(EARLY_SSH)).unwrap();
+        assert!(
+            unit.contains("-o PermitRootLogin=no -o PAMServiceName=pxelab-early-sshd\n"),
+            "{unit}"
+        );
         assert_eq!(
             fs::read_link(root.join("usr/local/sbin/pxelab-early-sshd")).unwrap(),
             Path::new("/usr/sbin/sshd")

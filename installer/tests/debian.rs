@@ -1,4 +1,4 @@
-//! The installer with the real Debian 12 rootfs (what `cargo xtask distro pull debian` builds)
+//! The installer with the real Debian 12 rootfs (what `cargo xtask distro pull debian-12` builds)
 //! on a loop disk, then what the installed system will do itself: its `update-grub` (a kernel
 //! upgrade runs it) must still write a config that boots the root by UUID with modules the
 //! ESP's GRUB image has built in, and its sshd must accept the host keys the installer wrote.
@@ -25,7 +25,7 @@ fn pull_debian(home: &Path) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     check(
         Command::new(cargo)
-            .args(["xtask", "distro", "pull", "debian"])
+            .args(["xtask", "distro", "pull", "debian-12"])
             .current_dir(&workspace)
             .env("PXELAB_HOME", home),
     );

@@ -1,4 +1,4 @@
-//! `distro pull debian` for real (x86_64): Debian's mirror, the pinned closure of
+//! `distro pull debian-12` for real (x86_64): Debian's mirror, the pinned closure of
 //! recipes/distros/debian-12.lock, mmdebstrap. Needs root (or unprivileged user namespaces),
 //! network access to deb.debian.org and the packages mmdebstrap, kmod.
 //!
@@ -47,7 +47,7 @@ fn scan(path: &Path) -> (Vec<String>, BTreeMap<String, Vec<u8>>) {
 fn pull(cache: &Path) -> distro::PullReport {
     std::env::set_var("PXELAB_CACHE", cache);
     let args = PullArgs {
-        name: "debian".into(),
+        name: "debian-12".into(),
         arch: Arch::X86_64,
         modules: None,
         mirror: None,

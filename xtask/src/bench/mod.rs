@@ -216,7 +216,7 @@ fn stack_args(out: Option<PathBuf>) -> crate::stack::Args {
 
 fn pull_args(modules: Option<crate::distro::modules::ModuleSet>) -> crate::distro::PullArgs {
     crate::distro::PullArgs {
-        name: "debian".into(),
+        name: "debian-12".into(),
         arch: pxelab_contract::Arch::X86_64,
         modules,
         mirror: None,

@@ -90,7 +90,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     crate::lab::down_on_interrupt(home.clone(), false)?;
     let up = |targets: u32, timeout: u64| UpArgs {
         targets,
-        distro: "debian".into(),
+        distro: "debian-12".into(),
         arch: Arch::X86_64,
         firmware: qemu::Firmware::Uefi,
         accel: choice,

@@ -225,7 +225,14 @@ pub fn build_kernel(
 ) -> Result<ModulesInfo> {
     let kdir = scratch.join("kernel");
     extract_data(deb, &kdir)?;
-    let kernel_version = single_dir_name(&kdir.join("lib/modules"))?;
+    // Trixie's kernel packages ship their modules under /usr (the merged-/usr layout);
+    // bookworm's under /lib.
+    let modules_dir = ["usr/lib/modules", "lib/modules"]
+        .into_iter()
+        .map(|d| kdir.join(d))
+        .find(|d| d.is_dir())
+        .with_context(|| format!("{} has no lib/modules or usr/lib/modules", deb.display()))?;
+    let kernel_version = single_dir_name(&modules_dir)?;
     let kernel = fs::read(kdir.join(format!("boot/vmlinuz-{kernel_version}")))
         .with_context(|| format!("{} has no boot/vmlinuz-{kernel_version}", deb.display()))?;
     fs::write(
@@ -233,7 +240,7 @@ pub fn build_kernel(
         super::ubuntu::kernel_image(arch, kernel)?,
     )?;
     modules::build_archive(
-        &kdir.join("lib/modules").join(&kernel_version),
+        &modules_dir.join(&kernel_version),
         &kernel_version,
         set,
         epoch,

@@ -227,7 +227,7 @@ mod tests {
     fn shipped_recipes_parse_and_cover_both_arches() {
         let all = recipes();
         let names: Vec<&str> = all.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["debian-12", "ubuntu-24.04"]);
+        assert_eq!(names, ["debian-12", "debian-13", "ubuntu-24.04"]);
         for r in &all {
             assert!(
                 r.arch(Arch::X86_64).is_ok() && r.arch(Arch::Aarch64).is_ok(),
@@ -244,7 +244,8 @@ mod tests {
         old.name = "debian-9".into();
         old.version = "9".into();
         all.push(old);
-        assert_eq!(find(&all, "debian").unwrap().name, "debian-12");
+        assert_eq!(find(&all, "debian").unwrap().name, "debian-13");
+        assert_eq!(find(&all, "debian-12").unwrap().name, "debian-12");
         assert_eq!(find(&all, "ubuntu").unwrap().name, "ubuntu-24.04");
         let err = find(&all, "fedora").unwrap_err().to_string();
         assert!(err.contains("unknown distro \"fedora\""), "{err}");

@@ -15,6 +15,20 @@ use crate::lab::{follow, home::Lab, stack};
 
 const VM: &str = "target-1";
 
+/// `vm`'s first `cloud-init-done` among `events`, which must report no errors.
+pub fn cloud_init_done<'a>(vm: &str, events: &'a [TimelineEntry]) -> Result<&'a TimelineEntry> {
+    let done = events
+        .iter()
+        .find(|e| e.event.phase == Phase::CloudInitDone)
+        .with_context(|| format!("{vm} never reported cloud-init-done"))?;
+    ensure!(
+        done.event.message.ends_with("; no errors"),
+        "cloud-init on {vm} reported errors: {:?}",
+        done.event.message
+    );
+    Ok(done)
+}
+
 /// Checks target-1's first install, right after the `lab up` that installed it.
 pub fn checks(lab: &Lab) -> Result<()> {
     let timeline = stack::timeline(lab, VM)?;
@@ -36,15 +50,7 @@ pub fn checks(lab: &Lab) -> Result<()> {
             .any(|e| matches!(e.event.phase, Phase::Ipxe | Phase::LocalBoot)),
         "target-1 went through the firmware after its install although it kexec'd: {after:?}"
     );
-    let done = after
-        .iter()
-        .find(|e| e.event.phase == Phase::CloudInitDone)
-        .context("target-1 never reported cloud-init-done")?;
-    ensure!(
-        done.event.message.ends_with("; no errors"),
-        "cloud-init reported errors: {:?}",
-        done.event.message
-    );
+    let done = cloud_init_done(VM, after)?;
     eprintln!("e2e: cloud-init on target-1: {}", done.event.message);
     // SSH is not gated on cloud-init: the early sshd was up before cloud-final finished. The
     // journal, since the early unit is unloaded once Debian's ssh.service took over.

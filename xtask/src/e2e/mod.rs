@@ -2,7 +2,7 @@
 //!
 //! 1. `lab vm create` (the command itself) refuses a bad MAC and a duplicate IP, naming them,
 //!    and writes nothing.
-//! 2. `lab up --targets 1 --distro debian` (UEFI with the NIC's iPXE ROM, stack as a process)
+//! 2. `lab up --targets 1 --distro debian-12` (UEFI with the NIC's iPXE ROM, stack as a process)
 //!    while, in the middle of the rootfs stream, the stack is swapped for its container image
 //!    (`lab stack reload --image`): the install still completes (the installer reconnected),
 //!    the target kexecs into its system without fetching the installer again, answers SSH with
@@ -19,11 +19,14 @@
 //!    ipxe.efi each reach "installer started".
 //! 5. Two diskless targets boot from one read-only NFS export served by the container's
 //!    ganesha (see `diskless.rs`).
-//! 6. `lab down` leaves no namespace, container or process behind (QEMU, stack, dnsmasq,
+//! 6. A Debian 13 target, trixie-1, installs on that stack, answers SSH with its own host name
+//!    and reports cloud-init done (`trixie.rs`).
+//! 7. `lab down` leaves no namespace, container or process behind (QEMU, stack, dnsmasq,
 //!    ganesha).
 
 mod diskless;
 mod firstboot;
+mod trixie;
 
 use std::{
     io::{Read, Write},
@@ -51,7 +54,7 @@ pub struct Args {
     #[arg(long)]
     keep: bool,
     /// Distro to install.
-    #[arg(long, default_value = "debian")]
+    #[arg(long, default_value = "debian-12")]
     distro: String,
     /// Run only one part (while debugging it); the default runs all of them.
     #[arg(long, value_enum)]
@@ -65,6 +68,8 @@ enum Part {
     Install,
     Firmware,
     Diskless,
+    /// A Debian 13 target installed next to the Debian 12 ones.
+    Trixie,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -149,6 +154,10 @@ fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
     if runs(Part::Diskless) {
         step("diskless-1 and diskless-2 boot from one read-only NFS export");
         diskless::scenario(&lab, &distro)?;
+    }
+    if runs(Part::Trixie) {
+        step("trixie-1: a Debian 13 target installs, answers SSH and finishes cloud-init");
+        trixie::scenario(&lab)?;
     }
     Ok(())
 }
@@ -306,7 +315,14 @@ fn restart_during_stream(done: &AtomicBool, restarted: &AtomicBool) -> Result<()
     Ok(())
 }
 
-fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmware) -> Result<()> {
+/// Defines disk VM `name` installing `distro`, gives it a blank disk and starts it once the
+/// stack has its reservation; the definition and when QEMU started (Unix ms).
+fn create_and_start(
+    lab: &Lab,
+    name: &str,
+    distro: &str,
+    firmware: qemu::Firmware,
+) -> Result<(pxelab_contract::VmDefinition, u64)> {
     let key = ssh::ensure_key(lab)?;
     let existing = vms::load_all(&lab.vms_dir())?;
     let request = vms::VmRequest {
@@ -324,6 +340,11 @@ fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmwa
     let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.run_dir())?;
     let started = follow::now_ms();
     targets::start_vm(lab, &vm, firmware, accel)?;
+    Ok((vm, started))
+}
+
+fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmware) -> Result<()> {
+    let (_, started) = create_and_start(lab, name, distro, firmware)?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let timeline = stack::timeline(lab, name).unwrap_or_default();

@@ -69,7 +69,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 1)]
     pub targets: u32,
     /// Distro to install (see `cargo xtask distro list`).
-    #[arg(long, default_value = "debian")]
+    #[arg(long, default_value = "debian-12")]
     pub distro: String,
     #[arg(long, default_value = "x86_64")]
     pub arch: Arch,
@@ -170,7 +170,7 @@ enum VmCommand {
 #[derive(clap::Args)]
 struct CreateArgs {
     name: String,
-    #[arg(long, default_value = "debian")]
+    #[arg(long, default_value = "debian-12")]
     distro: String,
     #[arg(long, default_value = "x86_64")]
     arch: Arch,
