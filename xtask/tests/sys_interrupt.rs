@@ -38,12 +38,23 @@ fn interrupt_while_a_vm_runs(signal: i32, name: &str) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let home = std::env::temp_dir().join(format!("pxelab-e2e-{}", child.id()));
+    // The e2e makes its lab home as `pxelab-e2e-<pid>-<random>` in the temp dir.
+    let prefix = format!("pxelab-e2e-{}-", child.id());
+    let home_of_child = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+            })
+    };
     // Until the first firmware target's QEMU runs (a cold machine first builds the stack and
     // pulls Debian).
     let deadline = Instant::now() + Duration::from_secs(1500);
     let running = loop {
-        if let Some(running) = running(&home) {
+        if let Some(running) = home_of_child().and_then(|home| running(&home)) {
             break running;
         }
         assert!(

@@ -77,8 +77,13 @@ pub fn run(args: Args) -> Result<()> {
         "the end-to-end test",
         "it runs the container stack and diskless targets",
     )?;
-    let home = std::env::temp_dir().join(format!("pxelab-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&home)?;
+    // Made atomically, 0700, with a random suffix: a predictable name in the shared temp dir
+    // could be made first by another user. The pid in the name lets a test find it.
+    let home = tempfile::Builder::new()
+        .prefix(&format!("pxelab-e2e-{}-", std::process::id()))
+        .tempdir()
+        .context("making the e2e's lab home in the temp dir")?
+        .keep();
     // SAFETY (edition 2021: set_var is safe): single-threaded at this point.
     std::env::set_var("PXELAB_HOME", &home);
     let guard = Teardown {
