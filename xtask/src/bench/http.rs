@@ -7,6 +7,8 @@
 //! - `/boot.ipxe` (a fixed chain script, no VM lookup, no event) the same way: the handler's
 //!   HTTP path alone, so the cost of recording events is visible as the difference.
 //! - A 256 MiB file with 1 and with 16 clients: MiB/s (all bytes read by wrk over the run).
+//! - Many installers resuming: 1, 8 and 32 clients each asking the 256 MiB file from a random
+//!   MiB boundary (`Range: bytes=N-`, as an installer does after a cut), aggregate MiB/s.
 //!
 //! Both servers run unprivileged-style from a temp dir (nginx with its own config, pid file and
 //! logs there, no system service), on free loopback ports, with access logs off.
@@ -112,8 +114,24 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         ("/boot.ipxe (16 clients)", "/boot.ipxe".to_string(), 16),
         ("256 MiB download, 1 client", FILE_PATH.to_string(), 1),
         ("256 MiB download, 16 clients", FILE_PATH.to_string(), 16),
+        (
+            "256 MiB resumed at random offsets, 1 installer",
+            FILE_PATH.to_string(),
+            1,
+        ),
+        (
+            "256 MiB resumed at random offsets, 8 installers",
+            FILE_PATH.to_string(),
+            8,
+        ),
+        (
+            "256 MiB resumed at random offsets, 32 installers",
+            FILE_PATH.to_string(),
+            32,
+        ),
     ];
     for (label, path, clients) in workloads {
+        let ranged = label.contains("resumed");
         let mut us = Vec::new();
         let mut them = Vec::new();
         for i in 0..runs {
@@ -131,7 +149,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
                 } else {
                     (&mut nginx, &nginx_base)
                 };
-                let r = wrk(&dir, &format!("{base}{path}"), clients, secs)
+                let r = wrk(&dir, &format!("{base}{path}"), clients, secs, ranged)
                     .with_context(|| format!("wrk against {} ({label})", server.name))?;
                 server.check_alive()?;
                 if mine {
@@ -191,7 +209,11 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
                 &ctx.ui,
                 Row::new(label, "MiB/s", Better::Higher, rate(&us))
                     .peer(&peer, rate(&them))
-                    .note("both use sendfile")
+                    .note(if ranged {
+                        "both answer 206 with sendfile from the asked offset"
+                    } else {
+                        "both use sendfile"
+                    })
                     .note(&err_note),
             );
         }
@@ -199,13 +221,30 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     Ok(())
 }
 
-/// `url` under wrk with the plain reporter.
-fn wrk(dir: &Path, url: &str, clients: u32, secs: u32) -> Result<Wrk> {
-    let script = dir.join("report.lua");
+/// Asks the file from a random MiB boundary on: an installer resuming after a cut.
+const RANGE_LUA: &str = r#"local mib = 1048576
+local chunks = math.floor(tonumber(os.getenv("FILE_SIZE")) / mib)
+local seeded = false
+request = function()
+  if not seeded then math.randomseed(os.time() + math.floor(os.clock() * 1e6)); seeded = true end
+  local from = math.random(0, chunks - 1) * mib
+  return wrk.format("GET", nil, { ["Range"] = "bytes=" .. from .. "-" })
+end
+"#;
+
+/// `url` under wrk with the plain reporter, or (`ranged`) with random `Range` requests.
+fn wrk(dir: &Path, url: &str, clients: u32, secs: u32, ranged: bool) -> Result<Wrk> {
+    let (name, body) = if ranged {
+        ("range.lua", format!("{RANGE_LUA}{REPORT_LUA}"))
+    } else {
+        ("report.lua", REPORT_LUA.to_string())
+    };
+    let script = dir.join(name);
     if !script.exists() {
-        std::fs::write(&script, REPORT_LUA)?;
+        std::fs::write(&script, body)?;
     }
-    wrk::run(&process::shell()?, &script, url, clients, secs, &[])
+    let env = [("FILE_SIZE", FILE_SIZE.to_string())];
+    wrk::run(&process::shell()?, &script, url, clients, secs, &env)
 }
 
 /// The handler's data dir: one VM, the files its install script needs to exist (small stand-ins:

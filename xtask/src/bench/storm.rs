@@ -74,17 +74,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         &dir.join("nginx.log"),
     )?;
     let nginx_base = format!("http://127.0.0.1:{nginx_port}");
-    // `nginx -v` prints to stderr.
-    let peer = process::output(cmd!(sh, "nginx -v"))
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
-        .and_then(|v| {
-            v.rsplit('/')
-                .next()
-                .filter(|v| !v.is_empty())
-                .map(|v| format!("nginx {v}"))
-        })
-        .unwrap_or_else(|| "nginx".into());
+    let peer = wrk::nginx_version();
     group.fact("peer", &peer);
     group.fact(
         "setup",
