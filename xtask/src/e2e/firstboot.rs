@@ -164,3 +164,33 @@ pub fn update_grub_and_reboot(lab: &Lab) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pxelab_contract::Event;
+
+    fn rootfs_done(message: &str) -> TimelineEntry {
+        TimelineEntry {
+            at_ms: 1,
+            event: Event {
+                phase: Phase::Rootfs,
+                message: message.into(),
+                duration_ms: Some(40_000),
+                ..Event::default()
+            },
+        }
+    }
+
+    /// The check fails when the claim is false: an install that never reconnected (the summary
+    /// of a real run without a swap) does not pass as resumed.
+    #[test]
+    fn a_stream_that_never_reconnected_is_not_a_resume() {
+        let quiet = "18549 entries, 483.9 MiB unpacked from 142.8 MiB (sha256 verified, 0 reconnects) at 3.0 MiB/s";
+        let err = resumed_across_the_swap(&[rootfs_done(quiet)]).unwrap_err();
+        assert!(err.to_string().contains("never reconnected"), "{err}");
+        let resumed = quiet.replace("0 reconnects", "2 reconnects");
+        resumed_across_the_swap(&[rootfs_done(&resumed)]).unwrap();
+        assert!(resumed_across_the_swap(&[rootfs_done("no summary")]).is_err());
+    }
+}
