@@ -175,18 +175,19 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
             "guest under {accel_name}, host native; the installer also checks sha256"
         )),
     );
+    let row = |n: u32, samples: Vec<f64>| {
+        Row::new(
+            format!("{n} targets at once: all SSH-ready"),
+            "s from first QEMU start",
+            Better::Lower,
+            samples,
+        )
+    };
     if let Some(e) = failure {
         for n in [2, 4] {
-            group.push(
-                &ctx.ui,
-                Row::new(
-                    format!("{n} targets at once: all SSH-ready"),
-                    "s from first QEMU start",
-                    Better::Lower,
-                    vec![],
-                )
-                .note("not run: the single-target install failed (see the error above)"),
-            );
+            let skipped = row(n, vec![])
+                .note("not run: the single-target install failed (see the error above)");
+            group.push(&ctx.ui, skipped);
         }
         return Err(e);
     }
@@ -197,16 +198,8 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         ));
         let (all, per_vm) = many_targets(&up(n, 3600))?;
         lab_guard.down()?;
-        group.push(
-            &ctx.ui,
-            Row::new(
-                format!("{n} targets at once: all SSH-ready"),
-                "s from first QEMU start",
-                Better::Lower,
-                vec![all],
-            )
-            .note(format!("SSH ready at {}", per_vm.join(", "))),
-        );
+        let measured = row(n, vec![all]).note(format!("SSH ready at {}", per_vm.join(", ")));
+        group.push(&ctx.ui, measured);
     }
     Ok(())
 }
