@@ -266,3 +266,40 @@ fn delete_removes_the_machine() {
     let names = api(&s, "GET", "/api/machines", "").json();
     assert_eq!(names.as_array().unwrap().len(), 1, "{names}");
 }
+
+/// Machines enrolled at the same moment with the same MAC: exactly one is written.
+#[test]
+fn concurrent_puts_of_one_mac_enroll_exactly_one_machine() {
+    let s = Stack::with_api_token(TOKEN);
+    let addr = s.addr;
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                scope.spawn(move || {
+                    let name = format!("c{i}");
+                    let body = definition(&name, MAC2, &format!("10.0.1.{}", i + 1)).to_string();
+                    let request = format!(
+                        "PUT /api/machines/{name} HTTP/1.1\r\nHost: pxe.test\r\nConnection: close\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    common::raw_bytes(addr, request.as_bytes()).status
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        7,
+        "{statuses:?}"
+    );
+    let files: Vec<String> = vms_dir(&s).into_keys().collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let listed = api(&s, "GET", "/api/machines", "").json();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+}
