@@ -9,6 +9,9 @@
 //! a host that was never handed the boot cannot read a machine's install config nor change its
 //! state. `/ipxe` hands a token only to the machine's own address (unless the stack runs with
 //! `--no-ip-check`), so asking for one does not work from elsewhere either.
+//!
+//! The enrollment API (`/api/…`) is the operator's: over the network it requires the operator
+//! token of `--api-token-file` as `Authorization: Bearer <token>`.
 
 use std::{
     collections::HashMap,
@@ -45,6 +48,48 @@ pub fn token_matches(expected: Option<&str>, given: &str) -> bool {
             .zip(given.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+/// Whether an `Authorization` header value is `Bearer <expected>` (compared in constant time).
+pub fn bearer_matches(header: Option<&str>, expected: &str) -> bool {
+    let given = header
+        .and_then(|h| h.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .unwrap_or_default();
+    token_matches(Some(expected), given)
+}
+
+/// The operator token in `path` (surrounding whitespace dropped). Refused, in one line naming
+/// the file and the fix, when the file is unreadable, readable by every user, empty, or the
+/// token has characters a header cannot carry unchanged.
+pub fn read_operator_token(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let cannot = |e: io::Error| format!("cannot read --api-token-file {shown}: {e}");
+    let mode = std::fs::metadata(path)
+        .map_err(cannot)?
+        .permissions()
+        .mode();
+    if mode & 0o004 != 0 {
+        return Err(format!(
+            "--api-token-file {shown} is readable by every user (mode {:o}): run `chmod o-rwx {shown}`",
+            mode & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(cannot)?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "--api-token-file {shown} is empty: write the operator token into it (e.g. `openssl rand -hex 32 > {shown}`)"
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "--api-token-file {shown}: the token has spaces or non-ASCII characters; use printable ASCII only (e.g. `openssl rand -hex 32`)"
+        ));
+    }
+    Ok(token.to_string())
 }
 
 /// The addresses dnsmasq last leased, by MAC (learned from its log and its lease file).
@@ -93,5 +138,46 @@ mod tests {
         assert!(!token_matches(Some(&a), &a[..31]));
         assert!(!token_matches(Some(&a), ""));
         assert!(!token_matches(None, &a));
+    }
+
+    #[test]
+    fn bearer_headers_match_only_the_operator_token() {
+        assert!(bearer_matches(Some("Bearer s3cret"), "s3cret"));
+        assert!(bearer_matches(Some("bearer  s3cret "), "s3cret"));
+        for wrong in [
+            None,
+            Some(""),
+            Some("s3cret"),
+            Some("Basic s3cret"),
+            Some("Bearer s3cre"),
+            Some("Bearer "),
+        ] {
+            assert!(!bearer_matches(wrong, "s3cret"), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn operator_token_files_must_be_private_and_hold_a_token() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("s3cret\n", 0o600);
+        assert_eq!(read_operator_token(&path).unwrap(), "s3cret");
+        write("s3cret\n", 0o644);
+        let e = read_operator_token(&path).unwrap_err();
+        assert!(
+            e.contains("readable by every user") && e.contains("chmod"),
+            "{e}"
+        );
+        write(" \n", 0o600);
+        assert!(read_operator_token(&path).unwrap_err().contains("is empty"));
+        write("two words", 0o600);
+        assert!(read_operator_token(&path).unwrap_err().contains("spaces"));
+        let e = read_operator_token(&dir.path().join("missing")).unwrap_err();
+        assert!(e.starts_with("cannot read --api-token-file"), "{e}");
     }
 }

@@ -28,6 +28,7 @@ use crate::{
     watch::{self, Watched, Watcher},
 };
 
+mod api;
 mod boot;
 
 /// Everything a request may need; shared by all connection threads.
@@ -49,6 +50,8 @@ pub struct Context {
     pub domain: String,
     /// Diskless roots and their NFS server; `None` when the stack runs without one.
     pub nfs: Option<Arc<NfsRoots>>,
+    /// The operator token of the enrollment API (`/api/…`); `None`: the API is off.
+    pub api_token: Option<String>,
 }
 
 /// Follows the changes of what a [`Context`] keeps in memory.
@@ -71,7 +74,8 @@ const RETRY_SECONDS: u32 = 10;
 
 const ROUTES: &str = "GET /healthz, /boot.ipxe, /ipxe?mac=, /config/<mac>?token=, \
                       /cloud-init/<name>/<doc>, /images/…, /initrds/…, /nfsroot/overlay.cpio, \
-                      /nfsroot/<distro>/<arch>/initrd.img; POST /events/<mac>?token=";
+                      /nfsroot/<distro>/<arch>/initrd.img; POST /events/<mac>?token=; \
+                      /api/machines[/<name>] (operator token)";
 /// Routes served only on the control socket (what the operator reads and does), listed after
 /// [`ROUTES`] there.
 const CONTROL_ROUTES: &str = "; GET /status, /vms/<name>/timeline; POST /vms/<name>/reprovision";
@@ -90,6 +94,7 @@ impl Context {
         let post = r.method == "POST";
         let (allowed, reply) = match s.as_slice() {
             ["healthz"] => ("GET, HEAD", get.then(|| Response::line(200, "ok"))),
+            ["api", rest @ ..] => return self.api(r, rest),
             ["status"] if r.channel == Channel::Control => {
                 ("GET, HEAD", get.then(|| self.status()))
             }
@@ -133,14 +138,7 @@ impl Context {
                 );
             }
         };
-        reply.unwrap_or_else(|| {
-            let method: String = r.method.chars().take(20).collect();
-            Response::line(
-                405,
-                &format!("method {method} is not allowed here; use {allowed}"),
-            )
-            .with_header("Allow", allowed)
-        })
+        reply.unwrap_or_else(|| method_not_allowed(r, allowed))
     }
 
     /// `http://host[:port]` as the client reached us: the Host header when it is a plain
@@ -454,6 +452,15 @@ impl Context {
             Err(e) => Response::line(500, &e.to_string()),
         }
     }
+}
+
+fn method_not_allowed(r: &Request, allowed: &'static str) -> Response {
+    let method: String = r.method.chars().take(20).collect();
+    Response::line(
+        405,
+        &format!("method {method} is not allowed here; use {allowed}"),
+    )
+    .with_header("Allow", allowed)
 }
 
 fn token_refused(vm: &VmDefinition, what: &str) -> Response {

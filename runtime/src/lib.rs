@@ -11,7 +11,9 @@
 //! turns SIGTERM/SIGINT/SIGHUP into flags that loop polls.
 //!
 //! Invariant: nothing here writes outside the state directory (the diskless roots of
-//! [`nfsroot`] are unpacked into it, by [`untar`], which never writes outside its target).
+//! [`nfsroot`] are unpacked into it, by [`untar`], which never writes outside its target),
+//! except the `<name>.json` files of the VMs directory that the enrollment API
+//! (`handler/api.rs`, through [`vms::VmStore::put`]) writes and removes for the operator.
 
 pub mod access;
 pub mod child;

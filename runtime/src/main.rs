@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use pxelab_runtime::{
-    dnsmasq::DnsmasqSettings, nfs::NfsSettings, server::ServerOptions, supervisor,
+    access, dnsmasq::DnsmasqSettings, nfs::NfsSettings, server::ServerOptions, supervisor,
 };
 
 const EXAMPLES: &str = "\
@@ -29,6 +29,10 @@ Examples:
   # Reinstall VM web-1 at its next network boot (on the control socket: the stack's user only):
   curl --unix-socket /srv/pxelab/state/control.sock -X POST http://stack/vms/web-1/reprovision
 
+  # Enroll a machine over HTTP (stack started with --api-token-file /etc/pxelab/api-token):
+  curl -X PUT -H \"Authorization: Bearer $(cat /etc/pxelab/api-token)\" \\
+       --data-binary @web-2.json http://10.77.0.1/api/machines/web-2
+
 HTTP endpoints: GET /healthz, /boot.ipxe, /ipxe?mac=<mac>, /config/<mac>?token=<token>,
 /cloud-init/<name>/{meta-data,user-data,network-config,vendor-data}, /images/..., /initrds/...
 (Range, HEAD), /nfsroot/overlay.cpio, /nfsroot/<distro>/<arch>/initrd.img;
@@ -37,6 +41,10 @@ the VM's own address: its \"ip\", else its DHCP lease) inside the URLs it gives 
 and /events accept only that. The same API is served on <state>/control.sock (mode 0600), where
 no token is needed and which alone also serves GET /status, /vms/<name>/timeline and
 POST /vms/<name>/reprovision.
+With --api-token-file the enrollment API is served too: GET /api/machines (every definition),
+GET, PUT (body: the JSON of a vms/<name>.json file, validated as files are) and DELETE
+/api/machines/<name>; over HTTP it needs Authorization: Bearer <token>, on control.sock no token.
+A PUT writes vms/<name>.json atomically and is seen by the next request.
 VMs with \"boot\": \"nfsroot\" boot diskless: the stack unpacks their distro's rootfs once and
 exports it read-only over NFSv4 with nfs-ganesha (port 2049, on every address of the network
 namespace it runs in: run it in the lab's); each boot writes to its own tmpfs overlay.
@@ -129,6 +137,11 @@ struct Args {
     /// Do not log one line per HTTP request.
     #[arg(long)]
     no_access_log: bool,
+    /// Serve the enrollment API (/api/machines) to clients that send this file's token as
+    /// `Authorization: Bearer <token>`. The file must not be readable by every user. Without
+    /// it there is no API.
+    #[arg(long, env = "PXELAB_API_TOKEN_FILE", value_name = "PATH")]
+    api_token_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -143,6 +156,11 @@ fn main() -> ExitCode {
 }
 
 fn options(a: Args) -> Result<supervisor::Options, String> {
+    let api_token = a
+        .api_token_file
+        .as_deref()
+        .map(access::read_operator_token)
+        .transpose()?;
     let sub = |given: Option<PathBuf>, name: &str| given.unwrap_or_else(|| a.data_dir.join(name));
     let state_dir = sub(a.state_dir.clone(), "state");
     let server_ip = a.server_ip.as_deref().map(parse_cidr).transpose()?;
@@ -222,6 +240,7 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
         },
         dnsmasq,
         nfs,
+        api_token,
     })
 }
 

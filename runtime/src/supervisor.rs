@@ -57,6 +57,8 @@ pub struct Options {
     pub dnsmasq: Option<(PathBuf, DnsmasqSettings)>,
     /// The NFS server of diskless VMs; `None` serves no diskless boots.
     pub nfs: Option<NfsSettings>,
+    /// The enrollment API's operator token; `None` serves no API.
+    pub api_token: Option<String>,
 }
 
 /// Runs until SIGTERM/SIGINT. Errors are one line naming what to fix.
@@ -113,6 +115,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         leases: leases.clone(),
         domain: opts.domain.clone(),
         nfs: roots,
+        api_token: opts.api_token.clone(),
     };
 
     let mut dns = match &opts.dnsmasq {

@@ -9,6 +9,10 @@
 //! one or 100,000 VMs. [`crate::watch`] tells the store which files changed; only those are
 //! re-read, and the new [`VmSet`] is published whole (readers load it without a lock and never
 //! see half an update). SIGHUP ([`VmStore::refresh`]) re-reads every file.
+//!
+//! The enrollment API writes and removes definitions through [`VmStore::put`] and
+//! [`VmStore::remove`]: one at a time (under the reload lock), each whole and durable, the new
+//! set published before they return.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -222,6 +226,14 @@ fn fingerprint(dir: &Path) -> Fingerprint {
     fp
 }
 
+/// Why [`VmStore::put`] did not change the directory; one line each.
+#[derive(Debug)]
+pub enum WriteError {
+    /// The definition's MAC or IP is another VM's.
+    Conflict(String),
+    Io(String),
+}
+
 /// The shared, self-updating view of the VMs directory.
 pub struct VmStore {
     dir: PathBuf,
@@ -284,6 +296,53 @@ impl VmStore {
         }
         files.1 = fp;
         self.publish(&files.0)
+    }
+
+    /// Writes `vm` as `<name>.json` (atomically and durably) unless its MAC or IP is another
+    /// VM's, and publishes the new set before returning, so the next request sees it. `Ok(true)`
+    /// when no VM of that name was defined before.
+    pub fn put(&self, vm: &VmDefinition) -> Result<bool, WriteError> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.current();
+        for other in current.vms.iter().filter(|o| o.name != vm.name) {
+            let clash = if other.mac == vm.mac {
+                format!("MAC {}", vm.mac)
+            } else if let Some(ip) = vm.ip.filter(|ip| other.ip == Some(*ip)) {
+                format!("IP {ip}")
+            } else {
+                continue;
+            };
+            return Err(WriteError::Conflict(format!(
+                "{clash} is already used by VM {} ({}.json): give {} its own",
+                other.name, other.name, vm.name
+            )));
+        }
+        let file = format!("{}.json", vm.name);
+        let path = self.dir.join(&file);
+        crate::write_atomic(&path, vm.to_json().as_bytes(), true)
+            .map_err(|e| WriteError::Io(format!("cannot write {}: {e}", path.display())))?;
+        files.0.update(&self.dir, &file);
+        self.publish(&files.0);
+        Ok(current.by_name(&vm.name).is_none())
+    }
+
+    /// Removes the definition of VM `name` (durably) and publishes the new set; `Ok(None)` when
+    /// no VM of that name is defined, else the definition removed. The error is one line.
+    pub fn remove(&self, name: &str) -> Result<Option<VmDefinition>, String> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.current();
+        let Some(vm) = current.by_name(name) else {
+            return Ok(None);
+        };
+        // A defined VM's file is always `<name>.json` (see `read_one`).
+        let file = format!("{}.json", vm.name);
+        let path = self.dir.join(&file);
+        fs::remove_file(&path)
+            .and_then(|()| crate::sync_dir(&self.dir))
+            .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+        files.0.update(&self.dir, &file);
+        self.publish(&files.0);
+        Ok(Some(vm.clone()))
     }
 
     fn publish(&self, files: &Files) -> bool {

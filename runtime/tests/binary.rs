@@ -6,6 +6,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -18,6 +19,24 @@ fn bin() -> Command {
             c.env_remove(k);
         }
     }
+    c
+}
+
+/// The HTTP handler alone on a free loopback port, serving `dir`, with the enrollment API's
+/// token file `dir/api-token` written first with `text` and `mode`.
+fn with_token_file(dir: &Path, text: &str, mode: u32) -> Command {
+    let token = dir.join("api-token");
+    std::fs::write(&token, text).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+    let mut c = bin();
+    c.arg("--data-dir").arg(dir);
+    c.args([
+        "--no-dnsmasq",
+        "--listen",
+        "127.0.0.1:0",
+        "--api-token-file",
+    ]);
+    c.arg(&token);
     c
 }
 
@@ -46,6 +65,8 @@ fn help_explains_how_to_run_it() {
         "--server-ip",
         "--no-dnsmasq",
         "--no-ip-check",
+        "--api-token-file",
+        "/api/machines",
         "PXELAB_VMS_DIR",
         "Examples:",
         "/ipxe?mac=",
@@ -100,16 +121,33 @@ fn startup_errors_are_one_clear_line() {
     }
 }
 
+/// The operator token file is checked before anything starts: a stack must never serve the
+/// enrollment API with a token every local user can read, or with none.
+#[test]
+fn api_token_file_must_be_private_and_hold_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, mode, needle) in [
+        ("s3cret\n", 0o644, "readable by every user"),
+        ("\n", 0o600, "is empty"),
+    ] {
+        let out = with_token_file(dir.path(), text, mode).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{needle}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("pxelab-stack: error: --api-token-file ") && err.contains(needle),
+            "{err}"
+        );
+    }
+}
+
 /// Serves over HTTP from flags and environment alike, and stops within 2 s of SIGTERM.
 #[test]
 fn serves_and_stops_on_sigterm() {
     let s = common::Stack::new();
     let root = s.root().to_path_buf();
-    let mut child = bin()
+    let mut child = with_token_file(&root, "s3cret\n", 0o600)
         .env("PXELAB_VMS_DIR", root.join("vms"))
-        .args(["--data-dir"])
-        .arg(&root)
-        .args(["--no-dnsmasq", "--listen", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -160,6 +198,21 @@ fn serves_and_stops_on_sigterm() {
         r.text()
     );
     assert_eq!(common::control(&control, "GET", "/healthz").status, 200);
+
+    // The enrollment API, with the token of --api-token-file only.
+    let list = |auth: &str| {
+        common::raw_bytes(
+            addr,
+            format!(
+                "GET /api/machines HTTP/1.1\r\nHost: pxe.test\r\n{auth}Connection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+    };
+    assert_eq!(list("").status, 401);
+    let r = list("Authorization: Bearer s3cret\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()[0]["name"], "t1");
 
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(running.0.id() as i32, libc::SIGTERM) };

@@ -17,7 +17,6 @@ use pxelab_contract::Arch;
 use pxelab_runtime::{
     images::Catalog,
     nfsroot::{self, NfsRoots, RootStatus},
-    server::ServerOptions,
 };
 
 /// A stack whose distro `debian-12` has a real rootfs, a diskless VM on MAC [`MAC`], and the
@@ -40,18 +39,14 @@ fn diskless_stack(rootfs: &[u8], manifest_sha: Option<&str>) -> (Stack, Arc<NfsR
     def["boot"] = "nfsroot".into();
     std::fs::write(&vm, def.to_string()).unwrap();
 
-    s.stop();
-    let mut context = Stack::context(s.root(), true);
-    let roots = NfsRoots::new(context.catalog.clone(), s.root().join("state/nfsroot"));
-    context.nfs = Some(roots.clone());
-    s.serve(
-        context,
-        ServerOptions {
-            access_log: false,
-            ..ServerOptions::default()
-        },
-    );
-    (s, roots)
+    let s_root = s.root().to_path_buf();
+    let mut roots = None;
+    s.reconfigure(|context| {
+        let made = NfsRoots::new(context.catalog.clone(), s_root.join("state/nfsroot"));
+        context.nfs = Some(made.clone());
+        roots = Some(made);
+    });
+    (s, roots.expect("reconfigured"))
 }
 
 /// Waits until the background unpack has finished one way or the other.

@@ -95,6 +95,7 @@ impl Stack {
                 catalog.clone(),
                 root.join("state/nfsroot"),
             )),
+            api_token: None,
         }
     }
 
@@ -141,6 +142,27 @@ impl Stack {
         let unix = UnixListener::bind(&path).unwrap();
         self.control = Some(Server::start_unix(unix, self.addr, context.clone(), options).unwrap());
         self.context = Some(context);
+    }
+
+    /// [`Stack::new`] with the enrollment API on, for the operator token `token`.
+    pub fn with_api_token(token: &str) -> Stack {
+        let mut s = Stack::new();
+        s.reconfigure(|c| c.api_token = Some(token.into()));
+        s
+    }
+
+    /// Restarts the stack as [`Stack::new`] runs it, with its context changed by `edit` first.
+    pub fn reconfigure(&mut self, edit: impl FnOnce(&mut Context)) {
+        self.stop();
+        let mut context = Stack::context(self.root(), true);
+        edit(&mut context);
+        self.serve(
+            context,
+            ServerOptions {
+                access_log: false,
+                ..ServerOptions::default()
+            },
+        );
     }
 
     /// A stop and start of the stack as [`Stack::new`] runs it (same directories, new port).
@@ -215,8 +237,23 @@ impl Stack {
     }
 
     pub fn send(&self, method: &str, target: &str, body: &[u8]) -> Reply {
+        self.send_with(method, target, &[], body)
+    }
+
+    /// [`Stack::send`] with extra header lines (`("Authorization", "Bearer …")`).
+    pub fn send_with(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Reply {
+        let extra: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
         let mut req = format!(
-            "{method} {target} HTTP/1.1\r\nHost: pxe.test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            "{method} {target} HTTP/1.1\r\nHost: pxe.test\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n",
             body.len()
         )
         .into_bytes();
