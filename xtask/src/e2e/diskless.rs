@@ -354,16 +354,22 @@ fn ssh_output(lab: &Lab, vm: &VmDefinition, command: &str) -> Result<String> {
     super::ssh_output(lab, &vm.name, command)
 }
 
-/// The unpacked export the stack serves for `distro` (`images/<distro>/x86_64/nfsroot-*`).
+/// The unpacked export the stack serves for `distro`
+/// (`<state>/nfsroot/<distro>/x86_64/<sha256 prefix>/`, next to no partial unpack).
 pub fn export_dir(lab: &Lab, distro: &str) -> Result<PathBuf> {
-    let dir = lab.images_dir(distro, Arch::X86_64.as_str());
+    let dir = lab
+        .state_dir()
+        .join("nfsroot")
+        .join(distro)
+        .join(Arch::X86_64.as_str());
     let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("nfsroot-"))
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
         })
         .collect();
     found.sort();
