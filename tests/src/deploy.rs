@@ -313,33 +313,12 @@ impl TargetNet {
         ] {
             check(command(&["ip", "-n", ns]).args(args));
         }
-        let lease = scratch.join("lease.env");
-        let _ = std::fs::remove_file(&lease);
-        let script = scratch.join("udhcpc.sh");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\n[ \"$1\" = bound ] && env > {}\nexit 0\n",
-                lease.display()
-            ),
-        )
-        .expect("udhcpc script");
-        check(command(&["chmod", "755"]).arg(&script));
-        let script = script.display().to_string();
-        let dhcp = self.in_target(&[
-            "busybox", "udhcpc", "-i", t, "-f", "-q", "-n", "-t", "5", "-T", "1", "-s", &script,
-        ]);
-        let env = std::fs::read_to_string(&lease).unwrap_or_else(|_| {
-            panic!(
-                "no DHCP lease for {mac}: {}",
-                String::from_utf8_lossy(&dhcp.stderr)
-            )
-        });
-        let var = |k: &str| {
-            env.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .map(str::to_string)
-        };
+        let lease = self
+            .target
+            .dhcp_lease(t, scratch, &[])
+            .unwrap_or_else(|| panic!("no DHCP lease for {mac}"));
+        let env = format!("{lease:?}");
+        let var = |k: &str| lease.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         assert_eq!(var("ip").as_deref(), Some(ip), "{env}");
         assert_eq!(var("siaddr").as_deref(), Some(self.ip()), "{env}");
         assert_eq!(var("boot_file").as_deref(), Some("undionly.kpxe"), "{env}");
