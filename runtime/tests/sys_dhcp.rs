@@ -107,47 +107,7 @@ impl Lab {
 
     /// One DHCP exchange from the client namespace; the lease's variables, or None (no lease).
     fn dhcp(&self, dir: &Path, extra: &[&str]) -> Option<Vec<(String, String)>> {
-        let out_file = dir.join("lease.env");
-        let _ = std::fs::remove_file(&out_file);
-        let script = dir.join("udhcpc.sh");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\n[ \"$1\" = bound ] && env > {}\nexit 0\n",
-                out_file.display()
-            ),
-        )
-        .unwrap();
-        must(&["chmod", "755", script.to_str().unwrap()]);
-        let mut args = vec![
-            "busybox",
-            "udhcpc",
-            "-i",
-            &self.cli_if,
-            "-f",
-            "-q",
-            "-n",
-            "-t",
-            "3",
-            "-T",
-            "1",
-            "-s",
-            script.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let out = self.in_cli(&args);
-        let env = std::fs::read_to_string(&out_file).ok()?;
-        assert!(
-            out.status.success(),
-            "udhcpc bound but failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(
-            env.lines()
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
+        self.cli.dhcp_lease(&self.cli_if, dir, extra)
     }
 }
 

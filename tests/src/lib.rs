@@ -1,9 +1,11 @@
 //! Test support shared by every pxelab crate: a loopback fixture HTTP server with fault
 //! injection ([`FixtureServer`]), host commands with one failure format ([`cmd`]), network
 //! namespaces ([`NetNs`]) and loop-device disks ([`LoopDisk`]) that clean up after themselves,
-//! and a throwaway OpenPGP key that signs what fixture mirrors serve ([`TestKey`]).
+//! a throwaway OpenPGP key that signs what fixture mirrors serve ([`TestKey`]), and the stack's
+//! documented deployments read back for tests ([`deploy`]).
 
 pub mod cmd;
+pub mod deploy;
 mod fixture;
 mod gpg;
 mod loopdisk;

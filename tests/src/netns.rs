@@ -2,6 +2,7 @@
 //! with every process started in them when the guard drops — also when the test fails half-way.
 //! Nothing is ever routed to the host's network: a namespace starts with only `lo`.
 
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -80,6 +81,48 @@ impl NetNs {
         })
     }
 
+    /// One DHCP exchange by busybox `udhcpc` on `iface` (extra options `extra`, e.g. `-x
+    /// 0x5d:0007`), its script writing into `dir`: the lease's variables (`ip`, `siaddr`,
+    /// `boot_file`, …), or None when no server answered. The address is not configured.
+    pub fn dhcp_lease(
+        &self,
+        iface: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Option<Vec<(String, String)>> {
+        let out_file = dir.join("lease.env");
+        let _ = std::fs::remove_file(&out_file);
+        let script = dir.join("udhcpc.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = bound ] && env > {}\nexit 0\n",
+                out_file.display()
+            ),
+        )
+        .expect("writing the udhcpc script");
+        check(command(&["chmod", "755"]).arg(&script));
+        let script = script.display().to_string();
+        let mut c = self.command("busybox");
+        c.args([
+            "udhcpc", "-i", iface, "-f", "-q", "-n", "-t", "3", "-T", "1", "-s", &script,
+        ])
+        .args(extra);
+        let out = crate::cmd::output(&mut c);
+        let env = std::fs::read_to_string(&out_file).ok()?;
+        assert!(
+            out.status.success(),
+            "udhcpc bound but failed: {}",
+            crate::cmd::failure(&c, &out)
+        );
+        Some(
+            env.lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
     /// A veth pair: `here_if` in this namespace, `there_if` in `there`, both up.
     pub fn veth(&self, here_if: &str, there: &NetNs, there_if: &str) {
         self.ip(&format!(
@@ -114,7 +157,6 @@ impl Drop for NetNs {
 mod tests {
     use super::*;
     use crate::cmd::require_root;
-    use std::path::Path;
 
     #[test]
     fn sys_namespaces_are_wired_and_removed_with_their_processes() {

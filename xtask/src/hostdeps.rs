@@ -17,6 +17,9 @@ pub enum Probe {
     Bin(&'static str),
     /// A file at this absolute path.
     File(&'static str),
+    /// A module Debian's `/usr/bin/python3` imports (Debian moves `ensurepip` out of the
+    /// standard library into python3-venv).
+    PyModule(&'static str),
 }
 
 /// One host dependency.
@@ -37,6 +40,13 @@ const fn bin(name: &'static str, package: &'static str) -> HostDep {
 const fn file(path: &'static str, package: &'static str) -> HostDep {
     HostDep {
         probe: Probe::File(path),
+        package,
+    }
+}
+
+const fn py(module: &'static str, package: &'static str) -> HostDep {
+    HostDep {
+        probe: Probe::PyModule(module),
         package,
     }
 }
@@ -88,6 +98,9 @@ pub const HOST_DEPS: &[HostDep] = &[
         "nfs-ganesha-vfs",
     ),
     bin("nfs-cat", "libnfs-utils"),
+    // The stack's systemd unit is verified, and the venv of [`ensure_kubernetes_validate`].
+    bin("systemd-analyze", "systemd"),
+    py("ensurepip", "python3-venv"),
 ];
 
 /// Builds a Debian rootfs (its version is part of the rootfs step's key).
@@ -124,12 +137,13 @@ impl HostDep {
         match self.probe {
             Probe::File(p) => Path::new(p).exists(),
             Probe::Bin(name) => find_bin(name).is_some(),
+            Probe::PyModule(m) => python_imports(m),
         }
     }
 
     pub fn what(&self) -> &'static str {
         match self.probe {
-            Probe::Bin(n) | Probe::File(n) => n,
+            Probe::Bin(n) | Probe::File(n) | Probe::PyModule(n) => n,
         }
     }
 
@@ -138,6 +152,7 @@ impl HostDep {
         let found = match self.probe {
             Probe::Bin(name) => find_bin(name),
             Probe::File(p) => Some(p.into()).filter(|p: &std::path::PathBuf| p.exists()),
+            Probe::PyModule(m) => python_imports(m).then(|| PYTHON.into()),
         };
         found.with_context(|| {
             format!(
@@ -161,6 +176,59 @@ pub fn find_bin(name: &str) -> Option<std::path::PathBuf> {
             p.metadata()
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
+}
+
+/// Debian's Python, not whichever `python3` comes first on PATH: its packages are the ones
+/// [`HOST_DEPS`] installs.
+const PYTHON: &str = "/usr/bin/python3";
+
+fn python_imports(module: &str) -> bool {
+    let code = format!("import {module}");
+    crate::process::shell()
+        .and_then(|sh| crate::process::output(cmd!(sh, "{PYTHON} -c {code}")))
+        .is_ok()
+}
+
+/// The `kubernetes-validate` (PyPI) the tests check the stack's Kubernetes manifest with,
+/// offline: it carries the API schemas of every Kubernetes release up to its own version.
+pub const KUBERNETES_VALIDATE: &str = "1.37.0";
+
+/// Installs [`KUBERNETES_VALIDATE`] from PyPI into the venv `<state_dir>/kubernetes-validate`
+/// (where `pxelab_tests::deploy` looks for it) unless that version is there; pip's output goes
+/// to a log beside it.
+pub fn ensure_kubernetes_validate() -> Result<()> {
+    let venv = state_dir()?.join("kubernetes-validate");
+    let tool = venv.join("bin/kubernetes-validate");
+    let sh = crate::process::shell()?;
+    let version = KUBERNETES_VALIDATE;
+    if crate::process::read(cmd!(sh, "{tool} --version").quiet()).is_ok_and(|v| v == version) {
+        return Ok(());
+    }
+    let python = py("ensurepip", "python3-venv").path()?;
+    let log = state_dir()?.join("pip-kubernetes-validate.log");
+    eprintln!(
+        "installing kubernetes-validate {version} from PyPI into {} (pip's output: {})",
+        venv.display(),
+        log.display()
+    );
+    let pip = venv.join("bin/pip");
+    for step in [
+        cmd!(sh, "{python} -m venv --clear {venv}"),
+        cmd!(
+            sh,
+            "{pip} install --disable-pip-version-check kubernetes-validate=={version}"
+        ),
+    ] {
+        let what = step.to_string();
+        let status = crate::process::status_logged(step, Some(&log))?;
+        if !status.success() {
+            bail!(
+                "`{what}` failed ({status}): its output is in {}",
+                log.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The packages (sorted, unique) whose probe fails, with what was missing.

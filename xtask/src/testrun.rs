@@ -31,6 +31,7 @@ pub fn run(args: Args) -> Result<()> {
     // gcc and depmod), so every tier but `lock` makes sure of them.
     if tiers.iter().any(|t| !matches!(*t, "lock" | "lint")) {
         crate::hostdeps::ensure(crate::hostdeps::HOST_DEPS)?;
+        crate::hostdeps::ensure_kubernetes_validate()?;
     }
     let sh = Shell::new()?;
     sh.change_dir(project_root());

@@ -10,10 +10,11 @@
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use pxelab_tests::cmd::{checked, require, require_root};
+use pxelab_tests::deploy::{readme_command, Placement, TargetNet};
 use pxelab_tests::NetNs;
 use xtask::stack::{self, archive, INITRD_BUDGET};
 
@@ -554,12 +555,17 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     Some(text)
 }
 
+/// One podman test at a time: the image they load is the same, and the first one's clean-up
+/// would remove it under the other's container.
+static PODMAN: Mutex<()> = Mutex::new(());
+
 #[test]
 fn sys_podman_runs_the_supervisor_and_stops_within_two_seconds() {
     need_root();
     require("podman", "podman");
     require("runc", "runc");
     require("ip", "iproute2");
+    let _alone = PODMAN.lock().unwrap_or_else(|e| e.into_inner());
     let out = first().out.as_path();
     // podman names an image by the sha256 of its config, which the docker archive is named after.
     let image_id = {
@@ -688,6 +694,126 @@ fn sys_podman_runs_the_supervisor_and_stops_within_two_seconds() {
         "exit code after SIGTERM\n{}",
         logs(&guard.container)
     );
+}
+
+/// Removes the container on drop, and the image unless something else uses it (a lab's stack).
+struct HostContainer {
+    name: String,
+    image: String,
+}
+
+impl Drop for HostContainer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = Command::new("podman").args(["logs", &self.name]).output();
+            if let Ok(l) = logs {
+                eprintln!("--- container log\n{}", String::from_utf8_lossy(&l.stderr));
+            }
+        }
+        let _ = Command::new("podman")
+            .args(["rm", "-f", "-v", &self.name])
+            .output();
+        let _ = Command::new("podman").args(["rmi", &self.image]).output();
+    }
+}
+
+/// README's `podman load` and `podman run --network host` lines, word for word, run in a
+/// namespace standing in for the provisioning host (the archive is this build's, the host
+/// paths of the volumes are under a scratch directory, the interface and address are the
+/// test's): a DHCP client on the other end of a veth pair gets the defined address, TFTP the
+/// image's first stage, `/ipxe?mac=` the machine's script, and the API answers the token.
+#[test]
+fn sys_podman_host_network_as_documented() {
+    need_root();
+    require("podman", "podman");
+    require("ip", "iproute2");
+    require("busybox", "busybox-static");
+    require("nsenter", "util-linux");
+    let _alone = PODMAN.lock().unwrap_or_else(|e| e.into_inner());
+    let out = first().out.as_path();
+    let tmp = scratch("podman-host");
+    let net = TargetNet::new("p", "10.235.0.1/24");
+    let placed = net.placement(&tmp.join("root"));
+
+    let load = readme_command(&["podman", "load"]);
+    let archive = |w: &String| match w.strip_prefix("build/stack/x86_64/") {
+        Some(name) => out.join(name).display().to_string(),
+        None => w.clone(),
+    };
+    checked(Command::new("podman").args(load[1..].iter().map(archive)));
+
+    let run = readme_command(&["podman", "run"]);
+    let at = run
+        .iter()
+        .position(|w| w.contains("pxeboot-stack:"))
+        .unwrap();
+    let container = HostContainer {
+        name: format!("pxelab-host-test-{}", std::process::id()),
+        image: run[at].clone(),
+    };
+    let (mut vms, mut token) = (None, None);
+    let documented_token = Placement::value(&run[at..], "--api-token-file").unwrap();
+    let mut words = vec![];
+    let mut prev = "";
+    for w in &run[1..at] {
+        words.push(match prev {
+            "--name" => container.name.clone(),
+            "-v" => {
+                let (host, inside) = w.split_once(':').unwrap();
+                let host = placed.path(host);
+                let inside = inside.split(':').next().unwrap();
+                if inside == "/var/lib/pxelab/vms" {
+                    vms = Some(host.clone());
+                } else if inside == documented_token {
+                    token = Some(host.clone());
+                } else {
+                    std::fs::create_dir_all(&host).unwrap();
+                }
+                w.replacen(w.split(':').next().unwrap(), &host.display().to_string(), 1)
+            }
+            _ => w.clone(),
+        });
+        prev = w;
+    }
+    placed.prepare(
+        &vms.expect("a volume for the VM definitions"),
+        None,
+        &token.expect("the token file as a volume"),
+        "52:54:00:d1:e2:02",
+        "10.235.0.50",
+    );
+    // Root here cannot raise rlimits (a container itself), and podman's defaults ask for
+    // more: host configuration, as README says, not a change to the command line.
+    let conf = tmp.join("containers.conf");
+    std::fs::write(
+        &conf,
+        "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1000:1000\"]\n",
+    )
+    .unwrap();
+    let t = Instant::now();
+    // nsenter, not `ip netns exec`: that mounts a sysfs of the namespace over /sys, which
+    // hides the cgroup mounts runc needs.
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", net.host.name()))
+        .arg("podman")
+        .env("CONTAINERS_CONF", &conf)
+        .args(&words)
+        .arg(&run[at])
+        .args(placed.container_flags(&run[at + 1..]));
+    checked(&mut cmd);
+    let logs = || {
+        let l = Command::new("podman")
+            .args(["logs", &container.name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&l.stderr).into_owned()
+    };
+    net.wait_ready(30, &logs);
+    eprintln!(
+        "container serving {:.1} s after podman run",
+        t.elapsed().as_secs_f64()
+    );
+    net.assert_serves(&tmp, "52:54:00:d1:e2:02", "10.235.0.50");
 }
 
 /// vmlinuz from the pinned kernel package (the default store doubles as a download cache).
