@@ -40,9 +40,10 @@ HTTP endpoints: GET /healthz, /boot.ipxe, /ipxe?mac=<mac>, /config/<mac>?token=<
 /cloud-init/<name>/{meta-data,user-data,network-config,vendor-data}, /images/..., /initrds/...
 (Range, HEAD), /nfsroot/overlay.cpio, /nfsroot/<distro>/<arch>/initrd.img;
 POST /events/<mac>?token=<token>. /ipxe hands each install or diskless boot a new token (only to
-the VM's own address: its \"ip\", else its DHCP lease; with --dhcp proxy, a VM without \"ip\" is
-known by the address its /ipxe came from, and its /config and /events must come from there too)
-inside the URLs it gives the machine; /config and /events accept only that. The same API is served on <state>/control.sock (mode 0600), where
+the VM's own address: its \"ip\", else its DHCP lease) inside the URLs it gives the machine;
+/config and /events accept only that. With --dhcp proxy a VM without \"ip\" is known by the
+address its last /ipxe came from, and its /config, /events and cloud-init documents must come
+from there too. The same API is served on <state>/control.sock (mode 0600), where
 no token is needed and which alone also serves GET /status, /vms/<name>/timeline and
 POST /vms/<name>/reprovision.
 With --api-token-file the enrollment API is served too: GET /api/machines (every definition),
