@@ -755,6 +755,13 @@ fn sys_proxy_dhcp_beside_a_site_server() {
             );
         }
     }
+    // A client that is not PXE (the installer's udhcpc, the installed system) hears only the
+    // site's server: an address from its pool, no boot file.
+    let lease = lab.dhcp(data, &[]).expect("no lease from the site server");
+    let ip: std::net::Ipv4Addr = get(&lease, "ip").unwrap_or_default().parse().unwrap();
+    assert!((100..=150).contains(&ip.octets()[3]), "{lease:?}");
+    assert_eq!(get(&lease, "serverid"), Some("10.231.0.2"), "{lease:?}");
+    assert_eq!(get(&lease, "boot_file"), None, "{lease:?}");
     // An unknown MAC still gets its address from the site, and nothing from the stack.
     let (site, proxy) = offers("52:54:00:aa:bb:99", 0x1060, 7, false);
     assert!(site.is_some() && proxy.is_none(), "{proxy:?}");
