@@ -10,6 +10,12 @@
 //! state. `/ipxe` hands a token only to the machine's own address (unless the stack runs with
 //! `--no-ip-check`), so asking for one does not work from elsewhere either.
 //!
+//! proxyDHCP (`--dhcp proxy`): the site's server leases the addresses and we see no lease, so a
+//! machine without `ip` is known by the address its last `GET /ipxe` came from ([`Leases`] holds
+//! it); `/ipxe` itself then answers any address, as a DHCP server answers whoever claims a MAC.
+//! Its cloud-init documents, `/config` and `/events` must come from that address (the last two
+//! also with the token; a restarted stack knows the address again at the next `/ipxe`).
+//!
 //! The enrollment API (`/api/…`) is the operator's: over the network it requires the operator
 //! token of `--api-token-file` as `Authorization: Bearer <token>`.
 
@@ -92,7 +98,8 @@ pub fn read_operator_token(path: &std::path::Path) -> Result<String, String> {
     Ok(token.to_string())
 }
 
-/// The addresses dnsmasq last leased, by MAC (learned from its log and its lease file).
+/// The addresses dnsmasq last leased, by MAC (learned from its log and its lease file), or in
+/// proxy mode the addresses the machines' last `/ipxe` came from.
 #[derive(Default)]
 pub struct Leases {
     by_mac: Mutex<HashMap<Mac, Ipv4Addr>>,

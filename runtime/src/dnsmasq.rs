@@ -15,6 +15,18 @@
 //!
 //! Lease times for the timeline come from dnsmasq's own log ([`parse_ack`]).
 //!
+//! Proxy mode (`--dhcp proxy`, [`DnsmasqSettings::proxy`]): the site's DHCP server leases the
+//! addresses and dnsmasq answers only the PXE part (`dhcp-range=<network>,proxy`), still only to
+//! the defined MACs (`dhcp-hosts` then lists every VM, with or without an `ip`, so that `known`
+//! is set). A proxy offer has no address, DNS or lease time, and dnsmasq does not honour
+//! `dhcp-option-force` in it, so there is no DNS, no router advertisement (the site's network
+//! has its own) and no forced iPXE option 176. Boot files: firmware PXE clients get the first
+//! stage through `pxe-service` lines (one per client architecture, a file name with its suffix,
+//! so no PXE layer is appended and a single entry needs no menu); dnsmasq listens on the PXE
+//! port 4011 only when a `pxe-service` exists, and iPXE asks there after its lease (a
+//! ProxyDHCPREQUEST). iPXE (option 175) gets the `boot.ipxe` URL from `dhcp-boot`, which
+//! dnsmasq puts in its proxy offers and 4011 answers when no `pxe-service` matches the client.
+//!
 //! dnsmasq parses whatever any host on the lab network sends, so it does not run as root: the
 //! stack starts it as `nobody` (uid and gid 65534) with only `CAP_NET_BIND_SERVICE`,
 //! `CAP_NET_ADMIN` and `CAP_NET_RAW` (ambient, so they survive the exec), in `--no-daemon`
@@ -68,6 +80,8 @@ pub struct DnsmasqSettings {
     pub dns: bool,
     /// Where the rendered files, the lease file and the log live (inside the state dir).
     pub work_dir: PathBuf,
+    /// proxyDHCP: another server leases the addresses; answer only the PXE part (module doc).
+    pub proxy: bool,
 }
 
 impl DnsmasqSettings {
@@ -120,7 +134,7 @@ impl DnsmasqSettings {
         line("log-dhcp".into());
         line("no-resolv".into());
         line("no-hosts".into());
-        if self.dns {
+        if self.dns && !self.proxy {
             line(format!("domain={}", self.domain));
             line(format!("local=/{}/", self.domain));
             line(format!("addn-hosts={HOSTS}"));
@@ -128,43 +142,70 @@ impl DnsmasqSettings {
         } else {
             line("port=0".into());
         }
-        line(format!(
-            "dhcp-range={},static,{},1h",
-            self.network(),
-            self.netmask()
-        ));
+        if self.proxy {
+            line(format!(
+                "dhcp-range={},proxy,{}",
+                self.network(),
+                self.netmask()
+            ));
+        } else {
+            line(format!(
+                "dhcp-range={},static,{},1h",
+                self.network(),
+                self.netmask()
+            ));
+        }
         line(format!("dhcp-hostsfile={DHCP_HOSTS}"));
         line("dhcp-ignore=tag:!known".into());
+        // Even a proxy writes one (empty), and its default is outside the work directory.
         line(format!("dhcp-leasefile={LEASES}"));
-        line("dhcp-authoritative".into());
-        line("no-ping".into());
-        line("enable-ra".into());
-        line(format!("dhcp-range=::,constructor:{i},ra-only"));
+        if !self.proxy {
+            line("dhcp-authoritative".into());
+            line("no-ping".into());
+            line("enable-ra".into());
+            line(format!("dhcp-range=::,constructor:{i},ra-only"));
+        }
         line("dhcp-match=set:ipxe,175".into());
-        line("dhcp-option-force=tag:ipxe,encap:175,176,1".into());
+        if !self.proxy {
+            line("dhcp-option-force=tag:ipxe,encap:175,176,1".into());
+        }
         line("dhcp-match=set:efi-x86_64,option:client-arch,7".into());
         line("dhcp-match=set:efi-x86_64,option:client-arch,9".into());
         line("dhcp-match=set:efi-arm64,option:client-arch,11".into());
-        line("dhcp-match=set:efi-http,option:client-arch,16".into());
-        line("dhcp-match=set:efi-http,option:client-arch,19".into());
-        line("dhcp-option-force=tag:efi-http,option:vendor-class,HTTPClient".into());
-        line(format!("dhcp-boot=tag:ipxe,{}/boot.ipxe", self.http_base));
-        line(format!(
-            "dhcp-boot=tag:!ipxe,tag:efi-http,{}{NO_HTTP_BOOT}",
-            self.http_base
-        ));
-        line(format!(
-            "dhcp-boot=tag:!ipxe,tag:efi-x86_64,ipxe.efi,,{}",
-            self.server_ip
-        ));
-        line(format!(
-            "dhcp-boot=tag:!ipxe,tag:efi-arm64,ipxe-arm64.efi,,{}",
-            self.server_ip
-        ));
-        line(format!(
-            "dhcp-boot=tag:!ipxe,tag:!efi-x86_64,tag:!efi-arm64,tag:!efi-http,undionly.kpxe,,{}",
-            self.server_ip
-        ));
+        let ipxe_boot = format!("dhcp-boot=tag:ipxe,{}/boot.ipxe", self.http_base);
+        if self.proxy {
+            line(ipxe_boot);
+            // dnsmasq's names for client-arch 0, 7, 9 and 11.
+            for (csa, file) in [
+                ("x86PC", "undionly.kpxe"),
+                ("X86-64_EFI", "ipxe.efi"),
+                ("BC_EFI", "ipxe.efi"),
+                ("ARM64_EFI", "ipxe-arm64.efi"),
+            ] {
+                line(format!("pxe-service=tag:!ipxe,{csa},\"pxelab\",{file}"));
+            }
+        } else {
+            line("dhcp-match=set:efi-http,option:client-arch,16".into());
+            line("dhcp-match=set:efi-http,option:client-arch,19".into());
+            line("dhcp-option-force=tag:efi-http,option:vendor-class,HTTPClient".into());
+            line(ipxe_boot);
+            line(format!(
+                "dhcp-boot=tag:!ipxe,tag:efi-http,{}{NO_HTTP_BOOT}",
+                self.http_base
+            ));
+            line(format!(
+                "dhcp-boot=tag:!ipxe,tag:efi-x86_64,ipxe.efi,,{}",
+                self.server_ip
+            ));
+            line(format!(
+                "dhcp-boot=tag:!ipxe,tag:efi-arm64,ipxe-arm64.efi,,{}",
+                self.server_ip
+            ));
+            line(format!(
+                "dhcp-boot=tag:!ipxe,tag:!efi-x86_64,tag:!efi-arm64,tag:!efi-http,undionly.kpxe,,{}",
+                self.server_ip
+            ));
+        }
         line("enable-tftp".into());
         line(format!("tftp-root=/proc/self/cwd/{TFTP_COPY}"));
         c
@@ -176,12 +217,19 @@ impl DnsmasqSettings {
     }
 }
 
-/// `dhcp-hostsfile`: `mac,ip,name` per VM that has an address (sorted by name).
-pub fn render_dhcp_hosts(vms: &[VmDefinition]) -> String {
+/// `dhcp-hostsfile`: `mac,ip,name` per VM that has an address (sorted by name); in proxy mode
+/// the MAC of every VM (what makes it `known`: the site's server owns the addresses and names).
+pub fn render_dhcp_hosts(vms: &[VmDefinition], proxy: bool) -> String {
     let mut out = String::new();
     for vm in vms {
-        if let Some(ip) = vm.ip {
-            let _ = writeln!(out, "{},{ip},{}", vm.mac, vm.name);
+        match vm.ip {
+            _ if proxy => {
+                let _ = writeln!(out, "{}", vm.mac);
+            }
+            Some(ip) => {
+                let _ = writeln!(out, "{},{ip},{}", vm.mac, vm.name);
+            }
+            None => {}
         }
     }
     out
@@ -202,7 +250,10 @@ pub fn render_dns_hosts(vms: &[VmDefinition], domain: &str) -> String {
 pub fn write_hosts(settings: &DnsmasqSettings, vms: &[VmDefinition]) -> std::io::Result<bool> {
     let mut changed = false;
     for (path, text) in [
-        (settings.dhcp_hosts_path(), render_dhcp_hosts(vms)),
+        (
+            settings.dhcp_hosts_path(),
+            render_dhcp_hosts(vms, settings.proxy),
+        ),
         (
             settings.dns_hosts_path(),
             render_dns_hosts(vms, &settings.domain),

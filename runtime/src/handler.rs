@@ -44,7 +44,11 @@ pub struct Context {
     pub advertise: Option<String>,
     /// Hand out boots and cloud-init documents only to the machine's own address.
     pub ip_check: bool,
-    /// The DHCP leases dnsmasq gave (the address of a VM without a reserved one).
+    /// proxyDHCP (`--dhcp proxy`): the site's server leases the addresses, so a VM without an
+    /// `ip` is known by the address its last `/ipxe` boot came from (see [`access`]).
+    pub proxy_dhcp: bool,
+    /// The address of each VM without a reserved one: the lease dnsmasq gave, or in proxy mode
+    /// the address its boot came from.
     pub leases: Arc<Leases>,
     /// DNS domain of the lab (`<name>.<domain>`).
     pub domain: String,
@@ -203,6 +207,32 @@ impl Context {
         }
     }
 
+    /// proxyDHCP: no lease of ours says where a machine without an `ip` is, so the address its
+    /// `GET /ipxe` comes from is its address until the next one ([`access`]).
+    fn bind_boot_address(&self, r: &Request, vm: &VmDefinition) {
+        if let (true, None, Channel::Network, IpAddr::V4(peer)) =
+            (self.proxy_dhcp, vm.ip, r.channel, r.peer)
+        {
+            self.leases.set(vm.mac, peer);
+        }
+    }
+
+    /// proxyDHCP: `/config` and `/events` also come only from the address the boot was handed
+    /// to, when it is known (a restarted stack knows it again at the machine's next boot; the
+    /// token alone guards the requests in between).
+    fn check_bound_address(
+        &self,
+        r: &Request,
+        vm: &VmDefinition,
+        what: &str,
+    ) -> Result<(), Response> {
+        if !self.proxy_dhcp || access::machine_address(vm, &self.leases).is_none() {
+            return Ok(());
+        }
+        self.check_machine_address(r, vm, what)
+            .map_err(|why| Response::line(403, &why))
+    }
+
     fn status(&self) -> Response {
         let set = self.set();
         let mut status = StackStatus {
@@ -288,6 +318,9 @@ impl Context {
         let Some(vm) = vm else {
             return Response::line(404, &format!("no VM is defined for MAC {mac}"));
         };
+        if let Err(reply) = self.check_bound_address(r, &vm, "the install config") {
+            return reply;
+        }
         let token = match self.boot_token(r, &vm, "the install config") {
             Ok(token) => token,
             Err(reply) => return reply,
@@ -412,6 +445,9 @@ impl Context {
                 400,
                 "phase reprovision is not reported by machines: an operator resets a VM with POST /vms/<name>/reprovision on the stack's control socket",
             );
+        }
+        if let Err(reply) = self.check_bound_address(r, &vm, &format!("event {}", event.phase)) {
+            return reply;
         }
         let given = match r.channel {
             Channel::Control => None,

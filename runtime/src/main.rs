@@ -26,6 +26,9 @@ Examples:
   # The whole stack on a lab interface (as root or inside the lab's network namespace):
   pxelab-stack --data-dir /srv/pxelab --interface br-lab --server-ip 10.77.0.1/24
 
+  # Beside the site's DHCP server, which keeps leasing the addresses (proxyDHCP):
+  pxelab-stack --data-dir /srv/pxelab --interface eth1 --server-ip 192.168.10.5/24 --dhcp proxy
+
   # Reinstall VM web-1 at its next network boot (on the control socket: the stack's user only):
   curl --unix-socket /srv/pxelab/state/control.sock -X POST http://stack/vms/web-1/reprovision
 
@@ -37,8 +40,10 @@ HTTP endpoints: GET /healthz, /boot.ipxe, /ipxe?mac=<mac>, /config/<mac>?token=<
 /cloud-init/<name>/{meta-data,user-data,network-config,vendor-data}, /images/..., /initrds/...
 (Range, HEAD), /nfsroot/overlay.cpio, /nfsroot/<distro>/<arch>/initrd.img;
 POST /events/<mac>?token=<token>. /ipxe hands each install or diskless boot a new token (only to
-the VM's own address: its \"ip\", else its DHCP lease) inside the URLs it gives the machine; /config
-and /events accept only that. The same API is served on <state>/control.sock (mode 0600), where
+the VM's own address: its \"ip\", else its DHCP lease) inside the URLs it gives the machine;
+/config and /events accept only that. With --dhcp proxy a VM without \"ip\" is known by the
+address its last /ipxe came from, and its /config, /events and cloud-init documents must come
+from there too. The same API is served on <state>/control.sock (mode 0600), where
 no token is needed and which alone also serves GET /status, /vms/<name>/timeline and
 POST /vms/<name>/reprovision.
 With --api-token-file the enrollment API is served too: GET /api/machines (every definition),
@@ -95,9 +100,20 @@ struct Args {
     /// DNS domain of the lab: every VM resolves as <name>.<domain>.
     #[arg(long, env = "PXELAB_DOMAIN", default_value = "pxelab.local")]
     domain: String,
-    /// Do not serve DNS (dnsmasq gets port=0).
+    /// Do not serve DNS (dnsmasq gets port=0). Implied by --dhcp proxy.
     #[arg(long, env = "PXELAB_NO_DNS")]
     no_dns: bool,
+    /// Who leases the addresses on --interface.
+    ///
+    /// full (the default, the lab's mode): the stack's dnsmasq is the network's only DHCP
+    /// server: it leases each VM its "ip", boots it, serves DNS for <name>.<domain>, and ignores
+    /// every other MAC. proxy: the site's own DHCP server leases the addresses (and names the
+    /// DNS servers); dnsmasq answers only the PXE part (proxyDHCP: the first-stage iPXE file
+    /// over TFTP to firmware, the http://<server-ip>/boot.ipxe URL to iPXE), only to defined
+    /// MACs, serves no DNS and sends no router advertisements. VMs then need no "ip": a VM
+    /// without one is known by the address its boot (/ipxe) comes from.
+    #[arg(long, env = "PXELAB_DHCP", value_enum, default_value_t = DhcpMode::Full, verbatim_doc_comment)]
+    dhcp: DhcpMode,
     /// Run only the HTTP handler; DHCP/TFTP are someone else's job.
     #[arg(long, env = "PXELAB_NO_DNSMASQ")]
     no_dnsmasq: bool,
@@ -142,6 +158,12 @@ struct Args {
     /// it there is no API.
     #[arg(long, env = "PXELAB_API_TOKEN_FILE", value_name = "PATH")]
     api_token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DhcpMode {
+    Full,
+    Proxy,
 }
 
 fn main() -> ExitCode {
@@ -200,6 +222,7 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
                 domain: a.domain.clone(),
                 dns: !a.no_dns,
                 work_dir: state_dir.join("dnsmasq"),
+                proxy: a.dhcp == DhcpMode::Proxy,
             },
         ))
     };
@@ -230,6 +253,7 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
         state_dir,
         advertise,
         ip_check: !a.no_ip_check,
+        proxy_dhcp: a.dhcp == DhcpMode::Proxy,
         domain: a.domain.clone(),
         server: ServerOptions {
             max_connections: a.max_connections.max(1),

@@ -51,6 +51,8 @@ pub struct Options {
     pub state_dir: PathBuf,
     pub advertise: Option<String>,
     pub ip_check: bool,
+    /// `--dhcp proxy`: the site's DHCP server leases the addresses ([`Context::proxy_dhcp`]).
+    pub proxy_dhcp: bool,
     pub domain: String,
     pub server: ServerOptions,
     /// `None` runs the HTTP handler alone.
@@ -112,6 +114,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         watch,
         advertise: opts.advertise.clone(),
         ip_check: opts.ip_check,
+        proxy_dhcp: opts.proxy_dhcp,
         leases: leases.clone(),
         domain: opts.domain.clone(),
         nfs: roots,

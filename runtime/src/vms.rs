@@ -400,9 +400,9 @@ fn report(set: &VmSet) {
         .collect();
     match no_ip.as_slice() {
         [] => {}
-        [one] => log!("VM {one} has no \"ip\": it gets no DHCP lease until one is set"),
+        [one] => log!("VM {one} has no \"ip\": it gets no DHCP lease until one is set (except from the site's server with --dhcp proxy)"),
         many => log!(
-            "VMs {} have no \"ip\": they get no DHCP lease until one is set",
+            "VMs {} have no \"ip\": they get no DHCP lease until one is set (except from the site's server with --dhcp proxy)",
             shorten(many, SHOWN)
         ),
     }

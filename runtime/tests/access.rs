@@ -192,6 +192,54 @@ fn cloud_init_of_a_vm_without_ip_goes_to_its_lease_only() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// proxyDHCP: the site's server leases the addresses, so a VM without `ip` is known by the
+/// address its last `/ipxe` came from; its config, events and documents go there only.
+#[test]
+fn with_proxy_dhcp_a_vm_without_ip_is_known_by_the_address_of_its_boot() {
+    let mut s = Stack::new();
+    write_vm(s.root(), "t1", MAC, None);
+    s.reconfigure(|c| c.proxy_dhcp = true);
+    let site_leased = Ipv4Addr::new(127, 0, 0, 7);
+    assert_eq!(
+        get_from(&s, site_leased, "/cloud-init/t1/meta-data").status,
+        403,
+        "documents before any boot"
+    );
+    let script = get_from(&s, site_leased, &format!("/ipxe?mac={MAC}")).text();
+    let token =
+        token_in(&script).unwrap_or_else(|| panic!("no boot from the site's lease: {script}"));
+    assert_eq!(
+        get_from(&s, site_leased, "/cloud-init/t1/meta-data").status,
+        200
+    );
+    let config = format!("/config/{MAC}?token={token}");
+    let events = format!("/events/{MAC}?token={token}");
+    assert_eq!(get_from(&s, site_leased, &config).status, 200);
+    for r in [
+        get_from(&s, ROGUE, "/cloud-init/t1/meta-data"),
+        get_from(&s, ROGUE, &config),
+        post_from(&s, ROGUE, &events, r#"{"phase":"installing"}"#),
+    ] {
+        assert_eq!(r.status, 403, "{}", r.text());
+        r.assert_one_line();
+        assert!(r.text().contains("127.0.0.7"), "{}", r.text());
+    }
+    assert_eq!(s.state(), "booting");
+    let r = post_from(&s, site_leased, &events, r#"{"phase":"installing"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The next boot from another address moves the machine there: the old one loses it.
+    let moved = Ipv4Addr::new(127, 0, 0, 8);
+    let token = token_in(&get_from(&s, moved, &format!("/ipxe?mac={MAC}")).text()).unwrap();
+    assert_eq!(
+        get_from(&s, moved, &format!("/config/{MAC}?token={token}")).status,
+        200
+    );
+    assert_eq!(
+        get_from(&s, site_leased, &format!("/config/{MAC}?token={token}")).status,
+        403
+    );
+}
+
 /// Terminal escape sequences in messages never come back out, and a flood of long messages
 /// keeps the timeline small.
 #[test]

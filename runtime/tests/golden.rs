@@ -46,6 +46,10 @@ fn vms() -> Vec<VmDefinition> {
 }
 
 fn settings(dns: bool) -> dnsmasq::DnsmasqSettings {
+    settings_in(dns, false)
+}
+
+fn settings_in(dns: bool, proxy: bool) -> dnsmasq::DnsmasqSettings {
     dnsmasq::DnsmasqSettings {
         interface: "br-lab".into(),
         server_ip: "10.77.0.1".parse().unwrap(),
@@ -55,6 +59,7 @@ fn settings(dns: bool) -> dnsmasq::DnsmasqSettings {
         domain: "pxelab.local".into(),
         dns,
         work_dir: "/var/lib/pxelab/state/dnsmasq".into(),
+        proxy,
     }
 }
 
@@ -62,8 +67,21 @@ fn settings(dns: bool) -> dnsmasq::DnsmasqSettings {
 fn dnsmasq_files() {
     check("dnsmasq.conf", &settings(true).render_conf());
     check("dnsmasq-no-dns.conf", &settings(false).render_conf());
-    check("dhcp-hosts", &dnsmasq::render_dhcp_hosts(&vms()));
+    check("dhcp-hosts", &dnsmasq::render_dhcp_hosts(&vms(), false));
     check("hosts", &dnsmasq::render_dns_hosts(&vms(), "pxelab.local"));
+}
+
+/// proxyDHCP: the same with or without DNS (the site's server owns DNS), and every defined MAC
+/// is known, with or without an `ip`.
+#[test]
+fn dnsmasq_proxy_files() {
+    let proxy = settings_in(true, true).render_conf();
+    assert_eq!(proxy, settings_in(false, true).render_conf());
+    check("dnsmasq-proxy.conf", &proxy);
+    check(
+        "dhcp-hosts-proxy",
+        &dnsmasq::render_dhcp_hosts(&vms(), true),
+    );
 }
 
 #[test]

@@ -136,8 +136,9 @@ fn prepare_data(data: &Path) {
 }
 
 /// Starts the stack binary in the server namespace (HTTP on the default listen address,
-/// <server-ip>:80) and waits until it answers HTTP there.
-fn start_stack(lab: &Lab, data: &Path) -> StackProcess {
+/// <server-ip>:80) serving `interface`, with `extra` flags, and waits until it answers HTTP
+/// there.
+fn start_stack(lab: &Lab, data: &Path, interface: &str, extra: &[&str]) -> StackProcess {
     let log = data.join("stack.log");
     let child = lab
         .srv
@@ -146,10 +147,11 @@ fn start_stack(lab: &Lab, data: &Path) -> StackProcess {
         .arg(data)
         .args([
             "--interface",
-            &lab.srv_if,
+            interface,
             "--server-ip",
             &format!("{SERVER_IP}/24"),
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -215,7 +217,7 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
     prepare_data(data);
     let lab = Lab::new("a");
     lab.set_client_mac(MAC);
-    let mut stack = start_stack(&lab, data);
+    let mut stack = start_stack(&lab, data, &lab.srv_if, &[]);
 
     // dnsmasq parses what any host on the lab network sends: it runs as nobody, with only the
     // capabilities DHCP needs, and still serves files from a data directory only root may
@@ -385,7 +387,7 @@ fn sys_dnsmasq_restarted_and_dies_with_a_killed_stack() {
     let data = tmp.path();
     prepare_data(data);
     let lab = Lab::new("b");
-    let mut stack = start_stack(&lab, data);
+    let mut stack = start_stack(&lab, data, &lab.srv_if, &[]);
     let conf = data.join("state/dnsmasq/dnsmasq.conf");
     let first = dnsmasq_pids_using(&conf);
     assert_eq!(first.len(), 1, "dnsmasq is not running");
@@ -416,4 +418,343 @@ fn sys_dnsmasq_restarted_and_dies_with_a_killed_stack() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// One DHCP reply as a PXE client reads it.
+#[derive(Debug)]
+struct Reply {
+    /// Option 54.
+    server: std::net::Ipv4Addr,
+    /// Option 53: 2 offer, 5 ack.
+    kind: u8,
+    yiaddr: std::net::Ipv4Addr,
+    siaddr: std::net::Ipv4Addr,
+    file: String,
+    /// The type of the first item of a PXE boot menu (option 43, sub-option 9).
+    menu_item: Option<u16>,
+}
+
+/// A BOOTREQUEST as PXE firmware or iPXE sends it: `kind` (1 discover, 3 request), client
+/// architecture `arch` (option 93), option 175 when `ipxe`, the broadcast flag set, and the
+/// boot server item it asks port 4011 for (`boot_item`, option 43 sub-option 71) from its
+/// leased address `ciaddr`.
+fn pxe_request(
+    mac: &str,
+    xid: u32,
+    kind: u8,
+    (arch, ipxe): (u16, bool),
+    boot_item: Option<u16>,
+    ciaddr: std::net::Ipv4Addr,
+) -> Vec<u8> {
+    let mut p = vec![0u8; 240];
+    p[..4].copy_from_slice(&[1, 1, 6, 0]);
+    p[4..8].copy_from_slice(&xid.to_be_bytes());
+    p[10] = 0x80;
+    p[12..16].copy_from_slice(&ciaddr.octets());
+    for (i, byte) in mac.split(':').enumerate() {
+        p[28 + i] = u8::from_str_radix(byte, 16).unwrap();
+    }
+    p[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    let class = format!("PXEClient:Arch:{arch:05}:UNDI:003016");
+    let mut option = |code: u8, value: &[u8]| {
+        p.push(code);
+        p.push(value.len() as u8);
+        p.extend_from_slice(value);
+    };
+    option(53, &[kind]);
+    option(55, &[1, 3, 6, 43, 60, 66, 67, 97, 128, 175]);
+    option(60, class.as_bytes());
+    option(93, &arch.to_be_bytes());
+    option(94, &[1, 3, 16]);
+    option(97, &[0; 17]);
+    if ipxe {
+        option(175, &[0x13, 1, 1]);
+    }
+    if let Some(item) = boot_item {
+        let [hi, lo] = item.to_be_bytes();
+        option(43, &[71, 4, hi, lo, 0, 0, 255]);
+    }
+    p.push(255);
+    p
+}
+
+fn parse_reply(p: &[u8], xid: u32) -> Option<Reply> {
+    if p.len() < 240
+        || p[0] != 2
+        || p[4..8] != xid.to_be_bytes()
+        || p[236..240] != [99, 130, 83, 99]
+    {
+        return None;
+    }
+    let addr = |b: &[u8]| std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let (mut server, mut kind, mut menu_item) = (None, None, None);
+    let mut rest = &p[240..];
+    while let [code, len, tail @ ..] = rest {
+        let value = tail.get(..usize::from(*len))?;
+        match code {
+            53 => kind = value.first().copied(),
+            54 if value.len() == 4 => server = Some(addr(value)),
+            43 => {
+                let mut sub = value;
+                while let [code, len, tail @ ..] = sub {
+                    let Some(v) = tail.get(..usize::from(*len)) else {
+                        break;
+                    };
+                    if *code == 9 && v.len() >= 2 {
+                        menu_item = Some(u16::from_be_bytes([v[0], v[1]]));
+                    }
+                    sub = &tail[v.len()..];
+                }
+            }
+            255 => break,
+            _ => {}
+        }
+        rest = &tail[usize::from(*len)..];
+    }
+    let file = &p[108..236];
+    Some(Reply {
+        server: server?,
+        kind: kind?,
+        yiaddr: addr(&p[16..20]),
+        siaddr: addr(&p[20..24]),
+        file: String::from_utf8_lossy(&file[..file.iter().position(|b| *b == 0).unwrap_or(128)])
+            .into_owned(),
+        menu_item,
+    })
+}
+
+/// Sends `packet` from port 68 of `ns` (out of `interface`) to `to` and collects the replies
+/// to its transaction for `wait`, or until there are `enough`.
+fn exchange(
+    ns: &NetNs,
+    interface: &str,
+    to: std::net::SocketAddrV4,
+    packet: &[u8],
+    (wait, enough): (Duration, usize),
+) -> Vec<Reply> {
+    let xid = u32::from_be_bytes(packet[4..8].try_into().unwrap());
+    ns.within(|| {
+        use std::os::fd::AsRawFd;
+        let socket = std::net::UdpSocket::bind("0.0.0.0:68").expect("bind port 68");
+        socket.set_broadcast(true).unwrap();
+        // SAFETY: a valid socket and a buffer of the given length.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                interface.as_ptr().cast(),
+                interface.len() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "SO_BINDTODEVICE: {}",
+            std::io::Error::last_os_error()
+        );
+        socket.send_to(packet, to).expect("send the DHCP request");
+        let end = Instant::now() + wait;
+        let mut replies = Vec::new();
+        let mut buf = [0u8; 1500];
+        while let Some(left) = end
+            .checked_duration_since(Instant::now())
+            .filter(|_| replies.len() < enough)
+        {
+            socket
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            match socket.recv_from(&mut buf) {
+                Ok((n, _)) => replies.extend(parse_reply(&buf[..n], xid)),
+                Err(_) => break,
+            }
+        }
+        replies
+    })
+}
+
+/// proxyDHCP beside a site server: the site's dnsmasq (no PXE options at all, on the same
+/// bridge) leases the address; the stack (`--dhcp proxy`) answers only the PXE part, to
+/// defined MACs only (one of them without an `ip`), and serves no DNS. Then the address rule:
+/// a VM without `ip` is known by the address its `/ipxe` came from.
+#[test]
+fn sys_proxy_dhcp_beside_a_site_server() {
+    prerequisites();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path();
+    prepare_data(data);
+    // The VM has no address of ours: the site's server leases it.
+    let vm = serde_json::json!({"name": "t1", "arch": "x86_64", "distro": "debian-12", "mac": MAC,
+        "ssh_key": KEY, "pxeboot": true});
+    std::fs::write(data.join("vms/t1.json"), vm.to_string()).unwrap();
+    let lab = Lab::new("p");
+    lab.set_client_mac(MAC);
+    // The stack's side becomes a bridge with a port to the client and one to the site.
+    let id = std::process::id();
+    let (bridge, site_port, site_if) = (format!("pxb{id}"), format!("pxp{id}"), format!("pxq{id}"));
+    let site = NetNs::new("dhcp-site");
+    lab.srv.ip(&format!("addr flush dev {}", lab.srv_if));
+    lab.srv.ip(&format!("link add {bridge} type bridge"));
+    lab.srv
+        .ip(&format!("link set {} master {bridge}", lab.srv_if));
+    lab.srv.veth(&site_port, &site, &site_if);
+    lab.srv.ip(&format!("link set {site_port} master {bridge}"));
+    lab.srv.ip(&format!("addr add {SERVER_IP}/24 dev {bridge}"));
+    lab.srv.ip(&format!("link set {bridge} up"));
+    site.ip(&format!("addr add 10.231.0.2/24 dev {site_if}"));
+    let mut site = site;
+    let site_log = data.join("site-dnsmasq.log");
+    let child = site
+        .command("dnsmasq")
+        .args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--port=0",
+            "--bind-interfaces",
+            "--user=root",
+            "--pid-file=",
+            "--no-ping",
+            "--log-dhcp",
+            "--dhcp-range=10.231.0.100,10.231.0.150,1h",
+        ])
+        .arg(format!("--interface={site_if}"))
+        .arg(format!(
+            "--dhcp-leasefile={}",
+            data.join("site.leases").display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&site_log).unwrap())
+        .stderr(std::fs::File::create(&site_log).unwrap())
+        .spawn()
+        .unwrap();
+    site.adopt(child);
+    let mut stack = start_stack(&lab, data, &bridge, &["--dhcp", "proxy"]);
+    let conf = std::fs::read_to_string(data.join("state/dnsmasq/dnsmasq.conf")).unwrap();
+    assert!(conf.contains("port=0"), "proxy mode serves DNS: {conf}");
+
+    let broadcast = std::net::SocketAddrV4::new(std::net::Ipv4Addr::BROADCAST, 67);
+    let site_ip: std::net::Ipv4Addr = "10.231.0.2".parse().unwrap();
+    let stack_ip: std::net::Ipv4Addr = SERVER_IP.parse().unwrap();
+    // Two offers (the site's, the stack's) are all a known MAC gets; an unknown one is given
+    // the time to get a second.
+    let offers = |mac: &str, xid: u32, arch: u16, ipxe: bool| {
+        let replies = exchange(
+            &lab.cli,
+            &lab.cli_if,
+            broadcast,
+            &pxe_request(
+                mac,
+                xid,
+                1,
+                (arch, ipxe),
+                None,
+                std::net::Ipv4Addr::UNSPECIFIED,
+            ),
+            (Duration::from_millis(1500), 2),
+        );
+        let (site, proxy): (Vec<Reply>, Vec<Reply>) =
+            replies.into_iter().partition(|r| r.server == site_ip);
+        (site.into_iter().next(), proxy.into_iter().next())
+    };
+    // What the client is told on port 4011 (from its leased address), as firmware asks for the
+    // item of the boot menu it was offered and iPXE asks with no item.
+    let ask_4011 =
+        |leased: std::net::Ipv4Addr, xid: u32, arch: u16, ipxe: bool, item: Option<u16>| {
+            lab.client_address(Some(&format!("{leased}/24")));
+            let replies = exchange(
+                &lab.cli,
+                &lab.cli_if,
+                std::net::SocketAddrV4::new(stack_ip, 4011),
+                &pxe_request(MAC, xid, 3, (arch, ipxe), item, leased),
+                (Duration::from_millis(1500), 1),
+            );
+            lab.client_address(None);
+            replies
+                .into_iter()
+                .find(|r| r.server == stack_ip && r.kind == 5)
+        };
+    let unspecified = std::net::Ipv4Addr::UNSPECIFIED;
+    // The site offers an address and no boot file; the stack's proxy offer has no address and
+    // names the first stage on its TFTP server (in the offer or, for a boot menu, on 4011).
+    let mut leased = unspecified;
+    for (xid, arch, ipxe, file) in [
+        (0x1000, 0, false, "undionly.kpxe"),
+        (0x1010, 7, false, "ipxe.efi"),
+        (0x1020, 9, false, "ipxe.efi"),
+        (0x1030, 11, false, "ipxe-arm64.efi"),
+        (0x1040, 7, true, "http://10.231.0.1/boot.ipxe"),
+        (0x1050, 0, true, "http://10.231.0.1/boot.ipxe"),
+    ] {
+        let (site, proxy) = offers(MAC, xid, arch, ipxe);
+        let site = site.unwrap_or_else(|| panic!("arch {arch}: no offer from the site server"));
+        assert!(site.kind == 2 && site.file.is_empty(), "{site:?}");
+        leased = site.yiaddr;
+        let proxy = proxy.unwrap_or_else(|| panic!("arch {arch}, iPXE {ipxe}: no proxy offer"));
+        assert_eq!((proxy.kind, proxy.yiaddr), (2, unspecified), "{proxy:?}");
+        let told = if proxy.file.is_empty() {
+            let ack = ask_4011(leased, xid + 1, arch, ipxe, proxy.menu_item);
+            ack.map(|r| (r.siaddr, r.file))
+        } else {
+            Some((proxy.siaddr, proxy.file.clone()))
+        };
+        // A URL needs no next server.
+        let told = told.map(|(siaddr, f)| (f.starts_with("http://") || siaddr == stack_ip, f));
+        assert_eq!(
+            told,
+            Some((true, file.to_string())),
+            "arch {arch}, iPXE {ipxe}: offer {proxy:?}; the stack's dnsmasq log:\n{}",
+            std::fs::read_to_string(data.join("state/dnsmasq/dnsmasq.log")).unwrap_or_default()
+        );
+        if ipxe {
+            // iPXE asks 4011 after its lease too (a ProxyDHCPREQUEST, no boot item).
+            let ack = ask_4011(leased, xid + 2, arch, true, None);
+            assert_eq!(
+                ack.map(|r| r.file).as_deref(),
+                Some(file),
+                "arch {arch}: ProxyDHCPREQUEST"
+            );
+        }
+    }
+    // A client that is not PXE (the installer's udhcpc, the installed system) hears only the
+    // site's server: an address from its pool, no boot file.
+    let lease = lab.dhcp(data, &[]).expect("no lease from the site server");
+    let ip: std::net::Ipv4Addr = get(&lease, "ip").unwrap_or_default().parse().unwrap();
+    assert!((100..=150).contains(&ip.octets()[3]), "{lease:?}");
+    assert_eq!(get(&lease, "serverid"), Some("10.231.0.2"), "{lease:?}");
+    assert_eq!(get(&lease, "boot_file"), None, "{lease:?}");
+    // An unknown MAC still gets its address from the site, and nothing from the stack.
+    let (site, proxy) = offers("52:54:00:aa:bb:99", 0x1060, 7, false);
+    assert!(site.is_some() && proxy.is_none(), "{proxy:?}");
+
+    // The address rule: /ipxe from any address starts the boot and binds that address; the
+    // machine's documents are then served there only.
+    lab.client_address(Some(&format!("{leased}/24")));
+    let wget = |lab_ns: &str, url: &str| {
+        let args = ["busybox", "wget", "-q", "-O", "-", url];
+        let out = if lab_ns == "cli" {
+            lab.in_cli(&args)
+        } else {
+            lab.in_srv(&args)
+        };
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let meta = format!("http://{SERVER_IP}/cloud-init/t1/meta-data");
+    let (ok, _) = wget("cli", &meta);
+    assert!(!ok, "cloud-init served before the machine booted");
+    let (ok, script) = wget("cli", &format!("http://{SERVER_IP}/ipxe?mac={MAC}"));
+    assert!(ok, "/ipxe: {script}");
+    let (ok, text) = wget("cli", &meta);
+    assert!(ok && text.contains("local-hostname: \"t1\""), "{text}");
+    let (ok, _) = wget("srv", &meta);
+    assert!(!ok, "cloud-init served to another address than the boot's");
+    lab.client_address(None);
+    drop(stack.child.take());
+    drop(stack);
+    eprintln!(
+        "site dnsmasq log:\n{}",
+        std::fs::read_to_string(&site_log).unwrap_or_default()
+    );
 }

@@ -40,6 +40,9 @@ impl Context {
                 ipxe::unknown_mac_script(mac).into_bytes(),
             );
         };
+        if r.method == "GET" {
+            self.bind_boot_address(r, &vm);
+        }
         let base = self.base_url(r);
         let reply = self.boot_script(r, &vm, &base);
         // iPXE shows only an error number when `chain` gets an error status, and the chain

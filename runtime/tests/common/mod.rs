@@ -89,6 +89,7 @@ impl Stack {
             catalog: catalog.clone(),
             advertise: Some("10.0.0.1".into()),
             ip_check,
+            proxy_dhcp: false,
             leases: Arc::default(),
             domain: "pxelab.local".into(),
             nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(

@@ -21,11 +21,15 @@
 //!    ganesha (see `diskless.rs`).
 //! 6. A Debian 13 target, trixie-1, installs on that stack, answers SSH with its own host name
 //!    and reports cloud-init done (`trixie.rs`).
-//! 7. `lab down` leaves no namespace, container or process behind (QEMU, stack, dnsmasq,
+//! 7. proxyDHCP (`proxy.rs`): the stack restarted with `--dhcp proxy` beside a site DHCP
+//!    server on the bridge; proxy-1, defined without an address, installs and answers SSH on
+//!    the address the site server leased it.
+//! 8. `lab down` leaves no namespace, container or process behind (QEMU, stack, dnsmasq,
 //!    ganesha).
 
 mod diskless;
 mod firstboot;
+mod proxy;
 mod trixie;
 
 use std::{
@@ -70,6 +74,8 @@ enum Part {
     Diskless,
     /// A Debian 13 target installed next to the Debian 12 ones.
     Trixie,
+    /// A target without an address of ours installed beside a site DHCP server (proxyDHCP).
+    Proxy,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -163,6 +169,10 @@ fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
     if runs(Part::Trixie) {
         step("trixie-1: a Debian 13 target installs, answers SSH and finishes cloud-init");
         trixie::scenario(&lab)?;
+    }
+    if runs(Part::Proxy) {
+        step("proxy-1: the stack in proxyDHCP mode beside a site DHCP server; it installs and answers SSH on the site's lease");
+        proxy::scenario(&distro)?;
     }
     Ok(())
 }
@@ -322,11 +332,14 @@ fn restart_during_stream(done: &AtomicBool, restarted: &AtomicBool) -> Result<()
 
 /// Defines disk VM `name` installing `distro`, gives it a blank disk and starts it once the
 /// stack has its reservation; the definition and when QEMU started (Unix ms).
+/// Defines a disk VM (with an address of the lab's unless `!reserve_ip`), gives it a blank
+/// disk and starts it.
 fn create_and_start(
     lab: &Lab,
     name: &str,
     distro: &str,
     firmware: qemu::Firmware,
+    reserve_ip: bool,
 ) -> Result<(pxelab_contract::VmDefinition, u64)> {
     let key = ssh::ensure_key(lab)?;
     let existing = vms::load_all(&lab.vms_dir())?;
@@ -338,7 +351,10 @@ fn create_and_start(
         ip: None,
         boot: pxelab_contract::BootMode::Install,
     };
-    let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
+    let mut vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
+    if !reserve_ip {
+        vm.ip = None;
+    }
     targets::create_disk(lab, name, targets::DEFAULT_DISK_SIZE)?;
     vms::write_new(&lab.vms_dir(), &vm)?;
     std::thread::sleep(Duration::from_secs(3)); // the stack re-reads definitions within 2 s
@@ -349,7 +365,7 @@ fn create_and_start(
 }
 
 fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmware) -> Result<()> {
-    let (_, started) = create_and_start(lab, name, distro, firmware)?;
+    let (_, started) = create_and_start(lab, name, distro, firmware, true)?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let timeline = stack::timeline(lab, name).unwrap_or_default();

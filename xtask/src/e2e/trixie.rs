@@ -20,7 +20,7 @@ pub fn scenario(lab: &Lab) -> Result<()> {
     let took = Instant::now();
     let distro = artifacts::prepare(lab, Arch::X86_64, DISTRO)?;
     let pulled = took.elapsed();
-    let (vm, started) = super::create_and_start(lab, VM, &distro, qemu::Firmware::Uefi)?;
+    let (vm, started) = super::create_and_start(lab, VM, &distro, qemu::Firmware::Uefi, true)?;
     let rows = follow::wait_all(
         lab,
         std::slice::from_ref(&vm),

@@ -79,6 +79,10 @@ pub struct LabConfig {
     /// (otherwise the one `build-stack` wrote).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<PathBuf>,
+    /// The stack runs `--dhcp proxy`: another DHCP server on the bridge leases the addresses
+    /// (the e2e's proxy part sets it while it runs such a server).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_dhcp: bool,
 }
 
 pub struct Lab {
@@ -125,6 +129,7 @@ impl Lab {
             subnet: DEFAULT_SUBNET.into(),
             stack: Default::default(),
             image: None,
+            proxy_dhcp: false,
         };
         Lab { home, config }
     }

@@ -90,7 +90,7 @@ fn host_arch() -> Arch {
 fn stack_flags(lab: &Lab, data_dir: &Path) -> Result<Vec<String>> {
     let net = lab.net()?;
     let gateway = net.subnet.gateway();
-    Ok(vec![
+    let mut flags = vec![
         "--data-dir".into(),
         data_dir.display().to_string(),
         "--interface".into(),
@@ -99,7 +99,11 @@ fn stack_flags(lab: &Lab, data_dir: &Path) -> Result<Vec<String>> {
         format!("{gateway}/{}", net.subnet.prefix()),
         "--listen".into(),
         format!("{gateway}:80"),
-    ])
+    ];
+    if lab.config.proxy_dhcp {
+        flags.extend(["--dhcp".into(), "proxy".into()]);
+    }
+    Ok(flags)
 }
 
 fn start_process(lab: &Lab, binary: &Path) -> Result<u32> {
