@@ -1,9 +1,10 @@
 //! Choosing the target disk and refusing one that is too small or in use, before any write.
 //!
-//! Size rule: the disk must hold 1 MiB (GPT + alignment) + the ESP + the root need + 1 MiB (backup
-//! GPT), where the root need is `max(4 GiB, 4 × compressed rootfs size)`. The config only knows
-//! the compressed size; Debian rootfs tarballs measured here compress 3–3.8× with zstd (see
-//! FIELD-NOTES), so 4× covers the unpacked tree, and 4 GiB leaves room to install packages.
+//! Size rule: the disk must hold 1 MiB (GPT + alignment) + the 1 MiB BIOS boot partition + the
+//! ESP + the root need + 1 MiB (backup GPT), where the root need is `max(4 GiB, 4 × compressed
+//! rootfs size)`. The config only knows the compressed size; Debian rootfs tarballs measured
+//! here compress 3–3.8× with zstd (see FIELD-NOTES), so 4× covers the unpacked tree, and 4 GiB
+//! leaves room to install packages.
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -15,6 +16,9 @@ use crate::error::{err, human_bytes, Context, Result};
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
+/// Room for GRUB's i386-pc core image: what grub-install asks for, far above the ~30 KiB ours
+/// takes.
+pub const BIOS_BOOT_SIZE: u64 = MIB;
 
 /// Bytes the root filesystem needs for a rootfs tarball of `compressed` bytes.
 pub fn root_need(compressed: u64) -> u64 {
@@ -23,7 +27,7 @@ pub fn root_need(compressed: u64) -> u64 {
 
 /// Smallest disk the installer accepts for a rootfs tarball of `compressed` bytes.
 pub fn required_bytes(compressed: u64) -> u64 {
-    MIB + ESP_SIZE_MIB * MIB + root_need(compressed) + MIB
+    MIB + BIOS_BOOT_SIZE + ESP_SIZE_MIB * MIB + root_need(compressed) + MIB
 }
 
 /// A whole-disk block device.
@@ -76,7 +80,7 @@ impl Disk {
         let need = required_bytes(compressed);
         if self.size < need {
             return Err(err(format!(
-                "disk {} is {} but the install needs at least {} ({} MiB ESP + root of max(4 GiB, 4 × {} rootfs tarball)); attach a larger disk",
+                "disk {} is {} but the install needs at least {} (1 MiB BIOS boot + {} MiB ESP + root of max(4 GiB, 4 × {} rootfs tarball)); attach a larger disk",
                 self.path.display(),
                 human_bytes(self.size),
                 human_bytes(need),
@@ -393,7 +397,7 @@ mod tests {
     fn size_rule() {
         assert_eq!(root_need(100 * MIB), 4 * GIB);
         assert_eq!(root_need(2 * GIB), 8 * GIB);
-        assert_eq!(required_bytes(100 * MIB), 514 * MIB + 4 * GIB);
+        assert_eq!(required_bytes(100 * MIB), 515 * MIB + 4 * GIB);
         let disk = Disk {
             path: "/dev/vda".into(),
             name: "vda".into(),

@@ -7,6 +7,7 @@
 //! matters is that the boot loader is installed only after the rootfs stream was verified, so a
 //! corrupt or partial download never yields a bootable disk.
 
+mod biosboot;
 mod bootloader;
 mod cmd;
 mod config;
@@ -271,6 +272,8 @@ impl Run<'_> {
             ids: &ids,
         };
         let entry = bootloader::install(&t, &mut mounts).map_err(at(Phase::Bootloader))?;
+        let bios = biosboot::install(&target, &disk.path, disk.logical_sector, layout.bios)
+            .map_err(at(Phase::Bootloader))?;
         let kexec = (config.reboot && config.kexec && in_initrd())
             .then(|| match kexec::load(&target, &entry) {
                 Ok(()) => Some(entry.version.clone()),
@@ -283,7 +286,7 @@ impl Run<'_> {
         self.done(
             Phase::Bootloader,
             format!(
-                "EFI GRUB (removable) booting {} with root=UUID={}{}",
+                "EFI GRUB (removable), {bios}, booting {} with root=UUID={}{}",
                 entry.kernel,
                 ids.root_uuid,
                 if kexec.is_some() {

@@ -1,5 +1,9 @@
-//! GPT layout (512 MiB ESP + ext4 root, MiB-aligned), written with the initrd's `sfdisk`, and
-//! making the kernel see the new partitions.
+//! GPT layout (1 MiB BIOS boot partition, 512 MiB ESP, ext4 root; MiB-aligned), written with
+//! the initrd's `sfdisk`, and making the kernel see the new partitions.
+//!
+//! The ESP and root keep numbers 1 and 2 (fstab, GRUB's `gpt2`, the tests name them so); the
+//! BIOS boot partition, which holds GRUB's i386-pc core image, is entry 3 though it lies first:
+//! one layout boots under UEFI and BIOS alike.
 //!
 //! After writing the table we ask the kernel to re-read it (BLKRRPART). Some block drivers
 //! accept that and change nothing (loop devices on recent kernels do exactly this), so if the
@@ -14,11 +18,14 @@ use std::time::{Duration, Instant};
 use pxelab_contract::ESP_SIZE_MIB;
 
 use crate::cmd;
-use crate::disk::{partitions, read_trim, Disk, MIB};
+use crate::disk::{partitions, read_trim, Disk, BIOS_BOOT_SIZE, MIB};
 use crate::error::{err, Context, Result};
 
 pub const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 pub const LINUX_FS_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+pub const BIOS_BOOT_TYPE: &str = "21686148-6449-6E6F-744E-656564454649";
+/// The root filesystem's GPT entry number, as GRUB names it (`gpt2`).
+pub const ROOT_PARTITION: u32 = 2;
 
 /// A byte range on the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,12 +38,25 @@ pub struct Extent {
 pub struct Layout {
     pub esp: Extent,
     pub root: Extent,
+    pub bios: Extent,
 }
 
-/// ESP at 1 MiB, root from its end to the last whole MiB that leaves ≥ 1 MiB for the backup GPT.
+impl Layout {
+    /// The partitions in GPT entry order (1, 2, 3).
+    fn entries(&self) -> [Extent; 3] {
+        [self.esp, self.root, self.bios]
+    }
+}
+
+/// BIOS boot at 1 MiB, the ESP after it, root from its end to the last whole MiB that leaves
+/// ≥ 1 MiB for the backup GPT.
 pub fn layout(disk_size: u64) -> Layout {
-    let esp = Extent {
+    let bios = Extent {
         start: MIB,
+        size: BIOS_BOOT_SIZE,
+    };
+    let esp = Extent {
+        start: bios.start + bios.size,
         size: ESP_SIZE_MIB * MIB,
     };
     let root_start = esp.start + esp.size;
@@ -47,6 +67,7 @@ pub fn layout(disk_size: u64) -> Layout {
             start: root_start,
             size: end - root_start,
         },
+        bios,
     }
 }
 
@@ -56,11 +77,14 @@ pub fn sfdisk_script(layout: &Layout, sector: u64) -> String {
     format!(
         "label: gpt\nunit: sectors\n\
          start={}, size={}, type={ESP_TYPE}, name=\"EFI system partition\"\n\
-         start={}, size={}, type={LINUX_FS_TYPE}, name=\"root\"\n",
+         start={}, size={}, type={LINUX_FS_TYPE}, name=\"root\"\n\
+         start={}, size={}, type={BIOS_BOOT_TYPE}, name=\"BIOS boot partition\"\n",
         s(layout.esp.start),
         s(layout.esp.size),
         s(layout.root.start),
-        s(layout.root.size)
+        s(layout.root.size),
+        s(layout.bios.start),
+        s(layout.bios.size)
     )
 }
 
@@ -117,7 +141,7 @@ fn tell_kernel(disk: &Disk, layout: &Layout) -> Result<()> {
         sys::del_partition(&file, n)
             .context(|| format!("removing stale partition {name} from the kernel's view"))?;
     }
-    for (n, extent) in [(1, layout.esp), (2, layout.root)] {
+    for (n, extent) in (1..).zip(layout.entries()) {
         sys::add_partition(&file, n, extent.start, extent.size).context(|| {
             format!(
                 "telling the kernel about partition {n} of {}",
@@ -143,18 +167,15 @@ fn sys_part(disk: &str, part: &str) -> PathBuf {
     PathBuf::from("/sys/class/block").join(disk).join(part)
 }
 
-/// sysfs lists exactly partitions 1 and 2 with the layout's start and size (in 512-byte units).
+/// sysfs lists exactly the layout's partitions with their start and size (in 512-byte units).
 fn matches_layout(disk: &str, layout: &Layout) -> bool {
     let names = partitions(disk);
-    names.len() == 2
-        && names
-            .iter()
-            .zip([layout.esp, layout.root])
-            .all(|(name, extent)| {
-                let dir = sys_part(disk, name);
-                let num = |f: &str| read_trim(&dir.join(f)).and_then(|s| s.parse::<u64>().ok());
-                num("start") == Some(extent.start / 512) && num("size") == Some(extent.size / 512)
-            })
+    names.len() == layout.entries().len()
+        && names.iter().zip(layout.entries()).all(|(name, extent)| {
+            let dir = sys_part(disk, name);
+            let num = |f: &str| read_trim(&dir.join(f)).and_then(|s| s.parse::<u64>().ok());
+            num("start") == Some(extent.start / 512) && num("size") == Some(extent.size / 512)
+        })
 }
 
 /// `/dev/<part>`, waiting for devtmpfs to create it and creating it ourselves if it does not.
@@ -278,13 +299,20 @@ mod tests {
     fn layout_is_aligned_and_leaves_room_for_the_backup_gpt() {
         let l = layout(10 * GIB + 12345);
         assert_eq!(
-            l.esp,
+            l.bios,
             Extent {
                 start: MIB,
+                size: MIB
+            }
+        );
+        assert_eq!(
+            l.esp,
+            Extent {
+                start: 2 * MIB,
                 size: 512 * MIB
             }
         );
-        assert_eq!(l.root.start, 513 * MIB);
+        assert_eq!(l.root.start, 514 * MIB);
         assert_eq!(l.root.start + l.root.size, 10 * GIB - MIB);
         assert_eq!(l.root.size % MIB, 0);
     }
@@ -294,16 +322,22 @@ mod tests {
         let s = sfdisk_script(&layout(2 * GIB), 512);
         assert!(s.starts_with("label: gpt\nunit: sectors\n"), "{s}");
         assert!(
-            s.contains(&format!("start=2048, size=1048576, type={ESP_TYPE}")),
+            s.contains(&format!("start=4096, size=1048576, type={ESP_TYPE}")),
             "{s}"
         );
         assert!(
             s.contains(&format!(
-                "start=1050624, size=3141632, type={LINUX_FS_TYPE}"
+                "start=1052672, size=3139584, type={LINUX_FS_TYPE}"
+            )),
+            "{s}"
+        );
+        assert!(
+            s.ends_with(&format!(
+                "start=2048, size=2048, type={BIOS_BOOT_TYPE}, name=\"BIOS boot partition\"\n"
             )),
             "{s}"
         );
         let s4k = sfdisk_script(&layout(2 * GIB), 4096);
-        assert!(s4k.contains("start=256, size=131072,"), "{s4k}");
+        assert!(s4k.contains("start=512, size=131072,"), "{s4k}");
     }
 }

@@ -2,19 +2,22 @@
 //! on a loop disk, then what the installed system will do itself: its `update-grub` (a kernel
 //! upgrade runs it) must still write a config that boots the root by UUID with modules the
 //! ESP's GRUB image has built in, and its sshd must accept the host keys the installer wrote.
+//! The same disk boots under SeaBIOS (QEMU, no network) through GRUB's i386-pc boot code, before
+//! and after the target's own `update-grub`, and then under OVMF through the ESP.
 //!
-//! Needs root, everything `install.rs` needs, and the pulled rootfs (the test pulls it into a
-//! temporary lab home; the content store makes that a copy once it was built).
+//! Needs root, everything `install.rs` needs, QEMU for the boot, and the pulled rootfs (the test
+//! pulls it into a temporary lab home; the content store makes that a copy once it was built).
 
 mod common;
 
 use common::{lab_login, private_network, require_root_and_tools, serial, MAC};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use pxelab_contract::{Artifact, Event, InstallerConfig, Phase};
-use pxelab_tests::cmd::{check, checked, failure, must, output};
+use pxelab_tests::cmd::{check, checked, failure, must, output, require};
 use pxelab_tests::{sha256_hex, Behavior, FixtureServer, LoopDisk};
 
 const GIB: u64 = 1 << 30;
@@ -130,9 +133,9 @@ fn sys_debian_install_survives_update_grub_and_sshd_loads_its_keys() {
     private_network().within(|| install_and_check(rootfs));
 }
 
-fn install_and_check(rootfs: Vec<u8>) {
+/// Runs the installer onto `disk` with the real rootfs and returns its final event.
+fn install(rootfs: Vec<u8>, disk: &LoopDisk) -> Event {
     let server = FixtureServer::start();
-    let disk = LoopDisk::new(6 * GIB);
     let rootfs_path = "/images/debian-12/x86_64/rootfs.tar.zst";
     let config = InstallerConfig {
         name: "deb-1".into(),
@@ -184,7 +187,12 @@ fn install_and_check(rootfs: Vec<u8>) {
         .map(|r| serde_json::from_slice(&r.body).unwrap())
         .unwrap();
     assert_eq!(installed.phase, Phase::Installed);
+    installed
+}
 
+fn install_and_check(rootfs: Vec<u8>) {
+    let disk = LoopDisk::new(6 * GIB);
+    let installed = install(rootfs, &disk);
     let root = disk.path("root");
     fs::create_dir_all(&root).unwrap();
     check(Command::new("mount").arg(disk.partition(2)).arg(&root));
@@ -310,4 +318,139 @@ fn install_and_check(rootfs: Vec<u8>) {
         "{}",
         failure(&verify, &out)
     );
+}
+
+#[test]
+fn sys_debian_disk_boots_under_seabios_before_and_after_update_grub_then_ovmf() {
+    let _serial = serial();
+    require_root_and_tools();
+    require("qemu-system-x86_64", "qemu-system-x86");
+    let home = tempfile::tempdir().unwrap();
+    let rootfs = fs::read(pull_debian(home.path())).expect("the pulled rootfs");
+    let disk = LoopDisk::new(6 * GIB);
+    private_network().within(|| install(rootfs, &disk));
+    let uuid = must(&["blkid", "-s", "UUID", "-o", "value", &disk.partition(2)]);
+
+    // The installer's own /boot/grub/grub.cfg: its one entry is named after the kernel.
+    let log = boot(&disk, "bios-first", Firmware::Bios);
+    assert!(
+        log.contains("Booting `Linux 6."),
+        "the installer's menu entry:\n{log}"
+    );
+
+    // What a kernel upgrade runs in the target; its menu has Debian's entries.
+    let root = disk.path("root");
+    fs::create_dir_all(&root).unwrap();
+    flush(&disk);
+    check(Command::new("mount").arg(disk.partition(2)).arg(&root));
+    prepare_chroot(&root, &disk.partition(2), uuid.trim());
+    chroot(&root, &["update-grub"]);
+    let cfg = fs::read_to_string(root.join("boot/grub/grub.cfg")).unwrap();
+    assert!(cfg.contains("menuentry 'Debian GNU/Linux'"), "{cfg}");
+    check(Command::new("umount").arg("-R").arg(&root));
+    flush(&disk);
+    let log = boot(&disk, "bios-after-update-grub", Firmware::Bios);
+    assert!(
+        log.contains("Booting `Debian GNU/Linux'"),
+        "update-grub's menu entry:\n{log}"
+    );
+    // The same layout still boots under UEFI (the ESP's GRUB image, the same grub.cfg).
+    let log = boot(&disk, "uefi-after-update-grub", Firmware::Uefi);
+    assert!(
+        log.contains("Booting `Debian GNU/Linux'"),
+        "update-grub's menu entry:\n{log}"
+    );
+}
+
+/// Writes back and drops the host's buffers of the disk and its root partition: the guest
+/// reads and writes the whole disk around them.
+fn flush(disk: &LoopDisk) {
+    check(&mut Command::new("sync"));
+    for dev in [disk.dev().to_string(), disk.partition(2)] {
+        check(Command::new("blockdev").args(["--flushbufs", &dev]));
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Firmware {
+    /// SeaBIOS, QEMU's default.
+    Bios,
+    /// OVMF from Debian's ovmf package, with a fresh variable store.
+    Uefi,
+}
+
+/// A QEMU process killed (and reaped) when dropped.
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Boots the disk (TCG, no NIC) until the installed system's first cloud-init stage (a unit of
+/// the installed root's systemd) reports on the console, and returns the serial log up to it:
+/// firmware and GRUB (under SeaBIOS through its serial console), then the (quiet) kernel and
+/// userspace. Only GRUB's i386-pc boot code prints "GRUB loading.".
+fn boot(disk: &LoopDisk, name: &str, firmware: Firmware) -> String {
+    let dir = disk.path(&format!("qemu-{name}"));
+    fs::create_dir_all(&dir).unwrap();
+    let sercon = dir.join("sercon-port");
+    fs::write(&sercon, [0xf8, 0x03]).unwrap();
+    let serial = dir.join("serial.log");
+    let stderr = dir.join("qemu.stderr");
+    let start = Instant::now();
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-cpu", "max", "-m", "1024"])
+        .args(["-nic", "none", "-display", "none", "-vga", "none"])
+        .args(["-monitor", "none", "-no-reboot", "-fw_cfg"])
+        .arg(format!("name=etc/sercon-port,file={}", sercon.display()))
+        .arg("-drive")
+        // O_DIRECT: what the guest writes is on the loop device when the host mounts it.
+        .arg(format!(
+            "file={},format=raw,if=virtio,cache=none",
+            disk.dev()
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&stderr).unwrap());
+    if firmware == Firmware::Uefi {
+        let (code, vars) = ("/usr/share/OVMF/OVMF_CODE_4M.fd", dir.join("vars.fd"));
+        require(code, "ovmf");
+        fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
+        qemu.arg("-drive")
+            .arg(format!("if=pflash,format=raw,readonly=on,file={code}"))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+    }
+    let mut vm = Vm(qemu.spawn().expect("starting qemu-system-x86_64"));
+    let limit = Duration::from_secs(480);
+    loop {
+        let log = String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default()).into_owned();
+        if let Some(up) = log.find("running 'init-local'") {
+            eprintln!(
+                "{name} boot: cloud-init on the installed root after {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            let grub = log.find("GRUB loading.");
+            assert_eq!(
+                grub.is_some_and(|g| g < up),
+                firmware == Firmware::Bios,
+                "GRUB's BIOS boot code ran iff the firmware is SeaBIOS:\n{log}"
+            );
+            return log[..up].to_string();
+        }
+        if let Some(status) = vm.0.try_wait().unwrap() {
+            let stderr = fs::read_to_string(&stderr).unwrap_or_default();
+            panic!("QEMU exited ({status}) before the system came up: {stderr}\n{log}");
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{name} boot: no cloud-init within {limit:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

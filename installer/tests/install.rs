@@ -461,18 +461,29 @@ fn install_to_a_loop_disk_end_to_end() {
     );
     lab.assert_clean(had_dev_disk);
 
-    // Partition table: GPT, 512 MiB ESP at 1 MiB, Linux root after it.
+    // Partition table: GPT, a 1 MiB BIOS boot partition at 1 MiB (entry 3), the 512 MiB ESP
+    // after it, Linux root after that.
     let table: serde_json::Value =
         serde_json::from_str(&must(&["sfdisk", "--json", lab.disk.dev()])).expect("sfdisk --json");
     let pt = &table["partitiontable"];
     assert_eq!(pt["label"], "gpt");
     let parts = pt["partitions"].as_array().expect("partitions");
-    assert_eq!(parts.len(), 2, "{table}");
-    assert_eq!(parts[0]["start"], 2048);
+    assert_eq!(parts.len(), 3, "{table}");
+    assert_eq!(parts[0]["start"], 4096);
     assert_eq!(parts[0]["size"], 1_048_576);
     assert_eq!(parts[0]["type"], "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
-    assert_eq!(parts[1]["start"], 1_050_624);
+    assert_eq!(parts[1]["start"], 1_052_672);
     assert_eq!(parts[1]["type"], "0FC63DAF-8483-4772-8E79-3D69D8477DE4");
+    assert_eq!(parts[2]["start"], 2048);
+    assert_eq!(parts[2]["size"], 2048);
+    assert_eq!(parts[2]["type"], "21686148-6449-6E6F-744E-656564454649");
+    // The fixture rootfs has no i386-pc GRUB: the disk boots under UEFI only, and says so.
+    assert!(
+        run.stderr
+            .contains("no BIOS boot code (the rootfs has no /usr/lib/grub/i386-pc"),
+        "{}",
+        run.stderr
+    );
     let root_end = parts[1]["start"].as_u64().unwrap() + parts[1]["size"].as_u64().unwrap();
     assert!(
         root_end * 512 > 6 * GIB - 2 * (1 << 20),
