@@ -11,10 +11,12 @@
 //! grub-dpkg (the installer already made the disk bootable). The installer writes the host keys
 //! and this login itself (see [`login`]) so SSH answers before cloud-init runs: cloud-init must
 //! keep those keys (`ssh_deletekeys: false`) and only makes the ones that are missing (a
-//! diskless root has none). The locale module is off: it ran
-//! Debian's `locale-gen` (which builds only what /etc/locale.gen lists, none) and then failed on
-//! `update-locale LANG=en_US.UTF-8`, 5 s and a warning on every first boot for nothing; the
-//! system keeps the rootfs's locale settings (only C.UTF-8 is built).
+//! diskless root has none). The locale is C.UTF-8, the one glibc builds in: left to its
+//! default, cloud-init ran Debian's `locale-gen` (which builds only what /etc/locale.gen lists,
+//! none) and then failed on `update-locale LANG=en_US.UTF-8`, 5 s and a warning on every first
+//! boot for nothing; `locale: false` skipped that but is not valid cloud-config (cloud-init 22.4
+//! logged "Invalid cloud-config provided" on every boot). For C.UTF-8 cloud-init runs no
+//! `locale-gen`, only `update-locale`, which writes `LANG=C.UTF-8` to /etc/default/locale.
 
 use pxelab_contract::{Login, VmDefinition, NIC_NAME};
 
@@ -71,7 +73,7 @@ pub fn user_data(vm: &VmDefinition, domain: &str) -> String {
          disable_root: true\n\
          ssh_deletekeys: false\n\
          ssh_genkeytypes: [ed25519, ecdsa]\n\
-         locale: false\n\
+         locale: C.UTF-8\n\
          grub_dpkg:\n\
          \x20 enabled: false\n\
          users:\n\

@@ -85,6 +85,27 @@ pub fn checks(lab: &Lab) -> Result<()> {
         hosts == "1",
         "cloud-init did not apply the user-data's manage_etc_hosts (/etc/hosts has {hosts} lines for target-1)"
     );
+    // The stack's user-data is valid cloud-config for the target's own cloud-init (an invalid
+    // key is only a WARNING in its log, so `cloud-init-done` would not show it), and its
+    // locale was set without locale-gen.
+    let schema = ssh_output(
+        lab,
+        VM,
+        "sudo cloud-init schema --system 2>&1; echo status=$?",
+    )?;
+    ensure!(
+        schema.ends_with("status=0"),
+        "target-1's cloud-init finds the stack's user-data invalid: {schema}"
+    );
+    let locale = ssh_output(
+        lab,
+        VM,
+        "grep -x 'LANG=C.UTF-8' /etc/default/locale || true",
+    )?;
+    ensure!(
+        locale == "LANG=C.UTF-8",
+        "cloud-init did not set the user-data's locale C.UTF-8 in /etc/default/locale"
+    );
     Ok(())
 }
 
