@@ -225,8 +225,12 @@ impl LabNet {
                     err.trim()
                 );
             }
+            // Ready once unshare has exec'd `sleep`: the network namespace appears before
+            // unshare writes the uid map, and a command entering in between is not root there
+            // (measured on a loaded host: `ip link set lo up` failed with EPERM).
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-            if theirs.is_some() && theirs != ours {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if theirs.is_some() && theirs != ours && comm.trim_end() == "sleep" {
                 break;
             }
             if Instant::now() > deadline {
