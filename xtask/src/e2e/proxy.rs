@@ -1,9 +1,11 @@
-//! The e2e's proxyDHCP part (issue 19): a "site" DHCP server — a plain dnsmasq with no PXE
-//! option at all, in a namespace of its own joined to the lab bridge by a veth pair — leases
-//! the addresses, and the stack runs `--dhcp proxy` beside it. A disk VM `proxy-1` without an
-//! `ip` network-boots (UEFI, the NIC's iPXE ROM), installs, and must answer SSH as itself on the
-//! address the site server leased it, and report cloud-init done from there (the address rule
-//! of `access.rs` lets its events in); then it is removed and the stack goes back to full DHCP.
+//! The e2e's proxyDHCP part (issue 19), on the e2e's second real distro (issue 18): a "site"
+//! DHCP server — a plain dnsmasq with no PXE option at all, in a namespace of its own joined to
+//! the lab bridge by a veth pair — leases the addresses, and the stack runs `--dhcp proxy`
+//! beside it. A disk VM `proxy-1` with Debian 13 and without an `ip` network-boots (UEFI, the
+//! NIC's iPXE ROM), installs, and must answer SSH as itself on the address the site server
+//! leased it, run trixie, and report cloud-init done without errors from there (the address
+//! rule of `access.rs` lets its events in); then it is removed and the stack goes back to full
+//! DHCP. One install covers both issues: a second one would cost the e2e 5–6 min under TCG.
 //! Its cost is printed.
 
 use std::{
@@ -15,26 +17,29 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use pxelab_contract::Mac;
+use pxelab_contract::{Arch, Mac};
 use xshell::cmd;
 
 use crate::{
-    lab::{follow, home::Lab, net::BRIDGE, qemu, ssh, stack, targets},
+    lab::{artifacts, follow, home::Lab, net::BRIDGE, qemu, ssh, stack, targets},
     process::{self, pid},
 };
 
 const VM: &str = "proxy-1";
+const DISTRO: &str = "debian-13";
 /// The site server's own address and its pool, as hosts of the lab subnet: clear of the stack
 /// (1) and of the addresses the lab reserves for its VMs (from 10 up).
 const SITE_HOST: u32 = 2;
 const POOL: (u32, u32) = (200, 250);
 
-pub fn scenario(distro: &str) -> Result<()> {
+pub fn scenario() -> Result<()> {
     let took = Instant::now();
     let mut lab = Lab::open()?;
+    let distro = artifacts::prepare(&lab, Arch::X86_64, DISTRO)?;
+    let pulled = took.elapsed();
     set_proxy(&mut lab, true)?;
     let site = SiteDhcp::start(&lab)?;
-    let (vm, started) = super::create_and_start(&lab, VM, distro, qemu::Firmware::Uefi, false)?;
+    let (vm, started) = super::create_and_start(&lab, VM, &distro, qemu::Firmware::Uefi, false)?;
     ensure!(vm.ip.is_none(), "{VM} was defined with an address");
     let leased = site.wait_lease(&lab, vm.mac, Duration::from_secs(300))?;
     let subnet = lab.subnet()?;
@@ -58,27 +63,42 @@ pub fn scenario(distro: &str) -> Result<()> {
     )?;
     follow::print_summary(&rows);
     let out = ssh::output_within(
-        ssh::command(&lab, &seen, &["hostname; ip -4 -o addr show".to_string()])?,
+        ssh::command(
+            &lab,
+            &seen,
+            &[
+                ". /etc/os-release; echo \"$(hostname) $VERSION_CODENAME\"; ip -4 -o addr show; \
+               cloud-init status || true"
+                    .to_string(),
+            ],
+        )?,
         Duration::from_secs(120),
     )
     .with_context(|| follow::console_tail(&lab, VM))?;
     let said = String::from_utf8_lossy(&out.stdout);
     ensure!(
-        out.status.success() && said.lines().next() == Some(VM),
-        "{VM} should answer SSH on {leased} as host {VM}; it said {said:?} ({})",
+        out.status.success() && said.lines().next() == Some(&format!("{VM} trixie")),
+        "{VM} should answer SSH on {leased} as host {VM} running Debian trixie; it said {said:?} ({})",
         String::from_utf8_lossy(&out.stderr).trim()
     );
     ensure!(
         said.contains(&format!(" {leased}/")),
         "{VM} does not hold the address the site server leased it ({leased}): {said:?}"
     );
+    ensure!(
+        said.contains("status: done"),
+        "cloud-init is not done on {VM}: {said:?}"
+    );
+    super::firstboot::cloud_init_done(VM, &stack::timeline(&lab, VM)?)?;
     // Its disk is of no further use: no ACPI shutdown to wait for (45 s and more under TCG).
     targets::remove(&lab, VM)?;
     site.stop()?;
     set_proxy(&mut lab, false)?;
     eprintln!(
-        "e2e: {VM} installed beside the site's DHCP server and answered SSH on {leased} in {:.0}s",
-        took.elapsed().as_secs_f64()
+        "e2e: {VM} (Debian 13) installed beside the site's DHCP server, answered SSH on {leased} \
+         and finished cloud-init in {:.0}s ({:.0}s of it getting the artifacts)",
+        took.elapsed().as_secs_f64(),
+        pulled.as_secs_f64()
     );
     Ok(())
 }
