@@ -252,7 +252,7 @@ pub fn wait_all(
                     }
                 }
                 if row.done() {
-                    "SSH ready".to_string()
+                    done_message(row).to_string()
                 } else if row.ssh.is_some() {
                     "SSH ready, waiting for cloud-init".to_string()
                 } else if row.nfs_root.is_some() {
@@ -279,11 +279,7 @@ pub fn wait_all(
                 last_line.insert(vm.name.clone(), line);
             }
             if row.done() {
-                bar.finish_with_message(if row.cloud_init.is_some() {
-                    "SSH ready, cloud-init done"
-                } else {
-                    "SSH ready"
-                });
+                bar.finish_with_message(done_message(row));
             }
         }
         if pending == 0 || rows.iter().all(Row::done) {
@@ -430,6 +426,16 @@ pub fn print_summary(rows: &[Row]) {
             s(r.ssh),
             s(r.cloud_init)
         );
+    }
+}
+
+/// What a finished target's line says: cloud-init's report is part of being done where the
+/// target sends one (an installed disk), not where it cannot (a diskless root).
+fn done_message(row: &Row) -> &'static str {
+    if row.cloud_init.is_some() {
+        "SSH ready, cloud-init done"
+    } else {
+        "SSH ready"
     }
 }
 
