@@ -367,6 +367,35 @@ fn flush(disk: &LoopDisk) {
     }
 }
 
+/// `log` without terminal control sequences: SeaBIOS's serial console renders the screen with
+/// cursor moves, which can split a line of GRUB's ("Boot\x1b[01;06H\x1b[01;07Hing `Debian…").
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+        } else if chars.next_if_eq(&'[').is_some() {
+            // A CSI sequence: parameters and intermediates up to one final byte in @..~.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            chars.next();
+        }
+    }
+    out
+}
+
+#[test]
+fn seabios_console_text_reads_without_its_cursor_moves() {
+    // As SeaBIOS's serial console sent it in a CI run.
+    let raw = "\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS\n\x1b[01;01H\x1b[2J\x1b[2J  Boot\x1b[01;06H\x1b[01;07Hing `Debian GNU/Linux'\n";
+    assert_eq!(plain(raw), "SeaBIOS\n  Booting `Debian GNU/Linux'\n");
+}
+
 /// A QEMU process killed (and reaped) when dropped.
 struct Vm(Child);
 
@@ -378,7 +407,8 @@ impl Drop for Vm {
 }
 
 /// Boots the disk under SeaBIOS (TCG, no NIC) until the installed system's first cloud-init stage (a unit of
-/// the installed root's systemd) reports on the console, and returns the serial log up to it:
+/// the installed root's systemd) reports on the console, and returns the serial log up to it
+/// as plain text:
 /// firmware and GRUB (through SeaBIOS's serial console), then the (quiet) kernel and
 /// userspace. GRUB's i386-pc boot code prints "GRUB loading.".
 fn boot(disk: &LoopDisk, name: &str) -> String {
@@ -418,7 +448,7 @@ fn boot(disk: &LoopDisk, name: &str) -> String {
                 log.find("GRUB loading.").is_some_and(|g| g < up),
                 "GRUB's BIOS boot code did not run:\n{log}"
             );
-            return log[..up].to_string();
+            return plain(&log[..up]);
         }
         if let Some(status) = vm.0.try_wait().unwrap() {
             let stderr = fs::read_to_string(&stderr).unwrap_or_default();
