@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use pxelab_contract::{Phase, TimelineEntry};
 
 use super::ssh_output;
@@ -154,21 +154,32 @@ pub fn update_grub_and_reboot(lab: &Lab) -> Result<()> {
         "sudo systemd-run --on-active=1 --timer-property=AccuracySec=100ms systemctl reboot",
     )?;
     // A warm reboot under TCG goes through the firmware's whole network boot order (PXE, the
-    // stack's local-boot answer, HTTP boot) before the disk: 130 s on a quiet machine here.
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        std::thread::sleep(Duration::from_secs(3));
-        if let Ok(now) = boot_id() {
-            if now != before {
-                break;
+    // stack's local-boot answer, HTTP boot) before the disk: 130-200 s here. Once in a CI run
+    // OVMF printed nothing at all for 600 s after the guest's reset (a firmware/emulator hang,
+    // not yet understood): then the target is power-cycled, which goes through the same
+    // firmware, stack answer and update-grub's config, and the run says so.
+    let back = |limit: Duration| -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_secs(3));
+            if boot_id().is_ok_and(|now| now != before) {
+                return true;
             }
         }
-        if Instant::now() > deadline {
-            bail!(
-                "target-1 did not come back within 600 s of its reboot after update-grub\n{}",
-                follow::console_tail(lab, VM)
-            );
-        }
+        false
+    };
+    if !back(Duration::from_secs(360)) {
+        eprintln!(
+            "warning: target-1 did not come back within 360 s of its warm reboot; power-cycling it\n{}",
+            follow::console_tail(lab, VM)
+        );
+        super::xtask_ok(&["lab", "vm", "stop", VM])?;
+        super::xtask_ok(&["lab", "vm", "start", VM])?;
+        ensure!(
+            back(Duration::from_secs(360)),
+            "target-1 did not come back within 360 s of its warm reboot nor of a power cycle after update-grub\n{}",
+            follow::console_tail(lab, VM)
+        );
     }
     let timeline = stack::timeline(lab, VM)?;
     ensure!(
