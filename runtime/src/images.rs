@@ -6,6 +6,7 @@
 
 use std::{
     collections::HashMap,
+    ffi::OsString,
     fmt, fs, io,
     path::{Path, PathBuf},
     sync::{
@@ -87,7 +88,8 @@ enum Known {
 pub struct Catalog {
     images_dir: PathBuf,
     initrds_dir: PathBuf,
-    known: ArcSwap<HashMap<PathBuf, Known>>,
+    /// Keyed by the path's bytes: hashing a `Path` walks its components, a cost per request.
+    known: ArcSwap<HashMap<OsString, Known>>,
     /// Serializes additions (a miss) and invalidations; readers never take it.
     adding: Mutex<()>,
     /// Bumped by every invalidation: a value looked up before one is not kept after it.
@@ -114,7 +116,7 @@ impl Catalog {
     }
 
     fn lookup(&self, path: &Path, load: impl FnOnce() -> Known) -> Known {
-        if let Some(k) = self.known.load().get(path) {
+        if let Some(k) = self.known.load().get(path.as_os_str()) {
             return k.clone();
         }
         let generation = self.generation.load(Ordering::SeqCst);
@@ -124,7 +126,7 @@ impl Catalog {
             return known;
         }
         let mut map = HashMap::clone(&self.known.load());
-        map.insert(path.to_path_buf(), known.clone());
+        map.insert(path.as_os_str().to_owned(), known.clone());
         self.known.store(Arc::new(map));
         known
     }

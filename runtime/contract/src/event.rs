@@ -113,7 +113,15 @@ impl Event {
     /// ([`Event::clean_message`]) and only well-formed host keys kept ([`Event::is_host_key`]),
     /// since the lab writes them into a `known_hosts` file.
     pub fn clean(&mut self) {
-        self.message = Event::clean_message(&self.message);
+        // Most messages are clean already (every `/ipxe` records one): keep them as they are.
+        let clean = self.message.len() <= MAX_MESSAGE
+            && !self
+                .message
+                .chars()
+                .any(|c| c.is_control() || is_bidi_control(c));
+        if !clean {
+            self.message = Event::clean_message(&self.message);
+        }
         self.host_keys.retain(|k| Event::is_host_key(k));
         self.host_keys.truncate(MAX_HOST_KEYS);
     }

@@ -76,12 +76,14 @@ impl FromStr for Mac {
 
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
+        // By table, not `{:02x}` six times: a boot storm prints a MAC several times per reply.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [b':'; 17];
+        for (i, b) in self.0.iter().enumerate() {
+            text[3 * i] = HEX[usize::from(b >> 4)];
+            text[3 * i + 1] = HEX[usize::from(b & 15)];
+        }
+        f.pad(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -116,6 +118,12 @@ mod tests {
         }
         let mac: Mac = "52:54:00:ab:cd:0f".parse().unwrap();
         assert_eq!(mac.file_stem(), "52-54-00-ab-cd-0f");
+        // Tables (`lab vm list`, `lab status`) align MACs by width.
+        assert_eq!(format!("{mac:<19}|"), "52:54:00:ab:cd:0f  |");
+        assert_eq!(
+            Mac::new([0, 1, 0xa0, 0xff, 0x10, 9]).to_string(),
+            "00:01:a0:ff:10:09"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A complete reply and how it goes on the wire: the head and an in-memory body in one write,
 //! or a file range with zero-copy `sendfile(2)`.
 
-use std::{fs::File, io, time::Duration};
+use std::{fmt::Write as _, fs::File, io, time::Duration};
 
 use super::Conn;
 
@@ -83,7 +83,14 @@ fn reason(status: u16) -> &'static str {
 
 /// The head of `response` on the wire.
 fn head(response: &Response, keep_alive: bool) -> Vec<u8> {
-    let mut head = format!(
+    // Room for an in-memory body too: `encode` appends it without growing the buffer.
+    let body = match &response.body {
+        Body::Bytes(b) => b.len(),
+        Body::File { .. } => 0,
+    };
+    let mut head = String::with_capacity(256 + body);
+    let _ = write!(
+        head,
         "HTTP/1.1 {} {}\r\nServer: pxelab\r\n",
         response.status,
         reason(response.status)
@@ -94,7 +101,7 @@ fn head(response: &Response, keep_alive: bool) -> Vec<u8> {
         head.push_str(value);
         head.push_str("\r\n");
     }
-    head.push_str(&format!("Content-Length: {}\r\n", response.body_len()));
+    let _ = write!(head, "Content-Length: {}\r\n", response.body_len());
     head.push_str(if keep_alive {
         "Connection: keep-alive\r\n\r\n"
     } else {

@@ -1,7 +1,7 @@
 //! Figure: a boot storm. A room of machines powers on at once and every one asks
 //! `/ipxe?mac=<its MAC>`; the boot handler (`pxelab-stack --no-dnsmasq`) answers each with its
-//! install script and records the boot, against nginx serving the same bytes as a static file,
-//! both driven by `wrk` in the same run, runs interleaved.
+//! install script (a new boot token in each) and records the boot, against nginx serving the
+//! same bytes as a static file, both driven by `wrk` in the same run, runs interleaved.
 //!
 //! - 1,000 and 10,000 defined machines; wrk's Lua script rotates the MAC of every request over
 //!   all of them (each wrk thread from its own offset), so no lookup is the previous one.
@@ -107,8 +107,8 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         let first = format!("/ipxe?mac={}", mac(0));
         let reply = ours.wait_ready(&format!("{ours_base}{first}"))?;
         ensure!(
-            reply.starts_with(b"#!ipxe"),
-            "/ipxe did not answer an iPXE script: {}",
+            reply.starts_with(b"#!ipxe") && reply.windows(11).any(|w| w == b"config_url="),
+            "/ipxe did not answer an install script (kernel with its config URL): {}",
             String::from_utf8_lossy(&reply)
         );
         std::fs::write(www.join("ipxe.txt"), &reply)?;
@@ -217,7 +217,7 @@ fn write_fixture(data: &Path, machines: usize) -> Result<()> {
     }
     for i in 0..machines {
         let json = format!(
-            r#"{{"name":"m{i:06}","arch":"x86_64","distro":"storm","mac":"{}"}}"#,
+            r#"{{"name":"m{i:06}","arch":"x86_64","distro":"storm","mac":"{}","pxeboot":true}}"#,
             mac(i)
         );
         let vm = VmDefinition::from_json(&json).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -253,5 +253,9 @@ mod tests {
         write_fixture(dir.path(), 3).unwrap();
         let vm = std::fs::read_to_string(dir.path().join("vms/m000002.json")).unwrap();
         assert!(vm.contains(&mac(2)), "{vm}");
+        // A storm of machines to install: without `pxeboot` a machine boots its disk, and the
+        // storm would measure the shorter local-boot reply without a token.
+        let vm = VmDefinition::from_json(&vm).unwrap();
+        assert!(vm.pxeboot, "{vm:?}");
     }
 }
