@@ -46,9 +46,9 @@
 //! IPv6 (`--ipv6`, [`DnsmasqSettings::ipv6`], full mode only): the RA-only range becomes a
 //! static DHCPv6 range on the same constructed prefix, so the advertisements carry the managed
 //! flag (addresses from DHCPv6, none by SLAAC) and the prefix as on-link; each VM with an
-//! `ipv6` gets it reserved beside its IPv4 (`mac,ip,[ipv6],name`: dnsmasq matches the MAC of an
-//! on-link DHCPv6 client from its link-local neighbour entry, whatever DUID it sends) and an
-//! AAAA record; the stack itself is `pxelab-stack.<domain>` (A and AAAA). DNS over DHCPv6 names
+//! `ipv6` gets it reserved beside its IPv4, with a second address for its network boot stage
+//! ([`boot_stage_ipv6`]; dnsmasq matches the MAC of an on-link DHCPv6 client whatever DUID it
+//! sends) and an AAAA record; the stack itself is `pxelab-stack.<domain>` (A and AAAA). DNS over DHCPv6 names
 //! the stack's own address (`[::]`).
 
 use std::{
@@ -261,13 +261,28 @@ pub fn render_dhcp_hosts(vms: &[VmDefinition], proxy: bool, ipv6: bool) -> Strin
             continue;
         }
         let v4 = vm.ip.map(|ip| ip.to_string());
-        let v6 = vm.ipv6.filter(|_| ipv6).map(|ip| format!("[{ip}]"));
+        let v6 = vm
+            .ipv6
+            .filter(|_| ipv6)
+            .map(|ip| format!("[{ip}],[{}]", boot_stage_ipv6(ip)));
         let addrs: Vec<String> = v4.into_iter().chain(v6).collect();
         if !addrs.is_empty() {
             let _ = writeln!(out, "{},{},{}", vm.mac, addrs.join(","), vm.name);
         }
     }
     out
+}
+
+/// The second IPv6 address reserved for a VM's MAC, for its network boot stage. iPXE asks
+/// DHCPv6 too (the advertisements' managed flag) under a DUID of its own, and keeps its lease
+/// when it hands over; the installed system's DUID then found the VM's one address taken ("no
+/// addresses available", seen in the e2e). dnsmasq gives a new DUID of a MAC a free address of
+/// its reservation, the last listed first (measured: `sys_dhcpv6_lease_and_aaaa_names`), and
+/// iPXE always asks first, so the line lists this one last: iPXE gets it and the system the
+/// VM's `ipv6`. It is that address with its fifth group's lowest bit flipped (`<prefix>::a` →
+/// `<prefix>::1:0:0:a`).
+pub fn boot_stage_ipv6(ip: Ipv6Addr) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(ip) ^ (1 << 48))
 }
 
 /// `addn-hosts`: `ip name.domain name` per address a VM has (its `ipv6` only when `ipv6`).

@@ -773,7 +773,8 @@ fn sys_proxy_dhcp_beside_a_site_server() {
 }
 
 /// `--ipv6`: the defined MAC gets its reserved IPv6 address from the stack's dnsmasq over
-/// DHCPv6 (ISC `dhclient -6`, the client the installed Debian runs), the router advertisements
+/// DHCPv6 (ISC `dhclient -6`, the client the installed Debian runs), also after its boot stage
+/// took the boot-stage address under another DUID, the router advertisements
 /// put the prefix on-link, and the VM's and the stack's AAAA names resolve; an unknown MAC gets
 /// no IPv6 lease. dhclient's script is `/bin/true` (it must not rewrite the host's
 /// resolv.conf), so the test reads the lease file and adds the address itself.
@@ -795,10 +796,24 @@ fn sys_dhcpv6_lease_and_aaaa_names() {
     let conf = std::fs::read_to_string(data.join("state/dnsmasq/dnsmasq.conf")).unwrap();
     assert!(conf.contains("static,64,1h"), "{conf}");
 
-    let lease = lab
-        .dhcpv6(data, "known", 20)
+    // A network boot chain: the boot stage (iPXE) asks first under a DUID of its own and keeps
+    // its lease, then the installed system asks under another (dhclient makes a new DUID-LLT
+    // per lease file, from the time in seconds): it must still get the VM's address.
+    let boot = lab
+        .dhcpv6(data, "boot", 20)
         .expect("the known MAC got no DHCPv6 lease");
+    assert!(boot.contains("iaaddr fd00:231::1:0:0:32 "), "{boot}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let lease = lab
+        .dhcpv6(data, "system", 20)
+        .expect("the second DUID got no DHCPv6 lease");
     assert!(lease.contains("iaaddr fd00:231::32 "), "{lease}");
+    let duid = |l: &str| {
+        l.lines()
+            .find(|l| l.contains("default-duid"))
+            .map(str::to_string)
+    };
+    assert_ne!(duid(&boot), duid(&lease), "both runs had one DUID");
     // The advertisements make the prefix on-link (the lease itself is a /128).
     let t = Instant::now();
     loop {
