@@ -96,7 +96,10 @@ pub fn user_data(vm: &VmDefinition, domain: &str) -> String {
     )
 }
 
-pub fn network_config(vm: &VmDefinition) -> String {
+/// `dhcp6` (the stack serves DHCPv6 and the VM has an `ipv6`): the NIC asks DHCPv6 for its
+/// address too (with Debian's ifupdown, `dhclient -6`; the on-link prefix comes from the
+/// router advertisements).
+pub fn network_config(vm: &VmDefinition, dhcp6: bool) -> String {
     format!(
         "version: 2\n\
          ethernets:\n\
@@ -104,8 +107,10 @@ pub fn network_config(vm: &VmDefinition) -> String {
          \x20   match:\n\
          \x20     macaddress: {mac}\n\
          \x20   set-name: {NIC_NAME}\n\
-         \x20   dhcp4: true\n",
+         \x20   dhcp4: true\n\
+         {dhcp6}",
         mac = q(&vm.mac.to_string()),
+        dhcp6 = if dhcp6 { "    dhcp6: true\n" } else { "" },
     )
 }
 
@@ -114,11 +119,12 @@ pub fn vendor_data() -> String {
     "#cloud-config\n{}\n".to_string()
 }
 
-pub fn document(vm: &VmDefinition, which: &str, domain: &str) -> Option<String> {
+/// `dhcpv6`: the stack serves DHCPv6 (`--ipv6`).
+pub fn document(vm: &VmDefinition, which: &str, domain: &str, dhcpv6: bool) -> Option<String> {
     Some(match which {
         "meta-data" => meta_data(vm),
         "user-data" => user_data(vm, domain),
-        "network-config" => network_config(vm),
+        "network-config" => network_config(vm, dhcpv6 && vm.ipv6.is_some()),
         "vendor-data" => vendor_data(),
         _ => return None,
     })

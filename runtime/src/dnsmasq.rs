@@ -42,11 +42,19 @@
 //! (old iPXE waits ~13 s for IPv6 otherwise; dnsmasq sends them only when the interface has an
 //! IPv6 prefix, so the lab gives its bridge a ULA — measured 16 s per iPXE start without it),
 //! and forcing iPXE option 175.176 (no ProxyDHCP wait, ~3 s).
+//!
+//! IPv6 (`--ipv6`, [`DnsmasqSettings::ipv6`], full mode only): the RA-only range becomes a
+//! static DHCPv6 range on the same constructed prefix, so the advertisements carry the managed
+//! flag (addresses from DHCPv6, none by SLAAC) and the prefix as on-link; each VM with an
+//! `ipv6` gets it reserved beside its IPv4, with a second address for its network boot stage
+//! ([`boot_stage_ipv6`]; dnsmasq matches the MAC of an on-link DHCPv6 client whatever DUID it
+//! sends) and an AAAA record; the stack itself is `pxelab-stack.<domain>` (A and AAAA). DNS over DHCPv6 names
+//! the stack's own address (`[::]`).
 
 use std::{
     fmt::Write as _,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -63,6 +71,9 @@ const DHCP_HOSTS: &str = "dhcp-hosts";
 const HOSTS: &str = "hosts";
 const LEASES: &str = "leases";
 const TFTP_COPY: &str = "tftp";
+
+/// The stack's own DNS name in its domain (with `--ipv6`: A and AAAA).
+pub const STACK_NAME: &str = "pxelab-stack";
 
 /// nobody and nogroup: what dnsmasq runs as.
 pub const UNPRIVILEGED: u32 = 65534;
@@ -82,6 +93,8 @@ pub struct DnsmasqSettings {
     pub work_dir: PathBuf,
     /// proxyDHCP: another server leases the addresses; answer only the PXE part (module doc).
     pub proxy: bool,
+    /// The stack's IPv6 address on `interface` (a /64 there): serve DHCPv6 and AAAA records.
+    pub ipv6: Option<Ipv6Addr>,
 }
 
 impl DnsmasqSettings {
@@ -114,6 +127,12 @@ impl DnsmasqSettings {
         Ipv4Addr::from(u32::from(self.server_ip) & u32::from(self.netmask()))
     }
 
+    /// The stack's IPv6 address when it serves DHCPv6 (never in proxy mode: the site's
+    /// network has its own).
+    pub fn dhcpv6(&self) -> Option<Ipv6Addr> {
+        self.ipv6.filter(|_| !self.proxy)
+    }
+
     pub fn render_conf(&self) -> String {
         let mut c = String::new();
         let i = &self.interface;
@@ -139,6 +158,15 @@ impl DnsmasqSettings {
             line(format!("local=/{}/", self.domain));
             line(format!("addn-hosts={HOSTS}"));
             line(format!("dhcp-option=option:dns-server,{}", self.server_ip));
+            if let Some(v6) = self.dhcpv6() {
+                line("dhcp-option=option6:dns-server,[::]".into());
+                line(format!("dhcp-option=option6:domain-search,{}", self.domain));
+                line(format!(
+                    "host-record={STACK_NAME}.{d},{STACK_NAME},{},{v6}",
+                    self.server_ip,
+                    d = self.domain
+                ));
+            }
         } else {
             line("port=0".into());
         }
@@ -163,7 +191,11 @@ impl DnsmasqSettings {
             line("dhcp-authoritative".into());
             line("no-ping".into());
             line("enable-ra".into());
-            line(format!("dhcp-range=::,constructor:{i},ra-only"));
+            if self.dhcpv6().is_some() {
+                line(format!("dhcp-range=::,constructor:{i},static,64,1h"));
+            } else {
+                line(format!("dhcp-range=::,constructor:{i},ra-only"));
+            }
         }
         line("dhcp-match=set:ipxe,175".into());
         if !self.proxy {
@@ -217,29 +249,48 @@ impl DnsmasqSettings {
     }
 }
 
-/// `dhcp-hostsfile`: `mac,ip,name` per VM that has an address (sorted by name); in proxy mode
-/// the MAC of every VM (what makes it `known`: the site's server owns the addresses and names).
-pub fn render_dhcp_hosts(vms: &[VmDefinition], proxy: bool) -> String {
+/// `dhcp-hostsfile`: `mac,ip,name` per VM that has an address (sorted by name), with
+/// `[ipv6]` after the IPv4 when `ipv6` (the stack serves DHCPv6) and the VM has one; in proxy
+/// mode the MAC of every VM (what makes it `known`: the site's server owns the addresses and
+/// names).
+pub fn render_dhcp_hosts(vms: &[VmDefinition], proxy: bool, ipv6: bool) -> String {
     let mut out = String::new();
     for vm in vms {
-        match vm.ip {
-            _ if proxy => {
-                let _ = writeln!(out, "{}", vm.mac);
-            }
-            Some(ip) => {
-                let _ = writeln!(out, "{},{ip},{}", vm.mac, vm.name);
-            }
-            None => {}
+        if proxy {
+            let _ = writeln!(out, "{}", vm.mac);
+            continue;
+        }
+        let v4 = vm.ip.map(|ip| ip.to_string());
+        let v6 = vm
+            .ipv6
+            .filter(|_| ipv6)
+            .map(|ip| format!("[{ip}],[{}]", boot_stage_ipv6(ip)));
+        let addrs: Vec<String> = v4.into_iter().chain(v6).collect();
+        if !addrs.is_empty() {
+            let _ = writeln!(out, "{},{},{}", vm.mac, addrs.join(","), vm.name);
         }
     }
     out
 }
 
-/// `addn-hosts`: `ip name.domain name` per VM that has an address.
-pub fn render_dns_hosts(vms: &[VmDefinition], domain: &str) -> String {
+/// The second IPv6 address reserved for a VM's MAC, for its network boot stage. iPXE asks
+/// DHCPv6 too (the advertisements' managed flag) under a DUID of its own, and keeps its lease
+/// when it hands over; the installed system's DUID then found the VM's one address taken ("no
+/// addresses available", seen in the e2e). dnsmasq gives a new DUID of a MAC a free address of
+/// its reservation, the last listed first (measured: `sys_dhcpv6_lease_and_aaaa_names`), and
+/// iPXE always asks first, so the line lists this one last: iPXE gets it and the system the
+/// VM's `ipv6`. It is that address with its fifth group's lowest bit flipped (`<prefix>::a` →
+/// `<prefix>::1:0:0:a`).
+pub fn boot_stage_ipv6(ip: Ipv6Addr) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(ip) ^ (1 << 48))
+}
+
+/// `addn-hosts`: `ip name.domain name` per address a VM has (its `ipv6` only when `ipv6`).
+pub fn render_dns_hosts(vms: &[VmDefinition], domain: &str, ipv6: bool) -> String {
     let mut out = String::new();
     for vm in vms {
-        if let Some(ip) = vm.ip {
+        let v6 = vm.ipv6.filter(|_| ipv6).map(std::net::IpAddr::from);
+        for ip in vm.ip.map(std::net::IpAddr::from).into_iter().chain(v6) {
             let _ = writeln!(out, "{ip} {}.{domain} {}", vm.name, vm.name);
         }
     }
@@ -252,11 +303,11 @@ pub fn write_hosts(settings: &DnsmasqSettings, vms: &[VmDefinition]) -> std::io:
     for (path, text) in [
         (
             settings.dhcp_hosts_path(),
-            render_dhcp_hosts(vms, settings.proxy),
+            render_dhcp_hosts(vms, settings.proxy, settings.dhcpv6().is_some()),
         ),
         (
             settings.dns_hosts_path(),
-            render_dns_hosts(vms, &settings.domain),
+            render_dns_hosts(vms, &settings.domain, settings.dhcpv6().is_some()),
         ),
     ] {
         if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {

@@ -52,6 +52,8 @@ pub struct Context {
     pub leases: Arc<Leases>,
     /// DNS domain of the lab (`<name>.<domain>`).
     pub domain: String,
+    /// The stack's dnsmasq serves DHCPv6 (`--ipv6`): a VM with an `ipv6` is told to ask for it.
+    pub dhcpv6: bool,
     /// Diskless roots and their NFS server; `None` when the stack runs without one.
     pub nfs: Option<Arc<NfsRoots>>,
     /// The operator token of the enrollment API (`/api/…`); `None`: the API is off.
@@ -388,7 +390,7 @@ impl Context {
         if let Err(why) = self.check_machine_address(r, vm, "cloud-init data") {
             return Response::line(403, &why);
         }
-        match cloudinit::document(vm, doc, &self.domain) {
+        match cloudinit::document(vm, doc, &self.domain, self.dhcpv6) {
             Some(text) => Response::new(200, "text/yaml; charset=utf-8", text.into_bytes()),
             None => Response::line(404, &format!("unknown cloud-init document {doc:?}")),
         }

@@ -97,6 +97,13 @@ struct Args {
     /// subnet the NFS exports answer (diskless boots need it).
     #[arg(long, env = "PXELAB_SERVER_IP", value_name = "IP[/PREFIX]")]
     server_ip: Option<String>,
+    /// The stack's IPv6 address on --interface, which must carry it with a /64 (e.g.
+    /// fd12:3456:789a::1/64). dnsmasq then serves DHCPv6 there: router advertisements with the
+    /// managed flag, each VM's "ipv6" reserved for its MAC, AAAA records for <name>.<domain>
+    /// (and pxelab-stack.<domain>), and cloud-init's network-config asks for DHCPv6 too.
+    /// Without it the stack sends router advertisements only. Ignored with --dhcp proxy.
+    #[arg(long, env = "PXELAB_IPV6", value_name = "IPV6[/64]")]
+    ipv6: Option<String>,
     /// DNS domain of the lab: every VM resolves as <name>.<domain>.
     #[arg(long, env = "PXELAB_DOMAIN", default_value = "pxelab.local")]
     domain: String,
@@ -202,6 +209,7 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
         format!(":{}", listen.port())
     };
     let advertise = server_ip.map(|(ip, _)| format!("{ip}{port_suffix}"));
+    let ipv6 = a.ipv6.as_deref().map(parse_ipv6).transpose()?;
     let dnsmasq = if a.no_dnsmasq {
         None
     } else {
@@ -223,6 +231,7 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
                 dns: !a.no_dns,
                 work_dir: state_dir.join("dnsmasq"),
                 proxy: a.dhcp == DhcpMode::Proxy,
+                ipv6,
             },
         ))
     };
@@ -272,6 +281,23 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
 fn network(ip: std::net::Ipv4Addr, prefix: u8) -> std::net::Ipv4Addr {
     let mask = u32::MAX << (32 - u32::from(prefix));
     std::net::Ipv4Addr::from(u32::from(ip) & mask)
+}
+
+/// `--ipv6`: an address, optionally with the only prefix length DHCPv6 ranges here use, /64.
+fn parse_ipv6(s: &str) -> Result<std::net::Ipv6Addr, String> {
+    let bad = || {
+        format!("invalid --ipv6 {s:?}: expected the stack's IPv6 address on a /64, e.g. fd12:3456:789a::1/64")
+    };
+    let ip = match s.split_once('/') {
+        Some((ip, "64")) => ip,
+        Some(_) => return Err(bad()),
+        None => s,
+    };
+    let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| bad())?;
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        return Err(bad());
+    }
+    Ok(ip)
 }
 
 fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {

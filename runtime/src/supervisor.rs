@@ -117,6 +117,10 @@ pub fn run(opts: Options) -> Result<(), String> {
         proxy_dhcp: opts.proxy_dhcp,
         leases: leases.clone(),
         domain: opts.domain.clone(),
+        dhcpv6: opts
+            .dnsmasq
+            .as_ref()
+            .is_some_and(|(_, s)| s.dhcpv6().is_some()),
         nfs: roots,
         api_token: opts.api_token.clone(),
     };

@@ -139,7 +139,7 @@ impl Files {
                                 .map(|f| format!("MAC {} is already used by {f}", vm.mac))
                         })
                         .or_else(|| {
-                            vm.ip.and_then(|ip| {
+                            addresses(vm).find_map(|ip| {
                                 ips.get(&ip)
                                     .map(|f| format!("IP {ip} is already used by {f}"))
                             })
@@ -153,7 +153,7 @@ impl Files {
                     }
                     names.insert(vm.name.clone(), file.clone());
                     macs.insert(vm.mac, file.clone());
-                    if let Some(ip) = vm.ip {
+                    for ip in addresses(vm) {
                         ips.insert(ip, file.clone());
                     }
                     set.vms.push(vm.clone());
@@ -170,6 +170,12 @@ impl Files {
         }
         set
     }
+}
+
+/// A VM's reserved addresses, IPv4 and IPv6: no two VMs may share one.
+fn addresses(vm: &VmDefinition) -> impl Iterator<Item = std::net::IpAddr> {
+    let v4 = vm.ip.map(std::net::IpAddr::from);
+    v4.into_iter().chain(vm.ipv6.map(std::net::IpAddr::from))
 }
 
 fn is_vm_file(path: &Path) -> bool {
@@ -307,7 +313,7 @@ impl VmStore {
         for other in current.vms.iter().filter(|o| o.name != vm.name) {
             let clash = if other.mac == vm.mac {
                 format!("MAC {}", vm.mac)
-            } else if let Some(ip) = vm.ip.filter(|ip| other.ip == Some(*ip)) {
+            } else if let Some(ip) = addresses(vm).find(|ip| addresses(other).any(|o| o == *ip)) {
                 format!("IP {ip}")
             } else {
                 continue;

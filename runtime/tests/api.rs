@@ -225,6 +225,12 @@ fn invalid_definitions_are_refused_with_the_reason_and_nothing_written() {
             409,
             "IP 127.0.0.1 is already used by VM t1",
         ),
+        (
+            "bad ipv6",
+            with("ipv6", "ff02::1".into()),
+            400,
+            "invalid ipv6 ff02::1",
+        ),
     ];
     let before = vms_dir(&s);
     for (what, body, status, reason) in cases {
@@ -244,8 +250,25 @@ fn invalid_definitions_are_refused_with_the_reason_and_nothing_written() {
     assert!((400..500).contains(&r.status), "{}", r.text());
     assert_eq!(vms_dir(&s), before);
     // t1 may keep its own MAC and IP when it is redefined.
-    let t1 = definition("t1", common::MAC, "127.0.0.1").to_string();
-    assert_eq!(api(&s, "PUT", "/api/machines/t1", &t1).status, 200);
+    let mut t1 = definition("t1", common::MAC, "127.0.0.1");
+    t1["ipv6"] = "fd00::5".into();
+    assert_eq!(
+        api(&s, "PUT", "/api/machines/t1", &t1.to_string()).status,
+        200
+    );
+    // An IPv6 address is one VM's too.
+    let r = api(
+        &s,
+        "PUT",
+        "/api/machines/t2",
+        &with("ipv6", "fd00::5".into()),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("IP fd00::5 is already used by VM t1"),
+        "{}",
+        r.text()
+    );
 }
 
 #[test]

@@ -31,12 +31,13 @@ fn vms() -> Vec<VmDefinition> {
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEIQczXkVx9q lab: \"quoted\" #comment";
     let a = format!(
         r#"{{"name":"web-1","arch":"x86_64","distro":"debian-12","mac":"52:54:00:12:34:56","ip":"10.77.0.10",
-            "ssh_key":"{}\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 second\n","disk":"/dev/vda"}}"#,
+            "ipv6":"fd00:77::a","ssh_key":"{}\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 second\n","disk":"/dev/vda"}}"#,
         key.replace('"', "\\\"")
     );
     let b = r#"{"name":"arm-1","arch":"aarch64","distro":"ubuntu-24.04","mac":"0A:5D:EA:18:55:B6","ip":"10.77.0.11",
                 "hostname":"arm-1.example.org","ssh_key":""}"#;
-    let c = r#"{"name":"no-ip","arch":"x86_64","distro":"debian-12","mac":"52:54:00:00:00:09"}"#;
+    let c = r#"{"name":"no-ip","arch":"x86_64","distro":"debian-12","mac":"52:54:00:00:00:09",
+                "ipv6":"fd00:77::9"}"#;
     let mut v: Vec<VmDefinition> = [a.as_str(), b, c]
         .iter()
         .map(|t| VmDefinition::from_json(t).unwrap())
@@ -60,6 +61,7 @@ fn settings_in(dns: bool, proxy: bool) -> dnsmasq::DnsmasqSettings {
         dns,
         work_dir: "/var/lib/pxelab/state/dnsmasq".into(),
         proxy,
+        ipv6: None,
     }
 }
 
@@ -67,8 +69,59 @@ fn settings_in(dns: bool, proxy: bool) -> dnsmasq::DnsmasqSettings {
 fn dnsmasq_files() {
     check("dnsmasq.conf", &settings(true).render_conf());
     check("dnsmasq-no-dns.conf", &settings(false).render_conf());
-    check("dhcp-hosts", &dnsmasq::render_dhcp_hosts(&vms(), false));
-    check("hosts", &dnsmasq::render_dns_hosts(&vms(), "pxelab.local"));
+    check(
+        "dhcp-hosts",
+        &dnsmasq::render_dhcp_hosts(&vms(), false, false),
+    );
+    check(
+        "hosts",
+        &dnsmasq::render_dns_hosts(&vms(), "pxelab.local", false),
+    );
+}
+
+/// `--ipv6`: a static DHCPv6 range (managed-flag RAs), DNS over DHCPv6, the stack's own name,
+/// each VM's `ipv6` reserved and published; a VM with only an `ipv6` gets a line of its own.
+/// In proxy mode `--ipv6` changes nothing.
+#[test]
+fn dnsmasq_ipv6_files() {
+    let mut s = settings(true);
+    s.ipv6 = Some("fd00:77::1".parse().unwrap());
+    check("dnsmasq-ipv6.conf", &s.render_conf());
+    let mut no_dns = settings(false);
+    no_dns.ipv6 = s.ipv6;
+    let conf = no_dns.render_conf();
+    assert!(
+        conf.contains("static,64,1h") && !conf.contains("option6:dns-server"),
+        "{conf}"
+    );
+    check(
+        "dhcp-hosts-ipv6",
+        &dnsmasq::render_dhcp_hosts(&vms(), false, true),
+    );
+    check(
+        "hosts-ipv6",
+        &dnsmasq::render_dns_hosts(&vms(), "pxelab.local", true),
+    );
+    let mut proxy = settings_in(true, true);
+    proxy.ipv6 = s.ipv6;
+    assert_eq!(proxy.dhcpv6(), None);
+    assert_eq!(proxy.render_conf(), settings_in(true, true).render_conf());
+    assert_eq!(
+        dnsmasq::render_dhcp_hosts(&vms(), true, true),
+        dnsmasq::render_dhcp_hosts(&vms(), true, false)
+    );
+    // The NoCloud network-config asks DHCPv6 only when the stack serves it and the VM has an
+    // address to get; without either it is the IPv4-only document.
+    let web = vms().into_iter().find(|v| v.name == "web-1").unwrap();
+    check(
+        "web-1.network-config-ipv6",
+        &cloudinit::document(&web, "network-config", "pxelab.local", true).unwrap(),
+    );
+    let arm = vms().into_iter().find(|v| v.name == "arm-1").unwrap();
+    assert_eq!(
+        cloudinit::document(&arm, "network-config", "pxelab.local", true),
+        cloudinit::document(&arm, "network-config", "pxelab.local", false)
+    );
 }
 
 /// proxyDHCP: the same with or without DNS (the site's server owns DNS), and every defined MAC
@@ -80,7 +133,7 @@ fn dnsmasq_proxy_files() {
     check("dnsmasq-proxy.conf", &proxy);
     check(
         "dhcp-hosts-proxy",
-        &dnsmasq::render_dhcp_hosts(&vms(), true),
+        &dnsmasq::render_dhcp_hosts(&vms(), true, false),
     );
 }
 
@@ -101,7 +154,7 @@ fn nocloud_documents() {
         for doc in cloudinit::DOCUMENTS {
             check(
                 &format!("{}.{doc}", vm.name),
-                &cloudinit::document(vm, doc, "pxelab.local").unwrap(),
+                &cloudinit::document(vm, doc, "pxelab.local", false).unwrap(),
             );
         }
     }

@@ -70,7 +70,20 @@ impl Lab {
         let ns = self.cli.name();
         must(&["ip", "-n", ns, "addr", "flush", "dev", &self.cli_if]);
         if let Some(cidr) = cidr {
-            must(&["ip", "-n", ns, "addr", "add", cidr, "dev", &self.cli_if]);
+            // An IPv6 address would be tentative (unusable) for a second otherwise.
+            let nodad = if cidr.contains(':') { "nodad" } else { "" };
+            let args = [
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                cidr,
+                "dev",
+                &self.cli_if,
+                nodad,
+            ];
+            must(&args[..args.len() - usize::from(nodad.is_empty())]);
         }
     }
 
@@ -757,4 +770,145 @@ fn sys_proxy_dhcp_beside_a_site_server() {
         "site dnsmasq log:\n{}",
         std::fs::read_to_string(&site_log).unwrap_or_default()
     );
+}
+
+/// `--ipv6`: the defined MAC gets its reserved IPv6 address from the stack's dnsmasq over
+/// DHCPv6 (ISC `dhclient -6`, the client the installed Debian runs), also after its boot stage
+/// took the boot-stage address under another DUID, the router advertisements
+/// put the prefix on-link, and the VM's and the stack's AAAA names resolve; an unknown MAC gets
+/// no IPv6 lease. dhclient's script is `/bin/true` (it must not rewrite the host's
+/// resolv.conf), so the test reads the lease file and adds the address itself.
+#[test]
+fn sys_dhcpv6_lease_and_aaaa_names() {
+    prerequisites();
+    require("dhclient", "isc-dhcp-client");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path();
+    prepare_data(data);
+    let vm = serde_json::json!({"name": "t1", "arch": "x86_64", "distro": "debian-12", "mac": MAC,
+        "ip": "10.231.0.50", "ipv6": "fd00:231::32", "ssh_key": KEY, "pxeboot": true});
+    std::fs::write(data.join("vms/t1.json"), vm.to_string()).unwrap();
+    let lab = Lab::new("c");
+    lab.srv
+        .ip(&format!("addr add fd00:231::1/64 dev {} nodad", lab.srv_if));
+    lab.set_client_mac(MAC);
+    let _stack = start_stack(&lab, data, &lab.srv_if, &["--ipv6", "fd00:231::1/64"]);
+    let conf = std::fs::read_to_string(data.join("state/dnsmasq/dnsmasq.conf")).unwrap();
+    assert!(conf.contains("static,64,1h"), "{conf}");
+
+    // A network boot chain: the boot stage (iPXE) asks first under a DUID of its own and keeps
+    // its lease, then the installed system asks under another (dhclient makes a new DUID-LLT
+    // per lease file, from the time in seconds): it must still get the VM's address.
+    let boot = lab
+        .dhcpv6(data, "boot", 20)
+        .expect("the known MAC got no DHCPv6 lease");
+    assert!(boot.contains("iaaddr fd00:231::1:0:0:32 "), "{boot}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let lease = lab
+        .dhcpv6(data, "system", 20)
+        .expect("the second DUID got no DHCPv6 lease");
+    assert!(lease.contains("iaaddr fd00:231::32 "), "{lease}");
+    let duid = |l: &str| {
+        l.lines()
+            .find(|l| l.contains("default-duid"))
+            .map(str::to_string)
+    };
+    assert_ne!(duid(&boot), duid(&lease), "both runs had one DUID");
+    // The advertisements make the prefix on-link (the lease itself is a /128).
+    let t = Instant::now();
+    loop {
+        let routes = lab.in_cli(&["ip", "-6", "route", "show"]);
+        let routes = String::from_utf8_lossy(&routes.stdout).to_string();
+        if routes.contains("fd00:231::/64") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no on-link prefix from the router advertisements: {routes:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lab.client_address(Some("fd00:231::32/64"));
+    for (name, address) in [
+        ("t1.pxelab.local", "fd00:231::32"),
+        ("pxelab-stack.pxelab.local", "fd00:231::1"),
+    ] {
+        let dns = lab.in_cli(&["busybox", "nslookup", "-type=aaaa", name, "fd00:231::1"]);
+        let answer = String::from_utf8_lossy(&dns.stdout);
+        assert!(
+            answer.contains(&format!("Address: {address}")),
+            "AAAA {name}: {answer} {}",
+            String::from_utf8_lossy(&dns.stderr)
+        );
+    }
+    lab.client_address(None);
+
+    lab.set_client_mac("52:54:00:aa:bb:99");
+    assert_eq!(
+        lab.dhcpv6(data, "unknown", 8),
+        None,
+        "an unknown MAC got a lease"
+    );
+}
+
+impl Lab {
+    /// One DHCPv6 exchange (`dhclient -6 -1`, given `secs`) from the client namespace; the
+    /// lease file when it holds an address. `tag` names the files.
+    fn dhcpv6(&self, dir: &Path, tag: &str, secs: u32) -> Option<String> {
+        // The client needs a link-local address out of duplicate address detection.
+        let t = Instant::now();
+        loop {
+            let out = self.in_cli(&[
+                "ip",
+                "-6",
+                "addr",
+                "show",
+                "dev",
+                &self.cli_if,
+                "scope",
+                "link",
+            ]);
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if text.contains("inet6") && !text.contains("tentative") {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no link-local address: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let leases = dir.join(format!("dhclient6-{tag}.leases"));
+        let pidfile = dir.join(format!("dhclient6-{tag}.pid"));
+        let out = self.in_cli(&[
+            "timeout",
+            &secs.to_string(),
+            "dhclient",
+            "-6",
+            "-1",
+            "-v",
+            "-sf",
+            "/bin/true",
+            "-lf",
+            leases.to_str().unwrap(),
+            "-pf",
+            pidfile.to_str().unwrap(),
+            &self.cli_if,
+        ]);
+        // With a lease dhclient stays in the background to renew it: stop it now (the
+        // namespace's removal would, too).
+        if let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) on the dhclient this test started, named by its pid file.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let lease = std::fs::read_to_string(&leases).unwrap_or_default();
+        eprintln!(
+            "dhclient -6 ({tag}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lease.contains("iaaddr").then_some(lease)
+    }
 }

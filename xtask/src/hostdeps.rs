@@ -56,6 +56,8 @@ pub const HOST_DEPS: &[HostDep] = &[
     bin("dnsmasq", "dnsmasq-base"),
     // Static: the installer tests copy it into a chroot (it also provides udhcpc).
     bin("busybox", "busybox-static"),
+    // DHCPv6 client of the `--ipv6` DHCP test (the one the installed Debian runs).
+    bin("dhclient", "isc-dhcp-client"),
     bin("ip", "iproute2"),
     bin("mke2fs", "e2fsprogs"),
     bin("mkfs.fat", "dosfstools"),

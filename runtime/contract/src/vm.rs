@@ -1,7 +1,11 @@
 //! A target machine's definition (`VmDefinition`, the original pvmlab JSON plus pxelab's keys),
 //! its `Arch` and how it boots.
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -115,6 +119,10 @@ pub struct VmDefinition {
     /// The address reserved for this MAC on the lab network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<Ipv4Addr>,
+    /// The IPv6 address reserved for this MAC (DHCPv6) and published as its AAAA record, when
+    /// the stack serves IPv6 (`--ipv6`); the original's key, bare as it writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
     /// Host name inside the guest; the VM name when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
@@ -152,6 +160,8 @@ pub enum VmError {
     SshKey(String),
     #[error("invalid disk {0:?}: expected a device path such as /dev/vda")]
     Disk(String),
+    #[error("invalid ipv6 {0}: expected a unicast address such as fd12:3456:789a::10")]
+    Ipv6(Ipv6Addr),
     #[error("invalid {field} {value:?}: expected a plain file name in the distro's image directory, such as vmlinuz (letters, digits, '.', '_', '+' and '-')")]
     File { field: &'static str, value: String },
 }
@@ -201,6 +211,14 @@ impl VmDefinition {
                     value: v.to_string(),
                 });
             }
+        }
+        if let Some(ip) = self.ipv6.filter(|ip| {
+            ip.is_unspecified()
+                || ip.is_loopback()
+                || ip.is_multicast()
+                || ip.to_ipv4_mapped().is_some()
+        }) {
+            return Err(VmError::Ipv6(ip));
         }
         if let Some(d) = &self.disk {
             let ok = d.starts_with("/dev/")
@@ -359,6 +377,30 @@ mod tests {
         assert!(VmDefinition::from_json(&pxe).unwrap().pxeboot);
         // pxelab writes the key either way, so its own files never depend on the default.
         assert!(vm.to_json().contains("\"pxeboot\": false"));
+    }
+
+    /// pvmlab's `--ipv6` VM file: `ipv6` bare (pxelab's meaning too) beside `subnetv6`, which
+    /// pxelab ignores; a bad address is refused.
+    #[test]
+    fn an_upstream_ipv6_vm_file_parses() {
+        let text = vm("t1").replace(
+            "\"ip\":\"10.77.0.10\"",
+            "\"ip\":\"10.77.0.10\",\"ipv6\":\"fd00:cafe:babe::2\",\"subnetv6\":\"fd00:cafe:babe::/64\"",
+        );
+        let vm6 = VmDefinition::from_json(&text).unwrap();
+        assert_eq!(vm6.ipv6, Some("fd00:cafe:babe::2".parse().unwrap()));
+        assert!(vm6.to_json().contains("\"ipv6\": \"fd00:cafe:babe::2\""));
+        assert!(!VmDefinition::from_json(&vm("t1"))
+            .unwrap()
+            .to_json()
+            .contains("ipv6"));
+        for bad in ["ff02::1", "::", "::1", "::ffff:10.0.0.1"] {
+            let text = text.replace("fd00:cafe:babe::2", bad);
+            assert!(
+                matches!(VmDefinition::from_json(&text), Err(VmError::Ipv6(_))),
+                "{bad} accepted"
+            );
+        }
     }
 
     #[test]

@@ -92,6 +92,7 @@ impl Stack {
             proxy_dhcp: false,
             leases: Arc::default(),
             domain: "pxelab.local".into(),
+            dhcpv6: false,
             nfs: Some(pxelab_runtime::nfsroot::NfsRoots::new(
                 catalog.clone(),
                 root.join("state/nfsroot"),

@@ -261,6 +261,7 @@ fn write_fixture(data: &Path) -> Result<()> {
         initrd: None,
         pxeboot: true,
         ip: None,
+        ipv6: None,
         hostname: None,
         disk: None,
         boot: BootMode::Install,

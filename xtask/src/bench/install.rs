@@ -241,6 +241,7 @@ fn install_once(
         initrd: None,
         pxeboot: true,
         ip: None,
+        ipv6: None,
         hostname: None,
         disk: Some(disk.dev.clone()),
         boot: BootMode::Install,

@@ -97,6 +97,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         subnet: crate::lab::home::DEFAULT_SUBNET.into(),
         stack: Some(StackKind::Process),
         timeout,
+        ipv6: false,
     };
 
     let mut marks: BTreeMap<usize, Vec<f64>> = BTreeMap::new();

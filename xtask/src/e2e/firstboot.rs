@@ -3,7 +3,9 @@
 //! with kexec (no firmware boot in between), SSH answered before cloud-init finished, and
 //! cloud-init then applied the user-data and reported `cloud-init-done` without errors. Then
 //! what a kernel upgrade does: `update-grub` inside the target and a reboot through the
-//! firmware, after which the disk boots again.
+//! firmware, after which the disk boots again. The lab runs with `--ipv6`: the installed
+//! system took its reserved IPv6 address from DHCPv6 and answers SSH there, at the address its
+//! AAAA name resolves to.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 use pxelab_contract::{Phase, TimelineEntry};
 
 use super::ssh_output;
-use crate::lab::{follow, home::Lab, stack};
+use crate::lab::{follow, home::Lab, ssh, stack, targets};
 
 const VM: &str = "target-1";
 
@@ -27,6 +29,74 @@ pub fn cloud_init_done<'a>(vm: &str, events: &'a [TimelineEntry]) -> Result<&'a 
         done.event.message
     );
     Ok(done)
+}
+
+/// target-1's AAAA name, asked of the stack's DNS inside the lab namespace, is its IPv6
+/// address (the lab's prefix with its IPv4 host number), and SSH to that address reaches the
+/// installed system, which holds it on its NIC. Bounded: the address comes from DHCPv6 when
+/// ifupdown brings the NIC up, which may follow the early SSH on IPv4.
+pub fn ssh_over_ipv6(lab: &Lab) -> Result<()> {
+    let took = Instant::now();
+    ensure!(lab.config.ipv6, "the lab lost its IPv6 setting (lab.json)");
+    let vm = targets::definition(lab, VM)?;
+    let net = lab.net()?;
+    let ip = vm.ip.context("target-1 has no IPv4 address")?;
+    let want = net.vm_ipv6(ip);
+    ensure!(
+        vm.ipv6 == Some(want),
+        "target-1's definition has IPv6 {:?}, expected {want}",
+        vm.ipv6
+    );
+    let sh = crate::process::shell()?;
+    let name = format!("{VM}.pxelab.local");
+    let gateway = net.subnet.gateway().to_string();
+    let lookup = net
+        .command(&sh, "busybox")?
+        .args(["nslookup", "-type=aaaa", &name, &gateway])
+        .quiet()
+        .ignore_status()
+        .output()?;
+    let answer = String::from_utf8_lossy(&lookup.stdout);
+    let resolved: Vec<&str> = answer
+        .lines()
+        .skip_while(|l| !l.starts_with("Name:"))
+        .filter_map(|l| l.strip_prefix("Address:").map(str::trim))
+        .collect();
+    ensure!(
+        resolved == [want.to_string()],
+        "AAAA {name} from the stack is {resolved:?}, expected [{want}]: {answer}"
+    );
+    let command = ["ip -6 -o addr show dev lan0 scope global".to_string()];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let attempt = ssh::output_within(
+            ssh::command_over(lab, &vm, true, &command)?,
+            Duration::from_secs(30),
+        );
+        let (ok, said) = match attempt {
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                let ok = out.status.success() && text.contains(&format!("inet6 {want}/"));
+                (ok, text + &String::from_utf8_lossy(&out.stderr))
+            }
+            Err(e) => (false, format!("{e:#}")),
+        };
+        if ok {
+            break;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "no SSH to target-1 over IPv6 at {want} within 120 s: {said}{}",
+                follow::console_tail(lab, VM)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    eprintln!(
+        "e2e: target-1 answers SSH over IPv6 at {want} ({name}), checked in {:.1}s",
+        took.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Checks target-1's first install, right after the `lab up` that installed it.

@@ -7,10 +7,12 @@
 //!    (`lab stack reload --image`): the install still completes (the installer reconnected),
 //!    the target kexecs into its system without fetching the installer again, answers SSH with
 //!    the lab key before cloud-init is done, reports its own name as hostname, and cloud-init
-//!    then applies the user-data and reports done (`firstboot.rs`). The lab namespace has no
+//!    then applies the user-data and reports done (`firstboot.rs`). The lab is up with
+//!    `--ipv6`: target-1's AAAA name resolves to its IPv6 address and SSH answers there. The lab namespace has no
 //!    route out.
 //! 3. `lab down` right after that first boot (target-1 shuts down by ACPI, not a power cut)
-//!    and `lab up` again: target-1 boots from its disk and answers SSH; `lab status` says so.
+//!    and `lab up` again: target-1 boots from its disk and answers SSH (over IPv6 too: the lab
+//!    kept `--ipv6`); `lab status` says so.
 //!    `update-grub` in target-1 and a reboot through the firmware: it boots its disk again.
 //!    `lab vm copy` copies a file to it and back. `lab vm start --installer-shell --no-reboot`
 //!    boots its installer's shell (the config says not to reboot, `lab status` says SSH is
@@ -125,6 +127,8 @@ fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
         subnet: lab::home::DEFAULT_SUBNET.into(),
         stack: Some(StackKind::Process),
         timeout: 1500,
+        // The installed target's SSH over IPv6 is checked after its first boot.
+        ipv6: runs(Part::Install),
     };
     if runs(Part::Install) {
         step("lab up: install target-1 (UEFI); mid-stream the stack is swapped for its container image");
@@ -197,7 +201,8 @@ fn install_with_restart(up: &UpArgs) -> Result<()> {
         hostname == "target-1",
         "hostname is {hostname:?}, expected target-1 (cloud-init seed not applied)"
     );
-    firstboot::checks(&lab)
+    firstboot::checks(&lab)?;
+    firstboot::ssh_over_ipv6(&lab)
 }
 
 fn step(what: &str) {
@@ -399,9 +404,11 @@ fn down_and_up_keeps_ssh(up: &UpArgs) -> Result<()> {
         "e2e: lab down (target-1 shut down by ACPI) took {:.1}s",
         took.elapsed().as_secs_f64()
     );
-    // The stack kind the lab has now (the container, since the reload) stays.
+    // The stack kind the lab has now (the container, since the reload) stays, and so does
+    // IPv6 without the flag.
     let again = UpArgs {
         stack: None,
+        ipv6: false,
         ..up.clone()
     };
     targets::up(Lab::open()?, &again)?;
@@ -415,7 +422,7 @@ fn down_and_up_keeps_ssh(up: &UpArgs) -> Result<()> {
         status_ssh("target-1")? == "up",
         "`lab status` does not say target-1's SSH is up"
     );
-    Ok(())
+    firstboot::ssh_over_ipv6(&lab)
 }
 
 /// The SSH column of `lab status` for `name`.

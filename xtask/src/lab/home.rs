@@ -2,7 +2,7 @@
 //! inside it: every path in the lab home is named here, nowhere else.
 //!
 //! ```text
-//! lab.json                 namespace name and subnet, fixed at the first `lab up`
+//! lab.json                 namespace name and subnet, fixed at the first `lab up`; stack kind, IPv6
 //! vms/<name>.json          VM definitions (the stack reads them)
 //! images/<distro>/<arch>/  distro artifacts (`distro pull`), served as /images/
 //! initrds/<arch>/          installer initrd (`build-stack`), served as /initrds/
@@ -83,6 +83,10 @@ pub struct LabConfig {
     /// (the e2e's proxy part sets it while it runs such a server).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub proxy_dhcp: bool,
+    /// `lab up --ipv6`: the stack serves DHCPv6 and AAAA names on the lab's /64 and every VM
+    /// gets an IPv6 address ([`super::net::LabNet::vm_ipv6`]). Kept until `lab down --purge`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ipv6: bool,
 }
 
 pub struct Lab {
@@ -130,6 +134,7 @@ impl Lab {
             stack: Default::default(),
             image: None,
             proxy_dhcp: false,
+            ipv6: false,
         };
         Lab { home, config }
     }

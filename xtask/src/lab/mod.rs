@@ -88,6 +88,12 @@ pub struct UpArgs {
     /// Give up on a target after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
+    /// IPv6 too: the stack serves DHCPv6 on the lab's /64 (router advertisements with the
+    /// managed flag, a reservation per VM) and AAAA names, and every VM gets an IPv6 address
+    /// (the lab's prefix with its IPv4 host number), also on its installed system. The lab
+    /// keeps it (lab.json) until `lab down --purge`.
+    #[arg(long)]
+    pub ipv6: bool,
 }
 
 #[derive(clap::Subcommand)]
@@ -157,6 +163,9 @@ enum VmCommand {
     /// SSH into a target (from inside the lab namespace); extra arguments run as a command.
     Ssh {
         name: String,
+        /// Connect to the target's IPv6 address (a lab brought up with `--ipv6`).
+        #[arg(long)]
+        ipv6: bool,
         #[arg(trailing_var_arg = true)]
         command: Vec<String>,
     },
@@ -248,14 +257,16 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
                 },
             };
             let existing = vms::load_all(&lab.vms_dir())?;
-            let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
+            let mut vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
+            vms::assign_ipv6(lab, &mut vm)?;
             targets::create_disk(lab, &vm.name, &c.disk_size)?;
             vms::write_new(&lab.vms_dir(), &vm)?;
             println!(
-                "defined {} (MAC {}, IP {})",
+                "defined {} (MAC {}, IP {}{})",
                 vm.name,
                 vm.mac,
-                vm.ip.map(|i| i.to_string()).unwrap_or_default()
+                vm.ip.map(|i| i.to_string()).unwrap_or_default(),
+                vm.ipv6.map(|i| format!(", IPv6 {i}")).unwrap_or_default()
             );
             Ok(())
         }
@@ -328,9 +339,13 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
             print!("{body}");
             Ok(())
         }
-        VmCommand::Ssh { name, command } => {
+        VmCommand::Ssh {
+            name,
+            ipv6,
+            command,
+        } => {
             let vm = targets::definition(lab, &name)?;
-            let status = ssh::command(lab, &vm, &command)?.status()?;
+            let status = ssh::command_over(lab, &vm, ipv6, &command)?.status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
         VmCommand::Reprovision { name } => targets::reprovision(lab, &name),
@@ -365,11 +380,36 @@ fn status(lab: &Lab) -> Result<()> {
     }
     let states = follow::fetch_status(lab).unwrap_or_default();
     let ssh = ssh_probes(lab, &vms, &states);
+    // The IPV6 column only in a lab where some VM has an IPv6 address (`lab up --ipv6`).
+    let v6: Vec<String> = vms
+        .iter()
+        .map(|vm| vm.ipv6.map_or("-".into(), |i| i.to_string()))
+        .collect();
+    let v6_width = if vms.iter().any(|vm| vm.ipv6.is_some()) {
+        v6.iter().map(String::len).max().unwrap_or(0).max(4) + 1
+    } else {
+        0
+    };
+    let v6_cell = |text: &str| {
+        if v6_width == 0 {
+            String::new()
+        } else {
+            format!("{text:<v6_width$}")
+        }
+    };
     println!(
-        "{:<16} {:<18} {:<15} {:<10} {:<8} {:<11} {:<5} STATE / LAST EVENT",
-        "NAME", "MAC", "IP", "DISTRO", "BOOT", "QEMU", "SSH"
+        "{:<16} {:<7} {:<18} {:<15} {}{:<10} {:<8} {:<11} {:<5} STATE / LAST EVENT",
+        "NAME",
+        "ARCH",
+        "MAC",
+        "IP",
+        v6_cell("IPV6"),
+        "DISTRO",
+        "BOOT",
+        "QEMU",
+        "SSH"
     );
-    for (vm, ssh) in vms.iter().zip(&ssh) {
+    for ((vm, ssh), v6) in vms.iter().zip(&ssh).zip(&v6) {
         let running = if pid::read(&lab.vm_file(&vm.name, VmFile::Pid)).is_some() {
             "running"
         } else {
@@ -392,8 +432,17 @@ fn status(lab: &Lab) -> Result<()> {
             Some(Err(_)) => "down",
         };
         println!(
-            "{:<16} {:<18} {:<15} {:<10} {:<8} {:<11} {:<5} {}",
-            vm.name, vm.mac, ip, vm.distro, boot, running, ssh, state
+            "{:<16} {:<7} {:<18} {:<15} {}{:<10} {:<8} {:<11} {:<5} {}",
+            vm.name,
+            vm.arch.as_str(),
+            vm.mac,
+            ip,
+            v6_cell(v6),
+            vm.distro,
+            boot,
+            running,
+            ssh,
+            state
         );
     }
     for (vm, ssh) in vms.iter().zip(&ssh) {

@@ -7,7 +7,7 @@ use std::{
     ffi::OsStr,
     fmt,
     io::Read,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::process::CommandExt,
     path::PathBuf,
     process::Stdio,
@@ -243,13 +243,12 @@ impl LabNet {
         pid::write(&self.holder, pid::Pid::of(child.id())?)
     }
 
-    /// The bridge's IPv6 address: a unique local /64 (RFC 4193) whose global ID comes from
-    /// the namespace name, so two labs on one host never share a prefix.
-    pub fn ula(&self) -> String {
+    /// The lab's IPv6 /64: a unique local prefix (RFC 4193) whose global ID comes from the
+    /// namespace name, so two labs on one host never share a prefix.
+    pub fn ipv6_prefix(&self) -> Ipv6Addr {
         let id = Sha256::digest(self.ns.as_bytes());
         let word = |hi: u8, lo: u8| u16::from_be_bytes([hi, lo]);
-        // Printed the way iproute2 prints it (RFC 5952), so `addr show` output matches.
-        let addr = std::net::Ipv6Addr::new(
+        Ipv6Addr::new(
             word(0xfd, id[0]),
             word(id[1], id[2]),
             word(id[3], id[4]),
@@ -257,9 +256,28 @@ impl LabNet {
             0,
             0,
             0,
-            1,
-        );
-        format!("{addr}/64")
+            0,
+        )
+    }
+
+    /// The stack's IPv6 address, the first of the lab's /64 (on the bridge in every lab: the
+    /// router advertisements need it).
+    pub fn stack_ipv6(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.ipv6_prefix()) | 1)
+    }
+
+    /// The bridge's IPv6 address with its prefix length, printed the way iproute2 prints it
+    /// (RFC 5952), so `addr show` output matches.
+    pub fn ula(&self) -> String {
+        format!("{}/64", self.stack_ipv6())
+    }
+
+    /// A VM's IPv6 address in a lab with IPv6: the lab's /64 with the VM's IPv4 host number
+    /// as its interface ID (10.77.0.10 on 10.77.0.0/24 → `<prefix>::a`), so the two
+    /// addresses of a VM (and the stack's, `::1` beside `.1`) correspond.
+    pub fn vm_ipv6(&self, ip: Ipv4Addr) -> Ipv6Addr {
+        let host = u32::from(ip) & !(u32::MAX << (32 - self.subnet.prefix));
+        Ipv6Addr::from(u128::from(self.ipv6_prefix()) | u128::from(host))
     }
 
     /// Adds a tap enslaved to the bridge (QEMU opens it from inside the namespace). Idempotent.
@@ -378,6 +396,34 @@ mod tests {
     fn tap_names_fit_the_kernel_limit_and_differ() {
         assert!(tap_name("a-very-long-vm-name-indeed").len() <= 15);
         assert_ne!(tap_name("a"), tap_name("b"));
+    }
+
+    /// A VM's IPv6 address is the lab's /64 with its IPv4 host number; the stack's is `::1`
+    /// beside `.1`; two namespaces get different prefixes.
+    #[test]
+    fn ipv6_addresses_follow_the_ipv4_host_numbers() {
+        let net = |ns: &str, subnet: &str| {
+            LabNet::new(
+                ns.into(),
+                subnet.parse().unwrap(),
+                PathBuf::from("/nonexistent"),
+            )
+        };
+        let lab = net("pxelab-a", "10.77.0.0/24");
+        let prefix = lab.ipv6_prefix();
+        assert_eq!(prefix.segments()[0] >> 8, 0xfd, "not a ULA: {prefix}");
+        assert_eq!(&prefix.segments()[3..], [0; 5]);
+        assert_eq!(u128::from(lab.stack_ipv6()), u128::from(prefix) | 1);
+        assert_eq!(lab.ula(), format!("{}/64", lab.stack_ipv6()));
+        let ten = lab.vm_ipv6(Ipv4Addr::new(10, 77, 0, 10));
+        assert_eq!(u128::from(ten), u128::from(prefix) | 10);
+        assert!(ten.to_string().ends_with("::a"), "{ten}");
+        let wide = net("pxelab-a", "10.64.0.0/12");
+        assert_eq!(
+            u128::from(wide.vm_ipv6(Ipv4Addr::new(10, 65, 2, 3))),
+            u128::from(prefix) | 0x0001_0203
+        );
+        assert_ne!(net("pxelab-b", "10.77.0.0/24").ipv6_prefix(), prefix);
     }
 
     #[test]

@@ -43,7 +43,28 @@ pub fn ensure_key(lab: &Lab) -> Result<String> {
 /// which gets new keys every boot, is handled). Until that block appears, there is nothing to
 /// connect to.
 pub fn command(lab: &Lab, vm: &VmDefinition, command: &[String]) -> Result<Command> {
+    command_over(lab, vm, false, command)
+}
+
+/// [`command`] to the VM's IPv6 address when `ipv6` (`lab vm ssh --ipv6`).
+pub fn command_over(
+    lab: &Lab,
+    vm: &VmDefinition,
+    ipv6: bool,
+    command: &[String],
+) -> Result<Command> {
     let (ip, options) = trusted(lab, vm)?;
+    let ip = if ipv6 {
+        let v6 = vm.ipv6.with_context(|| {
+            format!(
+                "{} has no IPv6 address: `cargo xtask lab up --ipv6` gives every VM one",
+                vm.name
+            )
+        })?;
+        std::net::IpAddr::from(v6)
+    } else {
+        ip.into()
+    };
     let sh = process::shell()?;
     let ssh = lab
         .net()?
@@ -143,7 +164,12 @@ fn trusted(lab: &Lab, vm: &VmDefinition) -> Result<(Ipv4Addr, Vec<OsString>)> {
             vm.name
         );
     }
-    let known: String = keys.iter().map(|k| format!("{ip} {k}\n")).collect();
+    // Both addresses, so SSH over IPv6 trusts the same keys.
+    let v6 = vm.ipv6.map(|v6| v6.to_string());
+    let known: String = std::iter::once(ip.to_string())
+        .chain(v6)
+        .flat_map(|addr| keys.iter().map(move |k| format!("{addr} {k}\n")))
+        .collect();
     let known_hosts = lab.known_hosts(&vm.name);
     crate::store::write_atomic(&known_hosts, known.as_bytes())?;
     let mut options: Vec<OsString> = vec!["-i".into(), lab.ssh_key().into()];

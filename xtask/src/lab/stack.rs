@@ -103,6 +103,9 @@ fn stack_flags(lab: &Lab, data_dir: &Path) -> Result<Vec<String>> {
     if lab.config.proxy_dhcp {
         flags.extend(["--dhcp".into(), "proxy".into()]);
     }
+    if lab.config.ipv6 {
+        flags.extend(["--ipv6".into(), net.ula()]);
+    }
     Ok(flags)
 }
 

@@ -50,8 +50,17 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<Vec<follow::Row>> {
         // A kind chosen here runs what `build-stack` wrote, not an earlier reload's image.
         lab.config.image = None;
     }
+    // The stack learns IPv6 from its flags: a running one is restarted with them.
+    let ipv6_added = a.ipv6 && !lab.config.ipv6;
+    lab.config.ipv6 |= a.ipv6;
     lab.create_dirs()?;
     lab.save_config()?;
+    let mut existing = vms::load_all(&lab.vms_dir())?;
+    for vm in &mut existing {
+        if vms::assign_ipv6(&lab, vm)? {
+            vms::rewrite(&lab.vms_dir(), vm)?;
+        }
+    }
 
     let distro = super::artifacts::prepare(&lab, a.arch, &a.distro)?;
 
@@ -61,6 +70,9 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<Vec<follow::Row>> {
         eprintln!(
             "the stack binary changed since the stack started: restarting it (VMs keep running)"
         );
+        stack::stop(&lab)?;
+    } else if ipv6_added && stack::running(&lab).is_some() {
+        eprintln!("restarting the stack with IPv6 (VMs keep running)");
         stack::stop(&lab)?;
     }
     if stack::start(&lab)? {
@@ -74,7 +86,6 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<Vec<follow::Row>> {
 
     let key = ssh::ensure_key(&lab)?;
     let accel = qemu::resolve_accel(a.accel, a.arch, &lab.run_dir())?;
-    let mut existing = vms::load_all(&lab.vms_dir())?;
     let mut chosen = Vec::new();
     for i in 1..=a.targets {
         let name = format!("target-{i}");
@@ -89,7 +100,8 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<Vec<follow::Row>> {
                     ip: None,
                     boot: BootMode::Install,
                 };
-                let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
+                let mut vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
+                vms::assign_ipv6(&lab, &mut vm)?;
                 create_disk(&lab, &name, DEFAULT_DISK_SIZE)?;
                 vms::write_new(&lab.vms_dir(), &vm)?;
                 existing.push(vm.clone());

@@ -106,6 +106,7 @@ pub fn plan(
         initrd: None,
         pxeboot: true,
         ip: Some(ip),
+        ipv6: None,
         hostname: None,
         disk: None,
         boot: req.boot,
@@ -114,6 +115,18 @@ pub fn plan(
     };
     vm.validate()?;
     Ok(vm)
+}
+
+/// In a lab with IPv6 (`lab up --ipv6`), gives `vm` its IPv6 address
+/// ([`super::net::LabNet::vm_ipv6`]) unless it has one; whether it changed.
+pub fn assign_ipv6(lab: &super::home::Lab, vm: &mut VmDefinition) -> Result<bool> {
+    match (lab.config.ipv6, vm.ip, vm.ipv6) {
+        (true, Some(ip), None) => {
+            vm.ipv6 = Some(lab.net()?.vm_ipv6(ip));
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// A MAC derived from the name (so a re-created lab gets the same addresses), locally
