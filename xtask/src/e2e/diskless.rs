@@ -36,6 +36,10 @@ use crate::{
     process::pid,
 };
 
+/// What the e2e boots diskless: the install part installs Debian 12 (the lab's default) and this
+/// part boots Debian 13, so every e2e run boots both releases (the proxy part installs 13 too).
+pub const DISTRO: &str = "debian-13";
+
 /// The diskless VMs this scenario defines and the firmware each boots with. UEFI is what
 /// `lab vm start` uses unless told otherwise; one UEFI VM instead of a third VM keeps the
 /// e2e's time (both boot at once).

@@ -19,8 +19,8 @@
 //!    down), and a command typed through `lab vm console` answers on the serial console.
 //! 4. On that container stack: SeaBIOS (QEMU's iPXE NIC ROM) and OVMF without NIC ROM → TFTP
 //!    ipxe.efi each reach "installer started".
-//! 5. Two diskless targets boot from one read-only NFS export served by the container's
-//!    ganesha (see `diskless.rs`).
+//! 5. Two diskless targets boot Debian 13 from one read-only NFS export served by the
+//!    container's ganesha (see `diskless.rs`).
 //! 6. proxyDHCP on Debian 13 (`proxy.rs`): the stack restarted with `--dhcp proxy` beside a
 //!    site DHCP server on the bridge; proxy-1, defined without an address, installs Debian 13,
 //!    answers SSH with its own host name on the address the site server leased it, and reports
@@ -164,8 +164,9 @@ fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
         }
     }
     if runs(Part::Diskless) {
-        step("diskless-1 and diskless-2 boot from one read-only NFS export");
-        diskless::scenario(&lab, &distro)?;
+        step("diskless-1 and diskless-2 boot Debian 13 from one read-only NFS export");
+        let diskless = lab::artifacts::prepare(&lab, Arch::X86_64, diskless::DISTRO)?;
+        diskless::scenario(&lab, &diskless)?;
     }
     if runs(Part::Proxy) {
         step("proxy-1: the stack in proxyDHCP mode beside a site DHCP server; Debian 13 installs, answers SSH on the site's lease and finishes cloud-init");
