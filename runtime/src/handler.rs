@@ -176,12 +176,13 @@ impl Context {
         set
     }
 
-    fn select_by_mac(&self, raw: &str) -> Result<(Mac, Option<VmDefinition>), Response> {
+    /// The MAC in `raw` and the definitions to look it up in (`set.by_mac`): handlers borrow
+    /// the machine's definition from the set rather than copy it per request.
+    fn select_by_mac(&self, raw: &str) -> Result<(Mac, Arc<VmSet>), Response> {
         let mac: Mac = raw
             .parse()
             .map_err(|e: pxelab_contract::MacError| Response::line(400, &e.to_string()))?;
-        let set = self.set();
-        Ok((mac, set.by_mac(mac).cloned()))
+        Ok((mac, self.set()))
     }
 
     /// Whether `r` may be handed `vm`'s boot (with its token) or its cloud-init documents: on
@@ -313,25 +314,25 @@ impl Context {
     }
 
     fn config(&self, r: &Request, raw: &str) -> Response {
-        let (mac, vm) = match self.select_by_mac(raw) {
+        let (mac, set) = match self.select_by_mac(raw) {
             Ok(found) => found,
             Err(reply) => return reply,
         };
-        let Some(vm) = vm else {
+        let Some(vm) = set.by_mac(mac) else {
             return Response::line(404, &format!("no VM is defined for MAC {mac}"));
         };
-        if let Err(reply) = self.check_bound_address(r, &vm, "the install config") {
+        if let Err(reply) = self.check_bound_address(r, vm, "the install config") {
             return reply;
         }
-        let token = match self.boot_token(r, &vm, "the install config") {
+        let token = match self.boot_token(r, vm, "the install config") {
             Ok(token) => token,
             Err(reply) => return reply,
         };
-        let wipe = match self.events.wipe(&vm) {
+        let wipe = match self.events.wipe(vm) {
             Ok(wipe) => wipe,
             Err(e) => return Response::line(500, &e.to_string()),
         };
-        let manifest = match self.install_manifest(&vm) {
+        let manifest = match self.install_manifest(vm) {
             Ok(m) => m,
             Err(reply) => return reply,
         };
@@ -359,13 +360,13 @@ impl Context {
             reboot,
             // `vms/<name>.nokexec`: reboot through the firmware instead (kexec is the default).
             kexec: !self.vms.dir().join(format!("{}.nokexec", vm.name)).exists(),
-            login: Some(cloudinit::login(&vm)),
+            login: Some(cloudinit::login(vm)),
             wipe,
         };
         let reply = ConfigReply {
             arch: vm.arch,
             rootfs_url: config.rootfs.url.clone(),
-            kernel_url: format!("{images}/{}", ipxe::kernel_file(&vm)),
+            kernel_url: format!("{images}/{}", ipxe::kernel_file(vm)),
             kmods_url: format!("{images}/{kmods}"),
             reboot_on_success: reboot,
             config,
@@ -429,11 +430,11 @@ impl Context {
     }
 
     fn event(&self, r: &Request, raw: &str) -> Response {
-        let (mac, vm) = match self.select_by_mac(raw) {
+        let (mac, set) = match self.select_by_mac(raw) {
             Ok(found) => found,
             Err(reply) => return reply,
         };
-        let Some(vm) = vm else {
+        let Some(vm) = set.by_mac(mac) else {
             return Response::line(404, &format!("no VM is defined for MAC {mac}"));
         };
         let event: Event = match serde_json::from_slice(&r.body) {
@@ -448,7 +449,7 @@ impl Context {
                 "phase reprovision is not reported by machines: an operator resets a VM with POST /vms/<name>/reprovision on the stack's control socket",
             );
         }
-        if let Err(reply) = self.check_bound_address(r, &vm, &format!("event {}", event.phase)) {
+        if let Err(reply) = self.check_bound_address(r, vm, &format!("event {}", event.phase)) {
             return reply;
         }
         let given = match r.channel {
@@ -456,9 +457,9 @@ impl Context {
             Channel::Network => Some(query_param(&r.query, "token").unwrap_or_default()),
         };
         let phase = event.phase;
-        match self.events.post(&vm, event, given.as_deref()) {
-            Ok(record) => Response::json(200, &vm_status(&vm, Some(record))),
-            Err(Refused::Token) => token_refused(&vm, &format!("event {phase}")),
+        match self.events.post(vm, event, given.as_deref()) {
+            Ok(record) => Response::json(200, &vm_status(vm, Some(record))),
+            Err(Refused::Token) => token_refused(vm, &format!("event {phase}")),
             Err(Refused::NotInstalling(state)) => Response::line(
                 409,
                 &format!(

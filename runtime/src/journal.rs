@@ -274,14 +274,19 @@ impl Journal {
             wipe: minted.wipe.as_deref(),
             entry,
         };
-        let mut bytes = serde_json::to_vec(&line).map_err(io::Error::other)?;
-        bytes.push(b'\n');
         {
             let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
             if pending.is_empty() {
                 s.wake.notify_one();
             }
-            pending.extend_from_slice(&bytes);
+            // Serialized in place (a boot storm appends a line per request): no line of its own
+            // to allocate and copy. A failure takes its partial line back out.
+            let start = pending.len();
+            if let Err(e) = serde_json::to_writer(&mut *pending, &line) {
+                pending.truncate(start);
+                return Err(io::Error::other(e));
+            }
+            pending.push(b'\n');
         }
         // Read after the line is pending: a flush counted higher takes it along.
         Ok((seq, Ticket(s.started.load(Ordering::SeqCst))))

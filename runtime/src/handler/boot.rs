@@ -28,11 +28,11 @@ impl Context {
                 "mac query parameter is required, e.g. /ipxe?mac=52:54:00:12:34:56",
             );
         };
-        let (mac, vm) = match self.select_by_mac(&raw) {
+        let (mac, set) = match self.select_by_mac(&raw) {
             Ok(found) => found,
             Err(reply) => return reply,
         };
-        let Some(vm) = vm else {
+        let Some(vm) = set.by_mac(mac) else {
             log!("/ipxe: no VM is defined for MAC {mac}");
             return Response::new(
                 404,
@@ -41,10 +41,10 @@ impl Context {
             );
         };
         if r.method == "GET" {
-            self.bind_boot_address(r, &vm);
+            self.bind_boot_address(r, vm);
         }
         let base = self.base_url(r);
-        let reply = self.boot_script(r, &vm, &base);
+        let reply = self.boot_script(r, vm, &base);
         // iPXE shows only an error number when `chain` gets an error status, and the chain
         // script would then try undionly.kpxe or give up (under OVMF: the EFI shell). A script
         // that prints the reason keeps it on the target's console and asks again, so the target
@@ -59,7 +59,7 @@ impl Context {
                 Response::new(
                     200,
                     "text/plain; charset=utf-8",
-                    ipxe::retry_script(&vm, &base, &why, RETRY_SECONDS).into_bytes(),
+                    ipxe::retry_script(vm, &base, &why, RETRY_SECONDS).into_bytes(),
                 )
             }
             _ => reply,
