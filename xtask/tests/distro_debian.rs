@@ -16,13 +16,20 @@ use pxelab_tests::cmd::require;
 use xtask::distro::{self, lock::DistroLock, modules::list_archive, PullArgs};
 use xtask::store::Store;
 
-/// Small files' contents and every path of a rootfs.tar.zst, read as a stream.
-fn scan(path: &Path) -> (Vec<String>, BTreeMap<String, Vec<u8>>) {
-    let wanted = ["etc/hostname", "etc/resolv.conf", "etc/apt/sources.list"];
+/// Small files' contents, every path and the regular files' paths of a rootfs.tar.zst, read as
+/// a stream.
+fn scan(path: &Path) -> (Vec<String>, BTreeMap<String, Vec<u8>>, Vec<String>) {
+    let wanted = [
+        "etc/hostname",
+        "etc/resolv.conf",
+        "etc/apt/sources.list",
+        "etc/dpkg/dpkg.cfg.d/99mmdebstrap",
+    ];
     let decoder = zstd::stream::read::Decoder::new(fs::File::open(path).unwrap()).unwrap();
     let mut archive = tar::Archive::new(decoder);
     let mut paths = Vec::new();
     let mut contents = BTreeMap::new();
+    let mut files = Vec::new();
     for entry in archive.entries().unwrap() {
         let mut entry = entry.unwrap();
         let p = entry
@@ -39,9 +46,12 @@ fn scan(path: &Path) -> (Vec<String>, BTreeMap<String, Vec<u8>>) {
             entry.read_to_end(&mut buf).unwrap();
             contents.insert(p.clone(), buf);
         }
+        if entry.header().entry_type().is_file() {
+            files.push(p.clone());
+        }
         paths.push(p);
     }
-    (paths, contents)
+    (paths, contents, files)
 }
 
 fn pull(cache: &Path) -> distro::PullReport {
@@ -106,7 +116,7 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
         .iter()
         .any(|n| n.ends_with(".ko.xz") || n.ends_with(".ko.zst")));
 
-    let (paths, contents) = scan(&out.join("rootfs.tar.zst"));
+    let (paths, contents, files) = scan(&out.join("rootfs.tar.zst"));
     for p in [
         "usr/sbin/grub-install",
         "usr/sbin/update-grub",
@@ -119,6 +129,39 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
         !paths.iter().any(|p| p.starts_with("etc/ssh/ssh_host_")),
         "SSH host keys must not ship"
     );
+    // Docs, man and info pages and translations are left out (licences and locale.alias stay),
+    // and dpkg in the target is told to leave them out of later installs too.
+    let left_in: Vec<&String> = files
+        .iter()
+        .filter(|p| {
+            let excluded = ["usr/share/man/", "usr/share/info/", "usr/share/locale/"]
+                .iter()
+                .any(|d| p.starts_with(d));
+            let doc = p.starts_with("usr/share/doc/") && !p.ends_with("/copyright");
+            // install-info's index of no pages is made by a trigger, not unpacked by dpkg.
+            let kept = ["usr/share/locale/locale.alias", "usr/share/info/dir"];
+            (excluded || doc) && !kept.contains(&p.as_str())
+        })
+        .collect();
+    assert!(left_in.is_empty(), "excluded files shipped: {left_in:?}");
+    for p in [
+        "usr/share/doc/openssh-client/copyright",
+        "usr/share/locale/locale.alias",
+        "usr/lib/locale/C.utf8/LC_CTYPE",
+    ] {
+        assert!(paths.iter().any(|x| x == p), "{p} is not in the rootfs");
+    }
+    let excludes = String::from_utf8_lossy(&contents["etc/dpkg/dpkg.cfg.d/99mmdebstrap"]);
+    for line in [
+        "path-exclude=/usr/share/doc/*",
+        "path-include=/usr/share/doc/*/copyright",
+        "path-exclude=/usr/share/man/*",
+    ] {
+        assert!(
+            excludes.lines().any(|l| l == line),
+            "{line} not in {excludes}"
+        );
+    }
     assert_eq!(contents["etc/hostname"], b"localhost\n");
     // Unchecked-hash .pyc (PEP 552 flags = 1): an import does not read the source too.
     let (_, pyc) = contents

@@ -31,7 +31,22 @@ use crate::ui::Ui;
 const UPDATE_INITRAMFS: &str = "/usr/sbin/update-initramfs";
 
 /// Bump when [`build_rootfs`] makes something else from the same pins.
-const ROOTFS_STEP_VERSION: u32 = 5;
+const ROOTFS_STEP_VERSION: u32 = 6;
+
+/// What dpkg leaves out of the rootfs, as minimal cloud images do: docs, man and info pages and
+/// translations, 4,203 of the Debian 12 rootfs's 18,860 entries and 66 of its 487 MiB (144 → 119
+/// MiB of zstd), every one a file the installer would create in the emulated guest. mmdebstrap
+/// applies them to its own extraction too and keeps them in the target's
+/// `/etc/dpkg/dpkg.cfg.d/99mmdebstrap`, so later `apt install`s there leave the same paths out.
+/// Licences stay; C.UTF-8 lives in /usr/lib/locale.
+const PATH_EXCLUDES: [&str; 6] = [
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+];
 
 /// Bump when [`build_kernel`] makes something else from the same kernel package.
 const KERNEL_STEP_VERSION: u32 = 2;
@@ -183,6 +198,7 @@ pub fn build_rootfs(
         .iter()
         .map(|h| format!("--essential-hook={h}"))
         .chain(hooks.iter().map(|h| format!("--customize-hook={h}")))
+        .chain(PATH_EXCLUDES.iter().map(|o| format!("--dpkgopt={o}")))
         .collect();
     let result = xshell::cmd!(
         sh,
