@@ -289,8 +289,7 @@ pub fn boot_stage_ipv6(ip: Ipv6Addr) -> Ipv6Addr {
 pub fn render_dns_hosts(vms: &[VmDefinition], domain: &str, ipv6: bool) -> String {
     let mut out = String::new();
     for vm in vms {
-        let v6 = vm.ipv6.filter(|_| ipv6).map(std::net::IpAddr::from);
-        for ip in vm.ip.map(std::net::IpAddr::from).into_iter().chain(v6) {
+        for ip in vm.addresses().filter(|ip| ipv6 || ip.is_ipv4()) {
             let _ = writeln!(out, "{ip} {}.{domain} {}", vm.name, vm.name);
         }
     }

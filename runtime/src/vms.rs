@@ -139,7 +139,7 @@ impl Files {
                                 .map(|f| format!("MAC {} is already used by {f}", vm.mac))
                         })
                         .or_else(|| {
-                            addresses(vm).find_map(|ip| {
+                            vm.addresses().find_map(|ip| {
                                 ips.get(&ip)
                                     .map(|f| format!("IP {ip} is already used by {f}"))
                             })
@@ -153,7 +153,8 @@ impl Files {
                     }
                     names.insert(vm.name.clone(), file.clone());
                     macs.insert(vm.mac, file.clone());
-                    for ip in addresses(vm) {
+                    // No two VMs may share an address, IPv4 or IPv6.
+                    for ip in vm.addresses() {
                         ips.insert(ip, file.clone());
                     }
                     set.vms.push(vm.clone());
@@ -170,12 +171,6 @@ impl Files {
         }
         set
     }
-}
-
-/// A VM's reserved addresses, IPv4 and IPv6: no two VMs may share one.
-fn addresses(vm: &VmDefinition) -> impl Iterator<Item = std::net::IpAddr> {
-    let v4 = vm.ip.map(std::net::IpAddr::from);
-    v4.into_iter().chain(vm.ipv6.map(std::net::IpAddr::from))
 }
 
 fn is_vm_file(path: &Path) -> bool {
@@ -313,7 +308,10 @@ impl VmStore {
         for other in current.vms.iter().filter(|o| o.name != vm.name) {
             let clash = if other.mac == vm.mac {
                 format!("MAC {}", vm.mac)
-            } else if let Some(ip) = addresses(vm).find(|ip| addresses(other).any(|o| o == *ip)) {
+            } else if let Some(ip) = vm
+                .addresses()
+                .find(|ip| other.addresses().any(|o| o == *ip))
+            {
                 format!("IP {ip}")
             } else {
                 continue;

@@ -114,11 +114,7 @@ impl Event {
     /// since the lab writes them into a `known_hosts` file.
     pub fn clean(&mut self) {
         // Most messages are clean already (every `/ipxe` records one): keep them as they are.
-        let clean = self.message.len() <= MAX_MESSAGE
-            && !self
-                .message
-                .chars()
-                .any(|c| c.is_control() || is_bidi_control(c));
+        let clean = self.message.len() <= MAX_MESSAGE && self.message.chars().all(is_printable);
         if !clean {
             self.message = Event::clean_message(&self.message);
         }
@@ -153,7 +149,7 @@ impl Event {
         for c in message.chars() {
             let c = match c {
                 '\n' | '\r' | '\t' => ' ',
-                c if c.is_control() || is_bidi_control(c) => continue,
+                c if !is_printable(c) => continue,
                 c => c,
             };
             if out.len() + c.len_utf8() > MAX_MESSAGE {
@@ -163,6 +159,11 @@ impl Event {
         }
         out
     }
+}
+
+/// What a message keeps as it is: not a control character, not a reordering one.
+fn is_printable(c: char) -> bool {
+    !c.is_control() && !is_bidi_control(c)
 }
 
 /// Characters that reorder the text around them when printed (Trojan Source style).

@@ -167,6 +167,12 @@ pub enum VmError {
 }
 
 impl VmDefinition {
+    /// The addresses reserved for this machine: its `ip`, then its `ipv6`.
+    pub fn addresses(&self) -> impl Iterator<Item = std::net::IpAddr> {
+        let v4 = self.ip.map(std::net::IpAddr::from);
+        v4.into_iter().chain(self.ipv6.map(std::net::IpAddr::from))
+    }
+
     pub fn from_json(text: &str) -> Result<VmDefinition, VmError> {
         let vm: VmDefinition = serde_json::from_str(text)?;
         vm.validate()?;
