@@ -36,13 +36,21 @@ pxelab_event()
 	port=${hostport#"$host"}
 	port=${port#:}
 	body="{\"phase\":\"$1\",\"message\":\"$2\"}"
-	chroot "${rootmnt}" /usr/bin/timeout 3 /usr/bin/bash -c '
-		exec 3<>"/dev/tcp/$0/$1" || exit 1
-		printf "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s" "$2" "$0" "${#3}" "$3" >&3
-		read -r status <&3
-		case "$status" in *" 200 "*) exit 0 ;; *) exit 1 ;; esac
-	' "$host" "${port:-80}" "$path" "$body" >/dev/null 2>&1 \
-		|| echo "pxelab: could not report '$1' to $url (continuing)"
+	# Up to three tries of up to 10 s each: the first loads bash and its libraries over NFS, which
+	# under TCG on a loaded host can take seconds (a CI run lost this report once, when one
+	# try of 3 s was all it had).
+	for try in 1 2 3; do
+		chroot "${rootmnt}" /usr/bin/timeout 10 /usr/bin/bash -c '
+			exec 3<>"/dev/tcp/$0/$1" || exit 1
+			printf "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s" "$2" "$0" "${#3}" "$3" >&3
+			read -r status <&3
+			case "$status" in *" 200 "*) exit 0 ;; *) echo "$status"; exit 2 ;; esac
+		' "$host" "${port:-80}" "$path" "$body" 2>/dev/null
+		# 2: the stack answered and refused; asking again gets the same answer.
+		case $? in 0) return 0 ;; 2) break ;; esac
+		sleep 1
+	done
+	echo "pxelab: could not report '$1' to ${url%%\?*} (continuing)"
 }
 
 # klibc's ipconfig sends its first DHCP request before the link is up and then waits 2 s or

@@ -381,7 +381,7 @@ fn refuse_busy(mut stream: impl Conn, why: &str) {
 
 /// The blocking path: serves a connection on its own thread until it closes or times out.
 fn serve_connection(
-    mut stream: impl Conn,
+    stream: &mut impl Conn,
     mut pending: Pending,
     peer_ip: IpAddr,
     local: SocketAddr,
@@ -394,7 +394,7 @@ fn serve_connection(
     loop {
         let deadline = Instant::now() + options.request_timeout;
         let request = match read_request(
-            &mut stream,
+            stream,
             &mut pending,
             (deadline, options.head_timeout),
             peer_ip,
@@ -404,8 +404,8 @@ fn serve_connection(
             Ok(r) => r,
             Err(Stop::Quiet) => return,
             Err(Stop::Reply(status, msg)) => {
-                let _ = write_response(&mut stream, Response::line(status, &msg), false, false);
-                linger(&mut stream);
+                let _ = write_response(stream, Response::line(status, &msg), false, false);
+                linger(stream);
                 if options.access_log {
                     log!("{peer_ip} - {status} ({msg})");
                 }
@@ -417,7 +417,7 @@ fn serve_connection(
         let response = handler.handle(&request);
         let status = response.status;
         let is_head = request.method == "HEAD";
-        let result = write_response(&mut stream, response, keep_alive, is_head);
+        let result = write_response(stream, response, keep_alive, is_head);
         if options.access_log {
             log_request(peer_ip, &request, status, started, &result);
         }

@@ -36,11 +36,14 @@ const SHARDS: usize = 16;
 
 /// A connection and what is known about it between requests.
 pub(super) struct Open<C> {
+    // First, so it drops first: the slot is free before the client sees the close. A client
+    // that connects again at once must not find its old slot still taken (and an idle
+    // connection evicted for it).
+    pub guard: LiveGuard,
     pub conn: C,
     pub pending: Pending,
     pub peer: IpAddr,
     pub local: SocketAddr,
-    pub guard: LiveGuard,
 }
 
 /// Token → parked connection and since when.
@@ -288,6 +291,7 @@ impl<C: Conn> Pool<C> {
                     local,
                     guard,
                 } = open;
+                // Declared after `conn`, so it drops before it: the slot is free first.
                 let _guard = guard;
                 let go_on = match first {
                     First::Nothing => true,
@@ -317,7 +321,9 @@ impl<C: Conn> Pool<C> {
                     }
                 };
                 if go_on {
-                    serve_connection(conn, pending, peer, local, channel, &*handler, &options);
+                    serve_connection(
+                        &mut conn, pending, peer, local, channel, &*handler, &options,
+                    );
                 }
             });
         if let Err(e) = spawned {

@@ -301,13 +301,42 @@ fn wait_ssh(lab: &Lab, vm: &VmDefinition, start_ms: u64, deadline: Instant) -> R
         if Instant::now() > deadline {
             let what = if mounted { "SSH" } else { "an nfs-root event" };
             bail!(
-                "{} did not reach {what} in time\n{}",
+                "{} did not reach {what} in time\n{}\n{}",
                 vm.name,
+                boot_story(lab, &vm.name),
                 follow::console_tail(lab, &vm.name)
             );
         }
         std::thread::sleep(Duration::from_secs(2));
     }
+}
+
+/// What the stack recorded for `name` and what the diskless boot script said on the console:
+/// when the nfs-root event is missing, these tell a lost report from a boot that never got there.
+fn boot_story(lab: &Lab, name: &str) -> String {
+    let timeline = match crate::lab::stack::timeline(lab, name) {
+        Ok(entries) => entries
+            .iter()
+            .map(|e| {
+                format!(
+                    "  {:>8} ms  {}: {}",
+                    e.at_ms, e.event.phase, e.event.message
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("  (cannot read it: {e:#})"),
+    };
+    let console = std::fs::read(lab.vm_file(name, VmFile::Console)).unwrap_or_default();
+    let said: Vec<String> = String::from_utf8_lossy(&console)
+        .lines()
+        .filter(|l| l.contains("pxelab:"))
+        .map(|l| format!("  {l}"))
+        .collect();
+    format!(
+        "--- timeline of {name} on the stack ---\n{timeline}\n--- the diskless boot script's console lines ---\n{}",
+        said.join("\n")
+    )
 }
 
 /// Where each VM writes a file that no other VM and no later boot may see (and a second one
