@@ -31,7 +31,7 @@ use crate::ui::Ui;
 const UPDATE_INITRAMFS: &str = "/usr/sbin/update-initramfs";
 
 /// Bump when [`build_rootfs`] makes something else from the same pins.
-const ROOTFS_STEP_VERSION: u32 = 6;
+const ROOTFS_STEP_VERSION: u32 = 7;
 
 /// What dpkg leaves out of the rootfs, as minimal cloud images do: docs, man and info pages and
 /// translations, 4,203 of the Debian 12 rootfs's 18,860 entries and 66 of its 487 MiB (144 → 119
@@ -180,6 +180,14 @@ pub fn build_rootfs(
         // files change only with their packages (whose scripts compile them anew), so the
         // existing .pyc files are rewritten unchecked: an import reads the .pyc alone.
         r#"chroot "$1" python3 -c 'import pathlib, py_compile, sys; tag = "." + sys.implementation.cache_tag + ".pyc"; [py_compile.compile(str(src), cfile=str(pyc), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH) for pyc in sorted(pathlib.Path("/usr/lib").rglob("__pycache__/*" + tag)) for src in [pyc.parent.parent / (pyc.name[: -len(tag)] + ".py")] if src.is_file()]'"#.to_string(),
+        // systemd rebuilds the linker cache, the journal catalog, the hwdb and the system users
+        // at boot while /usr is newer than /etc/.updated or /var/.updated (ConditionNeedsUpdate),
+        // so on every first boot of a system that was never booted: under TCG ldconfig alone
+        // held a diskless Debian 13 boot up for 10 s before sysinit.target. dpkg's triggers did
+        // that work here; the stamps say so, with /usr's time (all clamped to the epoch).
+        format!(
+            r#"for d in etc var; do printf 'TIMESTAMP_NSEC={epoch}000000000\n' > "$1/$d/.updated" && chmod 0644 "$1/$d/.updated" || exit 1; done"#
+        ),
         // Host keys must be made per machine at first boot (cloud-init / ssh-keygen -A), and
         // would make every build differ.
         r#"rm -f "$1"/etc/ssh/ssh_host_*"#.to_string(),

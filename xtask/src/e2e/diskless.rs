@@ -115,6 +115,15 @@ fn checks(
     let before = tree_digest(&export)?;
 
     for vm in defined {
+        super::caches_were_not_rebuilt(
+            lab,
+            &vm.name,
+            &[
+                "ldconfig.service",
+                "systemd-journal-catalog-update.service",
+                "systemd-sysusers.service",
+            ],
+        )?;
         let fstype = ssh_output(lab, vm, "findmnt -n -o FSTYPE /")?;
         ensure!(
             fstype == "overlay",

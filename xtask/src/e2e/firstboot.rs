@@ -120,6 +120,12 @@ pub fn checks(lab: &Lab) -> Result<()> {
             .any(|e| matches!(e.event.phase, Phase::Ipxe | Phase::LocalBoot)),
         "target-1 went through the firmware after its install although it kexec'd: {after:?}"
     );
+    ensure!(
+        skips_the_fs_check(lab)?,
+        "target-1's kexec'd first boot checked the file system the installer had just made"
+    );
+    // Debian 12's systemd has no ldconfig or catalog units; diskless.rs checks Debian 13's.
+    super::caches_were_not_rebuilt(lab, VM, &["systemd-sysusers.service"])?;
     let done = cloud_init_done(VM, after)?;
     eprintln!("e2e: cloud-init on target-1: {}", done.event.message);
     // SSH is not gated on cloud-init: the early sshd was up before cloud-final finished. The
@@ -177,6 +183,13 @@ pub fn checks(lab: &Lab) -> Result<()> {
         "cloud-init did not set the user-data's locale C.UTF-8 in /etc/default/locale"
     );
     Ok(())
+}
+
+/// Whether target-1's running kernel was told to skip the file system check: the installer's
+/// kexec does that for the first boot only (see the installer's kexec.rs).
+fn skips_the_fs_check(lab: &Lab) -> Result<bool> {
+    let cmdline = ssh_output(lab, VM, "cat /proc/cmdline")?;
+    Ok(cmdline.split_whitespace().any(|w| w == "fsck.mode=skip"))
 }
 
 /// The installer's rootfs stream was cut by the stack swap and resumed: its summary
@@ -260,6 +273,10 @@ pub fn update_grub_and_reboot(lab: &Lab) -> Result<()> {
     );
     let hostname = ssh_output(lab, VM, "hostname")?;
     ensure!(hostname == VM, "hostname is {hostname:?} after the reboot");
+    ensure!(
+        !skips_the_fs_check(lab)?,
+        "target-1's boot through GRUB skipped the file system check (only the kexec'd one may)"
+    );
     eprintln!(
         "e2e: update-grub, reboot, SSH again after {:.1} s",
         follow::now_ms().saturating_sub(asked) as f64 / 1000.0
