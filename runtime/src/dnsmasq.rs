@@ -13,7 +13,8 @@
 //! PXE and iPXE, and OVMF tries HTTP boot after an installed VM's iPXE exits to the firmware;
 //! without an answer it waits 60 s before it moves on to the disk (measured here).
 //!
-//! Lease times for the timeline come from dnsmasq's own log ([`parse_ack`]).
+//! Lease times for the timeline come from dnsmasq's own log ([`parse_answer`]): its `DHCPACK`
+//! lines, and in proxy mode (where the stack leases nothing) its `PXE` lines.
 //!
 //! Proxy mode (`--dhcp proxy`, [`DnsmasqSettings::proxy`]): the site's DHCP server leases the
 //! addresses and dnsmasq answers only the PXE part (`dhcp-range=<network>,proxy`), still only to
@@ -317,18 +318,45 @@ pub fn write_hosts(settings: &DnsmasqSettings, vms: &[VmDefinition]) -> std::io:
     Ok(changed)
 }
 
-/// `(mac, ip)` of a `DHCPACK` line of dnsmasq's log, e.g.
-/// `dnsmasq-dhcp[42]: 2785133232 DHCPACK(br-lab) 10.77.0.10 52:54:00:12:34:56 web-1`
-/// (the transaction id is there with `log-dhcp`). This line format has been stable for over a
-/// decade; it is how the stack learns when a VM got its lease, without a script hook.
-pub fn parse_ack(line: &str) -> Option<(Mac, Ipv4Addr)> {
+/// What a line of dnsmasq's DHCP log says a machine was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// `DHCPACK`: the machine holds this address from us.
+    Lease(Mac, Ipv4Addr),
+    /// Proxy mode, a PXE answer to a DHCP broadcast: the boot file, no address.
+    ProxyOffer(Mac),
+    /// Proxy mode, an answer on the PXE port 4011 to a machine that holds `Ipv4Addr` from the
+    /// site's server: boot file `String`.
+    ProxyBoot(Mac, Ipv4Addr, String),
+}
+
+/// The answer a line of dnsmasq's log records, e.g.
+/// `dnsmasq-dhcp[42]: 2785133232 DHCPACK(br-lab) 10.77.0.10 52:54:00:12:34:56 web-1`,
+/// `dnsmasq-dhcp[42]: 2785133232 PXE(br-lab) 52:54:00:12:34:56 proxy` or
+/// `dnsmasq-dhcp[42]: 2785133233 PXE(br-lab) 10.231.0.120 52:54:00:12:34:56 ipxe.efi`
+/// (the transaction id is there with `log-dhcp`). These formats have been stable for over a
+/// decade; they are how the stack learns when a VM was answered, without a script hook.
+/// Ignored clients (`proxy-ignored`) and every other line give `None`.
+pub fn parse_answer(line: &str) -> Option<Answer> {
     let mut words = line
         .split_whitespace()
-        .skip_while(|w| !w.starts_with("DHCPACK("));
-    words.next()?;
-    let ip = words.next()?.parse().ok()?;
-    let mac = words.next()?.parse().ok()?;
-    Some((mac, ip))
+        .skip_while(|w| !w.starts_with("DHCPACK(") && !w.starts_with("PXE("));
+    let kind = words.next()?;
+    let rest: Vec<&str> = words.collect();
+    if kind.starts_with("DHCPACK(") {
+        let ip = rest.first()?.parse().ok()?;
+        let mac = rest.get(1)?.parse().ok()?;
+        return Some(Answer::Lease(mac, ip));
+    }
+    match rest.as_slice() {
+        [mac, "proxy"] => Some(Answer::ProxyOffer(mac.parse().ok()?)),
+        [ip, mac, file] => Some(Answer::ProxyBoot(
+            mac.parse().ok()?,
+            ip.parse().ok()?,
+            file.to_string(),
+        )),
+        _ => None,
+    }
 }
 
 /// The unexpired `(mac, ip)` leases of dnsmasq's lease file (`<expiry> <mac> <ip> <name>
@@ -551,24 +579,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ack_lines() {
-        let with_id =
-            "dnsmasq-dhcp[42]: 2785133232 DHCPACK(br-lab) 10.77.0.10 52:54:00:12:34:56 web-1";
-        let plain =
-            "Nov 22 00:01:02 dnsmasq-dhcp[42]: DHCPACK(br-lab) 10.77.0.10 52:54:00:12:34:56";
-        for line in [with_id, plain] {
-            let (mac, ip) = parse_ack(line).unwrap();
-            assert_eq!(
-                (mac.to_string(), ip.to_string()),
-                ("52:54:00:12:34:56".into(), "10.77.0.10".into())
-            );
+    fn answer_lines() {
+        let mac: Mac = "52:54:00:12:34:56".parse().unwrap();
+        let lease = Answer::Lease(mac, "10.77.0.10".parse().unwrap());
+        for (line, answer) in [
+            (
+                "dnsmasq-dhcp[42]: 2785133232 DHCPACK(br-lab) 10.77.0.10 52:54:00:12:34:56 web-1",
+                lease.clone(),
+            ),
+            (
+                "Nov 22 00:01:02 dnsmasq-dhcp[42]: DHCPACK(br-lab) 10.77.0.10 52:54:00:12:34:56",
+                lease,
+            ),
+            (
+                "dnsmasq-dhcp[42]: 2785133232 PXE(br-lab) 52:54:00:12:34:56 proxy",
+                Answer::ProxyOffer(mac),
+            ),
+            (
+                "dnsmasq-dhcp[42]: 2785133233 PXE(br-lab) 10.231.0.120 52:54:00:12:34:56 ipxe.efi",
+                Answer::ProxyBoot(mac, "10.231.0.120".parse().unwrap(), "ipxe.efi".into()),
+            ),
+        ] {
+            assert_eq!(parse_answer(line), Some(answer), "{line}");
         }
         for line in [
             "dnsmasq-dhcp[42]: 2785133232 DHCPOFFER(br-lab) 10.77.0.10 52:54:00:12:34:56",
             "dnsmasq-dhcp[42]: DHCPACK(br-lab) not-an-ip 52:54:00:12:34:56",
             "dnsmasq-dhcp[42]: DHCPACK(br-lab) 10.77.0.10",
+            "dnsmasq-dhcp[42]: 2785133232 PXE(br-lab) 52:54:00:aa:bb:99 proxy-ignored",
+            "dnsmasq-dhcp[42]: 2785133232 PXE(br-lab) 52:54:00:12:34:56",
+            "dnsmasq-dhcp[42]: 2785133232 tags: known, ipxe, br-lab",
         ] {
-            assert_eq!(parse_ack(line), None, "{line}");
+            assert_eq!(parse_answer(line), None, "{line}");
         }
     }
 

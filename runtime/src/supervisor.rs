@@ -407,29 +407,44 @@ impl DnsmasqRun {
         }
     }
 
-    /// A `dhcp` event for every lease dnsmasq acknowledged since the last call; `leases` keeps
-    /// the address.
+    /// A `dhcp` event for every lease dnsmasq acknowledged since the last call (`leases` keeps
+    /// the address), and in proxy mode for every PXE answer it gave a defined machine.
     fn record_leases(&mut self, vms: &VmStore, events: &EventStore, leases: &Leases) {
-        let acks: Vec<_> = self
+        let answers: Vec<_> = self
             .log
             .new_lines()
             .iter()
-            .filter_map(|l| dnsmasq::parse_ack(l))
+            .filter_map(|l| dnsmasq::parse_answer(l))
             .collect();
-        if acks.is_empty() {
+        if answers.is_empty() {
             return;
         }
         let set = vms.current();
-        for (mac, ip) in acks {
-            leases.set(mac, ip);
+        for answer in answers {
+            let (mac, message) = match answer {
+                dnsmasq::Answer::Lease(mac, ip) => {
+                    leases.set(mac, ip);
+                    (mac, format!("lease {ip}"))
+                }
+                // In full mode a PXE line can only repeat what the lease line said.
+                _ if !self.settings.proxy => continue,
+                dnsmasq::Answer::ProxyOffer(mac) => (
+                    mac,
+                    "proxyDHCP: boot file offered (the address comes from the site's DHCP server)"
+                        .to_string(),
+                ),
+                dnsmasq::Answer::ProxyBoot(mac, ip, file) => {
+                    (mac, format!("proxyDHCP: boot file {file} for {ip}"))
+                }
+            };
             if let Some(vm) = set.by_mac(mac) {
                 let event = Event {
                     phase: Phase::Dhcp,
-                    message: format!("lease {ip}"),
+                    message,
                     ..Event::default()
                 };
                 if let Err(e) = events.note(vm, event) {
-                    log!("cannot record the DHCP lease of {}: {e}", vm.name);
+                    log!("cannot record the DHCP answer to {}: {e}", vm.name);
                 }
             }
         }

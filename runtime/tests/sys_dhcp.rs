@@ -728,6 +728,23 @@ fn sys_proxy_dhcp_beside_a_site_server() {
             );
         }
     }
+    // The stack leased nothing, yet the machine's timeline shows its PXE answers: the proxy
+    // offers, and the answer on 4011 (the BIOS menu item) to the address the site gave it.
+    let socket = data.join("state").join(pxelab_contract::CONTROL_SOCKET);
+    let timeline = || common::control(&socket, "GET", "/vms/t1/timeline").text();
+    let t = Instant::now();
+    let expected = [
+        "proxyDHCP: boot file offered".to_string(),
+        format!("proxyDHCP: boot file undionly.kpxe for {leased}"),
+    ];
+    while !expected.iter().all(|m| timeline().contains(m.as_str())) {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "no proxyDHCP events {expected:?}: {}",
+            timeline()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // A client that is not PXE (the installer's udhcpc, the installed system) hears only the
     // site's server: an address from its pool, no boot file.
     let lease = lab.dhcp(data, &[]).expect("no lease from the site server");
