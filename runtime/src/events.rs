@@ -331,12 +331,13 @@ impl EventStore {
 
 fn compact(journal: &Journal, slots: &HashMap<String, Arc<Slot>>) -> std::io::Result<()> {
     let segment = journal.rotate()?;
-    let mut records: Vec<MachineRecord> = slots
-        .values()
-        .filter_map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
-        .collect();
-    records.sort_by(|a, b| a.vm.cmp(&b.vm));
-    journal.write_snapshot(&records)?;
+    // Slots are keyed by their record's VM name: sorted as the records would be.
+    let mut names: Vec<&String> = slots.keys().collect();
+    names.sort();
+    let locked = names
+        .into_iter()
+        .map(|name| slots[name].lock().unwrap_or_else(|p| p.into_inner()));
+    journal.write_snapshot(locked, |guard| guard.as_ref())?;
     journal.remove_segments_before(segment)
 }
 

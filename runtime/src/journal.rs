@@ -244,7 +244,7 @@ impl Journal {
             stop: AtomicBool::new(false),
         });
         let journal = Journal { shared };
-        journal.write_snapshot(machines.values())?;
+        journal.write_snapshot(machines.values(), |r| Some(*r))?;
         journal.remove_segments_before(number)?;
         remove_legacy(dir);
         let weak = Arc::downgrade(&journal.shared);
@@ -337,20 +337,37 @@ impl Journal {
         Ok(number)
     }
 
-    /// Writes the snapshot durably (a record's `seq` says which events it already holds).
-    pub fn write_snapshot<'a>(
+    /// Writes the snapshot durably (a record's `seq` says which events it already holds), one
+    /// line per item `record` finds a record in. Streamed: each record is serialized while its
+    /// item (a machine's lock) is held and written after that item is dropped, so neither a
+    /// copy of every record nor the whole file is ever in memory (at 10,000 machines both cost
+    /// a quarter of a boot storm's CPU), and no machine waits on the file.
+    pub fn write_snapshot<G>(
         &self,
-        records: impl IntoIterator<Item = &'a MachineRecord>,
+        items: impl IntoIterator<Item = G>,
+        record: impl Fn(&G) -> Option<&MachineRecord>,
     ) -> io::Result<()> {
-        let mut out = Vec::new();
-        for r in records {
-            serde_json::to_writer(&mut out, r).map_err(io::Error::other)?;
-            out.push(b'\n');
-        }
-        crate::write_atomic(&self.shared.dir.join(SNAPSHOT), &out, true)?;
-        self.shared
-            .snapshot_size
-            .store(out.len() as u64, Ordering::SeqCst);
+        const CHUNK: usize = 1 << 20;
+        let path = self.shared.dir.join(SNAPSHOT);
+        let size = crate::write_atomic_with(&path, true, |file| {
+            let mut buf = Vec::with_capacity(CHUNK + (CHUNK >> 2));
+            let mut size = 0;
+            for item in items {
+                if let Some(r) = record(&item) {
+                    serde_json::to_writer(&mut buf, r).map_err(io::Error::other)?;
+                    buf.push(b'\n');
+                }
+                drop(item);
+                if buf.len() >= CHUNK {
+                    file.write_all(&buf)?;
+                    size += buf.len() as u64;
+                    buf.clear();
+                }
+            }
+            file.write_all(&buf)?;
+            Ok(size + buf.len() as u64)
+        })?;
+        self.shared.snapshot_size.store(size, Ordering::SeqCst);
         Ok(())
     }
 

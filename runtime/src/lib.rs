@@ -56,6 +56,16 @@ macro_rules! log {
 /// holds the rename) after it.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     use std::io::Write;
+    write_atomic_with(path, durable, |f| f.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `fill` writes into the temp file: for a file too large to build in
+/// memory first (the journal's snapshot).
+pub fn write_atomic_with<T>(
+    path: &std::path::Path,
+    durable: bool,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<T>,
+) -> std::io::Result<T> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => std::path::Path::new("."),
@@ -64,22 +74,23 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8], durable: bool) -> std:
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.tmp{}-{seq}", std::process::id()));
-    let result = (|| {
+    let result = (|| -> std::io::Result<T> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let value = fill(&mut f)?;
         if durable {
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        Ok(value)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result?;
+    let value = result?;
     if durable {
         sync_dir(dir)?;
     }
-    Ok(())
+    Ok(value)
 }
 
 /// fsync of a directory: makes the creations, renames and removals in it durable.

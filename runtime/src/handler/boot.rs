@@ -276,22 +276,22 @@ impl Context {
     /// The files an install boot fetches must exist, or the target would stop in iPXE's shell
     /// with only an HTTP error code to go on.
     pub(super) fn check_install_files(&self, vm: &VmDefinition) -> Option<Response> {
-        let dir = self
-            .catalog
-            .images_dir()
-            .join(&vm.distro)
-            .join(vm.arch.as_str());
+        let (images, arch) = (self.catalog.images_dir(), vm.arch.as_str());
         for file in [ipxe::kernel_file(vm), ipxe::MODULES_ARCHIVE] {
-            if self.catalog.file_size(&dir.join(file)).is_none() {
+            if self
+                .catalog
+                .file_size_at(images, &[&vm.distro, arch, file])
+                .is_none()
+            {
                 return Some(not_pulled(vm, file));
             }
         }
-        let initrd = self
+        let initrds = self.catalog.initrds_dir();
+        if self
             .catalog
-            .initrds_dir()
-            .join(vm.arch.as_str())
-            .join(ipxe::INSTALLER_INITRD);
-        if self.catalog.file_size(&initrd).is_none() {
+            .file_size_at(initrds, &[arch, ipxe::INSTALLER_INITRD])
+            .is_none()
+        {
             return Some(Response::line(
                 503,
                 &format!(

@@ -1,23 +1,25 @@
-//! Connections between requests wait in one epoll set, and a few worker threads (one per core)
-//! serve whichever have bytes: under load one wake-up serves several connections, where a thread
-//! per connection costs two thread switches per request (measured: a quarter of the CPU time of
-//! a boot storm).
+//! Connections between requests wait in epoll sets, one per worker thread (one worker per
+//! core), and each worker serves whichever of its connections have bytes: under load one wake-up
+//! serves several connections, where a thread per connection costs two thread switches per
+//! request (measured: a quarter of the CPU time of a boot storm). A connection belongs to one
+//! worker for its life, as in nginx: its socket stays in that worker's set, level-triggered, so
+//! serving a request costs no re-arming syscall and no hand-over between threads.
 //!
 //! The workers only take the fast path: a request complete in what one read returned, answered
 //! by an in-memory reply the socket takes at once. Anything else — a partial or slow request,
 //! `Expect: 100-continue`, a file, a client that does not read its replies, an error reply —
 //! moves the connection to a thread of its own running [`super::serve_connection`], the bounded
-//! blocking path with its deadlines. Parked connections idle longer than the request timeout are
-//! closed by [`Pool::sweep`].
+//! blocking path with its deadlines. Idle connections (between requests, or not yet sent
+//! anything) idle longer than the request timeout are closed by [`Pool::sweep`], and the accept
+//! thread closes the one idle longest when it needs a slot ([`Pool::evict_idle`]).
 
 use std::{
-    collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard,
     },
     thread,
     time::Instant,
@@ -31,9 +33,6 @@ use super::{
 };
 use crate::log;
 
-/// Parked connections are spread over this many maps so that workers rarely share a lock.
-const SHARDS: usize = 16;
-
 /// A connection and what is known about it between requests.
 pub(super) struct Open<C> {
     // First, so it drops first: the slot is free before the client sees the close. A client
@@ -46,13 +45,53 @@ pub(super) struct Open<C> {
     pub local: SocketAddr,
 }
 
-/// Token → parked connection and since when.
-type Shard<C> = Mutex<HashMap<u64, (Open<C>, Instant)>>;
+/// A place in a worker's table; its index is the connection's epoll token.
+enum Place<C> {
+    Free,
+    /// Waiting for bytes, since then.
+    Idle(Open<C>, Instant),
+    /// Being served by the worker (not idle: never evicted or swept).
+    Busy,
+}
+
+/// A worker's connections by token, with the free places to reuse.
+struct Table<C> {
+    places: Vec<Place<C>>,
+    free: Vec<usize>,
+}
+
+impl<C> Table<C> {
+    fn release(&mut self, token: usize) -> Option<Open<C>> {
+        match std::mem::replace(&mut self.places[token], Place::Free) {
+            Place::Free => None,
+            Place::Idle(open, _) => {
+                self.free.push(token);
+                Some(open)
+            }
+            Place::Busy => {
+                self.free.push(token);
+                None
+            }
+        }
+    }
+}
+
+/// One worker's epoll set and the connections in it.
+struct Worker<C> {
+    epoll: OwnedFd,
+    table: Mutex<Table<C>>,
+}
+
+impl<C> Worker<C> {
+    fn table(&self) -> MutexGuard<'_, Table<C>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 pub(super) struct Pool<C: Conn> {
-    epoll: OwnedFd,
-    parked: Vec<Shard<C>>,
-    next: AtomicU64,
+    workers: Vec<Worker<C>>,
+    /// Which worker gets the next new connection.
+    next: AtomicUsize,
     handler: Arc<dyn Handler>,
     options: ServerOptions,
     channel: Channel,
@@ -82,142 +121,193 @@ impl<C: Conn> Pool<C> {
         channel: Channel,
         stop: Arc<AtomicBool>,
     ) -> io::Result<Arc<Pool<C>>> {
-        // SAFETY: epoll_create1 has no preconditions; the result is checked.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+        let count = thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        let mut workers = Vec::with_capacity(count);
+        for _ in 0..count {
+            // SAFETY: epoll_create1 has no preconditions; the result is checked.
+            let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            workers.push(Worker {
+                // SAFETY: a new descriptor nothing else owns.
+                epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+                table: Mutex::new(Table {
+                    places: Vec::new(),
+                    free: Vec::new(),
+                }),
+            });
         }
         let pool = Arc::new(Pool {
-            // SAFETY: a new descriptor nothing else owns.
-            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
-            parked: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            next: AtomicU64::new(0),
+            workers,
+            next: AtomicUsize::new(0),
             handler,
             options,
             channel,
             stop,
         });
-        let workers = thread::available_parallelism().map_or(2, |n| n.get().max(2));
-        for _ in 0..workers {
+        for w in 0..count {
             let p = pool.clone();
             thread::Builder::new()
                 .name("worker".into())
-                .spawn(move || p.work())?;
+                .spawn(move || p.work(w))?;
         }
         Ok(pool)
     }
 
-    /// A new connection: parked until it sends something.
+    /// A new connection: idle in a worker's set until it sends something.
     pub fn add(&self, open: Open<C>) {
         let _ = open.conn.set_nonblocking(false);
         let _ = open
             .conn
             .set_write_timeout(Some(self.options.write_timeout));
-        let token = self.next.fetch_add(1, Ordering::Relaxed);
-        self.park(token, open, libc::EPOLL_CTL_ADD);
-    }
-
-    fn shard(&self, token: u64) -> &Shard<C> {
-        &self.parked[token as usize % SHARDS]
-    }
-
-    fn park(&self, token: u64, open: Open<C>, op: libc::c_int) {
+        let worker = &self.workers[self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()];
         let fd = open.conn.as_raw_fd();
-        // In the map before the event is armed: the worker that gets it finds the connection.
-        self.shard(token)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(token, (open, Instant::now()));
+        let token = {
+            let mut table = worker.table();
+            // In the table before it is watched: the worker that sees its event finds it.
+            let place = Place::Idle(open, Instant::now());
+            match table.free.pop() {
+                Some(token) => {
+                    table.places[token] = place;
+                    token
+                }
+                None => {
+                    table.places.push(place);
+                    table.places.len() - 1
+                }
+            }
+        };
         let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
-            u64: token,
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: token as u64,
         };
         // SAFETY: valid epoll and socket descriptors and event pointer.
-        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) } != 0 {
+        let added =
+            unsafe { libc::epoll_ctl(worker.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        if added != 0 {
             log!("cannot watch a connection: {}", io::Error::last_os_error());
-            self.take(token);
+            let closed = worker.table().release(token);
+            drop(closed);
         }
     }
 
-    fn take(&self, token: u64) -> Option<Open<C>> {
-        let mut shard = self.shard(token).lock().unwrap_or_else(|p| p.into_inner());
-        shard.remove(&token).map(|(open, _)| open)
-    }
-
-    /// Closes the connection parked longest (from `peer` only, when given); false when none is
-    /// parked. Parked connections are idle: between requests, or not yet sent anything.
+    /// Closes the connection idle longest (from `peer` only, when given); false when none is
+    /// idle. Idle connections are between requests, or have not sent anything yet.
     pub fn evict_idle(&self, peer: Option<IpAddr>) -> bool {
-        let mut oldest: Option<(Instant, u64)> = None;
-        for shard in &self.parked {
-            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            for (token, (open, since)) in shard.iter() {
-                let eligible = peer.is_none_or(|p| open.guard.peer() == p);
-                if eligible && oldest.is_none_or(|(t, _)| *since < t) {
-                    oldest = Some((*since, *token));
+        let mut oldest: Option<(Instant, usize, usize)> = None;
+        for (w, worker) in self.workers.iter().enumerate() {
+            for (token, place) in worker.table().places.iter().enumerate() {
+                if let Place::Idle(open, since) = place {
+                    let eligible = peer.is_none_or(|p| open.guard.peer() == p);
+                    if eligible && oldest.is_none_or(|(t, _, _)| *since < t) {
+                        oldest = Some((*since, w, token));
+                    }
                 }
             }
         }
-        // Dropped here: the socket closes and its slot is free when this returns.
-        oldest.and_then(|(_, token)| self.take(token)).is_some()
+        let Some((since, w, token)) = oldest else {
+            return false;
+        };
+        let mut table = self.workers[w].table();
+        // Still the same idle connection: it was not served (nor replaced) in between.
+        if !matches!(&table.places[token], Place::Idle(_, s) if *s == since) {
+            return false;
+        }
+        // Dropped here: the socket closes (leaving the epoll set) and its slot is free when
+        // this returns.
+        table.release(token).is_some()
     }
 
     /// Closes connections that idled longer than the request timeout.
     pub fn sweep(&self) {
-        for shard in &self.parked {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|_, (_, since)| since.elapsed() < self.options.request_timeout);
+        for worker in &self.workers {
+            let mut table = worker.table();
+            for token in 0..table.places.len() {
+                if matches!(&table.places[token], Place::Idle(_, since)
+                    if since.elapsed() >= self.options.request_timeout)
+                {
+                    table.release(token);
+                }
+            }
         }
     }
 
-    fn work(self: Arc<Self>) {
+    fn work(self: Arc<Self>, w: usize) {
+        let worker = &self.workers[w];
         // SAFETY: epoll_event is plain data; zeroed is a valid value.
-        let mut events = [unsafe { std::mem::zeroed::<libc::epoll_event>() }; 8];
+        let mut events = [unsafe { std::mem::zeroed::<libc::epoll_event>() }; 32];
+        // The head of every reply, reused.
+        let mut head = Vec::with_capacity(512);
         while !self.stop.load(Ordering::SeqCst) {
             // SAFETY: the buffer holds `events.len()` entries.
             let n = unsafe {
                 libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
+                    worker.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
                     200,
                 )
             };
             for ev in events.iter().take(n.max(0) as usize) {
-                let token = ev.u64;
-                if let Some(open) = self.take(token) {
-                    // A handler that panics loses its connection, never a worker (as a thread
-                    // per connection lost only itself).
-                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        self.serve(token, open)
-                    }));
-                    if served.is_err() {
-                        log!("a request handler panicked; its connection was closed");
+                let token = ev.u64 as usize;
+                let open = {
+                    let mut table = worker.table();
+                    let Some(place) = table.places.get_mut(token) else {
+                        continue;
+                    };
+                    // An event of a connection evicted since is skipped; one for a newer
+                    // connection in its place costs a read that finds nothing.
+                    match std::mem::replace(place, Place::Busy) {
+                        Place::Idle(open, _) => open,
+                        other => {
+                            *place = other;
+                            continue;
+                        }
+                    }
+                };
+                // A handler that panics loses its connection, never a worker (as a thread
+                // per connection lost only itself).
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.serve(worker, open, &mut head)
+                }));
+                let kept = served.unwrap_or_else(|_| {
+                    log!("a request handler panicked; its connection was closed");
+                    None
+                });
+                let mut table = worker.table();
+                match kept {
+                    Some(open) => table.places[token] = Place::Idle(open, Instant::now()),
+                    None => {
+                        table.release(token);
                     }
                 }
             }
         }
-        // Workers leaving at shutdown close the connections still parked.
-        for shard in &self.parked {
-            shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        // Workers leaving at shutdown close the connections still idle.
+        let mut table = worker.table();
+        for token in 0..table.places.len() {
+            table.release(token);
         }
     }
 
     /// The fast path: requests that are complete in the buffer, replies the socket takes whole.
-    /// One read per turn: a connection whose client sends again at once goes back to the set
-    /// rather than keep this worker from the others.
-    fn serve(&self, token: u64, mut open: Open<C>) {
+    /// One read per turn: a connection whose client sends again at once waits for the next
+    /// turn rather than keep this worker from the others. Gives the connection back when it
+    /// stays with this worker.
+    fn serve(&self, worker: &Worker<C>, mut open: Open<C>, head: &mut Vec<u8>) -> Option<Open<C>> {
         match recv_now(&open.conn, &mut open.pending.buf) {
-            Ok(0) => return,
+            Ok(0) => return None,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+            Err(_) => return None,
         }
         loop {
             if open.pending.buf.is_empty() {
-                return self.park(token, open, libc::EPOLL_CTL_MOD);
+                return Some(open);
             }
             if !complete(&open.pending.buf) {
-                return self.hand_off(open, First::Nothing);
+                return self.hand_off(worker, open, First::Nothing);
             }
             let deadline = Instant::now() + self.options.request_timeout;
             let (peer, local) = (open.peer, open.local);
@@ -230,9 +320,9 @@ impl<C: Conn> Pool<C> {
                 self.channel,
             ) {
                 Ok(r) => r,
-                Err(Stop::Quiet) => return,
+                Err(Stop::Quiet) => return None,
                 Err(Stop::Reply(status, msg)) => {
-                    return self.hand_off(open, First::Refuse(status, msg))
+                    return self.hand_off(worker, open, First::Refuse(status, msg))
                 }
             };
             let keep_alive = wants_keep_alive(&request);
@@ -240,8 +330,8 @@ impl<C: Conn> Pool<C> {
             let response = self.handler.handle(&request);
             let status = response.status;
             let is_head = request.method == "HEAD";
-            let bytes = match encode(response, keep_alive, is_head) {
-                Ok(bytes) => bytes,
+            let body = match encode(response, keep_alive, is_head, head) {
+                Ok(body) => body,
                 Err(file) => {
                     let log = self
                         .options
@@ -253,10 +343,10 @@ impl<C: Conn> Pool<C> {
                         head_only: is_head,
                         log,
                     };
-                    return self.hand_off(open, first);
+                    return self.hand_off(worker, open, first);
                 }
             };
-            let sent = send_now(&open.conn, &bytes);
+            let sent = send_now(&open.conn, head, &body);
             if self.options.access_log {
                 let result = sent
                     .as_ref()
@@ -264,19 +354,40 @@ impl<C: Conn> Pool<C> {
                     .map_err(|e| io::Error::new(e.kind(), e.to_string()));
                 log_request(peer, &request, status, started, &result);
             }
+            let total = head.len() + body.len();
             match sent {
-                Ok(n) if n == bytes.len() => {}
-                Ok(n) => return self.hand_off(open, First::Rest(bytes[n..].to_vec(), keep_alive)),
-                Err(_) => return,
+                Ok(n) if n == total => {}
+                Ok(n) => {
+                    let mut rest = Vec::with_capacity(total - n);
+                    if n < head.len() {
+                        rest.extend_from_slice(&head[n..]);
+                        rest.extend_from_slice(&body);
+                    } else {
+                        rest.extend_from_slice(&body[n - head.len()..]);
+                    }
+                    return self.hand_off(worker, open, First::Rest(rest, keep_alive));
+                }
+                Err(_) => return None,
             }
             if !keep_alive {
-                return;
+                return None;
             }
         }
     }
 
     /// Moves a connection to a thread of its own (the blocking path).
-    fn hand_off(&self, open: Open<C>, first: First) {
+    fn hand_off(&self, worker: &Worker<C>, open: Open<C>, first: First) -> Option<Open<C>> {
+        // Out of the worker's set first: its thread alone reads it from now on.
+        let fd = open.conn.as_raw_fd();
+        // SAFETY: valid epoll and socket descriptors; DEL ignores the event pointer.
+        unsafe {
+            libc::epoll_ctl(
+                worker.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
         let (handler, options, channel) =
             (self.handler.clone(), self.options.clone(), self.channel);
         let peer = open.peer;
@@ -330,6 +441,7 @@ impl<C: Conn> Pool<C> {
             // The closure (and its connection) was dropped: the client sees a reset.
             log!("cannot start a connection thread for {peer}: {e}");
         }
+        None
     }
 }
 
@@ -357,15 +469,29 @@ fn recv_now(conn: &impl Conn, buf: &mut Vec<u8>) -> io::Result<usize> {
     }
 }
 
-/// One send that does not wait; returns how much the socket took.
-fn send_now(conn: &impl Conn, bytes: &[u8]) -> io::Result<usize> {
+/// One send of `head` then `body` that does not wait; returns how much the socket took.
+fn send_now(conn: &impl Conn, head: &[u8], body: &[u8]) -> io::Result<usize> {
+    let mut iov = [
+        libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: body.as_ptr() as *mut libc::c_void,
+            iov_len: body.len(),
+        },
+    ];
+    // SAFETY: msghdr is plain data; zeroed is a valid value (no address, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
     loop {
-        // SAFETY: sends from a buffer we own, at most its length.
+        // SAFETY: the iovecs point into buffers we own, at most their lengths; sendmsg only
+        // reads them.
         let n = unsafe {
-            libc::send(
+            libc::sendmsg(
                 conn.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
+                &msg,
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };

@@ -1,7 +1,11 @@
 //! A complete reply and how it goes on the wire: the head and an in-memory body in one write,
 //! or a file range with zero-copy `sendfile(2)`.
 
-use std::{fmt::Write as _, fs::File, io, time::Duration};
+use std::{
+    fs::File,
+    io::{self, Write as _},
+    time::Duration,
+};
 
 use super::Conn;
 
@@ -81,49 +85,42 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// The head of `response` on the wire.
-fn head(response: &Response, keep_alive: bool) -> Vec<u8> {
-    // Room for an in-memory body too: `encode` appends it without growing the buffer.
-    let body = match &response.body {
-        Body::Bytes(b) => b.len(),
-        Body::File { .. } => 0,
-    };
-    let mut head = String::with_capacity(256 + body);
+/// Writes the head of `response` on the wire into `out`.
+fn write_head(response: &Response, keep_alive: bool, out: &mut Vec<u8>) {
+    let status = response.status;
     let _ = write!(
-        head,
-        "HTTP/1.1 {} {}\r\nServer: pxelab\r\n",
-        response.status,
-        reason(response.status)
+        out,
+        "HTTP/1.1 {status} {}\r\nServer: pxelab\r\n",
+        reason(status)
     );
     for (name, value) in &response.headers {
-        head.push_str(name);
-        head.push_str(": ");
-        head.push_str(value);
-        head.push_str("\r\n");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
-    let _ = write!(head, "Content-Length: {}\r\n", response.body_len());
-    head.push_str(if keep_alive {
-        "Connection: keep-alive\r\n\r\n"
+    let _ = write!(out, "Content-Length: {}\r\n", response.body_len());
+    out.extend_from_slice(if keep_alive {
+        b"Connection: keep-alive\r\n\r\n"
     } else {
-        "Connection: close\r\n\r\n"
+        b"Connection: close\r\n\r\n"
     });
-    head.into_bytes()
 }
 
-/// A reply with an in-memory body as the bytes to send; a file reply is given back.
+/// A reply with an in-memory body: its head is written into `head` (cleared first, so a worker
+/// reuses one buffer for every reply) and its body returned, to go out together in one
+/// `sendmsg` without being copied behind the head; a file reply is given back.
 pub(super) fn encode(
     response: Response,
     keep_alive: bool,
     head_only: bool,
+    head: &mut Vec<u8>,
 ) -> Result<Vec<u8>, Response> {
-    let mut out = head(&response, keep_alive);
+    head.clear();
+    write_head(&response, keep_alive, head);
     match response.body {
-        Body::Bytes(bytes) => {
-            if !head_only {
-                out.extend_from_slice(&bytes);
-            }
-            Ok(out)
-        }
+        Body::Bytes(_) if head_only => Ok(Vec::new()),
+        Body::Bytes(bytes) => Ok(bytes),
         Body::File { .. } => Err(response),
     }
 }
@@ -134,10 +131,14 @@ pub(super) fn write_response(
     keep_alive: bool,
     head_only: bool,
 ) -> io::Result<()> {
-    match encode(response, keep_alive, head_only) {
-        Ok(bytes) => stream.write_all(&bytes)?,
+    let mut head = Vec::with_capacity(256);
+    match encode(response, keep_alive, head_only, &mut head) {
+        Ok(body) => {
+            head.extend_from_slice(&body);
+            stream.write_all(&head)?
+        }
         Err(response) => {
-            stream.write_all(&head(&response, keep_alive))?;
+            stream.write_all(&head)?;
             if let (false, Body::File { file, start, len }) = (head_only, response.body) {
                 let timeout = stream.write_timeout()?.unwrap_or(Duration::from_secs(30));
                 stream.set_nonblocking(true)?;
