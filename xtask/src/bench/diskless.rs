@@ -117,17 +117,20 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
 
     let from_def = "s from the VM's definition";
     let logged: Vec<String> = s.unpack_logged.iter().map(|v| format!("{v:.1}")).collect();
-    let rows = [
-        Row::new(
-            "first use: rootfs unpacked into the NFS export",
-            from_def,
-            Better::Lower,
-            s.unpacked,
-        )
-        .note(format!(
+    let mut unpacked = Row::new(
+        "first use: rootfs unpacked into the NFS export",
+        from_def,
+        Better::Lower,
+        s.unpacked,
+    );
+    if !logged.is_empty() {
+        unpacked = unpacked.note(format!(
             "the stack's log: the unpack itself took {} s",
             logged.join(", ")
-        )),
+        ));
+    }
+    let rows = [
+        unpacked,
         Row::new(
             "first use: export served by nfs-ganesha",
             from_def,
@@ -192,7 +195,9 @@ fn one_run(up: &UpArgs, accel: qemu::Accel, s: &mut Samples) -> Result<()> {
     let waited = follow::wait_all(&lab, std::slice::from_ref(&first), &started, BOOT_LIMIT);
     // What the timeline shows counts also when the wait failed.
     let mut reached = follow::Row::default();
-    reached.absorb(started[&first.name], &stack::timeline(&lab, &first.name)?);
+    if let Ok(timeline) = stack::timeline(&lab, &first.name) {
+        reached.absorb(started[&first.name], &timeline);
+    }
     for ((_, field), v) in MILESTONES.iter().zip(&mut s.milestones) {
         v.extend(field(&reached).map(|ms| ms as f64 / 1000.0));
     }
