@@ -184,8 +184,9 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
 fn one_run(up: &UpArgs, accel: qemu::Accel, s: &mut Samples) -> Result<()> {
     targets::up(Lab::open()?, up)?;
     let lab = Lab::open()?;
-    let first = define(&lab, VMS[0])?;
+    // Before the definition is written: `define` waits a moment for the stack after it.
     let defined = Instant::now();
+    let first = define(&lab, VMS[0])?;
     let export = export_ready(&lab, defined)?;
     s.unpacked.push(export.unpacked);
     s.unpack_logged.push(export.logged);
