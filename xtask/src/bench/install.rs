@@ -18,7 +18,7 @@ use xshell::cmd;
 
 use super::guards::{http_get, LoopDev, Mount, MountsUnder, Server};
 use super::report::{Better, Group, Row};
-use super::{free_port, log_tail, mib, timed, Ctx};
+use super::{free_port, log_tail, mib, timed, Ctx, DEBIAN_12};
 use crate::hostdeps::{HostDep, Probe};
 use crate::lab::home::Lab;
 use crate::process;
@@ -35,7 +35,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     )?;
     crate::hostdeps::ensure(&TOOLS)?;
     let stack = ctx.stack_dir()?;
-    let pulled = ctx.distro()?;
+    let pulled = ctx.distro(DEBIAN_12)?;
     let distro = pulled
         .dir
         .parent()

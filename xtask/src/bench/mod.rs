@@ -1,10 +1,12 @@
 //! `cargo xtask bench`: the numbers that say whether pxelab is fast and small, measured as whole
 //! operations and, wherever a peer exists, side by side with that peer in the same run.
 //!
-//! Five independent figure groups (`--only` picks one): `pipeline` (build-stack cold and warm,
+//! Six independent figure groups (`--only` picks one): `pipeline` (build-stack cold and warm,
 //! distro pull warm, artifact sizes), `http` (boot handler vs nginx under wrk), `provision` (the
 //! lab under QEMU, one target and four at once), `install` (the installer on a loop device vs
-//! `curl | zstd -d | tar -x`) and `storm` (`/ipxe` for thousands of machines vs nginx). Every timing is the median of several runs with min and max
+//! `curl | zstd -d | tar -x`), `storm` (`/ipxe` for thousands of machines vs nginx) and
+//! `diskless` (the stack's first-use unpack of a diskless root, one diskless VM and two at once
+//! under QEMU). Every timing is the median of several runs with min and max
 //! beside it, because these machines are noisy. A group that fails is recorded with its reason
 //! and the others still run; a rerun of one group keeps the other groups' last results.
 //!
@@ -12,6 +14,7 @@
 //! written atomically. Everything a run creates (lab, servers, loop devices, mounts, temp dirs)
 //! is torn down by Drop guards, also when a figure fails half-way.
 
+mod diskless;
 mod guards;
 mod http;
 mod install;
@@ -21,6 +24,7 @@ mod report;
 mod storm;
 mod wrk;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -51,15 +55,17 @@ pub enum Figure {
     Provision,
     Install,
     Storm,
+    Diskless,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 5] = [
+    pub const ALL: [Figure; 6] = [
         Figure::Pipeline,
         Figure::Http,
         Figure::Provision,
         Figure::Install,
         Figure::Storm,
+        Figure::Diskless,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +75,7 @@ impl Figure {
             Figure::Provision => "provision",
             Figure::Install => "install",
             Figure::Storm => "storm",
+            Figure::Diskless => "diskless",
         }
     }
 
@@ -79,6 +86,7 @@ impl Figure {
             Figure::Provision => "Provisioning under QEMU (lab up)",
             Figure::Install => "Installer streaming onto a loop device",
             Figure::Storm => "Boot storm: /ipxe for 1,000 and 10,000 machines vs nginx",
+            Figure::Diskless => "Diskless boots under QEMU (NFS root)",
         }
     }
 }
@@ -105,6 +113,7 @@ pub fn run(args: Args) -> Result<()> {
             Figure::Provision => provision::run(&mut ctx, &mut group),
             Figure::Install => install::run(&mut ctx, &mut group),
             Figure::Storm => storm::run(&mut ctx, &mut group),
+            Figure::Diskless => diskless::run(&mut ctx, &mut group),
         };
         group.elapsed_s = started.elapsed().as_secs_f64();
         if let Err(e) = outcome {
@@ -135,7 +144,10 @@ pub struct Ctx {
     /// Removed at the end of the run; every figure works below it.
     scratch: tempfile::TempDir,
     stack_dir: Option<PathBuf>,
-    distro: Option<crate::distro::PullReport>,
+    /// Distros pulled in this run, by recipe name.
+    distros: BTreeMap<String, crate::distro::PullReport>,
+    /// Ctrl-C takes the bench's lab down (one handler per process, installed once).
+    lab_down_on_interrupt: bool,
 }
 
 impl Ctx {
@@ -152,7 +164,8 @@ impl Ctx {
             ui: Ui::new(),
             scratch,
             stack_dir: None,
-            distro: None,
+            distros: BTreeMap::new(),
+            lab_down_on_interrupt: false,
         })
     }
 
@@ -177,6 +190,16 @@ impl Ctx {
         self.scratch.path().join("home")
     }
 
+    /// The bench's lab, taken down (and purged) when the guard drops or on Ctrl-C.
+    pub fn lab(&mut self) -> Result<guards::LabGuard> {
+        let home = self.lab_home();
+        if !self.lab_down_on_interrupt {
+            crate::lab::down_on_interrupt(home.clone(), false)?;
+            self.lab_down_on_interrupt = true;
+        }
+        Ok(guards::LabGuard(home))
+    }
+
     /// `build-stack` for x86_64 in the user's store (a no-op when it is up to date); returns
     /// its output directory (`build/stack/x86_64`, where the lab looks too).
     pub fn stack_dir(&mut self) -> Result<PathBuf> {
@@ -190,15 +213,15 @@ impl Ctx {
         Ok(report.out_dir)
     }
 
-    /// `distro pull debian` into the bench's lab home (built on the first call if the store does
-    /// not have it yet).
-    pub fn distro(&mut self) -> Result<crate::distro::PullReport> {
-        if let Some(r) = &self.distro {
+    /// `distro pull <name>` into the bench's lab home (built on the first call if the store
+    /// does not have it yet).
+    pub fn distro(&mut self, name: &str) -> Result<crate::distro::PullReport> {
+        if let Some(r) = self.distros.get(name) {
             return Ok(r.clone());
         }
-        let r = crate::distro::pull(&pull_args(None), &self.ui)
-            .context("cargo xtask distro pull debian")?;
-        self.distro = Some(r.clone());
+        let r = crate::distro::pull(&pull_args(name, None), &self.ui)
+            .with_context(|| format!("cargo xtask distro pull {name}"))?;
+        self.distros.insert(name.to_string(), r.clone());
         Ok(r)
     }
 }
@@ -214,9 +237,15 @@ fn stack_args(out: Option<PathBuf>) -> crate::stack::Args {
     }
 }
 
-fn pull_args(modules: Option<crate::distro::modules::ModuleSet>) -> crate::distro::PullArgs {
+/// The distro the groups install and stream unless they say otherwise (the lab's default).
+pub const DEBIAN_12: &str = "debian-12";
+
+fn pull_args(
+    name: &str,
+    modules: Option<crate::distro::modules::ModuleSet>,
+) -> crate::distro::PullArgs {
     crate::distro::PullArgs {
-        name: "debian-12".into(),
+        name: name.into(),
         arch: pxelab_contract::Arch::X86_64,
         modules,
         mirror: None,

@@ -10,7 +10,7 @@
 use anyhow::{ensure, Context, Result};
 
 use super::report::{Better, Group, Row};
-use super::{mib, pull_args, stack_args, timed, Ctx};
+use super::{mib, pull_args, stack_args, timed, Ctx, DEBIAN_12};
 use crate::distro::modules::ModuleSet;
 use crate::fetch::Fetcher;
 use crate::lock::Lock;
@@ -139,11 +139,11 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
 
 /// `distro pull debian` warm, and the modules archive of both sets.
 fn distro(ctx: &mut Ctx, group: &mut Group, runs: usize) -> Result<()> {
-    let first = ctx.distro()?;
+    let first = ctx.distro(DEBIAN_12)?;
     let mut warm = Vec::new();
     let mut not_noop = 0;
     for _ in 0..runs {
-        let (r, secs) = timed(|| crate::distro::pull(&pull_args(None), &ctx.ui))?;
+        let (r, secs) = timed(|| crate::distro::pull(&pull_args(DEBIAN_12, None), &ctx.ui))?;
         if !(r.cached && r.up_to_date) {
             not_noop += 1;
         }
@@ -189,8 +189,8 @@ fn distro(ctx: &mut Ctx, group: &mut Group, runs: usize) -> Result<()> {
         m.modules_count,
     )];
     // The other set is built (or taken from the cache) for its size, then the default republished.
-    let pulled = crate::distro::pull(&pull_args(Some(other)), &ctx.ui);
-    let restored = crate::distro::pull(&pull_args(None), &ctx.ui);
+    let pulled = crate::distro::pull(&pull_args(DEBIAN_12, Some(other)), &ctx.ui);
+    let restored = crate::distro::pull(&pull_args(DEBIAN_12, None), &ctx.ui);
     let o = pulled
         .with_context(|| format!("distro pull debian --modules {other}"))?
         .manifest;

@@ -22,9 +22,9 @@ use anyhow::{Context, Result};
 use pxelab_contract::{Arch, Phase, TimelineEntry};
 use xshell::cmd;
 
-use super::guards::{LabGuard, Mount};
+use super::guards::Mount;
 use super::report::{Better, Group, Row};
-use super::{mib, timed, Ctx};
+use super::{mib, timed, Ctx, DEBIAN_12};
 use crate::lab::{
     follow,
     home::{Lab, StackKind, VmFile},
@@ -53,17 +53,13 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     )?;
     crate::hostdeps::ensure(&targets::LAB_TOOLS)?;
     ctx.stack_dir()?;
-    let pulled = ctx.distro()?;
+    let pulled = ctx.distro(DEBIAN_12)?;
     let rootfs_path = pulled.dir.join(&pulled.manifest.contract.rootfs.file);
     let rootfs_size = pulled.manifest.contract.rootfs.size;
     let dir = ctx.scratch("provision")?;
     let runs = ctx.runs(3, 1);
 
-    let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &dir)?;
-    let (accel_name, choice) = match accel {
-        qemu::Accel::Kvm => ("kvm", qemu::AccelChoice::Kvm),
-        qemu::Accel::Tcg => ("tcg", qemu::AccelChoice::Tcg),
-    };
+    let (_, choice, accel_name) = accel(&dir)?;
     group.fact("accel", accel_name);
     group.fact("firmware", "UEFI (OVMF) with the NIC's iPXE ROM");
     group.fact("rootfs", format!("{:.0} MiB zstd", mib(rootfs_size)));
@@ -86,11 +82,10 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     }
 
     let home = ctx.lab_home();
-    let lab_guard = LabGuard(home.clone());
-    crate::lab::down_on_interrupt(home.clone(), false)?;
+    let lab_guard = ctx.lab()?;
     let up = |targets: u32, timeout: u64| UpArgs {
         targets,
-        distro: "debian-12".into(),
+        distro: DEBIAN_12.into(),
         arch: Arch::X86_64,
         firmware: qemu::Firmware::Uefi,
         accel: choice,
@@ -252,27 +247,49 @@ fn ssh_secs(rows: &[follow::Row], name: &str) -> Option<f64> {
 /// answers SSH, and when each did.
 fn many_targets(up: &UpArgs) -> Result<(f64, Vec<String>)> {
     let rows = targets::up(Lab::open()?, up)?;
-    let lab = Lab::open()?;
-    let mut first = u64::MAX;
+    all_ssh_ready(&Lab::open()?, &rows)
+}
+
+/// Seconds from the first QEMU start of `rows`' VMs until the last answered SSH, and when each
+/// did ("target-1 95 s").
+pub(super) fn all_ssh_ready(lab: &Lab, rows: &[follow::Row]) -> Result<(f64, Vec<String>)> {
     let mut ready = Vec::new();
-    for row in &rows {
-        let start = qemu_start_ms(&lab, &row.name)?;
-        first = first.min(start);
+    for row in rows {
+        let start = qemu_start_ms(lab, &row.name)?;
         let ssh = row
             .ssh
             .with_context(|| format!("no SSH time for {}", row.name))?;
-        ready.push((row.name.clone(), start + ssh));
+        ready.push((row.name.clone(), start, start + ssh));
     }
-    let last = ready.iter().map(|(_, at)| *at).max().unwrap_or(first);
+    Ok(spread(&ready))
+}
+
+/// (name, started, ready) in Unix ms → seconds from the first start to the last ready, and
+/// each one's ready time from that first start.
+fn spread(ready: &[(String, u64, u64)]) -> (f64, Vec<String>) {
+    let first = ready.iter().map(|r| r.1).min().unwrap_or(0);
+    let last = ready.iter().map(|r| r.2).max().unwrap_or(first);
     let per_vm = ready
         .iter()
-        .map(|(name, at)| format!("{name} {:.0} s", at.saturating_sub(first) as f64 / 1000.0))
+        .map(|(name, _, at)| format!("{name} {:.0} s", at.saturating_sub(first) as f64 / 1000.0))
         .collect();
-    Ok((last.saturating_sub(first) as f64 / 1000.0, per_vm))
+    (last.saturating_sub(first) as f64 / 1000.0, per_vm)
+}
+
+/// The accelerator QEMU gets here (KVM when usable), as `lab up` is told it, and its name.
+pub(super) fn accel(
+    scratch: &std::path::Path,
+) -> Result<(qemu::Accel, qemu::AccelChoice, &'static str)> {
+    Ok(
+        match qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, scratch)? {
+            qemu::Accel::Kvm => (qemu::Accel::Kvm, qemu::AccelChoice::Kvm, "kvm"),
+            qemu::Accel::Tcg => (qemu::Accel::Tcg, qemu::AccelChoice::Tcg, "tcg"),
+        },
+    )
 }
 
 /// When QEMU started: its pid file's mtime (what `lab up` measures from too).
-fn qemu_start_ms(lab: &Lab, vm: &str) -> Result<u64> {
+pub(super) fn qemu_start_ms(lab: &Lab, vm: &str) -> Result<u64> {
     let pidfile = lab.vm_file(vm, VmFile::Pid);
     let t = std::fs::metadata(&pidfile)
         .and_then(|m| m.modified())
@@ -367,5 +384,16 @@ mod tests {
             ]
         );
         assert_eq!(rate, Some(10.0));
+    }
+
+    #[test]
+    fn all_ready_counts_from_the_first_start_to_the_last_answer() {
+        let ready = [
+            ("t-1".to_string(), 10_000, 100_000),
+            ("t-2".to_string(), 11_000, 130_400),
+        ];
+        let (all, per_vm) = spread(&ready);
+        assert_eq!(all, 120.4);
+        assert_eq!(per_vm, ["t-1 90 s", "t-2 120 s"]);
     }
 }

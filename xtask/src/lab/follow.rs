@@ -100,7 +100,8 @@ impl Row {
         self.ssh.is_some() && (self.cloud_init.is_some() || self.nfs_root.is_some())
     }
 
-    fn absorb(&mut self, started_ms: u64, timeline: &[TimelineEntry]) {
+    /// Takes this boot's milestones (events at or after `started_ms`, Unix ms) from `timeline`.
+    pub fn absorb(&mut self, started_ms: u64, timeline: &[TimelineEntry]) {
         let rel = |e: &TimelineEntry| e.at_ms.saturating_sub(started_ms);
         // Only this boot's events count: a reused VM's older history is before `started_ms`.
         let recent = timeline.iter().filter(|e| e.at_ms >= started_ms);

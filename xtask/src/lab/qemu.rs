@@ -99,6 +99,9 @@ pub fn uefi_firmware(arch: Arch) -> Result<(PathBuf, PathBuf)> {
     Ok((code.into(), vars.into()))
 }
 
+/// Every target's virtual CPUs.
+pub const CPUS: u32 = 2;
+
 /// The command line (without the binary) for a daemonised target.
 pub fn args(t: &Target) -> Result<Vec<String>> {
     let mut a: Vec<String> = Vec::new();
@@ -112,8 +115,8 @@ pub fn args(t: &Target) -> Result<Vec<String>> {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
     }
-    let mem = t.memory_mib.to_string();
-    push(&["-m", &mem, "-smp", "2"]);
+    let (mem, cpus) = (t.memory_mib.to_string(), CPUS.to_string());
+    push(&["-m", &mem, "-smp", &cpus]);
     match (t.firmware, t.uefi) {
         (Firmware::Bios, _) if t.arch != Arch::X86_64 => {
             bail!("--firmware bios exists only for x86_64 targets")

@@ -27,6 +27,9 @@ use super::{
 /// notation).
 pub const DEFAULT_DISK_SIZE: &str = "20G";
 
+/// Every target's RAM (a diskless one's writes live in half of it).
+pub const MEMORY_MIB: u32 = 2048;
+
 /// Brings the lab up and follows its targets; their milestones (none when there are no targets
 /// to follow).
 pub fn up(mut lab: Lab, a: &UpArgs) -> Result<Vec<follow::Row>> {
@@ -198,7 +201,7 @@ pub const LAB_TOOLS: [HostDep; 10] = [
 ];
 
 /// What a process stack needs to serve diskless targets (the container image carries both).
-const NFS_TOOLS: [HostDep; 2] = [
+pub const NFS_TOOLS: [HostDep; 2] = [
     HostDep {
         probe: Probe::Bin("ganesha.nfsd"),
         package: "nfs-ganesha",
@@ -341,7 +344,7 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
         sercon: &sercon,
         firmware,
         accel,
-        memory_mib: 2048,
+        memory_mib: MEMORY_MIB,
     };
     let _starting = super::may_start()?;
     qemu::start(&net, &target)?;
