@@ -115,7 +115,7 @@ fn checks(
     let before = tree_digest(&export)?;
 
     for vm in defined {
-        super::caches_were_not_rebuilt(
+        super::firstboot::caches_were_not_rebuilt(
             lab,
             &vm.name,
             &[

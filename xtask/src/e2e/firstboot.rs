@@ -125,7 +125,7 @@ pub fn checks(lab: &Lab) -> Result<()> {
         "target-1's kexec'd first boot checked the file system the installer had just made"
     );
     // Debian 12's systemd has no ldconfig or catalog units; diskless.rs checks Debian 13's.
-    super::caches_were_not_rebuilt(lab, VM, &["systemd-sysusers.service"])?;
+    caches_were_not_rebuilt(lab, VM, &["systemd-sysusers.service"])?;
     let done = cloud_init_done(VM, after)?;
     eprintln!("e2e: cloud-init on target-1: {}", done.event.message);
     // SSH is not gated on cloud-init: the early sshd was up before cloud-final finished. The
@@ -182,6 +182,30 @@ pub fn checks(lab: &Lab) -> Result<()> {
         locale == "LANG=C.UTF-8",
         "cloud-init did not set the user-data's locale C.UTF-8 in /etc/default/locale"
     );
+    Ok(())
+}
+
+/// systemd on `name` evaluated and skipped the first-boot rebuild of the caches the rootfs
+/// already holds (`/etc/.updated` and `/var/.updated` from the rootfs build): without the
+/// stamps these units run on every first boot. `units` are the ones this release has. (sudo:
+/// the image runs no D-Bus, and only root reaches systemd over its private socket.)
+pub fn caches_were_not_rebuilt(lab: &Lab, name: &str, units: &[&str]) -> Result<()> {
+    for unit in units {
+        let shown = ssh_output(
+            lab,
+            name,
+            &format!(
+                "sudo systemctl show -p ConditionResult -p ConditionTimestampMonotonic {unit}"
+            ),
+        )?;
+        let evaluated = shown
+            .lines()
+            .any(|l| l.starts_with("ConditionTimestampMonotonic=") && !l.ends_with("=0"));
+        ensure!(
+            evaluated && shown.lines().any(|l| l == "ConditionResult=no"),
+            "{name} ran {unit} on its first boot (the rootfs's update stamps were not current): {shown}"
+        );
+    }
     Ok(())
 }
 

@@ -622,30 +622,6 @@ fn ssh_output(lab: &Lab, name: &str, command: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// systemd on `name` evaluated and skipped the first-boot rebuild of the caches the rootfs
-/// already holds (`/etc/.updated` and `/var/.updated` from the rootfs build): without the
-/// stamps these units run on every first boot. `units` are the ones this release has. (sudo:
-/// the image runs no D-Bus, and only root reaches systemd over its private socket.)
-fn caches_were_not_rebuilt(lab: &Lab, name: &str, units: &[&str]) -> Result<()> {
-    for unit in units {
-        let shown = ssh_output(
-            lab,
-            name,
-            &format!(
-                "sudo systemctl show -p ConditionResult -p ConditionTimestampMonotonic {unit}"
-            ),
-        )?;
-        let evaluated = shown
-            .lines()
-            .any(|l| l.starts_with("ConditionTimestampMonotonic=") && !l.ends_with("=0"));
-        ensure!(
-            evaluated && shown.lines().any(|l| l == "ConditionResult=no"),
-            "{name} ran {unit} on its first boot (the rootfs's update stamps were not current): {shown}"
-        );
-    }
-    Ok(())
-}
-
 /// Brings the lab down and checks that nothing is left, even when a step failed.
 struct Teardown {
     home: PathBuf,
