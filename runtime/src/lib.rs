@@ -11,7 +11,7 @@
 //! turns SIGTERM/SIGINT/SIGHUP into flags that loop polls.
 //!
 //! Invariant: nothing here writes outside the state directory (the diskless roots of
-//! [`nfsroot`] are unpacked into it, by [`untar`], which never writes outside its target),
+//! [`nfsroot`] are unpacked into it, by [`pxelab_untar`], which never writes outside its target),
 //! except the `<name>.json` files of the VMs directory that the enrollment API
 //! (`handler/api.rs`, through [`vms::VmStore::put`]) writes and removes for the operator.
 
@@ -30,7 +30,6 @@ pub mod nfsroot;
 pub mod server;
 pub mod signals;
 pub mod supervisor;
-pub mod untar;
 pub mod vms;
 pub mod watch;
 

@@ -4,7 +4,7 @@
 //!
 //! `<state>/nfsroot` is mode 0700: the exports hold the distro's setuid binaries and root-only
 //! files (its `/etc/shadow`), which no host user may reach, and nothing under it is served over
-//! HTTP but the one initramfs a diskless boot fetches. The unpack itself ([`crate::untar`]) never
+//! HTTP but the one initramfs a diskless boot fetches. The unpack itself ([`pxelab_untar`]) never
 //! writes outside the export, whatever the archive holds.
 //!
 //! Unpacking takes seconds to minutes, so it runs in a background thread and [`NfsRoots::get`]
@@ -30,7 +30,8 @@ use std::{
 use pxelab_contract::Arch;
 use sha2::{Digest, Sha256};
 
-use crate::{images::Catalog, log, nfs::Export, untar};
+use crate::{images::Catalog, log, nfs::Export};
+use pxelab_untar as untar;
 
 /// Hex digits of the rootfs sha256 in the export's directory name.
 pub const DIGEST_PREFIX: usize = 16;

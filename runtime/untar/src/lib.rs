@@ -1,4 +1,5 @@
-//! A tar archive unpacked beneath a directory, never outside it, whatever the archive holds.
+//! A tar archive unpacked beneath a directory, never outside it, whatever the archive holds:
+//! the installer's rootfs (in the target, often under emulation) and the stack's diskless exports.
 //!
 //! Paths are not trusted as text: every entry is created relative to a directory descriptor
 //! opened from the root one component at a time with `O_NOFOLLOW | O_DIRECTORY`, so an entry
@@ -18,12 +19,50 @@ use std::{
     path::Path,
 };
 
-/// What an unpack did not do.
+/// What an unpack did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Summary {
+    /// Archive entries read (including metadata-only ones).
+    pub entries: u64,
     /// Device nodes not created (no permission).
     pub skipped_devices: u32,
 }
+
+/// The directories below the root on the last entry's path, outermost first, open.
+///
+/// Under emulation (the installer runs in a TCG guest) every system call costs microseconds,
+/// and the tar crate's own unpacking made 22 per file (a `readlink` per path component to
+/// canonicalize the parent, 8 KiB writes, path-based attribute calls); this makes about 6: an
+/// entry opens only the components where its path differs from the last one's (an archive
+/// lists a directory's entries together), data goes out in [`COPY_BUFFER`] writes, and a leaf
+/// is removed only when creating it found one in the way.
+#[derive(Default)]
+struct DirPath(Vec<(CString, OwnedFd)>);
+
+impl DirPath {
+    /// The directory `parents` names below `root`, made where missing: the kept descriptors as
+    /// far as the path is the same, then one [`step`] per differing component. A kept
+    /// descriptor stays its directory: no entry replaces a directory by anything else
+    /// (`remove_leaf` refuses), so it is the one a new walk from the root would open.
+    fn open<'a>(&'a mut self, root: &'a OwnedFd, parents: &[CString]) -> io::Result<&'a OwnedFd> {
+        let same = self
+            .0
+            .iter()
+            .zip(parents)
+            .take_while(|((kept, _), want)| kept == *want)
+            .count();
+        self.0.truncate(same);
+        for c in &parents[same..] {
+            let dir = self.0.last().map_or(root, |(_, fd)| fd);
+            let next = step(dir, c, true)?;
+            self.0.push((c.clone(), next));
+        }
+        Ok(self.0.last().map_or(root, |(_, fd)| fd))
+    }
+}
+
+/// Size of the writes of a file's data.
+const COPY_BUFFER: usize = 1 << 20;
 
 /// A directory's attributes, applied once its content is written.
 struct Deferred {
@@ -39,13 +78,25 @@ pub fn unpack<R: Read>(archive: R, root: &Path, owners: bool) -> io::Result<Summ
     let root = open_dir_path(root)?;
     let mut summary = Summary::default();
     let mut directories = Vec::new();
+    let (mut dirs, mut buffer) = (DirPath::default(), Vec::new());
     let mut tar = tar::Archive::new(archive);
     for entry in tar.entries()? {
         let mut entry = entry?;
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let at = |e: io::Error| io::Error::new(e.kind(), format!("entry {name:?}: {e}"));
-        unpack_entry(&root, &mut entry, owners, &mut directories, &mut summary).map_err(at)?;
+        summary.entries += 1;
+        let done = unpack_entry(
+            &root,
+            &mut entry,
+            owners,
+            &mut directories,
+            &mut summary,
+            (&mut dirs, &mut buffer),
+        );
+        if let Err(e) = done {
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            return Err(io::Error::new(e.kind(), format!("entry {name:?}: {e}")));
+        }
     }
+    drop(dirs);
     // Deepest first: a parent's mode (e.g. read-only) must not stop its children's updates.
     directories.sort_by(|a, b| b.components.cmp(&a.components));
     for d in directories {
@@ -67,11 +118,16 @@ fn unpack_entry<R: Read>(
     owners: bool,
     directories: &mut Vec<Deferred>,
     summary: &mut Summary,
+    (dirs, buffer): (&mut DirPath, &mut Vec<u8>),
 ) -> io::Result<()> {
     let path = components(&entry.path_bytes())?;
     let header = entry.header();
     let kind = header.entry_type();
-    let mode = header.mode()? & 0o7777;
+    // Links have no mode of their own (some writers leave the field blank).
+    let mode = match kind {
+        tar::EntryType::Symlink | tar::EntryType::Link => 0,
+        _ => header.mode()? & 0o7777,
+    };
     let owner = if owners {
         Some((header.uid()? as u32, header.gid()? as u32))
     } else {
@@ -98,14 +154,14 @@ fn unpack_entry<R: Read>(
         }
         return Ok(());
     };
-    let parent = walk(root, parents, true)?;
+    let parent = dirs.open(root, parents)?;
     let xattrs = xattrs(entry)?;
     use tar::EntryType as T;
     match kind {
         T::Directory => {
-            make_dir(&parent, leaf)?;
+            make_dir(parent, leaf)?;
             if !xattrs.is_empty() {
-                let dir = open_at(&parent, leaf, libc::O_DIRECTORY | libc::O_NOFOLLOW)?;
+                let dir = open_at(parent, leaf, libc::O_DIRECTORY | libc::O_NOFOLLOW)?;
                 set_xattrs(&dir, &xattrs)?;
             }
             directories.push(Deferred {
@@ -116,10 +172,9 @@ fn unpack_entry<R: Read>(
             });
         }
         T::Regular | T::Continuous | T::GNUSparse => {
-            remove_leaf(&parent, leaf)?;
-            let fd = create_at(&parent, leaf)?;
+            let fd = replacing(parent, leaf, || create_at(parent, leaf))?;
             let mut file = File::from(fd);
-            io::copy(entry, &mut file)?;
+            copy(entry, &mut file, buffer)?;
             let fd = OwnedFd::from(file);
             set_xattrs(&fd, &xattrs)?;
             set_attributes(&fd, owner, mode, mtime)?;
@@ -128,11 +183,14 @@ fn unpack_entry<R: Read>(
             let target = entry
                 .link_name_bytes()
                 .ok_or_else(|| invalid("a symbolic link without a target".into()))?;
-            remove_leaf(&parent, leaf)?;
             let target = cstring(&target)?;
-            // SAFETY: valid descriptor and NUL-terminated strings.
-            check(unsafe { libc::symlinkat(target.as_ptr(), parent.as_raw_fd(), leaf.as_ptr()) })?;
-            leaf_attributes(&parent, leaf, owner, None, mtime)?;
+            replacing(parent, leaf, || {
+                // SAFETY: valid descriptor and NUL-terminated strings.
+                check(unsafe {
+                    libc::symlinkat(target.as_ptr(), parent.as_raw_fd(), leaf.as_ptr())
+                })
+            })?;
+            leaf_attributes(parent, leaf, owner, None, mtime)?;
         }
         T::Link => {
             let target = entry
@@ -143,17 +201,18 @@ fn unpack_entry<R: Read>(
                 return Err(invalid("a hard link to the archive's root".into()));
             };
             let source = walk(root, target_parents, false)?;
-            remove_leaf(&parent, leaf)?;
-            // Flags 0: a target that is a symbolic link is linked itself, never followed.
-            // SAFETY: valid descriptors and NUL-terminated names.
-            check(unsafe {
-                libc::linkat(
-                    source.as_raw_fd(),
-                    target_leaf.as_ptr(),
-                    parent.as_raw_fd(),
-                    leaf.as_ptr(),
-                    0,
-                )
+            replacing(parent, leaf, || {
+                // Flags 0: a target that is a symbolic link is linked itself, never followed.
+                // SAFETY: valid descriptors and NUL-terminated names.
+                check(unsafe {
+                    libc::linkat(
+                        source.as_raw_fd(),
+                        target_leaf.as_ptr(),
+                        parent.as_raw_fd(),
+                        leaf.as_ptr(),
+                        0,
+                    )
+                })
             })?;
         }
         T::Char | T::Block | T::Fifo => {
@@ -162,18 +221,20 @@ fn unpack_entry<R: Read>(
                 T::Char => libc::S_IFCHR,
                 _ => libc::S_IFBLK,
             };
-            remove_leaf(&parent, leaf)?;
-            // SAFETY: valid descriptor and NUL-terminated name.
-            let rc = unsafe { libc::mknodat(parent.as_raw_fd(), leaf.as_ptr(), file_type, device) };
-            if rc != 0 {
-                let e = io::Error::last_os_error();
+            let made = replacing(parent, leaf, || {
+                // SAFETY: valid descriptor and NUL-terminated name.
+                check(unsafe {
+                    libc::mknodat(parent.as_raw_fd(), leaf.as_ptr(), file_type, device)
+                })
+            });
+            if let Err(e) = made {
                 if e.raw_os_error() == Some(libc::EPERM) && kind != T::Fifo {
                     summary.skipped_devices += 1;
                     return Ok(());
                 }
                 return Err(e);
             }
-            leaf_attributes(&parent, leaf, owner, Some(mode), mtime)?;
+            leaf_attributes(parent, leaf, owner, Some(mode), mtime)?;
         }
         // Global pax headers and other metadata-only entries create nothing.
         _ => {}
@@ -200,22 +261,28 @@ fn components(path: &[u8]) -> io::Result<Vec<CString>> {
 fn walk(root: &OwnedFd, components: &[CString], create: bool) -> io::Result<OwnedFd> {
     let mut dir = dup(root)?;
     for c in components {
-        let next = match open_at(&dir, c, libc::O_DIRECTORY | libc::O_NOFOLLOW) {
-            Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
-                make_dir(&dir, c)?;
-                open_at(&dir, c, libc::O_DIRECTORY | libc::O_NOFOLLOW)
-            }
-            other => other,
-        };
-        dir = next.map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP | libc::ENOTDIR) => invalid(format!(
-                "{:?} on its path is not a directory (a symbolic link is never followed)",
-                c.to_string_lossy()
-            )),
-            _ => e,
-        })?;
+        dir = step(&dir, c, create)?;
     }
     Ok(dir)
+}
+
+/// Opens the directory `c` in `dir` without following a symbolic link, making it when missing
+/// and `create`.
+fn step(dir: &OwnedFd, c: &CString, create: bool) -> io::Result<OwnedFd> {
+    let next = match open_at(dir, c, libc::O_DIRECTORY | libc::O_NOFOLLOW) {
+        Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+            make_dir(dir, c)?;
+            open_at(dir, c, libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        }
+        other => other,
+    };
+    next.map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP | libc::ENOTDIR) => invalid(format!(
+            "{:?} on its path is not a directory (a symbolic link is never followed)",
+            c.to_string_lossy()
+        )),
+        _ => e,
+    })
 }
 
 fn make_dir(parent: &OwnedFd, name: &CString) -> io::Result<()> {
@@ -249,6 +316,48 @@ fn is_dir_at(parent: &OwnedFd, name: &CString) -> io::Result<bool> {
         )
     })?;
     Ok(st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+}
+
+/// Runs `make` (which creates `name` in `parent`); when something is in the way (`EEXIST`: an
+/// earlier entry of the same name), removes it and runs `make` again. A directory in the way
+/// stays and fails the entry (`EISDIR`).
+fn replacing<T>(
+    parent: &OwnedFd,
+    name: &CString,
+    mut make: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    match make() {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            remove_leaf(parent, name)?;
+            make()
+        }
+        other => other,
+    }
+}
+
+/// Copies the entry's data in writes of up to [`COPY_BUFFER`] bytes.
+fn copy(from: &mut impl Read, to: &mut File, buffer: &mut Vec<u8>) -> io::Result<()> {
+    if buffer.is_empty() {
+        buffer.resize(COPY_BUFFER, 0);
+    }
+    loop {
+        let mut filled = 0;
+        while filled < buffer.len() {
+            match from.read(&mut buffer[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(());
+        }
+        io::Write::write_all(to, &buffer[..filled])?;
+        if filled < buffer.len() {
+            return Ok(());
+        }
+    }
 }
 
 /// Removes a non-directory leaf that a later entry replaces (a directory stays: `EISDIR`).
