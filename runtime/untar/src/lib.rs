@@ -32,10 +32,11 @@ pub struct Summary {
 ///
 /// Under emulation (the installer runs in a TCG guest) every system call costs microseconds,
 /// and the tar crate's own unpacking made 22 per file (a `readlink` per path component to
-/// canonicalize the parent, 8 KiB writes, path-based attribute calls); this makes about 6: an
-/// entry opens only the components where its path differs from the last one's (an archive
-/// lists a directory's entries together), data goes out in [`COPY_BUFFER`] writes, and a leaf
-/// is removed only when creating it found one in the way.
+/// canonicalize the parent, 8 KiB writes, path-based attribute calls); this makes about 7 (107k
+/// for the Debian 12 rootfs, against 323k): an entry opens only the components where its path
+/// differs from the last one's (an archive lists a directory's entries together), data goes
+/// out in [`COPY_BUFFER`] writes, and a leaf is removed only when creating it found one in the
+/// way.
 #[derive(Default)]
 struct DirPath(Vec<(CString, OwnedFd)>);
 
