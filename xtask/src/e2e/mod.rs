@@ -13,7 +13,7 @@
 //! 3. `lab down` right after that first boot (target-1 shuts down by ACPI, not a power cut)
 //!    and `lab up` again: target-1 boots from its disk and answers SSH (over IPv6 too: the lab
 //!    kept `--ipv6`); `lab status` says so.
-//!    `update-grub` in target-1 and a reboot through the firmware: it boots its disk again.
+//!    `update-grub` in target-1 and a power cycle through the firmware: it boots its disk again.
 //!    `lab vm copy` copies a file to it and back. `lab vm start --installer-shell --no-reboot`
 //!    boots its installer's shell (the config says not to reboot, `lab status` says SSH is
 //!    down), and a command typed through `lab vm console` answers on the serial console.
@@ -144,7 +144,7 @@ fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
     if runs(Part::Install) {
         step("lab down right after target-1's first boot, lab up: it boots from its disk and answers SSH");
         down_and_up_keeps_ssh(&up)?;
-        step("update-grub inside target-1, then a reboot through the firmware: it boots its disk again");
+        step("update-grub inside target-1, then a power cycle through the firmware: it boots its disk again");
         firstboot::update_grub_and_reboot(&lab)?;
         step("lab vm copy: a file to target-1 and back");
         copies_both_ways(&lab)?;
