@@ -134,6 +134,12 @@ pub fn args(t: &Target) -> Result<Vec<String>> {
             // Without this OVMF tries IPv6 PXE and HTTP boot before the disk: an installed
             // target took 172 s instead of 25 s to reach its disk.
             push(&["-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=no"]);
+            if t.firmware == Firmware::Uefi {
+                // The NIC's iPXE ROM boots on its own; OVMF's IPv4 stack would add its own PXE
+                // (TFTP `ipxe.efi`, a second iPXE asking the stack again) and HTTP boot between
+                // the ROM's "boot from disk" and the disk.
+                push(&["-fw_cfg", "name=opt/org.tianocore/IPv4Support,string=no"]);
+            }
         }
         (_, None) => bail!("UEFI firmware paths missing for {}", t.name),
     }
@@ -544,8 +550,16 @@ mod tests {
             pxe.contains("IPv6Support,string=no"),
             "OVMF must not try IPv6 boot first"
         );
+        assert!(
+            !pxe.contains("IPv4Support"),
+            "without a NIC ROM, OVMF's own PXE is the network boot: {pxe}"
+        );
         let uefi = args(&target(Firmware::Uefi, p)).unwrap().join(" ");
         assert!(uefi.contains("bootindex=1 "), "the NIC ROM stays: {uefi}");
+        assert!(
+            uefi.contains("IPv4Support,string=no"),
+            "with the ROM, OVMF's own PXE and HTTP boot only delay the disk: {uefi}"
+        );
         let arm = Target {
             arch: Arch::Aarch64,
             ..target(Firmware::Bios, p)
