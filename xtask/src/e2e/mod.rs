@@ -18,7 +18,8 @@
 //!    boots its installer's shell (the config says not to reboot, `lab status` says SSH is
 //!    down), and a command typed through `lab vm console` answers on the serial console.
 //! 4. On that container stack: SeaBIOS (QEMU's iPXE NIC ROM) and OVMF without NIC ROM → TFTP
-//!    ipxe.efi each reach "installer started".
+//!    ipxe.efi each reach "installer started"; meanwhile disk-1 (`--disk-mode`) boots an
+//!    overlay of the distro's `rootfs.img` and answers SSH (`diskmode.rs`).
 //! 5. Two diskless targets boot Debian 13 from one read-only NFS export served by the
 //!    container's ganesha (see `diskless.rs`).
 //! 6. proxyDHCP on Debian 13 (`proxy.rs`): the stack restarted with `--dhcp proxy` beside a
@@ -29,6 +30,7 @@
 //!    ganesha).
 
 mod diskless;
+mod diskmode;
 mod firstboot;
 mod proxy;
 
@@ -72,6 +74,8 @@ enum Part {
     Install,
     Firmware,
     Diskless,
+    /// A VM booting a copy-on-write overlay of the distro's disk image (`--disk-mode`).
+    DiskMode,
     /// A Debian 13 target without an address of ours installed beside a site DHCP server
     /// (proxyDHCP).
     Proxy,
@@ -152,17 +156,29 @@ fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
         types_into_the_installer_shell(&lab)?;
     }
     let distro = crate::distro::canonical_name(distro)?;
-    if runs(Part::Firmware) {
-        for (name, firmware) in [
-            ("bios-1", qemu::Firmware::Bios),
-            ("uefipxe-1", qemu::Firmware::UefiPxe),
-        ] {
-            step(&format!(
-                "{name}: {firmware:?} firmware reaches the installer"
-            ));
-            reaches_installer(&lab, name, &distro, firmware)?;
+    // The disk-mode VM boots beside the firmware part's VMs: CI's time is tight.
+    std::thread::scope(|s| -> Result<()> {
+        let disk = runs(Part::DiskMode).then(|| {
+            step("disk-1 (--disk-mode) boots its overlay of the distro's image: SSH, no PXE");
+            s.spawn(|| diskmode::scenario(&lab, &distro))
+        });
+        if runs(Part::Firmware) {
+            for (name, firmware) in [
+                ("bios-1", qemu::Firmware::Bios),
+                ("uefipxe-1", qemu::Firmware::UefiPxe),
+            ] {
+                step(&format!(
+                    "{name}: {firmware:?} firmware reaches the installer"
+                ));
+                reaches_installer(&lab, name, &distro, firmware)?;
+            }
         }
-    }
+        match disk.map(|h| h.join()) {
+            Some(Err(_)) => bail!("the disk-mode part panicked"),
+            Some(Ok(r)) => r,
+            None => Ok(()),
+        }
+    })?;
     if runs(Part::Diskless) {
         step("diskless-1 and diskless-2 boot Debian 13 from one read-only NFS export");
         let diskless = lab::artifacts::prepare(&lab, Arch::X86_64, diskless::DISTRO)?;
