@@ -68,9 +68,19 @@ impl LoopDisk {
 
     /// Mounts partition `n` read-only at `path(name)` (unmounted on drop).
     pub fn mount_ro(&self, n: u32, name: &str) -> PathBuf {
+        self.mount_device_ro(&self.partition(n), name)
+    }
+
+    /// Mounts the filesystem that fills the whole disk (no partition table) read-only at
+    /// `path(name)` (unmounted on drop).
+    pub fn mount_whole_ro(&self, name: &str) -> PathBuf {
+        self.mount_device_ro(&self.dev, name)
+    }
+
+    fn mount_device_ro(&self, device: &str, name: &str) -> PathBuf {
         let at = self.path(name);
         fs::create_dir_all(&at).expect("a mount point");
-        let mut mount = command(&["mount", "-o", "ro", &self.partition(n)]);
+        let mut mount = command(&["mount", "-o", "ro", device]);
         mount.arg(&at);
         let out = output(&mut mount);
         if !out.status.success() {

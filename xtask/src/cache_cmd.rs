@@ -138,10 +138,7 @@ pub fn roots(lock: &Lock, workspace: &Path, images: &Path) -> Result<Roots> {
     }
     for path in manifests(images, 2)? {
         let m: DistroManifest = read_json(&path)?;
-        let files = [Some(m.rootfs), m.kernel, m.modules];
-        roots
-            .published
-            .extend(files.into_iter().flatten().map(|f| f.sha256));
+        roots.published.extend(m.files().map(|f| f.sha256.clone()));
     }
     Ok(roots)
 }

@@ -59,7 +59,9 @@ pub const HOST_DEPS: &[HostDep] = &[
     // DHCPv6 client of the `--ipv6` DHCP test (the one the installed Debian runs).
     bin("dhclient", "isc-dhcp-client"),
     bin("ip", "iproute2"),
-    bin("mke2fs", "e2fsprogs"),
+    MKE2FS,
+    DEBUGFS,
+    E2FSCK,
     bin("mkfs.fat", "dosfstools"),
     bin("mcopy", "mtools"),
     bin("fusefat", "fusefat"),
@@ -113,6 +115,11 @@ pub const DEPMOD: HostDep = bin("depmod", "kmod");
 pub const QEMU_IMG: HostDep = bin("qemu-img", "qemu-utils");
 /// Says whether programs of an architecture run here (mmdebstrap asks it too).
 pub const ARCH_TEST: HostDep = bin("arch-test", "arch-test");
+
+/// Make, fill and check a distro's disk image (and the installer tests' filesystems).
+pub const MKE2FS: HostDep = bin("mke2fs", "e2fsprogs");
+pub const DEBUGFS: HostDep = bin("debugfs", "e2fsprogs");
+pub const E2FSCK: HostDep = bin("e2fsck", "e2fsprogs");
 
 /// What `distro pull` of a Debian recipe runs.
 pub const DEBIAN_PULL: [HostDep; 2] = [MMDEBSTRAP, DEPMOD];

@@ -1,8 +1,12 @@
 //! `distro pull debian-12` for real (x86_64): Debian's mirror, the pinned closure of
-//! recipes/distros/debian-12.lock, mmdebstrap. Needs root (or unprivileged user namespaces),
+//! recipes/distros/debian-12.lock, mmdebstrap, the disk image (mounted to compare it with the
+//! tarball). Needs root,
 //! network access to deb.debian.org and the packages mmdebstrap, kmod.
 //!
 //! One test function: the pull reads PXELAB_HOME/PXELAB_CACHE from the environment.
+
+#[path = "common/tree.rs"]
+mod tree;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -12,7 +16,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use pxelab_contract::Arch;
-use pxelab_tests::cmd::require;
+use pxelab_tests::cmd::{require, require_root};
+use pxelab_tests::LoopDisk;
 use xtask::distro::{self, lock::DistroLock, modules::list_archive, PullArgs};
 use xtask::store::Store;
 
@@ -71,6 +76,10 @@ fn pull(cache: &Path) -> distro::PullReport {
 fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
     require("mmdebstrap", "mmdebstrap");
     require("depmod", "kmod");
+    require_root("mounting the disk image on a loop device");
+    for tool in ["mke2fs", "debugfs", "e2fsck"] {
+        require(tool, "e2fsprogs");
+    }
     let work = tempfile::tempdir().unwrap();
     // The first store is world-readable (as under /tmp), so apt's sandbox user can read it.
     fs::set_permissions(work.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -86,12 +95,8 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
     let m = &first.manifest;
     let kver = &m.contract.kernel_version;
     assert!(kver.ends_with("-cloud-amd64"), "{kver}");
-    for f in [
-        Some(&m.contract.rootfs),
-        m.contract.kernel.as_ref(),
-        m.contract.modules.as_ref(),
-    ] {
-        let f = f.unwrap();
+    assert_eq!(m.contract.files().count(), 5, "{m:?}");
+    for f in m.contract.files() {
         let bytes = fs::read(out.join(&f.file)).unwrap();
         assert_eq!(bytes.len() as u64, f.size, "{}", f.file);
         assert_eq!(pxelab_tests::sha256_hex(&bytes), f.sha256, "{}", f.file);
@@ -100,6 +105,20 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
     assert_eq!(
         m.initrd.as_deref(),
         Some(format!("/boot/initrd.img-{kver}").as_str())
+    );
+
+    // The disk image holds exactly the rootfs's tree, as the kernel reads it.
+    let image = out.join(&m.contract.disk_image.as_ref().unwrap().file);
+    let disk = LoopDisk::new(fs::metadata(&image).unwrap().len());
+    fs::copy(&image, disk.image()).unwrap();
+    let root = disk.mount_whole_ro("root");
+    let in_tar = tree::from_tar(&out.join("rootfs.tar.zst"));
+    tree::assert_same(&in_tar, &tree::from_dir(&root));
+    drop(disk);
+    assert_eq!(
+        m.contract.initramfs.as_ref().unwrap().sha256,
+        in_tar[&format!("boot/initrd.img-{kver}")].what,
+        "initrd.img is not the rootfs's initramfs"
     );
 
     let names = list_archive(&out.join("modules.cpio.zst")).unwrap();
@@ -217,6 +236,10 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
     assert_eq!(
         second.manifest.contract.rootfs, m.contract.rootfs,
         "rootfs.tar.zst differs between builds"
+    );
+    assert_eq!(
+        second.manifest.contract.disk_image, m.contract.disk_image,
+        "rootfs.img differs between builds"
     );
     assert_eq!(second.manifest, *m);
 }

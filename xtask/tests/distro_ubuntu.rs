@@ -492,10 +492,7 @@ fn assert_whole(dir: &Path, when: &str) {
             .unwrap_or_else(|e| panic!("{when}: manifest.json unreadable: {e}"));
     let c = &manifest.contract;
     let mut expected = vec!["manifest.json".to_string()];
-    for f in [Some(&c.rootfs), c.kernel.as_ref(), c.modules.as_ref()]
-        .into_iter()
-        .flatten()
-    {
+    for f in c.files() {
         let bytes = fs::read(dir.join(&f.file)).unwrap();
         assert_eq!(
             (sha256_hex(&bytes), bytes.len() as u64),

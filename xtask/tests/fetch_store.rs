@@ -626,6 +626,12 @@ fn gc_keeps_published_lab_artifacts_and_the_records_that_built_them() {
         .input("bin", &sha256_hex(b"an older binary"))
         .run(|o| Ok(fs::write(o.join("rootfs.tar.zst"), b"an older image")?))
         .unwrap();
+    let disk = store
+        .step("disk", 1)
+        .input("rootfs.tar.zst", &image)
+        .run(|o| Ok(fs::write(o.join("rootfs.img"), b"an ext4 image")?))
+        .unwrap();
+    let disk = disk.files[0].digest.clone();
     drop(store);
     // What `distro pull` publishes into the lab home.
     let published = home.join("images/d/x86_64");
@@ -639,6 +645,12 @@ fn gc_keeps_published_lab_artifacts_and_the_records_that_built_them() {
         kernel_version: "6.1.0-1-amd64".into(),
         kernel: None,
         modules: None,
+        disk_image: Some(pxelab_contract::ManifestFile {
+            file: "rootfs.img".into(),
+            sha256: disk.clone(),
+            size: 13,
+        }),
+        initramfs: None,
     };
     fs::write(
         published.join("manifest.json"),
@@ -672,6 +684,10 @@ fn gc_keeps_published_lab_artifacts_and_the_records_that_built_them() {
     assert!(
         !store.has(&unused.files[0].digest).unwrap(),
         "an output nothing publishes is freed: {stderr}"
+    );
+    assert!(
+        store.has(&disk).unwrap(),
+        "the published disk image is kept: {stderr}"
     );
     assert!(stderr.contains("1 records"), "{stderr}");
 }

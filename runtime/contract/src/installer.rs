@@ -104,6 +104,29 @@ pub struct DistroManifest {
     /// The kernel-modules archive next to the manifest (`modules.cpio.zst` when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modules: Option<ManifestFile>,
+    /// The root filesystem as a raw ext4 image next to the manifest (`rootfs.img`): the same
+    /// tree as `rootfs`, built reproducibly; disk-mode VMs boot copy-on-write overlays of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_image: Option<ManifestFile>,
+    /// The root filesystem's own initramfs for `kernel_version` (`initrd.img`), for booting
+    /// `disk_image` straight from its kernel, without a boot loader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<ManifestFile>,
+}
+
+impl DistroManifest {
+    /// Every file the manifest names (what the pipeline's cache must keep).
+    pub fn files(&self) -> impl Iterator<Item = &ManifestFile> {
+        [
+            Some(&self.rootfs),
+            self.kernel.as_ref(),
+            self.modules.as_ref(),
+            self.disk_image.as_ref(),
+            self.initramfs.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 /// A file in a distro's image directory, pinned by digest.

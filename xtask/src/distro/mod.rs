@@ -1,8 +1,8 @@
 //! `cargo xtask distro list|pull|lock`: per-distro boot artifacts in the lab home.
 //!
 //! A pull produces, under `<lab home>/images/<distro>/<arch>/`, `vmlinuz`, `modules.cpio.zst`,
-//! `rootfs.tar.zst` and `manifest.json` (the contract's `DistroManifest` plus facts for the
-//! installer). The jobs, one module each: `lock` (the distro locks: pins per arch, resolved and
+//! `rootfs.tar.zst`, its ext4 image `rootfs.img` with the rootfs's own `initrd.img` (`diskimg`)
+//! and `manifest.json` (the contract's `DistroManifest` plus facts for the installer). The jobs, one module each: `lock` (the distro locks: pins per arch, resolved and
 //! checked), `pull` (the build steps through the action cache, then the manifest), `publish`
 //! (the atomic swap into the lab home), `list`. The source-specific steps, each key beside the
 //! body it keys, live in `debian` and `ubuntu`.
@@ -11,7 +11,9 @@
 //! an arch that has none); the recipes themselves hold intent only.
 
 pub mod debian;
+pub mod diskimg;
 mod emulation;
+mod ext4script;
 mod list;
 pub mod lock;
 pub mod modules;

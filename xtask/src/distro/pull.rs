@@ -1,6 +1,7 @@
 //! `cargo xtask distro pull`: the recipe's pins (from its lock), the build steps through the
-//! action cache (`ubuntu::step`, or `debian::rootfs_step` + `debian::kernel_step`), the
-//! manifest, then publishing into the lab home and a table of what was cached.
+//! action cache (`ubuntu::step`, or `debian::rootfs_step` + `debian::kernel_step`, then
+//! `diskimg::step` on the rootfs), the manifest, then publishing into the lab home and a table
+//! of what was cached.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::modules::{self, ModuleSet};
 use super::recipe::{self, Recipe, Source};
-use super::{debian, rootfs, ubuntu, Job, KERNEL_JSON, ROOTFS_JSON};
+use super::{debian, diskimg, rootfs, ubuntu, Job, KERNEL_JSON, ROOTFS_JSON};
 use crate::fetch::Fetcher;
 use crate::store::{StepFile, StepOutputs, Store};
 use crate::ui::Ui;
@@ -138,7 +139,7 @@ pub fn pull(args: &PullArgs, ui: &Ui) -> Result<PullReport> {
         mirror: args.mirror.as_deref(),
         ui,
     };
-    let built = match &recipe.source {
+    let mut built = match &recipe.source {
         Source::Ubuntu(u) => Built::from_steps(&store, &[&ubuntu::step(&job, u, &pins)?])?,
         Source::Debian(d) => {
             let rootfs = debian::rootfs_step(&job, d, &pins)?;
@@ -146,6 +147,14 @@ pub fn pull(args: &PullArgs, ui: &Ui) -> Result<PullReport> {
             Built::from_steps(&store, &[&rootfs, &kernel])?
         }
     };
+    let initrd = format!("boot/initrd.img-{}", built.modules.kernel_version);
+    let disk = diskimg::step(
+        &store,
+        built.step_file("rootfs.tar.zst")?,
+        built.facts.has(&initrd).then_some(initrd.as_str()),
+        epoch,
+    )?;
+    built.add(&disk);
     let manifest = manifest_for(&job, &built)?;
     let mut text = serde_json::to_string_pretty(&manifest)?;
     text.push('\n');
@@ -239,12 +248,24 @@ impl Built {
         })
     }
 
-    fn file(&self, name: &str) -> Result<ManifestFile> {
-        let f = self
-            .files
+    /// The outputs of a step that runs on what the first steps made.
+    fn add(&mut self, step: &StepOutputs) {
+        for f in &step.files {
+            self.cached.insert(f.name.clone(), step.cached);
+            self.files.push(f.clone());
+        }
+        self.all_cached &= step.cached;
+    }
+
+    fn step_file(&self, name: &str) -> Result<&StepFile> {
+        self.files
             .iter()
             .find(|f| f.name == name)
-            .with_context(|| format!("the build made no {name}"))?;
+            .with_context(|| format!("the build made no {name}"))
+    }
+
+    fn file(&self, name: &str) -> Result<ManifestFile> {
+        let f = self.step_file(name)?;
         Ok(ManifestFile {
             file: name.into(),
             sha256: f.digest.clone(),
@@ -269,6 +290,8 @@ fn manifest_for(job: &Job, built: &Built) -> Result<PullManifest> {
             kernel_version: kernel_version.to_string(),
             kernel: Some(built.file("vmlinuz")?),
             modules: Some(built.file("modules.cpio.zst")?),
+            disk_image: Some(built.file(diskimg::IMAGE)?),
+            initramfs: built.file(diskimg::INITRD).ok(),
         },
         distro: job.recipe.name.clone(),
         arch: job.arch,

@@ -18,7 +18,9 @@
 //!    boots its installer's shell (the config says not to reboot, `lab status` says SSH is
 //!    down), and a command typed through `lab vm console` answers on the serial console.
 //! 4. On that container stack: SeaBIOS (QEMU's iPXE NIC ROM) and OVMF without NIC ROM → TFTP
-//!    ipxe.efi each reach "installer started".
+//!    ipxe.efi each reach "installer started"; meanwhile (and during 5.) disk-1
+//!    (`--disk-mode`) boots an overlay of the distro's `rootfs.img` and answers SSH
+//!    (`diskmode.rs`).
 //! 5. Two diskless targets boot Debian 13 from one read-only NFS export served by the
 //!    container's ganesha (see `diskless.rs`).
 //! 6. proxyDHCP on Debian 13 (`proxy.rs`): the stack restarted with `--dhcp proxy` beside a
@@ -29,6 +31,7 @@
 //!    ganesha).
 
 mod diskless;
+mod diskmode;
 mod firstboot;
 mod proxy;
 
@@ -60,9 +63,9 @@ pub struct Args {
     /// Distro to install.
     #[arg(long, default_value = "debian-12")]
     distro: String,
-    /// Run only one part (while debugging it); the default runs all of them.
+    /// Run only these parts (repeatable, while debugging); the default runs all of them.
     #[arg(long, value_enum)]
-    only: Option<Part>,
+    only: Vec<Part>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,6 +75,8 @@ enum Part {
     Install,
     Firmware,
     Diskless,
+    /// A VM booting a copy-on-write overlay of the distro's disk image (`--disk-mode`).
+    DiskMode,
     /// A Debian 13 target without an address of ours installed beside a site DHCP server
     /// (proxyDHCP).
     Proxy,
@@ -98,7 +103,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     lab::down_on_interrupt(home.clone(), args.keep)?;
     let started = Instant::now();
-    let result = scenario(&args.distro, args.only);
+    let result = scenario(&args.distro, &args.only);
     match &result {
         Ok(()) => eprintln!("e2e: passed in {:.0}s", started.elapsed().as_secs_f64()),
         Err(e) => eprintln!(
@@ -110,11 +115,11 @@ pub fn run(args: Args) -> Result<()> {
     result.and(clean)
 }
 
-fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
-    let runs = |part: Part| only.is_none_or(|o| o == part);
+fn scenario(distro: &str, only: &[Part]) -> Result<()> {
+    let runs = |part: Part| only.is_empty() || only.contains(&part);
     step("`lab vm create` refuses bad definitions and changes nothing");
     rejects_bad_definitions()?;
-    if only == Some(Part::Definitions) {
+    if only == [Part::Definitions] {
         return Ok(());
     }
 
@@ -152,22 +157,34 @@ fn scenario(distro: &str, only: Option<Part>) -> Result<()> {
         types_into_the_installer_shell(&lab)?;
     }
     let distro = crate::distro::canonical_name(distro)?;
-    if runs(Part::Firmware) {
-        for (name, firmware) in [
-            ("bios-1", qemu::Firmware::Bios),
-            ("uefipxe-1", qemu::Firmware::UefiPxe),
-        ] {
-            step(&format!(
-                "{name}: {firmware:?} firmware reaches the installer"
-            ));
-            reaches_installer(&lab, name, &distro, firmware)?;
+    // The disk-mode VM boots beside the firmware and diskless parts' VMs: CI's time is tight.
+    std::thread::scope(|s| -> Result<()> {
+        let disk = runs(Part::DiskMode).then(|| {
+            step("disk-1 (--disk-mode) boots its overlay of the distro's image: SSH, no PXE");
+            s.spawn(|| diskmode::scenario(&lab, &distro))
+        });
+        if runs(Part::Firmware) {
+            for (name, firmware) in [
+                ("bios-1", qemu::Firmware::Bios),
+                ("uefipxe-1", qemu::Firmware::UefiPxe),
+            ] {
+                step(&format!(
+                    "{name}: {firmware:?} firmware reaches the installer"
+                ));
+                reaches_installer(&lab, name, &distro, firmware)?;
+            }
         }
-    }
-    if runs(Part::Diskless) {
-        step("diskless-1 and diskless-2 boot Debian 13 from one read-only NFS export");
-        let diskless = lab::artifacts::prepare(&lab, Arch::X86_64, diskless::DISTRO)?;
-        diskless::scenario(&lab, &diskless)?;
-    }
+        if runs(Part::Diskless) {
+            step("diskless-1 and diskless-2 boot Debian 13 from one read-only NFS export");
+            let diskless = lab::artifacts::prepare(&lab, Arch::X86_64, diskless::DISTRO)?;
+            diskless::scenario(&lab, &diskless)?;
+        }
+        match disk.map(|h| h.join()) {
+            Some(Err(_)) => bail!("the disk-mode part panicked"),
+            Some(Ok(r)) => r,
+            None => Ok(()),
+        }
+    })?;
     if runs(Part::Proxy) {
         step("proxy-1: the stack in proxyDHCP mode beside a site DHCP server; Debian 13 installs, answers SSH on the site's lease and finishes cloud-init");
         proxy::scenario()?;

@@ -83,6 +83,8 @@ pub struct Row {
     pub cloud_init: Option<u64>,
     /// The installer started the installed kernel with kexec (no firmware reboot).
     pub kexec: bool,
+    /// A disk-mode VM: its own system from the first instruction, no events, SSH is all.
+    pub disk_mode: bool,
 }
 
 impl Row {
@@ -92,12 +94,14 @@ impl Row {
         self.local_boot.is_some() && (self.installed.is_some() || self.installer.is_none())
             || self.kexec && self.installed.is_some()
             || self.nfs_root.is_some()
+            || self.disk_mode
     }
 
     /// SSH answers, and an installed system has also reported cloud-init done (the installer
     /// put the reporter there; a diskless root has none, so SSH is its last milestone).
     fn done(&self) -> bool {
-        self.ssh.is_some() && (self.cloud_init.is_some() || self.nfs_root.is_some())
+        self.ssh.is_some()
+            && (self.cloud_init.is_some() || self.nfs_root.is_some() || self.disk_mode)
     }
 
     /// Takes this boot's milestones (events at or after `started_ms`, Unix ms) from `timeline`.
@@ -162,6 +166,7 @@ pub fn wait_all(
             ip: vm.ip.map(|i| i.to_string()).unwrap_or_default(),
             mac: vm.mac.to_string(),
             distro: vm.distro.clone(),
+            disk_mode: super::diskmode::direct_boot(lab, vm).is_ok_and(|d| d.is_some()),
             ..Row::default()
         })
         .collect();
@@ -258,6 +263,8 @@ pub fn wait_all(
                     "SSH ready, waiting for cloud-init".to_string()
                 } else if row.nfs_root.is_some() {
                     "NFS root mounted, waiting for SSH".to_string()
+                } else if row.disk_mode {
+                    "booting its disk image, waiting for SSH".to_string()
                 } else if row.kexec && row.local_boot.is_none() {
                     "kexec'd into the installed system, waiting for SSH".to_string()
                 } else {

@@ -6,6 +6,7 @@
 
 pub mod artifacts;
 pub mod console;
+pub mod diskmode;
 pub mod follow;
 pub mod home;
 pub mod net;
@@ -192,6 +193,11 @@ struct CreateArgs {
     /// Boot diskless from an NFS root instead of installing.
     #[arg(long)]
     diskless: bool,
+    /// No PXE, no installer: boot a copy-on-write overlay of the distro's disk image
+    /// (`rootfs.img`) with its own kernel and initramfs, seeded by the stack's NoCloud documents
+    /// (`pxeboot: false`).
+    #[arg(long, conflicts_with = "diskless")]
+    disk_mode: bool,
     /// Disk size for qemu-img (e.g. 20G); a reprovision keeps it.
     #[arg(long, default_value = targets::DEFAULT_DISK_SIZE)]
     disk_size: String,
@@ -259,7 +265,12 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
             let existing = vms::load_all(&lab.vms_dir())?;
             let mut vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
             vms::assign_ipv6(lab, &mut vm)?;
-            targets::create_disk(lab, &vm.name, &c.disk_size)?;
+            if c.disk_mode {
+                vm.pxeboot = false;
+                diskmode::create(lab, &vm, &c.disk_size)?;
+            } else {
+                targets::create_disk(lab, &vm.name, &c.disk_size)?;
+            }
             vms::write_new(&lab.vms_dir(), &vm)?;
             println!(
                 "defined {} (MAC {}, IP {}{})",

@@ -68,6 +68,8 @@ pub struct Target<'a> {
     pub firmware: Firmware,
     pub accel: Accel,
     pub memory_mib: u32,
+    /// A disk-mode VM: QEMU loads its kernel and initramfs (SeaBIOS, no NIC boot).
+    pub direct: Option<&'a super::diskmode::DirectBoot>,
 }
 
 pub fn binary(arch: Arch) -> &'static str {
@@ -117,7 +119,13 @@ pub fn args(t: &Target) -> Result<Vec<String>> {
     }
     let (mem, cpus) = (t.memory_mib.to_string(), CPUS.to_string());
     push(&["-m", &mem, "-smp", &cpus]);
+    if let Some(d) = t.direct {
+        push(&["-kernel", &d.kernel.display().to_string()]);
+        push(&["-initrd", &d.initrd.display().to_string()]);
+        push(&["-append", &d.append]);
+    }
     match (t.firmware, t.uefi) {
+        _ if t.direct.is_some() => {}
         (Firmware::Bios, _) if t.arch != Arch::X86_64 => {
             bail!("--firmware bios exists only for x86_64 targets")
         }
@@ -412,6 +420,7 @@ mod tests {
             firmware,
             accel: Accel::Tcg,
             memory_mib: 1024,
+            direct: None,
         }
     }
 
@@ -560,6 +569,23 @@ mod tests {
             uefi.contains("IPv4Support,string=no"),
             "with the ROM, OVMF's own PXE and HTTP boot only delay the disk: {uefi}"
         );
+        let direct = super::super::diskmode::DirectBoot {
+            kernel: "/d/k".into(),
+            initrd: "/d/i".into(),
+            append: "root=/dev/vda ds=nocloud-net;s=http://x/".into(),
+        };
+        let disk_mode = args(&Target {
+            direct: Some(&direct),
+            ..target(Firmware::Uefi, p)
+        })
+        .unwrap();
+        let line = disk_mode.join(" ");
+        assert!(
+            line.contains("-kernel /d/k -initrd /d/i -append root=/dev/vda")
+                && !line.contains("pflash"),
+            "a disk-mode VM boots its kernel under SeaBIOS: {line}"
+        );
+        assert!(disk_mode.contains(&direct.append), "one argument: {line}");
         let arm = Target {
             arch: Arch::Aarch64,
             ..target(Firmware::Bios, p)

@@ -308,12 +308,20 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
     }
     let tap = tap_name(&vm.name);
     net.add_tap(&tap)?;
+    let direct = super::diskmode::direct_boot(lab, vm)?;
     let disk = lab.vm_file(&vm.name, VmFile::Disk);
+    if direct.is_some() && !disk.exists() {
+        bail!(
+            "{} is missing: `cargo xtask lab vm rm {}` and create it again",
+            disk.display(),
+            vm.name
+        );
+    }
     if !disk.exists() {
         create_disk(lab, &vm.name, DEFAULT_DISK_SIZE)?;
     }
     let vars = lab.vm_file(&vm.name, VmFile::Vars);
-    let code = if firmware == Firmware::Bios {
+    let code = if firmware == Firmware::Bios || direct.is_some() {
         None
     } else {
         let (code, template) = qemu::uefi_firmware(vm.arch)?;
@@ -345,6 +353,7 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
         firmware,
         accel,
         memory_mib: MEMORY_MIB,
+        direct: direct.as_ref(),
     };
     let _starting = super::may_start()?;
     qemu::start(&net, &target)?;
@@ -452,6 +461,9 @@ fn stop_kind(vm: Option<&VmDefinition>, state: Option<VmState>) -> qemu::Stop {
 /// stack told to forget the install (started first if it is not running).
 pub fn reprovision(lab: &Lab, name: &str) -> Result<()> {
     let vm = definition(lab, name)?;
+    if super::diskmode::direct_boot(lab, &vm)?.is_some() {
+        bail!("{name} is a disk-mode VM and is never installed: `cargo xtask lab vm rm {name}` and create it again for a fresh disk");
+    }
     // The disk is blanked next: nothing on it needs a shutdown.
     power_off(lab, name)?;
     blank_disk(lab, name)?;
@@ -479,6 +491,7 @@ pub fn remove(lab: &Lab, name: &str) -> Result<()> {
     ] {
         let _ = std::fs::remove_file(lab.vm_file(name, kind));
     }
+    super::diskmode::remove(lab, name);
     ssh::forget_host_key(lab, &vm.name);
     println!("{name} removed");
     Ok(())

@@ -270,7 +270,8 @@ impl Store {
 
     /// Copy blob `digest` to `dest` atomically (temp file in dest's directory + rename), mode 0644.
     /// A copy, not a hard link, so editing the result can never corrupt the store; on
-    /// filesystems with reflinks (`copy_file_range`) it costs no data copy.
+    /// filesystems with reflinks (`copy_file_range`) it costs no data copy, and holes stay holes
+    /// (a disk image is mostly free space).
     pub fn materialize(&self, digest: &str, dest: &Path) -> Result<()> {
         if !self.has(digest)? {
             bail!(
@@ -286,7 +287,7 @@ impl Store {
         let tmp = tempfile::Builder::new()
             .prefix(".materialize-")
             .tempfile_in(dir)?;
-        fs::copy(self.blob_path(digest), tmp.path())
+        copy_sparse(&self.blob_path(digest), tmp.as_file())
             .with_context(|| format!("copying blob {digest} to {}", dest.display()))?;
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
         tmp.as_file().sync_all()?;
@@ -402,6 +403,49 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Copies `src` into the empty file `dst` range by range of data (`SEEK_DATA`/`SEEK_HOLE`), so
+/// the copy keeps the source's holes.
+fn copy_sparse(src: &Path, dst: &File) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let from = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let len = from.metadata()?.len();
+    let (fd_in, fd_out) = (from.as_raw_fd(), dst.as_raw_fd());
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a descriptor we own; errors are returned, not UB.
+        let data = unsafe { libc::lseek(fd_in, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: only a hole is left.
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd_in, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error()).context("SEEK_HOLE");
+        }
+        let (mut off_in, mut off_out) = (data, data);
+        while off_in < hole {
+            // SAFETY: both descriptors are open; the offsets are ours to advance.
+            let n = unsafe {
+                libc::copy_file_range(
+                    fd_in,
+                    &mut off_in,
+                    fd_out,
+                    &mut off_out,
+                    (hole - off_in) as usize,
+                    0,
+                )
+            };
+            if n <= 0 {
+                return Err(std::io::Error::last_os_error()).context("copy_file_range ended early");
+            }
+        }
+        pos = hole;
+    }
+    dst.set_len(len)?;
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -429,6 +473,27 @@ mod tests {
         store.materialize(&d, &out).unwrap();
         assert_eq!(fs::read(&out).unwrap(), b"hello");
         assert!(validate_digest("../../etc/passwd").is_err());
+    }
+
+    #[test]
+    fn materialized_copies_keep_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let src = dir.path().join("sparse");
+        let f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        let mut f = std::io::BufWriter::new(f);
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(b"data in the middle").unwrap();
+        drop(f);
+        let bytes = fs::read(&src).unwrap();
+        let d = store.insert_file(&src, None).unwrap();
+        let out = dir.path().join("copy");
+        store.materialize(&d, &out).unwrap();
+        assert!(fs::read(&out).unwrap() == bytes);
+        let allocated = fs::metadata(&out).unwrap().blocks() * 512;
+        assert!(allocated < 1 << 20, "{allocated} bytes allocated");
     }
 
     #[test]
