@@ -478,3 +478,52 @@ fn stalled_download_is_dropped() {
         "the whole file arrived ({total} bytes): no write timeout"
     );
 }
+
+/// Pipelined requests filling more than one read of the server (16 KiB of 64-byte requests, so
+/// a read may end exactly between two) are all answered: a ready connection is reported once,
+/// so the server must read again on its own while reads come back full.
+#[test]
+fn pipelined_requests_beyond_one_read_are_all_answered() {
+    let s = Stack::with(quick(64, 10_000), true);
+    let mut one = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+    one.resize(60, b'p');
+    one.extend_from_slice(b"\r\n\r\n");
+    assert_eq!(one.len(), 64);
+    const COUNT: usize = 256;
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.write_all(&one.repeat(COUNT)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1 << 16];
+    let started = Instant::now();
+    while got.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count() < COUNT {
+        match c.read(&mut buf) {
+            Ok(0) => panic!("the server closed the connection"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "{e} after {:?}: {} of {COUNT} replies",
+                started.elapsed(),
+                got.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count()
+            ),
+        }
+    }
+}
+
+/// A client that sends its request and then closes its side gets the reply and the server's
+/// close at once, not when the idle connection would be swept.
+#[test]
+fn a_client_that_closes_its_side_gets_the_reply_and_the_close() {
+    let s = Stack::with(quick(64, 10_000), true);
+    for _ in 0..20 {
+        let mut c = TcpStream::connect(s.addr).unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let started = Instant::now();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply)
+            .unwrap_or_else(|e| panic!("no close after {:?}: {e}", started.elapsed()));
+        assert!(reply.starts_with(b"HTTP/1.1 200 OK"), "{reply:?}");
+    }
+}
