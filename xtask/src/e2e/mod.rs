@@ -158,11 +158,9 @@ fn scenario(distro: &str, only: &[Part]) -> Result<()> {
         types_into_the_installer_shell(&lab)?;
     }
     let distro = crate::distro::canonical_name(distro)?;
-    // The disk-mode VM boots beside the firmware and diskless parts' VMs: CI's time is tight.
     std::thread::scope(|s| -> Result<()> {
-        // Only on request: in a CI run beside the diskless pair (three TCG guests on two
-        // cores) its cloud-init fell back to DataSourceNone without the stack's seed (no host
-        // name, no login) and SSH never answered; not yet understood.
+        // Only on request: in CI beside the diskless pair its cloud-init fell back to
+        // DataSourceNone (no seed from the stack, no login); not yet understood.
         let disk = only.contains(&Part::DiskMode).then(|| {
             step("disk-1 (--disk-mode) boots its overlay of the distro's image: SSH, no PXE");
             s.spawn(|| diskmode::scenario(&lab, &distro))
