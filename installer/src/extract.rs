@@ -2,12 +2,13 @@
 //! modes, owners, mtimes, symlinks, hardlinks, device nodes and xattrs.
 //!
 //! `pxelab-untar` does the unpacking (beneath the root, never outside it, with few system calls
-//! per entry: they are what costs in an emulated guest). Decompression, download and sha256 run
-//! on a second thread.
+//! per entry: they are what costs in an emulated guest). Download with sha256, and decompression,
+//! run on two more threads.
 
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::time::{Duration, Instant};
 
 /// How the tarball is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,41 +47,73 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// Size of the decompressed chunks handed from the decompressing thread to the unpacking one.
+/// Size of the chunks handed from one thread to the next.
 const CHUNK: usize = 256 << 10;
-/// Chunks in flight: bounds memory (4 MiB) while letting both threads run.
+/// Chunks in flight between two threads: bounds memory (4 MiB) while letting both run.
 const IN_FLIGHT: usize = 16;
 
-/// Decompresses `input` on a second thread (download, sha256 and decompression there; file
-/// writes here) and unpacks it into `root`. Returns `input` back, so the caller can drain and
-/// verify the rest of it whatever happened here.
+/// Unpacks the (compressed) tarball `input` into `root`, downloading and decompressing on
+/// other threads ([`decompressed`]). Returns `input` back, so the caller can drain and verify
+/// the rest of it whatever happened here.
 pub fn extract<R: Read + Send + 'static>(input: R, root: &Path) -> (io::Result<Stats>, R) {
-    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(IN_FLIGHT);
-    let producer = std::thread::spawn(move || {
+    decompressed(input, |bytes| unpack(bytes, root))
+}
+
+/// Runs `consume` on the decompressed bytes of `input`, a pipeline of three threads: one reads
+/// `input` (for the installer: the download and its sha256), one decompresses, and this one
+/// consumes. In an emulated guest each stage costs seconds of CPU, and the guest has two
+/// vCPUs. Returns `input` back, as [`extract`] does.
+pub fn decompressed<R: Read + Send + 'static, T>(
+    input: R,
+    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+) -> (io::Result<T>, R) {
+    let (raw_tx, raw_rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(IN_FLIGHT);
+    let reader = std::thread::spawn(move || {
         let mut input = input;
-        if let Err(e) = decompress(&mut input, &tx) {
+        let mut busy = Duration::ZERO;
+        if let Err(e) = pump(&mut input, &raw_tx, &mut busy) {
+            let _ = raw_tx.send(Err(e));
+        }
+        (input, busy)
+    });
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(IN_FLIGHT);
+    let decompressor = std::thread::spawn(move || {
+        let mut raw = Chunks::new(raw_rx);
+        let mut busy = Duration::ZERO;
+        if let Err(e) = decompress(&mut raw, &tx, &mut busy) {
             let _ = tx.send(Err(e));
         }
-        input
+        busy.saturating_sub(raw.waited)
     });
-    // The receiver is dropped when unpack returns, which stops the producer early on failure.
-    let stats = unpack(
-        Chunks {
-            rx,
-            chunk: Vec::new(),
-            pos: 0,
-        },
-        root,
-    );
-    match producer.join() {
-        Ok(input) => (stats, input),
+    // Each receiver is dropped when its stage returns, which stops the stages before it early
+    // on failure.
+    let mut bytes = Chunks::new(rx);
+    let result = consume(&mut bytes);
+    let decompressing = match decompressor.join() {
+        Ok(busy) => busy,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    match reader.join() {
+        Ok((input, reading)) => {
+            crate::say!(
+                "pipeline: reading {:.1} s, decompressing {:.1} s, the last stage waited {:.1} s",
+                reading.as_secs_f64(),
+                decompressing.as_secs_f64(),
+                bytes.waited.as_secs_f64()
+            );
+            (result, input)
+        }
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 
 /// Detects the compression by magic and sends the decompressed bytes in chunks, until the end
 /// or until the receiver hangs up.
-fn decompress(input: &mut impl Read, tx: &SyncSender<io::Result<Vec<u8>>>) -> io::Result<()> {
+fn decompress(
+    input: &mut impl Read,
+    tx: &SyncSender<io::Result<Vec<u8>>>,
+    busy: &mut Duration,
+) -> io::Result<()> {
     let mut magic = [0u8; 4];
     let mut got = 0;
     while got < magic.len() {
@@ -103,11 +136,24 @@ fn decompress(input: &mut impl Read, tx: &SyncSender<io::Result<Vec<u8>>>) -> io
             ))
         }
     };
+    pump(&mut decoder, tx, busy)
+}
+
+/// Sends what `source` reads in chunks, until its end or until the receiver hangs up; adds the
+/// time spent reading to `busy`.
+fn pump(
+    source: &mut dyn Read,
+    tx: &SyncSender<io::Result<Vec<u8>>>,
+    busy: &mut Duration,
+) -> io::Result<()> {
     loop {
         let mut chunk = vec![0u8; CHUNK];
         let mut filled = 0;
         while filled < CHUNK {
-            match decoder.read(&mut chunk[filled..]) {
+            let clock = Instant::now();
+            let read = source.read(&mut chunk[filled..]);
+            *busy += clock.elapsed();
+            match read {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -130,12 +176,28 @@ struct Chunks {
     rx: Receiver<io::Result<Vec<u8>>>,
     chunk: Vec<u8>,
     pos: usize,
+    /// How long reads waited for the stage before.
+    waited: Duration,
+}
+
+impl Chunks {
+    fn new(rx: Receiver<io::Result<Vec<u8>>>) -> Chunks {
+        Chunks {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            waited: Duration::ZERO,
+        }
+    }
 }
 
 impl Read for Chunks {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.chunk.len() {
-            match self.rx.recv() {
+            let clock = Instant::now();
+            let next = self.rx.recv();
+            self.waited += clock.elapsed();
+            match next {
                 Ok(Ok(chunk)) => {
                     self.chunk = chunk;
                     self.pos = 0;
@@ -151,7 +213,7 @@ impl Read for Chunks {
     }
 }
 
-fn unpack(tar_stream: impl Read, root: &Path) -> io::Result<Stats> {
+fn unpack(tar_stream: &mut dyn Read, root: &Path) -> io::Result<Stats> {
     let mut counting = Counting {
         inner: tar_stream,
         count: 0,

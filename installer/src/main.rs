@@ -18,6 +18,7 @@ mod extract;
 mod firstboot;
 mod hostkeys;
 mod http;
+mod image;
 mod kexec;
 mod login;
 mod mkfs;
@@ -31,7 +32,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use pxelab_contract::{Event, InstallerConfig, Phase};
+use pxelab_contract::{Artifact, Event, InstallerConfig, Phase};
 
 use crate::config::Args;
 use crate::disk::Disk;
@@ -229,14 +230,28 @@ impl Run<'_> {
 
         let mut mounts = Mounts::new();
         let target = self.args.target.clone();
+        let image = config.disk_image.as_ref();
         let ids =
-            make_filesystems(&esp_dev, &root_dev, &target, &mut mounts).map_err(at(Phase::Mkfs))?;
-        self.done(
-            Phase::Mkfs,
-            format!("root UUID {}, ESP UUID {}", ids.root_uuid, ids.esp_uuid),
-        );
+            make_filesystems(&esp_dev, &root_dev, image.is_none()).map_err(at(Phase::Mkfs))?;
+        let root = match image {
+            Some(_) => "root from the image".to_string(),
+            None => {
+                (mounts.mount(&root_dev, &target, "ext4", "")).map_err(at(Phase::Mkfs))?;
+                format!("root UUID {}", ids.root_uuid)
+            }
+        };
+        self.done(Phase::Mkfs, format!("{root}, ESP UUID {}", ids.esp_uuid));
 
-        let message = self.stream_rootfs(&target).map_err(at(Phase::Rootfs))?;
+        let message = match image {
+            Some(image) => self.write_image(image, &root_dev, &ids),
+            None => self.stream_rootfs(&target),
+        }
+        .map_err(at(Phase::Rootfs))?;
+        if image.is_some() {
+            mounts
+                .mount(&root_dev, &target, "ext4", "")
+                .map_err(at(Phase::Rootfs))?;
+        }
         self.done(Phase::Rootfs, message);
 
         let (host_keys, first_boot) = (|| -> Result<(Vec<String>, String)> {
@@ -314,6 +329,48 @@ impl Run<'_> {
     /// HTTP → sha256 → decompress → tar, with progress events; verified before returning.
     fn stream_rootfs(&mut self, target: &Path) -> Result<String> {
         let artifact = &self.config.rootfs;
+        let started = Instant::now();
+        let stream = self.verified_stream(artifact);
+        let (extracted, stream) = extract::extract(stream, target);
+        let (summary, stats) = verified(stream, extracted, &artifact.url, "unpacking")?;
+        Ok(format!(
+            "{} entries, {} unpacked from {} (sha256 verified, {} reconnects) at {:.1} MiB/s",
+            stats.entries,
+            human_bytes(stats.tar_bytes),
+            human_bytes(summary.bytes),
+            summary.reconnects,
+            rate(summary.bytes, started)
+        ))
+    }
+
+    /// HTTP → sha256 → decompress → the root partition, verified; then the install's UUID and
+    /// the whole partition ([`image`]).
+    fn write_image(&mut self, artifact: &Artifact, root_dev: &Path, ids: &FsIds) -> Result<String> {
+        let started = Instant::now();
+        let stream = self.verified_stream(artifact);
+        let (written, stream) =
+            extract::decompressed(stream, |bytes| image::write(bytes, root_dev));
+        let (summary, written) = verified(stream, written, &artifact.url, "writing")?;
+        let streamed = started.elapsed();
+        image::adopt(root_dev, &ids.root_uuid, mkfs::ROOT_LABEL)?;
+        Ok(format!(
+            "image of {} ({} of data, the rest zeroed) from {} (sha256 verified, {} reconnects) at {:.1} MiB/s in {:.1} s (waiting for data {:.1} s, writing {:.1} s, zeroing {:.1} s); UUID {}, grown to the partition in {:.1} s",
+            human_bytes(written.image),
+            human_bytes(written.data),
+            human_bytes(summary.bytes),
+            summary.reconnects,
+            rate(summary.bytes, started),
+            streamed.as_secs_f64(),
+            written.waiting,
+            written.writing,
+            written.zeroing,
+            ids.root_uuid,
+            (started.elapsed() - streamed).as_secs_f64()
+        ))
+    }
+
+    /// The download of `artifact`, resumable and hashed, reporting its progress.
+    fn verified_stream(&mut self, artifact: &Artifact) -> VerifiedStream<HttpSource> {
         let source = HttpSource::new(self.http.clone(), &artifact.url, artifact.size);
         let mut stream = VerifiedStream::new(
             source,
@@ -330,38 +387,40 @@ impl Run<'_> {
             progress.update(done);
             if last_log.elapsed() >= Duration::from_secs(5) {
                 last_log = Instant::now();
-                let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001) / 1048576.0;
                 say!(
-                    "rootfs: {:.0} % of {} ({rate:.1} MiB/s)",
+                    "rootfs: {:.0} % of {} ({:.1} MiB/s)",
                     done as f64 * 100.0 / total as f64,
-                    human_bytes(total)
+                    human_bytes(total),
+                    rate(done, started)
                 );
             }
         }));
-        let (extracted, mut stream) = extract::extract(stream, target);
-        // Drain and verify even when extraction failed: a digest mismatch is the root cause to
-        // report (corrupt bytes usually surface first as a decompression error).
-        let verified = stream.finish();
-        let (summary, stats) = match (verified, extracted) {
-            (Err(e @ StreamError::HashMismatch { .. }), _) => {
-                return Err(err(format!("{e}; nothing was made bootable")))
-            }
-            (Err(e), Ok(_)) | (Err(e), Err(_)) => {
-                return Err(err(format!("downloading {}: {e}", artifact.url)))
-            }
-            (Ok(_), Err(e)) => return Err(err(format!("unpacking {}: {e}", artifact.url))),
-            (Ok(summary), Ok(stats)) => (summary, stats),
-        };
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        Ok(format!(
-            "{} entries, {} unpacked from {} (sha256 verified, {} reconnects) at {:.1} MiB/s",
-            stats.entries,
-            human_bytes(stats.tar_bytes),
-            human_bytes(summary.bytes),
-            summary.reconnects,
-            summary.bytes as f64 / secs / 1048576.0
-        ))
+        stream
     }
+}
+
+/// Drains and verifies `stream` whatever `done` says: a digest mismatch is the root cause to
+/// report (corrupt bytes usually surface first as a decompression error). `doing` names what
+/// `done` did with the bytes.
+fn verified<T>(
+    mut stream: VerifiedStream<HttpSource>,
+    done: std::io::Result<T>,
+    url: &str,
+    doing: &str,
+) -> Result<(stream::Summary, T)> {
+    match (stream.finish(), done) {
+        (Err(e @ StreamError::HashMismatch { .. }), _) => {
+            Err(err(format!("{e}; nothing was made bootable")))
+        }
+        (Err(e), _) => Err(err(format!("downloading {url}: {e}"))),
+        (Ok(_), Err(e)) => Err(err(format!("{doing} {url}: {e}"))),
+        (Ok(summary), Ok(value)) => Ok((summary, value)),
+    }
+}
+
+/// MiB/s of `bytes` since `started`.
+fn rate(bytes: u64, started: Instant) -> f64 {
+    bytes as f64 / started.elapsed().as_secs_f64().max(0.001) / 1048576.0
 }
 
 /// The target disk and why it was chosen, checked before anything is written: a disk that
@@ -399,11 +458,13 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn make_filesystems(esp: &Path, root: &Path, target: &Path, mounts: &mut Mounts) -> Result<FsIds> {
+/// The ESP, and the root filesystem unless an image brings its own.
+fn make_filesystems(esp: &Path, root: &Path, make_root: bool) -> Result<FsIds> {
     let ids = FsIds::random()?;
     mkfs::esp(esp, &ids)?;
-    mkfs::ext4(root, &ids)?;
-    mounts.mount(root, target, "ext4", "")?;
+    if make_root {
+        mkfs::ext4(root, &ids)?;
+    }
     Ok(ids)
 }
 

@@ -12,6 +12,7 @@ mod common;
 
 use common::{lab_login, private_network, require_root_and_tools, serial, MAC};
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use pxelab_tests::{sha256_hex, Behavior, FixtureServer, LoopDisk};
 
 const GIB: u64 = 1 << 30;
 
-/// The pulled rootfs.tar.zst, in `home`.
+/// Where `distro pull debian-12` published into `home`.
 fn pull_debian(home: &Path) -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -32,7 +33,24 @@ fn pull_debian(home: &Path) -> PathBuf {
             .current_dir(&workspace)
             .env("PXELAB_HOME", home),
     );
-    home.join("images/debian-12/x86_64/rootfs.tar.zst")
+    home.join("images/debian-12/x86_64")
+}
+
+/// What the installer is given: the tarball, and with `image` the block image too (which it
+/// then installs instead).
+struct Payload {
+    rootfs: Vec<u8>,
+    image: Option<Vec<u8>>,
+}
+
+impl Payload {
+    fn pulled(home: &Path, image: bool) -> Payload {
+        let dir = pull_debian(home);
+        Payload {
+            rootfs: fs::read(dir.join("rootfs.tar.zst")).expect("the pulled rootfs"),
+            image: image.then(|| fs::read(dir.join("rootfs.img.zst")).expect("the pulled image")),
+        }
+    }
 }
 
 /// The names of the modules built into a GRUB EFI image (each module is an ELF object whose
@@ -129,14 +147,16 @@ fn sys_debian_install_survives_update_grub_and_sshd_loads_its_keys() {
     let _serial = serial();
     require_root_and_tools();
     let home = tempfile::tempdir().unwrap();
-    let rootfs = fs::read(pull_debian(home.path())).expect("the pulled rootfs");
-    private_network().within(|| install_and_check(rootfs));
+    let payload = Payload::pulled(home.path(), true);
+    private_network().within(|| install_and_check(payload));
 }
 
 /// Runs the installer onto `disk` with the real rootfs and returns its final event.
-fn install(rootfs: Vec<u8>, disk: &LoopDisk) -> Event {
+fn install(payload: Payload, disk: &LoopDisk) -> Event {
     let server = FixtureServer::start();
     let rootfs_path = "/images/debian-12/x86_64/rootfs.tar.zst";
+    let image_path = "/images/debian-12/x86_64/rootfs.img.zst";
+    let Payload { rootfs, image } = payload;
     let config = InstallerConfig {
         name: "deb-1".into(),
         mac: MAC.parse().unwrap(),
@@ -147,6 +167,11 @@ fn install(rootfs: Vec<u8>, disk: &LoopDisk) -> Event {
             sha256: sha256_hex(&rootfs),
             size: rootfs.len() as u64,
         },
+        disk_image: image.as_ref().map(|image| Artifact {
+            url: server.url(image_path),
+            sha256: sha256_hex(image),
+            size: image.len() as u64,
+        }),
         cloud_init_url: server.url("/cloud-init/deb-1/"),
         events_url: server.url("/events/deb-1"),
         disk: Some(disk.dev().to_string()),
@@ -156,6 +181,9 @@ fn install(rootfs: Vec<u8>, disk: &LoopDisk) -> Event {
         wipe: None,
     };
     server.serve(rootfs_path, rootfs, Behavior::Normal);
+    if let Some(image) = image {
+        server.serve(image_path, image, Behavior::Normal);
+    }
     server.serve(
         "/cloud-init/deb-1/meta-data",
         "instance-id: deb-1\n",
@@ -190,9 +218,37 @@ fn install(rootfs: Vec<u8>, disk: &LoopDisk) -> Event {
     installed
 }
 
-fn install_and_check(rootfs: Vec<u8>) {
+fn install_and_check(payload: Payload) {
     let disk = LoopDisk::new(6 * GIB);
-    let installed = install(rootfs, &disk);
+    // Old data where the root filesystem's metadata goes: the image's runs of zeros must be
+    // zeroed on the disk, not skipped (the first MiB stays blank, so no wipe is needed).
+    let stale = fs::OpenOptions::new()
+        .write(true)
+        .open(disk.image())
+        .unwrap();
+    stale
+        .write_all_at(&vec![0xaa; 64 << 20], 516 << 20)
+        .unwrap();
+    drop(stale);
+    let installed = install(payload, &disk);
+    let fsck = output(Command::new("e2fsck").args(["-fn", &disk.partition(2)]));
+    assert!(
+        fsck.status.success(),
+        "the installed root filesystem is not clean:\n{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let fields = blkid_fields(&disk.partition(2));
+    assert_eq!(fields.get("LABEL").map(String::as_str), Some("pxelab-root"));
+    let blocks = must(&["dumpe2fs", "-h", &disk.partition(2)]);
+    let count: u64 = blocks
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("dumpe2fs's block count");
+    assert!(
+        count * 4096 > 5 * GIB,
+        "the image was not grown to its 5.5 GiB partition: {count} blocks"
+    );
     let root = disk.path("root");
     fs::create_dir_all(&root).unwrap();
     check(Command::new("mount").arg(disk.partition(2)).arg(&root));
@@ -326,9 +382,10 @@ fn sys_debian_disk_boots_under_seabios_before_and_after_update_grub() {
     require_root_and_tools();
     require("qemu-system-x86_64", "qemu-system-x86");
     let home = tempfile::tempdir().unwrap();
-    let rootfs = fs::read(pull_debian(home.path())).expect("the pulled rootfs");
+    // The tarball path (a distro pulled before images existed, or without one).
+    let payload = Payload::pulled(home.path(), false);
     let disk = LoopDisk::new(6 * GIB);
-    private_network().within(|| install(rootfs, &disk));
+    private_network().within(|| install(payload, &disk));
     let uuid = must(&["blkid", "-s", "UUID", "-o", "value", &disk.partition(2)]);
 
     // The installer's own /boot/grub/grub.cfg: its one entry is named after the kernel.
@@ -360,6 +417,15 @@ fn sys_debian_disk_boots_under_seabios_before_and_after_update_grub() {
 
 /// Writes back and drops the host's buffers of the disk and its root partition: the guest
 /// reads and writes the whole disk around them.
+/// `blkid -o export`'s fields of `dev`.
+fn blkid_fields(dev: &str) -> std::collections::HashMap<String, String> {
+    must(&["blkid", "-o", "export", dev])
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 fn flush(disk: &LoopDisk) {
     check(&mut Command::new("sync"));
     for dev in [disk.dev().to_string(), disk.partition(2)] {

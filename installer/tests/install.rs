@@ -333,6 +333,7 @@ fn lab(disk_size: u64, rootfs_behavior: Behavior) -> Lab {
             sha256: sha256_hex(&r.zst),
             size: r.zst.len() as u64,
         },
+        disk_image: None,
         cloud_init_url: server.url("/cloud-init/t1/"),
         events_url: server.url(EVENTS_PATH),
         disk: Some(disk.dev().to_string()),

@@ -38,6 +38,7 @@ fn server(disk: &str, wipe: Option<&str>) -> FixtureServer {
             sha256: "0".repeat(64),
             size: 1 << 20,
         },
+        disk_image: None,
         cloud_init_url: server.url("/cloud-init/t1/"),
         events_url: server.url(EVENTS),
         disk: Some(disk.to_string()),

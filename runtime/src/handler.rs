@@ -354,6 +354,11 @@ impl Context {
                 sha256: manifest.rootfs.sha256.clone(),
                 size: manifest.rootfs.size,
             },
+            disk_image: manifest.disk_image_zst.as_ref().map(|f| Artifact {
+                url: format!("{images}/{}", f.file),
+                sha256: f.sha256.clone(),
+                size: f.size,
+            }),
             cloud_init_url: format!("{base}/cloud-init/{}/", vm.name),
             events_url: format!("{base}/events/{}?token={token}", vm.mac),
             disk: vm.disk.clone(),

@@ -430,6 +430,38 @@ fn config_for_a_known_vm() {
         (c["reboot"].as_bool(), c["reboot_on_success"].as_bool()),
         (Some(false), Some(false))
     );
+    assert!(c.get("disk_image").is_none(), "no image was pulled: {c}");
+
+    // A pull that built the block image: the installer is told to write it instead.
+    let img = s.root().join("images/debian-12/x86_64");
+    let image = b"EXT4-IMAGE-ZSTD";
+    std::fs::write(img.join("rootfs.img.zst"), image).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(img.join("manifest.json")).unwrap()).unwrap();
+    manifest["disk_image_zst"] = serde_json::json!(
+        {"file": "rootfs.img.zst", "sha256": common::sha256_of(image), "size": image.len()}
+    );
+    std::fs::write(img.join("manifest.json"), manifest.to_string()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let c = loop {
+        let c = s.get(&format!("/config/{MAC}?token={token}")).json();
+        if c.get("disk_image").is_some() || std::time::Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(
+        c["disk_image"],
+        serde_json::json!({
+            "url": "http://pxe.test/images/debian-12/x86_64/rootfs.img.zst",
+            "sha256": common::sha256_of(image),
+            "size": image.len(),
+        })
+    );
+    assert_eq!(
+        c["rootfs_url"], c["rootfs"]["url"],
+        "the tarball stays named"
+    );
 }
 
 #[test]

@@ -155,7 +155,8 @@ fn rootfs(path: &Path) {
     fs::write(path, zstd::encode_all(&tar[..], 3).unwrap()).unwrap();
 }
 
-fn build(tar: &Path, dir: &Path) -> Vec<u8> {
+/// The image and its compressed form.
+fn build(tar: &Path, dir: &Path) -> (Vec<u8>, Vec<u8>) {
     let (scratch, out) = (dir.join("scratch"), dir.join("out"));
     fs::create_dir_all(&scratch).unwrap();
     fs::create_dir_all(&out).unwrap();
@@ -166,7 +167,15 @@ fn build(tar: &Path, dir: &Path) -> Vec<u8> {
         fs::read(out.join(diskimg::INITRD)).unwrap(),
         b"initramfs bytes"
     );
-    fs::read(out.join(diskimg::IMAGE)).unwrap()
+    let image = fs::read(out.join(diskimg::IMAGE)).unwrap();
+    let streamed = fs::read(out.join(diskimg::IMAGE_ZST)).unwrap();
+    assert!(
+        zstd::decode_all(&streamed[..]).unwrap() == image,
+        "{} is not {} compressed",
+        diskimg::IMAGE_ZST,
+        diskimg::IMAGE
+    );
+    (image, streamed)
 }
 
 #[test]
@@ -178,12 +187,12 @@ fn sys_disk_images_are_reproducible_and_hold_exactly_their_tar() {
     let work = tempfile::tempdir().unwrap();
     let tar = work.path().join("rootfs.tar.zst");
     rootfs(&tar);
-    let one = build(&tar, &work.path().join("one"));
+    let (one, one_zst) = build(&tar, &work.path().join("one"));
     // Another time of day and another umask must not show.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     // SAFETY: umask has no preconditions.
     let old = unsafe { libc::umask(0o077) };
-    let two = build(&tar, &work.path().join("two"));
+    let (two, two_zst) = build(&tar, &work.path().join("two"));
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     assert!(
@@ -192,6 +201,7 @@ fn sys_disk_images_are_reproducible_and_hold_exactly_their_tar() {
         pxelab_tests::sha256_hex(&one),
         pxelab_tests::sha256_hex(&two)
     );
+    assert!(one_zst == two_zst, "the two compressed images differ");
 
     let disk = LoopDisk::new(one.len() as u64);
     fs::write(disk.image(), &one).unwrap();

@@ -650,6 +650,7 @@ fn gc_keeps_published_lab_artifacts_and_the_records_that_built_them() {
             sha256: disk.clone(),
             size: 13,
         }),
+        disk_image_zst: None,
         initramfs: None,
     };
     fs::write(

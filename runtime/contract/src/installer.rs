@@ -34,6 +34,12 @@ pub struct InstallerConfig {
     pub distro: String,
     /// The root filesystem tarball (`rootfs.tar.zst` or `.tar.gz`).
     pub rootfs: Artifact,
+    /// The same tree as a zstd-compressed ext4 image (`rootfs.img.zst`). When present the
+    /// installer writes it onto the root partition instead of making a filesystem and unpacking
+    /// `rootfs` (in an emulated guest, creating files is what costs), then gives it the
+    /// install's own UUID and grows it to the partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_image: Option<Artifact>,
     /// Base URL of the NoCloud documents, ending in `/` (`…/cloud-init/<name>/`).
     pub cloud_init_url: String,
     /// Where to `POST` [`crate::Event`]s.
@@ -108,6 +114,9 @@ pub struct DistroManifest {
     /// tree as `rootfs`, built reproducibly; disk-mode VMs boot copy-on-write overlays of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_image: Option<ManifestFile>,
+    /// `disk_image` compressed with zstd (`rootfs.img.zst`): what the installer streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_image_zst: Option<ManifestFile>,
     /// The root filesystem's own initramfs for `kernel_version` (`initrd.img`), for booting
     /// `disk_image` straight from its kernel, without a boot loader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,6 +131,7 @@ impl DistroManifest {
             self.kernel.as_ref(),
             self.modules.as_ref(),
             self.disk_image.as_ref(),
+            self.disk_image_zst.as_ref(),
             self.initramfs.as_ref(),
         ]
         .into_iter()

@@ -291,6 +291,7 @@ fn manifest_for(job: &Job, built: &Built) -> Result<PullManifest> {
             kernel: Some(built.file("vmlinuz")?),
             modules: Some(built.file("modules.cpio.zst")?),
             disk_image: Some(built.file(diskimg::IMAGE)?),
+            disk_image_zst: Some(built.file(diskimg::IMAGE_ZST)?),
             initramfs: built.file(diskimg::INITRD).ok(),
         },
         distro: job.recipe.name.clone(),

@@ -160,7 +160,7 @@ impl RootfsWriter {
     }
 }
 
-fn encoder<W: Write>(inner: W) -> Result<zstd::stream::write::Encoder<'static, W>> {
+pub(super) fn encoder<W: Write>(inner: W) -> Result<zstd::stream::write::Encoder<'static, W>> {
     let mut encoder = zstd::stream::write::Encoder::new(inner, ZSTD_LEVEL)?;
     // Fixed at 2 workers whatever the machine: the bytes are the same for any count ≥ 1, and the
     // build machines have 2 cores.
