@@ -32,6 +32,7 @@ use crate::{
     access::Leases,
     child::{self, Supervised},
     dnsmasq::{self, DnsmasqSettings},
+    etcd::Etcd,
     events::EventStore,
     handler::{self, Context},
     images::Catalog,
@@ -61,6 +62,8 @@ pub struct Options {
     pub nfs: Option<NfsSettings>,
     /// The enrollment API's operator token; `None` serves no API.
     pub api_token: Option<String>,
+    /// `--store etcd://…`: the cluster keeping definitions, states and tokens; `None`: files.
+    pub etcd: Option<Arc<Etcd>>,
 }
 
 /// Runs until SIGTERM/SIGINT. Errors are one line naming what to fix.
@@ -87,8 +90,19 @@ pub fn run(opts: Options) -> Result<(), String> {
         }
     }
 
-    let vms = Arc::new(VmStore::new(opts.vms_dir.clone()));
-    let events = Arc::new(EventStore::open(&opts.state_dir).map_err(|e| e.to_string())?);
+    let mut events = EventStore::open(&opts.state_dir).map_err(|e| e.to_string())?;
+    let vms = Arc::new(match &opts.etcd {
+        Some(etcd) => {
+            log!(
+                "definitions, states and boot tokens are kept in etcd ({})",
+                etcd.endpoints().join(", ")
+            );
+            events = events.share(etcd.clone());
+            VmStore::shared(opts.vms_dir.clone(), etcd.clone())
+        }
+        None => VmStore::new(opts.vms_dir.clone()),
+    });
+    let events = Arc::new(events);
 
     let catalog = Arc::new(Catalog::new(
         opts.images_dir.clone(),
@@ -179,7 +193,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             last_scan = Instant::now();
             if reload {
                 vms.refresh();
-            } else if !watched {
+            } else if !watched || vms.is_shared() {
                 vms.rescan();
             }
             let now = vms.current().generation;

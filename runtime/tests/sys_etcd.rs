@@ -1,0 +1,396 @@
+//! Two stacks sharing one etcd cluster (`--store etcd://…`, README's "Deploying the stack",
+//! topology 3), run as processes in a network namespace of their own (loopback only, routed
+//! nowhere): a 3-member etcd cluster from Debian's `etcd-server`, stacks A and B started with
+//! README's `pxelab-stack --store` line (its network flags replaced by a loopback `--listen`, its
+//! paths by a temporary directory), and a target that speaks the installer's protocol over HTTP
+//! (`/ipxe`, `/config`, `/events`, retrying 5xx and refused connections as the installer does).
+//! Needs root, iproute2 and etcd-server; fails loudly without them.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use pxelab_tests::cmd::{require, require_root};
+use pxelab_tests::deploy::readme_command;
+use pxelab_tests::NetNs;
+
+const TOKEN: &str = "operator-s3cret";
+const STACK_A: &str = "http://127.0.0.2:8080";
+const STACK_B: &str = "http://127.0.0.3:8080";
+
+/// A process the test killed or kills when it ends (its log shown if the test fails).
+struct Daemon {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(ns: &NetNs, name: &str, program: &str, args: &[String], log: PathBuf) -> Daemon {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = ns
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Daemon {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// SIGKILL: a crash, not a shutdown.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- {} log (tail)", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// One request; `Err` when no answer came (refused, timed out).
+fn http(method: &str, url: &str, body: Option<&str>) -> Result<(u16, String), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    // The operator token goes with every request: only the API reads it.
+    let bearer = format!("Bearer {TOKEN}");
+    let resp = match (method, body) {
+        ("GET", _) => agent.get(url).header("Authorization", &bearer).call(),
+        ("PUT", b) => agent
+            .put(url)
+            .header("Authorization", &bearer)
+            .send(b.unwrap_or_default()),
+        (_, b) => agent.post(url).send(b.unwrap_or_default()),
+    };
+    let mut resp = resp.map_err(|e| format!("{method} {url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    Ok((status, text))
+}
+
+fn get(url: &str) -> (u16, String) {
+    http("GET", url, None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Polls `f` every 100 ms for `secs`; the last value it gave when it never said done.
+fn wait_for<T: std::fmt::Debug>(secs: u64, what: &str, mut f: impl FnMut() -> (bool, T)) -> T {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (done, value) = f();
+        if done {
+            return value;
+        }
+        assert!(Instant::now() < end, "{what} within {secs} s: {value:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn member_url(i: usize, port: u16) -> String {
+    format!("http://127.0.1.{i}:{port}")
+}
+
+fn etcd_member(ns: &NetNs, dir: &Path, i: usize) -> Daemon {
+    let cluster: Vec<String> = (1..=3)
+        .map(|j| format!("e{j}={}", member_url(j, 2380)))
+        .collect();
+    let args: Vec<String> = [
+        "--name",
+        &format!("e{i}"),
+        "--data-dir",
+        &dir.join(format!("e{i}")).display().to_string(),
+        "--listen-client-urls",
+        &member_url(i, 2379),
+        "--advertise-client-urls",
+        &member_url(i, 2379),
+        "--listen-peer-urls",
+        &member_url(i, 2380),
+        "--initial-advertise-peer-urls",
+        &member_url(i, 2380),
+        "--initial-cluster",
+        &cluster.join(","),
+        "--initial-cluster-state",
+        "new",
+        // A dead leader is replaced within about a second.
+        "--heartbeat-interval",
+        "50",
+        "--election-timeout",
+        "500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Daemon::start(
+        ns,
+        &format!("etcd e{i}"),
+        "etcd",
+        &args,
+        dir.join(format!("e{i}.log")),
+    )
+}
+
+/// README's `pxelab-stack --store` line for a stack under `root` listening on `listen`: its
+/// interface and address (this namespace has only loopback, so no dnsmasq) replaced by
+/// `--no-dnsmasq --listen`, its paths by the test's, its cluster by the test's.
+fn stack_args(root: &Path, listen: &str, store: &str) -> Vec<String> {
+    let line = readme_command(&["pxelab-stack", "--store"]);
+    let mut args = Vec::new();
+    let mut words = line[1..].iter();
+    while let Some(flag) = words.next() {
+        let placed = match flag.as_str() {
+            "--interface" | "--server-ip" => {
+                words.next();
+                continue;
+            }
+            "--data-dir" => root.display().to_string(),
+            "--api-token-file" => root.join("api-token").display().to_string(),
+            "--store" => {
+                let documented = words.next().expect("--store has a value");
+                let members = documented.strip_prefix("etcd://").unwrap_or_default();
+                assert_eq!(
+                    members.split(',').count(),
+                    3,
+                    "README's --store names a 3-member cluster: {documented}"
+                );
+                args.extend([flag.clone(), store.to_string()]);
+                continue;
+            }
+            _ => {
+                args.push(flag.clone());
+                continue;
+            }
+        };
+        words.next();
+        args.extend([flag.clone(), placed]);
+    }
+    args.extend(["--no-dnsmasq".into(), "--listen".into(), listen.into()]);
+    args
+}
+
+fn start_stack(ns: &NetNs, dir: &Path, name: &str, listen: &str, store: &str) -> Daemon {
+    use std::os::unix::fs::PermissionsExt;
+    let root = dir.join(name);
+    common::fill_root(&root);
+    let token = root.join("api-token");
+    std::fs::write(&token, TOKEN).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let args = stack_args(&root, listen, store);
+    Daemon::start(
+        ns,
+        &format!("stack {name}"),
+        env!("CARGO_BIN_EXE_pxelab-stack"),
+        &args,
+        dir.join(format!("{name}.log")),
+    )
+}
+
+/// What `/ipxe` told the machine.
+#[derive(Debug, PartialEq)]
+enum Told {
+    Install(String),
+    Disk,
+    Retry(String),
+}
+
+fn ipxe(stack: &str, mac: &str) -> Told {
+    let (status, text) = get(&format!("{stack}/ipxe?mac={mac}"));
+    assert_eq!(status, 200, "{text}");
+    if text.contains("sanboot") {
+        return Told::Disk;
+    }
+    if text.contains("sleep") && text.contains("chain --replace") {
+        return Told::Retry(text);
+    }
+    let token = common::token_in(&text).unwrap_or_else(|| panic!("neither of three: {text}"));
+    assert!(text.contains("kernel "), "{text}");
+    Told::Install(token)
+}
+
+/// Posts `phase` as the installer does: 5xx and no answer are retried (here for 15 s, against
+/// whichever stack `stacks` names first that answers).
+fn post(stacks: &[&str], mac: &str, token: &str, phase: &str) -> (u16, String) {
+    let body = format!(r#"{{"phase":"{phase}","message":"test"}}"#);
+    wait_for(15, &format!("event {phase} acknowledged"), || {
+        let mut last = (0, String::new());
+        for stack in stacks {
+            let url = format!("{stack}/events/{mac}?token={token}");
+            match http("POST", &url, Some(&body)) {
+                Ok((status, text)) if status < 500 => return (true, (status, text)),
+                Ok(answer) => last = answer,
+                Err(e) => last = (0, e),
+            }
+        }
+        (false, last)
+    })
+}
+
+fn define(stack: &str, name: &str, mac: &str) {
+    let vm = serde_json::json!({
+        "name": name, "arch": "x86_64", "distro": "debian-12", "mac": mac,
+        "ssh_key": format!("{}\n", common::KEY), "pxeboot": true,
+    });
+    let url = format!("{stack}/api/machines/{name}");
+    let (status, text) = http("PUT", &url, Some(&vm.to_string())).unwrap();
+    assert!(status == 200 || status == 201, "{status} {text}");
+}
+
+#[test]
+fn sys_etcd_two_stacks_install_each_machine_once() {
+    require_root("the etcd sys test (network namespaces)");
+    require("ip", "iproute2");
+    require("etcd", "etcd-server");
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::new("etcd");
+    ns.within(|| scenario(&ns, dir.path()));
+    eprintln!("whole scenario {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+fn scenario(ns: &NetNs, dir: &Path) {
+    let mut members: Vec<Daemon> = (1..=3).map(|i| etcd_member(ns, dir, i)).collect();
+    for i in 1..=3 {
+        let _ = wait_for(20, &format!("etcd e{i} healthy"), || {
+            let answer = http("GET", &format!("{}/health", member_url(i, 2379)), None);
+            let healthy = matches!(&answer, Ok((200, t)) if t.contains("\"true\""));
+            (healthy, answer)
+        });
+    }
+    let store = format!(
+        "etcd://{}",
+        (1..=3)
+            .map(|i| format!("127.0.1.{i}:2379"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut a = start_stack(ns, dir, "a", "127.0.0.2:8080", &store);
+    let _b = start_stack(ns, dir, "b", "127.0.0.3:8080", &store);
+    for stack in [STACK_A, STACK_B] {
+        let _ = wait_for(10, &format!("{stack} serving"), || {
+            let answer = http("GET", &format!("{stack}/healthz"), None);
+            (matches!(answer, Ok((200, _))), answer)
+        });
+    }
+
+    // Enrolled through A, known to B within its poll.
+    let (m1, m2) = ("52:54:00:e7:cd:01", "52:54:00:e7:cd:02");
+    define(STACK_A, "web-1", m1);
+    define(STACK_A, "web-2", m2);
+    wait_for(5, "B sees A's definitions", || {
+        let answer = get(&format!("{STACK_B}/api/machines/web-2"));
+        (answer.0 == 200, answer)
+    });
+
+    // Install 1 through A; an etcd member (the first each stack asks) dies half-way.
+    let t = Instant::now();
+    let Told::Install(token) = ipxe(STACK_A, m1) else {
+        panic!("web-1 was not told to install")
+    };
+    // The token A handed out is the cluster's: B serves the config for it.
+    assert_eq!(get(&format!("{STACK_B}/config/{m1}?token={token}")).0, 200);
+    assert_eq!(post(&[STACK_A], m1, &token, "partition").0, 200);
+    members[0].kill();
+    for phase in ["mkfs", "rootfs", "seed", "bootloader"] {
+        assert_eq!(post(&[STACK_A], m1, &token, phase).0, 200, "{phase}");
+    }
+    let (status, text) = post(&[STACK_A], m1, &token, "installed");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"installed\""), "{text}");
+    eprintln!(
+        "install with an etcd member killed: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    // Installed through A: B boots it from its disk, and so does A.
+    assert_eq!(ipxe(STACK_B, m1), Told::Disk);
+    assert_eq!(ipxe(STACK_A, m1), Told::Disk);
+
+    // Install 2 through A, which dies half-way; the target carries on against B.
+    let t = Instant::now();
+    let Told::Install(token) = ipxe(STACK_A, m2) else {
+        panic!("web-2 was not told to install")
+    };
+    assert_eq!(post(&[STACK_A], m2, &token, "partition").0, 200);
+    a.kill();
+    for phase in ["mkfs", "rootfs", "seed", "bootloader"] {
+        assert_eq!(post(&[STACK_A, STACK_B], m2, &token, phase).0, 200);
+    }
+    let (status, text) = post(&[STACK_A, STACK_B], m2, &token, "installed");
+    assert_eq!(status, 200, "{text}");
+    // Exactly once: a second `installed` is refused, and no stack hands out an install again.
+    let (status, text) = post(&[STACK_B], m2, &token, "installed");
+    assert_eq!(status, 409, "{text}");
+    assert_eq!(ipxe(STACK_B, m2), Told::Disk);
+    eprintln!(
+        "install with stack A killed: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    // B's own timeline has the events it saw and no install decision: that was A's alone.
+    let timeline = common::control(
+        &dir.join("b/state/control.sock"),
+        "GET",
+        "/vms/web-2/timeline",
+    )
+    .json();
+    let phases: Vec<&str> = timeline
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "mkfs",
+            "rootfs",
+            "seed",
+            "bootloader",
+            "installed",
+            "local-boot"
+        ],
+        "{timeline}"
+    );
+
+    // etcd gone: B cannot know the machine's state, so it says so and asks again.
+    for m in &mut members[1..] {
+        m.kill();
+    }
+    for mac in [m1, m2] {
+        match ipxe(STACK_B, mac) {
+            Told::Retry(text) => assert!(text.contains("etcd"), "{text}"),
+            other => panic!("with etcd down, {mac} was told {other:?}"),
+        }
+    }
+    let (status, text) = http(
+        "POST",
+        &format!("{STACK_B}/events/{m2}?token={token}"),
+        Some(r#"{"phase":"rootfs"}"#),
+    )
+    .unwrap();
+    assert!(
+        status >= 500,
+        "with etcd down an event got {status}: {text}"
+    );
+}
