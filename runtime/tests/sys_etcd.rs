@@ -4,6 +4,8 @@
 //! README's `pxelab-stack --store` line (its network flags replaced by a loopback `--listen`, its
 //! paths by a temporary directory), and a target that speaks the installer's protocol over HTTP
 //! (`/ipxe`, `/config`, `/events`, retrying 5xx and refused connections as the installer does).
+//! A second test races two stores of the library against one member, so a change of state that
+//! is not a transaction on the revision read is caught.
 //! Needs root, iproute2 and etcd-server; fails loudly without them.
 
 mod common;
@@ -393,4 +395,148 @@ fn scenario(ns: &NetNs, dir: &Path) {
         status >= 500,
         "with etcd down an event got {status}: {text}"
     );
+}
+
+/// The library's side of the sharing, two stores in one process against a 1-member cluster:
+/// the revision swap, tokens and states seen by both, and races between them that must have
+/// exactly one winner.
+#[test]
+fn sys_etcd_transactions_give_each_change_of_state_one_winner() {
+    use pxelab_contract::{Event, Phase, VmDefinition, VmState};
+    use pxelab_runtime::{
+        etcd::Etcd,
+        events::{EventStore, Refused},
+        vms::{VmStore, WriteError},
+    };
+    use std::sync::Arc;
+
+    require_root("the etcd sys test (network namespaces)");
+    require("ip", "iproute2");
+    require("etcd", "etcd-server");
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::new("etcdtx");
+    let args: Vec<String> = [
+        "--name",
+        "one",
+        "--data-dir",
+        &dir.path().join("one").display().to_string(),
+        "--listen-client-urls",
+        "http://127.0.0.1:2379",
+        "--advertise-client-urls",
+        "http://127.0.0.1:2379",
+        "--listen-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-advertise-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-cluster",
+        "one=http://127.0.0.1:2380",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _etcd = Daemon::start(&ns, "etcd", "etcd", &args, dir.path().join("etcd.log"));
+    let event = |phase| Event {
+        phase,
+        message: "test".into(),
+        ..Event::default()
+    };
+    ns.within(|| {
+        let etcd = Arc::new(Etcd::new(vec!["http://127.0.0.1:2379".into()]));
+        let _ = wait_for(20, "etcd answers", || {
+            let answer = etcd.get("/pxelab/none");
+            (answer.is_ok(), format!("{answer:?}"))
+        });
+
+        // The swap writes only at the revision it names (0: the key must not exist).
+        assert!(etcd.swap("/t/k", 0, b"a").unwrap());
+        assert!(!etcd.swap("/t/k", 0, b"b").unwrap());
+        let (value, revision) = etcd.get("/t/k").unwrap();
+        assert_eq!(value.as_deref(), Some(&b"a"[..]));
+        assert!(etcd.swap("/t/k", revision, b"c").unwrap());
+        assert!(!etcd.swap("/t/k", revision, b"d").unwrap());
+        assert_eq!(etcd.get("/t/k").unwrap().0.as_deref(), Some(&b"c"[..]));
+        assert!(etcd.delete("/t/k").unwrap());
+        assert_eq!(etcd.get("/t/k").unwrap(), (None, 0));
+
+        // Definitions written through one store are the other's at its next poll; a MAC
+        // clash is refused there.
+        let roots = [dir.path().join("a"), dir.path().join("b")];
+        for r in &roots {
+            std::fs::create_dir_all(r.join("vms")).unwrap();
+            std::fs::create_dir_all(r.join("state")).unwrap();
+        }
+        let vms_a = VmStore::shared(roots[0].join("vms"), etcd.clone());
+        let vms_b = VmStore::shared(roots[1].join("vms"), etcd.clone());
+        let json = |name: &str| {
+            format!(
+                r#"{{"name":"{name}","arch":"x86_64","distro":"debian-12","mac":"52:54:00:e7:aa:01","ssh_key":"{}"}}"#,
+                common::KEY
+            )
+        };
+        let vm = VmDefinition::from_json(&json("tx-1")).unwrap();
+        assert!(vms_a.put(&vm).unwrap());
+        assert!(vms_b.current().by_name("tx-1").is_none());
+        vms_b.rescan();
+        assert_eq!(vms_b.current().by_mac(vm.mac), Some(&vm));
+        let clash = VmDefinition::from_json(&json("tx-2")).unwrap();
+        assert!(matches!(vms_b.put(&clash), Err(WriteError::Conflict(_))));
+
+        let a = Arc::new(EventStore::open(&roots[0].join("state")).unwrap().share(etcd.clone()));
+        let b = Arc::new(EventStore::open(&roots[1].join("state")).unwrap().share(etcd.clone()));
+        // A boot handed out by A: B knows its token and the state it started.
+        let token = a.begin_boot(&vm, event(Phase::Ipxe), true).unwrap();
+        assert_eq!(b.token(&vm).unwrap().as_deref(), Some(token.as_str()));
+        assert_eq!(b.state(&vm).unwrap(), VmState::Booting);
+        b.post(&vm, event(Phase::Rootfs), Some(&token)).unwrap();
+        assert_eq!(a.state(&vm).unwrap(), VmState::Installing);
+        assert!(matches!(
+            a.post(&vm, event(Phase::Rootfs), Some("0123")),
+            Err(Refused::Token)
+        ));
+
+        // Eight reports of `installed` at once, half to each stack: one enters it.
+        let outcomes: Vec<bool> = std::thread::scope(|s| {
+            let posts: Vec<_> = (0..8)
+                .map(|i| {
+                    let (store, vm, token) = (if i % 2 == 0 { &a } else { &b }, &vm, &token);
+                    s.spawn(move || match store.post(vm, event(Phase::Installed), Some(token)) {
+                        Ok(_) => true,
+                        Err(Refused::NotInstalling(VmState::Installed)) => false,
+                        Err(other) => panic!("{other:?}"),
+                    })
+                })
+                .collect();
+            posts.into_iter().map(|p| p.join().unwrap()).collect()
+        });
+        assert_eq!(outcomes.iter().filter(|won| **won).count(), 1, "{outcomes:?}");
+        // Installed: neither stack hands out an install any more.
+        for store in [&a, &b] {
+            assert_eq!(store.state(&vm).unwrap(), VmState::Installed);
+            let e = store.begin_boot(&vm, event(Phase::Ipxe), true).unwrap_err();
+            assert!(e.0.contains("installed meanwhile"), "{e}");
+        }
+
+        // Reprovisioned through B: A hands out the nonce. Then eight boots at once: each gets
+        // its own token, and only the last one written is the machine's.
+        b.reprovision(&vm, event(Phase::Reprovision)).unwrap();
+        assert!(a.wipe(&vm).unwrap().is_some());
+        let tokens: Vec<String> = std::thread::scope(|s| {
+            let boots: Vec<_> = (0..8)
+                .map(|i| {
+                    let (store, vm) = (if i % 2 == 0 { &a } else { &b }, &vm);
+                    s.spawn(move || store.begin_boot(vm, event(Phase::Ipxe), true).unwrap())
+                })
+                .collect();
+            boots.into_iter().map(|p| p.join().unwrap()).collect()
+        });
+        let current = a.token(&vm).unwrap().unwrap();
+        let accepted: Vec<&String> = tokens
+            .iter()
+            .filter(|t| b.post(&vm, event(Phase::Disk), Some(t)).is_ok())
+            .collect();
+        assert_eq!(accepted, [&current], "{tokens:?}");
+        assert!(a.wipe(&vm).unwrap().is_some(), "the nonce lasts until installed");
+    });
+    eprintln!("whole test {:.1} s", t0.elapsed().as_secs_f64());
 }
