@@ -281,6 +281,8 @@ pub struct VmStore {
     shared: Option<Arc<Etcd>>,
     /// Whether the last look at etcd failed (logged once per outage).
     unreachable: std::sync::atomic::AtomicBool,
+    /// Whether etcd's definitions were ever read (until then the set is empty, not known).
+    loaded: std::sync::atomic::AtomicBool,
 }
 
 fn vms_prefix() -> String {
@@ -304,6 +306,7 @@ impl VmStore {
             files: Mutex::new((Files::default(), Vec::new())),
             shared,
             unreachable: Default::default(),
+            loaded: Default::default(),
         };
         store.refresh();
         store
@@ -312,6 +315,14 @@ impl VmStore {
     /// Whether the definitions are etcd's (followed by polling [`VmStore::rescan`]).
     pub fn is_shared(&self) -> bool {
         self.shared.is_some()
+    }
+
+    /// Whether a MAC missing from [`VmStore::current`] may still be defined: etcd's definitions
+    /// were never read, or its last poll failed.
+    pub fn uncertain(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.shared.is_some()
+            && (!self.loaded.load(Ordering::SeqCst) || self.unreachable.load(Ordering::SeqCst))
     }
 
     /// Reads every definition from etcd; on failure keeps serving the last ones read.
@@ -324,6 +335,7 @@ impl VmStore {
                     log!("etcd answers again: following the VM definitions");
                 }
                 files.0 = Files::from_etcd(&self.dir, keys);
+                self.loaded.store(true, Ordering::SeqCst);
                 self.publish(&files.0)
             }
             Err(e) => {

@@ -385,6 +385,20 @@ fn scenario(ns: &NetNs, dir: &Path) {
             other => panic!("with etcd down, {mac} was told {other:?}"),
         }
     }
+    // A stack started while etcd is down has no definitions: it does not call the machine
+    // unknown either.
+    let _c = start_stack(ns, dir, "c", "127.0.0.4:8080", &store);
+    let _ = wait_for(10, "C serving", || {
+        let answer = http("GET", "http://127.0.0.4:8080/healthz", None);
+        (matches!(answer, Ok((200, _))), answer)
+    });
+    match ipxe("http://127.0.0.4:8080", m1) {
+        Told::Retry(text) => assert!(
+            text.contains("cannot read the machine definitions from etcd"),
+            "{text}"
+        ),
+        other => panic!("a stack without etcd told {m1} {other:?}"),
+    }
     let (status, text) = http(
         "POST",
         &format!("{STACK_B}/events/{m2}?token={token}"),

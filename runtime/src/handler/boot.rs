@@ -33,6 +33,16 @@ impl Context {
             Err(reply) => return reply,
         };
         let Some(vm) = set.by_mac(mac) else {
+            if self.vms.uncertain() {
+                // It may be defined in etcd, which this stack cannot read now.
+                let why = "the stack cannot read the machine definitions from etcd";
+                log!("/ipxe for MAC {mac}: {why} (told to ask again in {RETRY_SECONDS} s)");
+                return Response::new(
+                    200,
+                    "text/plain; charset=utf-8",
+                    ipxe::retry_mac_script(mac, &self.base_url(r), why, RETRY_SECONDS).into_bytes(),
+                );
+            }
             log!("/ipxe: no VM is defined for MAC {mac}");
             return Response::new(
                 404,
