@@ -216,12 +216,7 @@ impl Stack {
 
     /// The phases of `name`'s timeline, read on the control socket.
     pub fn phases(&self, name: &str) -> Vec<String> {
-        self.control_json(&format!("/vms/{name}/timeline"))
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["phase"].as_str().unwrap().to_string())
-            .collect()
+        phases(&self.control_path(), name)
     }
 
     pub fn send(&self, method: &str, target: &str, body: &[u8]) -> Reply {
@@ -355,6 +350,17 @@ pub fn control(socket: &Path, method: &str, target: &str) -> Reply {
     let mut out = Vec::new();
     s.read_to_end(&mut out).unwrap();
     parse_reply(&out).unwrap_or_else(|| panic!("no HTTP reply to {method} {target}: {out:?}"))
+}
+
+/// The phases of VM `name`'s timeline, from the control socket `socket`.
+pub fn phases(socket: &Path, name: &str) -> Vec<String> {
+    control(socket, "GET", &format!("/vms/{name}/timeline"))
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["phase"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// The boot token in an iPXE script (`…?token=<hex>`).
