@@ -184,6 +184,9 @@ pub fn run(opts: Options) -> Result<(), String> {
         }
     }
 
+    if vms.is_shared() {
+        poll_shared(&vms)?;
+    }
     let mut last_scan = Instant::now();
     let mut generation = vms.current().generation;
     while !signals::shutdown_requested() {
@@ -193,7 +196,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             last_scan = Instant::now();
             if reload {
                 vms.refresh();
-            } else if !watched || vms.is_shared() {
+            } else if !watched {
                 vms.rescan();
             }
             let now = vms.current().generation;
@@ -245,6 +248,25 @@ pub fn run(opts: Options) -> Result<(), String> {
     }
     log!("stopped");
     Ok(())
+}
+
+/// Follows etcd's definitions every 0.5 s on a thread of its own: a cluster without quorum
+/// answers only when the client gives up, and the stack must still stop within 2 s.
+fn poll_shared(vms: &Arc<VmStore>) -> Result<(), String> {
+    let vms = Arc::downgrade(vms);
+    std::thread::Builder::new()
+        .name("etcd-poll".into())
+        .spawn(move || {
+            while !signals::shutdown_requested() {
+                std::thread::sleep(Duration::from_millis(500));
+                match vms.upgrade() {
+                    Some(vms) => vms.rescan(),
+                    None => return,
+                };
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the thread that follows etcd: {e}"))
 }
 
 /// The same API on a Unix socket in the state directory, for tools on the stack's host: they
