@@ -9,6 +9,12 @@
 //!
 //! What a machine posts is checked under its lock ([`EventStore::post`]): the boot token of
 //! [`crate::access`], and `installed` only while `installing`.
+//!
+//! With `--store etcd://…` ([`EventStore::share`]) a machine's state, since, token and nonce are
+//! the cluster's ([`crate::etcd::Shared`]): read from etcd by every request that needs them, and
+//! changed only by a transaction on the revision that was read, checks included, so two stacks
+//! cannot both hand out an install or both enter `installed`. The timeline and the journal stay
+//! the stack's own (what it saw). etcd unreachable is a [`StateError`]: never a guess.
 
 use std::{
     collections::HashMap,
@@ -24,6 +30,7 @@ use pxelab_contract::{Event, Mac, Phase, TimelineEntry, VmDefinition, VmState};
 
 use crate::{
     access,
+    etcd::{self, Etcd, Shared},
     journal::{Journal, MachineRecord, Minted, Ticket},
     log,
     vms::VmSet,
@@ -77,7 +84,12 @@ pub struct EventStore {
     compacting: Arc<AtomicBool>,
     /// Generation of the VM set whose machines all have slots (`u64::MAX`: none yet).
     prepared: AtomicU64,
+    /// `--store etcd://…`: where the machines' states and tokens are kept.
+    shared: Option<Arc<Etcd>>,
 }
+
+/// Changes of one machine's shared record retried when other stacks changed it in between.
+const SWAP_ATTEMPTS: usize = 16;
 
 impl EventStore {
     /// Loads the state directory's journal (compacting it). Errors name the file and the fix.
@@ -98,7 +110,52 @@ impl EventStore {
             adding: Mutex::new(()),
             compacting: Arc::new(AtomicBool::new(false)),
             prepared: AtomicU64::new(u64::MAX),
+            shared: None,
         })
+    }
+
+    /// Keeps the machines' states and tokens in `etcd`, shared with the other stacks using it.
+    pub fn share(mut self, etcd: Arc<Etcd>) -> EventStore {
+        self.shared = Some(etcd);
+        self
+    }
+
+    /// The machine's shared record and its revision, folded into `guard`.
+    fn fetch(
+        &self,
+        etcd: &Etcd,
+        vm: &VmDefinition,
+        guard: &mut Option<MachineRecord>,
+    ) -> Result<(Option<Shared>, i64), StateError> {
+        let (bytes, revision) = etcd.get(&shared_key(&vm.name)).map_err(|e| {
+            StateError(format!(
+                "cannot read the state of {} from etcd: {e}",
+                vm.name
+            ))
+        })?;
+        let shared = bytes
+            .map(|b| serde_json::from_slice::<Shared>(&b))
+            .transpose()
+            .map_err(|e| {
+                StateError(format!(
+                    "the state of {} in etcd ({}) is unreadable: {e}",
+                    vm.name,
+                    shared_key(&vm.name)
+                ))
+            })?;
+        if shared.is_some() || guard.is_some() {
+            let r = guard.get_or_insert_with(|| MachineRecord::new(&vm.name, vm.mac));
+            let s = shared.clone().unwrap_or(Shared {
+                mac: vm.mac,
+                state: VmState::New,
+                since_ms: 0,
+                token: None,
+                wipe: None,
+            });
+            (r.mac, r.state, r.since_ms, r.token, r.wipe) =
+                (s.mac, s.state, s.since_ms, s.token, s.wipe);
+        }
+        Ok((shared, revision))
     }
 
     /// Makes sure every VM of `set` has a slot: one copy of the map for a whole new set of
@@ -153,7 +210,10 @@ impl EventStore {
     ) -> Result<Option<T>, StateError> {
         let slot = self.slot(&vm.name);
         let (value, ticket) = {
-            let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(etcd) = &self.shared {
+                self.fetch(etcd, vm, &mut guard)?;
+            }
             match guard.as_ref() {
                 Some(r) if r.mac == vm.mac => (Some(f(r)), r.state_ticket),
                 _ => (None, Ticket::default()),
@@ -180,15 +240,32 @@ impl EventStore {
     }
 
     /// Records `event` as the start of a network boot and hands it a new token, which replaces
-    /// the previous one; returns the token.
-    pub fn begin_boot(&self, vm: &VmDefinition, event: Event) -> Result<String, StateError> {
+    /// the previous one; returns the token. `installs`: the boot is an install, refused if the
+    /// machine is `installed` by now (another stack's install finished since it was asked).
+    pub fn begin_boot(
+        &self,
+        vm: &VmDefinition,
+        event: Event,
+        installs: bool,
+    ) -> Result<String, StateError> {
         let token = access::mint()
             .map_err(|e| StateError(format!("cannot make a boot token for {}: {e}", vm.name)))?;
         let minted = Minted {
             token: Some(token.clone()),
             wipe: None,
         };
-        self.write(vm, event, minted, |_| Ok(()), |_| ())
+        let check = |r: Option<&MachineRecord>| {
+            match r {
+            Some(r) if installs && r.mac == vm.mac && r.state == VmState::Installed => {
+                Err(Refused::Failed(StateError(format!(
+                    "{} was installed meanwhile (through another stack); its next boot starts its disk",
+                    vm.name
+                ))))
+            }
+            _ => Ok(()),
+        }
+        };
+        self.write(vm, event, minted, check, |_| ())
             .map_err(|e| match e {
                 Refused::Failed(e) => e,
                 other => StateError(format!("internal error: {other:?}")),
@@ -257,7 +334,7 @@ impl EventStore {
         vm: &VmDefinition,
         mut event: Event,
         minted: Minted,
-        check: impl FnOnce(Option<&MachineRecord>) -> Result<(), Refused>,
+        check: impl Fn(Option<&MachineRecord>) -> Result<(), Refused>,
         f: impl FnOnce(&MachineRecord) -> T,
     ) -> Result<T, Refused> {
         event.clean();
@@ -268,7 +345,10 @@ impl EventStore {
         let slot = self.slot(&vm.name);
         let (value, ticket) = {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
-            check(guard.as_ref())?;
+            match &self.shared {
+                Some(etcd) => self.swap(etcd, vm, &mut guard, &entry, &minted, check)?,
+                None => check(guard.as_ref())?,
+            }
             let (seq, ticket) = self
                 .journal
                 .append(&vm.name, vm.mac, &entry, &minted)
@@ -280,6 +360,44 @@ impl EventStore {
         self.durable(ticket)?;
         self.compact_if_grown();
         Ok(value)
+    }
+
+    /// Changes the machine's shared record as `entry` does, if `check` passes on the record as
+    /// it is now; read and written again when another stack changed it in between.
+    fn swap(
+        &self,
+        etcd: &Etcd,
+        vm: &VmDefinition,
+        guard: &mut Option<MachineRecord>,
+        entry: &TimelineEntry,
+        minted: &Minted,
+        check: impl Fn(Option<&MachineRecord>) -> Result<(), Refused>,
+    ) -> Result<(), Refused> {
+        for _ in 0..SWAP_ATTEMPTS {
+            let (shared, revision) = self.fetch(etcd, vm, guard)?;
+            check(guard.as_ref())?;
+            let next = next_shared(guard.as_ref(), vm, entry, minted);
+            if shared.as_ref() == Some(&next) {
+                return Ok(());
+            }
+            let bytes = serde_json::to_vec(&next)
+                .map_err(|e| StateError(format!("cannot encode the state of {}: {e}", vm.name)))?;
+            let written = etcd
+                .swap(&shared_key(&vm.name), revision, &bytes)
+                .map_err(|e| {
+                    StateError(format!(
+                        "cannot write the state of {} to etcd: {e}",
+                        vm.name
+                    ))
+                })?;
+            if written {
+                return Ok(());
+            }
+        }
+        Err(Refused::Failed(StateError(format!(
+            "the state of {} in etcd kept changing under {SWAP_ATTEMPTS} attempts to record an event",
+            vm.name
+        ))))
     }
 
     /// The VM's timeline (its last [`crate::journal::TIMELINE_KEEP`] events), oldest first.
@@ -339,6 +457,33 @@ fn compact(journal: &Journal, slots: &HashMap<String, Arc<Slot>>) -> std::io::Re
         .map(|name| slots[name].lock().unwrap_or_else(|p| p.into_inner()));
     journal.write_snapshot(locked, |guard| guard.as_ref())?;
     journal.remove_segments_before(segment)
+}
+
+fn shared_key(name: &str) -> String {
+    format!("{}machines/{name}", etcd::PREFIX)
+}
+
+/// The shared part of `current` once `entry` (handing out `minted`) is folded in.
+fn next_shared(
+    current: Option<&MachineRecord>,
+    vm: &VmDefinition,
+    entry: &TimelineEntry,
+    minted: &Minted,
+) -> Shared {
+    // Without the timeline, which `apply` only appends to.
+    let mut r = MachineRecord::new(&vm.name, vm.mac);
+    if let Some(c) = current {
+        (r.mac, r.state, r.since_ms, r.token, r.wipe) =
+            (c.mac, c.state, c.since_ms, c.token.clone(), c.wipe.clone());
+    }
+    r.apply(vm.mac, entry.clone(), 0, Ticket::default(), minted.clone());
+    Shared {
+        mac: r.mac,
+        state: r.state,
+        since_ms: r.since_ms,
+        token: r.token,
+        wipe: r.wipe,
+    }
 }
 
 fn report(r: &MachineRecord) -> StateRecord {

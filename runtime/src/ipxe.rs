@@ -150,6 +150,11 @@ pub fn nfsroot_script(
 /// (paths and distro names it validated). `--replace` runs the next script in place of this
 /// one, so a target that waits for an hour does not nest hundreds of scripts.
 pub fn retry_script(vm: &VmDefinition, base: &str, why: &str, seconds: u32) -> String {
+    retry_mac_script(vm.mac, base, why, seconds)
+}
+
+/// [`retry_script`] for a MAC whose definition cannot be read now.
+pub fn retry_mac_script(mac: Mac, base: &str, why: &str, seconds: u32) -> String {
     let why: String = why
         .chars()
         .map(|c| if c.is_control() || c == '$' { ' ' } else { c })
@@ -159,6 +164,5 @@ pub fn retry_script(vm: &VmDefinition, base: &str, why: &str, seconds: u32) -> S
          echo pxelab: {why}; retrying in {seconds} s\n\
          sleep {seconds}\n\
          chain --replace --autofree {base}/ipxe?mac={mac}\n",
-        mac = vm.mac,
     )
 }

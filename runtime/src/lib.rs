@@ -19,6 +19,7 @@ pub mod access;
 pub mod child;
 pub mod cloudinit;
 pub mod dnsmasq;
+pub mod etcd;
 pub mod events;
 pub mod files;
 pub mod handler;

@@ -1,10 +1,15 @@
 //! `pxelab-stack`: argument parsing and wiring only; the stack lives in the library.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::Parser;
 use pxelab_runtime::{
-    access, dnsmasq::DnsmasqSettings, nfs::NfsSettings, server::ServerOptions, supervisor,
+    access,
+    dnsmasq::DnsmasqSettings,
+    etcd::{self, StoreSpec},
+    nfs::NfsSettings,
+    server::ServerOptions,
+    supervisor,
 };
 
 const EXAMPLES: &str = "\
@@ -28,6 +33,10 @@ Examples:
 
   # Beside the site's DHCP server, which keeps leasing the addresses (proxyDHCP):
   pxelab-stack --data-dir /srv/pxelab --interface eth1 --server-ip 192.168.10.5/24 --dhcp proxy
+
+  # One of several stacks sharing machines, states and tokens in a 3-member etcd cluster:
+  pxelab-stack --data-dir /srv/pxelab --interface eth1 --server-ip 192.168.10.5/24 --dhcp proxy \\
+       --store etcd://10.0.0.11:2379,10.0.0.12:2379,10.0.0.13:2379
 
   # Reinstall VM web-1 at its next network boot (on the control socket: the stack's user only):
   curl --unix-socket /srv/pxelab/state/control.sock -X POST http://stack/vms/web-1/reprovision
@@ -165,6 +174,17 @@ struct Args {
     /// it there is no API.
     #[arg(long, env = "PXELAB_API_TOKEN_FILE", value_name = "PATH")]
     api_token_file: Option<PathBuf>,
+    /// Where machine definitions, states and boot tokens are kept: `files` (the VMs and state
+    /// directories) or etcd://host:port[,host:port…], an etcd cluster (v3, its client URLs)
+    /// that several stacks share, so each machine is installed once whichever stack it asks.
+    /// Each stack keeps its own timelines; `<name>.noreboot`/`.nokexec` stay files.
+    #[arg(
+        long,
+        env = "PXELAB_STORE",
+        default_value = "files",
+        value_name = "STORE"
+    )]
+    store: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -190,6 +210,10 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
         .as_deref()
         .map(access::read_operator_token)
         .transpose()?;
+    let etcd = match etcd::parse_store(&a.store)? {
+        StoreSpec::Files => None,
+        StoreSpec::Etcd(endpoints) => Some(Arc::new(etcd::Etcd::new(endpoints))),
+    };
     let sub = |given: Option<PathBuf>, name: &str| given.unwrap_or_else(|| a.data_dir.join(name));
     let state_dir = sub(a.state_dir.clone(), "state");
     let server_ip = a.server_ip.as_deref().map(parse_cidr).transpose()?;
@@ -274,6 +298,7 @@ fn options(a: Args) -> Result<supervisor::Options, String> {
         dnsmasq,
         nfs,
         api_token,
+        etcd,
     })
 }
 

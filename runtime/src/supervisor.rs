@@ -32,6 +32,7 @@ use crate::{
     access::Leases,
     child::{self, Supervised},
     dnsmasq::{self, DnsmasqSettings},
+    etcd::Etcd,
     events::EventStore,
     handler::{self, Context},
     images::Catalog,
@@ -61,6 +62,8 @@ pub struct Options {
     pub nfs: Option<NfsSettings>,
     /// The enrollment API's operator token; `None` serves no API.
     pub api_token: Option<String>,
+    /// `--store etcd://…`: the cluster keeping definitions, states and tokens; `None`: files.
+    pub etcd: Option<Arc<Etcd>>,
 }
 
 /// Runs until SIGTERM/SIGINT. Errors are one line naming what to fix.
@@ -87,8 +90,19 @@ pub fn run(opts: Options) -> Result<(), String> {
         }
     }
 
-    let vms = Arc::new(VmStore::new(opts.vms_dir.clone()));
-    let events = Arc::new(EventStore::open(&opts.state_dir).map_err(|e| e.to_string())?);
+    let mut events = EventStore::open(&opts.state_dir).map_err(|e| e.to_string())?;
+    let vms = Arc::new(match &opts.etcd {
+        Some(etcd) => {
+            log!(
+                "definitions, states and boot tokens are kept in etcd ({})",
+                etcd.endpoints().join(", ")
+            );
+            events = events.share(etcd.clone());
+            VmStore::shared(opts.vms_dir.clone(), etcd.clone())
+        }
+        None => VmStore::new(opts.vms_dir.clone()),
+    });
+    let events = Arc::new(events);
 
     let catalog = Arc::new(Catalog::new(
         opts.images_dir.clone(),
@@ -170,6 +184,9 @@ pub fn run(opts: Options) -> Result<(), String> {
         }
     }
 
+    if vms.is_shared() {
+        poll_shared(&vms)?;
+    }
     let mut last_scan = Instant::now();
     let mut generation = vms.current().generation;
     while !signals::shutdown_requested() {
@@ -231,6 +248,25 @@ pub fn run(opts: Options) -> Result<(), String> {
     }
     log!("stopped");
     Ok(())
+}
+
+/// Follows etcd's definitions every 0.5 s on a thread of its own: a cluster without quorum
+/// answers only when the client gives up, and the stack must still stop within 2 s.
+fn poll_shared(vms: &Arc<VmStore>) -> Result<(), String> {
+    let vms = Arc::downgrade(vms);
+    std::thread::Builder::new()
+        .name("etcd-poll".into())
+        .spawn(move || {
+            while !signals::shutdown_requested() {
+                std::thread::sleep(Duration::from_millis(500));
+                match vms.upgrade() {
+                    Some(vms) => vms.rescan(),
+                    None => return,
+                };
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the thread that follows etcd: {e}"))
 }
 
 /// The same API on a Unix socket in the state directory, for tools on the stack's host: they

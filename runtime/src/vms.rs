@@ -13,6 +13,12 @@
 //! The enrollment API writes and removes definitions through [`VmStore::put`] and
 //! [`VmStore::remove`]: one at a time (under the reload lock), each whole and durable, the new
 //! set published before they return.
+//!
+//! With `--store etcd://…` ([`VmStore::shared`]) the definitions are the keys
+//! `/pxelab/vms/<name>.json` of etcd instead of files, validated the same way; every stack on the
+//! cluster polls them every half second ([`VmStore::rescan`], on a thread of the supervisor), so a
+//! definition written through one stack's API is served by the others within that. The
+//! `<name>.noreboot` and `<name>.nokexec` flags stay files of each stack's VMs directory.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -27,6 +33,7 @@ use arc_swap::ArcSwap;
 use pxelab_contract::{InvalidVm, Mac, VmDefinition};
 
 use crate::{
+    etcd::{self, Etcd},
     log,
     watch::{Changes, Watched},
 };
@@ -88,6 +95,22 @@ struct Files {
 }
 
 impl Files {
+    /// The definitions under etcd's `vms/` (keys named as files are).
+    fn from_etcd(dir: &Path, keys: Vec<(String, Vec<u8>)>) -> Files {
+        let mut files = Files::default();
+        for (file, bytes) in keys {
+            let Some(stem) = file.strip_suffix(".json") else {
+                continue;
+            };
+            let parsed = std::str::from_utf8(&bytes)
+                .map_err(|_| "not UTF-8".to_string())
+                .and_then(|text| parse_one(stem, text));
+            files.parsed.insert(file, parsed);
+        }
+        files.noreboot = Files::read_all(dir).noreboot;
+        files
+    }
+
     fn read_all(dir: &Path) -> Files {
         let mut files = Files::default();
         if let Ok(entries) = fs::read_dir(dir) {
@@ -189,8 +212,21 @@ fn read_one(path: &Path) -> Result<VmDefinition, String> {
         ));
     }
     let text = fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
-    let vm = VmDefinition::from_json(&text).map_err(|e| e.to_string())?;
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    parse_one(
+        path.file_stem().and_then(|s| s.to_str()).unwrap_or(""),
+        &text,
+    )
+}
+
+/// The definition in `text`, stored under the name `stem` (`<stem>.json`).
+fn parse_one(stem: &str, text: &str) -> Result<VmDefinition, String> {
+    if text.len() as u64 > MAX_VM_FILE {
+        return Err(format!(
+            "{} bytes; a VM definition is at most {MAX_VM_FILE}",
+            text.len()
+        ));
+    }
+    let vm = VmDefinition::from_json(text).map_err(|e| e.to_string())?;
     if stem != vm.name {
         return Err(format!(
             "the file of VM {:?} must be named {}.json",
@@ -241,17 +277,74 @@ pub struct VmStore {
     current: ArcSwap<VmSet>,
     /// Reload state; locked only while applying changes, never by readers.
     files: Mutex<(Files, Fingerprint)>,
+    /// `--store etcd://…`: the definitions are etcd's, the directory holds only flag files.
+    shared: Option<Arc<Etcd>>,
+    /// Whether the last look at etcd failed (logged once per outage).
+    unreachable: std::sync::atomic::AtomicBool,
+    /// Whether etcd's definitions were ever read (until then the set is empty, not known).
+    loaded: std::sync::atomic::AtomicBool,
+}
+
+fn vms_prefix() -> String {
+    format!("{}vms/", etcd::PREFIX)
 }
 
 impl VmStore {
     pub fn new(dir: PathBuf) -> VmStore {
+        VmStore::open(dir, None)
+    }
+
+    /// The definitions kept in `etcd` (see the module's notes); `dir` holds the flag files.
+    pub fn shared(dir: PathBuf, etcd: Arc<Etcd>) -> VmStore {
+        VmStore::open(dir, Some(etcd))
+    }
+
+    fn open(dir: PathBuf, shared: Option<Arc<Etcd>>) -> VmStore {
         let store = VmStore {
             dir,
             current: ArcSwap::from_pointee(VmSet::default()),
             files: Mutex::new((Files::default(), Vec::new())),
+            shared,
+            unreachable: Default::default(),
+            loaded: Default::default(),
         };
         store.refresh();
         store
+    }
+
+    /// Whether the definitions are etcd's (followed by polling [`VmStore::rescan`]).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Whether a MAC missing from [`VmStore::current`] may still be defined: etcd's definitions
+    /// were never read, or its last poll failed.
+    pub fn uncertain(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.shared.is_some()
+            && (!self.loaded.load(Ordering::SeqCst) || self.unreachable.load(Ordering::SeqCst))
+    }
+
+    /// Reads every definition from etcd; on failure keeps serving the last ones read.
+    fn poll(&self, etcd: &Etcd) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        match etcd.list(&vms_prefix()) {
+            Ok(keys) => {
+                if self.unreachable.swap(false, Ordering::SeqCst) {
+                    log!("etcd answers again: following the VM definitions");
+                }
+                files.0 = Files::from_etcd(&self.dir, keys);
+                self.loaded.store(true, Ordering::SeqCst);
+                self.publish(&files.0)
+            }
+            Err(e) => {
+                if !self.unreachable.swap(true, Ordering::SeqCst) {
+                    log!("cannot read the VM definitions from etcd (serving the last ones read): {e}");
+                }
+                false
+            }
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -265,6 +358,9 @@ impl VmStore {
 
     /// Re-reads every file. Returns true when the set changed.
     pub fn refresh(&self) -> bool {
+        if let Some(etcd) = &self.shared {
+            return self.poll(etcd);
+        }
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         *files = (Files::read_all(&self.dir), fingerprint(&self.dir));
         self.publish(&files.0)
@@ -273,6 +369,9 @@ impl VmStore {
     /// Re-reads what changed since the last look (by metadata): the periodic fallback for
     /// changes no notice reported.
     pub fn rescan(&self) -> bool {
+        if let Some(etcd) = &self.shared {
+            return self.poll(etcd);
+        }
         let fp = fingerprint(&self.dir);
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         if fp == files.1 {
@@ -322,6 +421,13 @@ impl VmStore {
             )));
         }
         let file = format!("{}.json", vm.name);
+        if let Some(etcd) = &self.shared {
+            etcd.put(&format!("{}{file}", vms_prefix()), vm.to_json().as_bytes())
+                .map_err(|e| WriteError::Io(format!("cannot write {file} to etcd: {e}")))?;
+            files.0.parsed.insert(file, Ok(vm.clone()));
+            self.publish(&files.0);
+            return Ok(current.by_name(&vm.name).is_none());
+        }
         let path = self.dir.join(&file);
         crate::write_atomic(&path, vm.to_json().as_bytes(), true)
             .map_err(|e| WriteError::Io(format!("cannot write {}: {e}", path.display())))?;
@@ -340,6 +446,13 @@ impl VmStore {
         };
         // A defined VM's file is always `<name>.json` (see `read_one`).
         let file = format!("{}.json", vm.name);
+        if let Some(etcd) = &self.shared {
+            etcd.delete(&format!("{}{file}", vms_prefix()))
+                .map_err(|e| format!("cannot remove {file} from etcd: {e}"))?;
+            files.0.parsed.remove(&file);
+            self.publish(&files.0);
+            return Ok(Some(vm.clone()));
+        }
         let path = self.dir.join(&file);
         fs::remove_file(&path)
             .and_then(|()| crate::sync_dir(&self.dir))
@@ -372,6 +485,11 @@ impl Watched for VmStore {
             self.rescan();
             return;
         };
+        if self.is_shared() {
+            // Only flag files changed; the definitions come from etcd.
+            self.rescan();
+            return;
+        }
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         for (_, name) in entries {
             files.0.update(&self.dir, &name.to_string_lossy());

@@ -80,7 +80,7 @@ fn help_explains_how_to_run_it() {
 #[test]
 fn startup_errors_are_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["--no-dnsmasq", "--listen", "127.0.0.1:0"],
             "VMs directory",
@@ -102,6 +102,10 @@ fn startup_errors_are_one_clear_line() {
                 "127.0.0.1:0",
             ],
             "invalid --server-ip",
+        ),
+        (
+            &["--no-dnsmasq", "--listen", "127.0.0.1:0", "--store", "etcd:/h:2379"],
+            "invalid --store \"etcd:/h:2379\": unknown scheme; expected `files` or etcd://host:port",
         ),
     ];
     for (args, needle) in cases {

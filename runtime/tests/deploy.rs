@@ -149,8 +149,10 @@ fn the_systemd_unit_verifies() {
 
 #[test]
 fn every_documented_command_line_is_one_the_binary_takes() {
-    let binary = readme_command(&["pxelab-stack"]);
+    let binary = readme_command(&["pxelab-stack", "--interface"]);
     assert_accepted("README's pxelab-stack line", &binary[1..]);
+    let shared = readme_command(&["pxelab-stack", "--store"]);
+    assert_accepted("README's pxelab-stack --store line", &shared[1..]);
     let unit = unit_exec_start();
     assert_accepted("the unit's ExecStart", &unit[1..]);
     // The service runs what the README shows.

@@ -225,7 +225,9 @@ fn boot_tokens_survive_a_restart_and_a_reprovision_drops_them() {
     let dir = tempfile::tempdir().unwrap();
     let token = {
         let store = EventStore::open(dir.path()).unwrap();
-        store.begin_boot(&vm(), event(Phase::Ipxe, "boot")).unwrap()
+        store
+            .begin_boot(&vm(), event(Phase::Ipxe, "boot"), true)
+            .unwrap()
     };
     let store = EventStore::open(dir.path()).unwrap();
     assert_eq!(store.token(&vm()).unwrap(), Some(token));

@@ -56,7 +56,7 @@ fn sys_deploy_the_documented_binary_line_serves_a_host_network() {
     let tmp = tempfile::tempdir().unwrap();
     let net = TargetNet::new("b", "10.233.0.1/24");
     let placed = net.placement(&tmp.path().join("root"));
-    let line = readme_command(&["pxelab-stack"]);
+    let line = readme_command(&["pxelab-stack", "--interface"]);
     let args = placed.stack_flags(&line[1..]);
     let data = placed.path(Placement::value(&line, "--data-dir").expect("--data-dir"));
     let token = placed.path(Placement::value(&line, "--api-token-file").expect("a token file"));

@@ -102,6 +102,8 @@ pub const HOST_DEPS: &[HostDep] = &[
         "nfs-ganesha-vfs",
     ),
     bin("nfs-cat", "libnfs-utils"),
+    // The shared-state test's 3-member cluster (`--store etcd://…`); started by the test only.
+    bin("etcd", "etcd-server"),
     // The stack's systemd unit is verified, and the venv of [`ensure_kubernetes_validate`].
     bin("systemd-analyze", "systemd"),
     py("ensurepip", "python3-venv"),
@@ -316,6 +318,13 @@ fn install(deps: &[HostDep], apt: &Apt, say: &mut dyn FnMut(String)) -> Result<(
         )?;
         missing = self::missing(deps);
         if missing.is_empty() {
+            // Debian's etcd-server enables and starts a system etcd (localhost:2379); the tests
+            // start their own clusters, and nothing else here wants one running.
+            if wanted.split(' ').any(|p| p == "etcd-server")
+                && Path::new("/run/systemd/system").exists()
+            {
+                apt.run(cmd!(sh, "systemctl disable --now etcd.service"), say)?;
+            }
             say(format!(
                 "installed {wanted} in {:.0} s",
                 started.elapsed().as_secs_f64()

@@ -33,6 +33,16 @@ impl Context {
             Err(reply) => return reply,
         };
         let Some(vm) = set.by_mac(mac) else {
+            if self.vms.uncertain() {
+                // It may be defined in etcd, which this stack cannot read now.
+                let why = "the stack cannot read the machine definitions from etcd";
+                log!("/ipxe for MAC {mac}: {why} (told to ask again in {RETRY_SECONDS} s)");
+                return Response::new(
+                    200,
+                    "text/plain; charset=utf-8",
+                    ipxe::retry_mac_script(mac, &self.base_url(r), why, RETRY_SECONDS).into_bytes(),
+                );
+            }
             log!("/ipxe: no VM is defined for MAC {mac}");
             return Response::new(
                 404,
@@ -98,10 +108,11 @@ impl Context {
             return reply;
         }
         let message = format!("installer for {} ({}) from {base}", vm.distro, vm.arch);
-        let token = match self.begin_boot(r, vm, base, "the installer", message) {
-            Ok(token) => token,
-            Err(reply) => return reply,
-        };
+        let token =
+            match self.begin_boot(r, vm, base, "the installer", message, !vm.installer_shell) {
+                Ok(token) => token,
+                Err(reply) => return reply,
+            };
         let script = ipxe::install_script(vm, base, &token);
         Response::new(200, "text/plain; charset=utf-8", script.into_bytes())
     }
@@ -109,6 +120,7 @@ impl Context {
     /// A GET that boots `vm`: recorded as its `ipxe` event with a new boot token, which is
     /// returned. Refused (a script that says why) from another address than the machine's. A
     /// HEAD (a human checking the URL) is not a boot: it gets a token of zeros and no event.
+    /// `installs`: refused when the machine is `installed` by the time the boot is recorded.
     pub(super) fn begin_boot(
         &self,
         r: &Request,
@@ -116,6 +128,7 @@ impl Context {
         base: &str,
         what: &str,
         message: String,
+        installs: bool,
     ) -> Result<String, Response> {
         if r.method != "GET" {
             return Ok("0".repeat(access::TOKEN_LEN));
@@ -134,7 +147,7 @@ impl Context {
             ..Event::default()
         };
         self.events
-            .begin_boot(vm, event)
+            .begin_boot(vm, event, installs)
             .map_err(|e| Response::line(500, &e.to_string()))
     }
 
@@ -197,7 +210,7 @@ impl Context {
             vm.arch,
             ready.export.pseudo()
         );
-        let token = match self.begin_boot(r, vm, base, "the diskless boot", message) {
+        let token = match self.begin_boot(r, vm, base, "the diskless boot", message, false) {
             Ok(token) => token,
             Err(reply) => return reply,
         };

@@ -48,22 +48,8 @@ impl Stack {
 
     pub fn with(options: ServerOptions, ip_check: bool) -> Stack {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        for d in ["vms", "state", "images/debian-12/x86_64", "initrds/x86_64"] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
-        }
-        write_vm(root, "t1", MAC, Some("127.0.0.1"));
-        let img = root.join("images/debian-12/x86_64");
-        std::fs::write(img.join("vmlinuz"), b"KERNEL-IMAGE-0123456789").unwrap();
-        std::fs::write(img.join("modules.cpio.zst"), b"MODULES").unwrap();
-        let rootfs = b"ROOTFS-TARBALL";
-        std::fs::write(img.join("rootfs.tar.zst"), rootfs).unwrap();
-        let manifest = serde_json::json!({
-            "rootfs": {"file": "rootfs.tar.zst", "sha256": sha256_of(rootfs), "size": rootfs.len()},
-            "kernel_version": "6.1.0-99-cloud-amd64"
-        });
-        std::fs::write(img.join("manifest.json"), manifest.to_string()).unwrap();
-        std::fs::write(root.join("initrds/x86_64/initrd.img"), b"INSTALLER-INITRD").unwrap();
+        fill_root(dir.path());
+        write_vm(dir.path(), "t1", MAC, Some("127.0.0.1"));
         let mut stack = Stack {
             dir,
             server: None,
@@ -230,12 +216,7 @@ impl Stack {
 
     /// The phases of `name`'s timeline, read on the control socket.
     pub fn phases(&self, name: &str) -> Vec<String> {
-        self.control_json(&format!("/vms/{name}/timeline"))
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["phase"].as_str().unwrap().to_string())
-            .collect()
+        phases(&self.control_path(), name)
     }
 
     pub fn send(&self, method: &str, target: &str, body: &[u8]) -> Reply {
@@ -266,6 +247,25 @@ impl Stack {
     pub fn raw(&self, request: &str) -> Reply {
         raw_bytes(self.addr, request.as_bytes())
     }
+}
+
+/// A stack directory without VMs: `vms/`, `state/`, a complete pulled `debian-12` (x86_64)
+/// and its installer initrd.
+pub fn fill_root(root: &Path) {
+    for d in ["vms", "state", "images/debian-12/x86_64", "initrds/x86_64"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let img = root.join("images/debian-12/x86_64");
+    std::fs::write(img.join("vmlinuz"), b"KERNEL-IMAGE-0123456789").unwrap();
+    std::fs::write(img.join("modules.cpio.zst"), b"MODULES").unwrap();
+    let rootfs = b"ROOTFS-TARBALL";
+    std::fs::write(img.join("rootfs.tar.zst"), rootfs).unwrap();
+    let manifest = serde_json::json!({
+        "rootfs": {"file": "rootfs.tar.zst", "sha256": sha256_of(rootfs), "size": rootfs.len()},
+        "kernel_version": "6.1.0-99-cloud-amd64"
+    });
+    std::fs::write(img.join("manifest.json"), manifest.to_string()).unwrap();
+    std::fs::write(root.join("initrds/x86_64/initrd.img"), b"INSTALLER-INITRD").unwrap();
 }
 
 pub fn write_vm(root: &Path, name: &str, mac: &str, ip: Option<&str>) -> PathBuf {
@@ -350,6 +350,17 @@ pub fn control(socket: &Path, method: &str, target: &str) -> Reply {
     let mut out = Vec::new();
     s.read_to_end(&mut out).unwrap();
     parse_reply(&out).unwrap_or_else(|| panic!("no HTTP reply to {method} {target}: {out:?}"))
+}
+
+/// The phases of VM `name`'s timeline, from the control socket `socket`.
+pub fn phases(socket: &Path, name: &str) -> Vec<String> {
+    control(socket, "GET", &format!("/vms/{name}/timeline"))
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["phase"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// The boot token in an iPXE script (`…?token=<hex>`).
