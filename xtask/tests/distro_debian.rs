@@ -95,7 +95,7 @@ fn sys_debian_pull_builds_a_bootable_rootfs_reproducibly() {
     let m = &first.manifest;
     let kver = &m.contract.kernel_version;
     assert!(kver.ends_with("-cloud-amd64"), "{kver}");
-    assert_eq!(m.contract.files().count(), 5, "{m:?}");
+    assert_eq!(m.contract.files().count(), 6, "{m:?}");
     for f in m.contract.files() {
         let bytes = fs::read(out.join(&f.file)).unwrap();
         assert_eq!(bytes.len() as u64, f.size, "{}", f.file);
