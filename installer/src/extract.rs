@@ -148,18 +148,10 @@ fn pump(
 ) -> io::Result<()> {
     loop {
         let mut chunk = vec![0u8; CHUNK];
-        let mut filled = 0;
-        while filled < CHUNK {
-            let clock = Instant::now();
-            let read = source.read(&mut chunk[filled..]);
-            *busy += clock.elapsed();
-            match read {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let clock = Instant::now();
+        let filled = read_full(source, &mut chunk);
+        *busy += clock.elapsed();
+        let filled = filled?;
         if filled == 0 {
             return Ok(());
         }
@@ -168,6 +160,20 @@ fn pump(
             return Ok(());
         }
     }
+}
+
+/// Reads until `buf` is full or `r` ends; how much was read.
+pub fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// The receiving end as a `Read`: the producer's error becomes this reader's error; the

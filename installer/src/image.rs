@@ -62,7 +62,7 @@ pub fn write(image: &mut dyn Read, device: &Path) -> io::Result<Written> {
     let mut zeros: Option<(u64, u64)> = None;
     loop {
         let clock = Instant::now();
-        let n = read_full(image, buf)?;
+        let n = crate::extract::read_full(image, buf)?;
         written.waiting += clock.elapsed().as_secs_f64();
         if n == 0 {
             break;
@@ -202,19 +202,6 @@ fn zero_range(dev: &File, offset: u64, len: u64, written: &mut Written) -> io::R
     }
     written.zeroing += clock.elapsed().as_secs_f64();
     Ok(())
-}
-
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 fn invalid(msg: String) -> io::Error {

@@ -236,7 +236,9 @@ impl Run<'_> {
         let root = match image {
             Some(_) => "root from the image".to_string(),
             None => {
-                (mounts.mount(&root_dev, &target, "ext4", "")).map_err(at(Phase::Mkfs))?;
+                mounts
+                    .mount(&root_dev, &target, "ext4", "")
+                    .map_err(at(Phase::Mkfs))?;
                 format!("root UUID {}", ids.root_uuid)
             }
         };
