@@ -89,6 +89,7 @@ pub struct LabConfig {
     pub ipv6: bool,
 }
 
+#[derive(Clone)]
 pub struct Lab {
     home: PathBuf,
     pub config: LabConfig,
