@@ -3,27 +3,10 @@
 //!
 //! `pxelab-untar` does the unpacking (beneath the root, never outside it, with few system calls
 //! per entry: they are what costs in an emulated guest). Download with sha256, and decompression,
-//! run on two more threads.
+//! run on other threads ([`crate::pipeline`]).
 
 use std::io::{self, Read};
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::time::{Duration, Instant};
-
-/// How the tarball is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    Zstd,
-    Gzip,
-}
-
-pub fn detect(magic: &[u8]) -> Option<Compression> {
-    match magic {
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(Compression::Zstd),
-        [0x1f, 0x8b, ..] => Some(Compression::Gzip),
-        _ => None,
-    }
-}
 
 /// What was unpacked.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -47,176 +30,11 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// Size of the chunks handed from one thread to the next.
-const CHUNK: usize = 256 << 10;
-/// Chunks in flight between two threads: bounds memory (4 MiB) while letting both run.
-const IN_FLIGHT: usize = 16;
-
 /// Unpacks the (compressed) tarball `input` into `root`, downloading and decompressing on
-/// other threads ([`decompressed`]). Returns `input` back, so the caller can drain and verify
+/// other threads ([`crate::pipeline::decompressed`]). Returns `input` back, so the caller can drain and verify
 /// the rest of it whatever happened here.
 pub fn extract<R: Read + Send + 'static>(input: R, root: &Path) -> (io::Result<Stats>, R) {
-    decompressed(input, |bytes| unpack(bytes, root))
-}
-
-/// Runs `consume` on the decompressed bytes of `input`, a pipeline of three threads: one reads
-/// `input` (for the installer: the download and its sha256), one decompresses, and this one
-/// consumes. In an emulated guest each stage costs seconds of CPU, and the guest has two
-/// vCPUs. Returns `input` back, as [`extract`] does.
-pub fn decompressed<R: Read + Send + 'static, T>(
-    input: R,
-    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
-) -> (io::Result<T>, R) {
-    let (raw_tx, raw_rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(IN_FLIGHT);
-    let reader = std::thread::spawn(move || {
-        let mut input = input;
-        let mut busy = Duration::ZERO;
-        if let Err(e) = pump(&mut input, &raw_tx, &mut busy) {
-            let _ = raw_tx.send(Err(e));
-        }
-        (input, busy)
-    });
-    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(IN_FLIGHT);
-    let decompressor = std::thread::spawn(move || {
-        let mut raw = Chunks::new(raw_rx);
-        let mut busy = Duration::ZERO;
-        if let Err(e) = decompress(&mut raw, &tx, &mut busy) {
-            let _ = tx.send(Err(e));
-        }
-        busy.saturating_sub(raw.waited)
-    });
-    // Each receiver is dropped when its stage returns, which stops the stages before it early
-    // on failure.
-    let mut bytes = Chunks::new(rx);
-    let result = consume(&mut bytes);
-    let decompressing = match decompressor.join() {
-        Ok(busy) => busy,
-        Err(panic) => std::panic::resume_unwind(panic),
-    };
-    match reader.join() {
-        Ok((input, reading)) => {
-            crate::say!(
-                "pipeline: reading {:.1} s, decompressing {:.1} s, the last stage waited {:.1} s",
-                reading.as_secs_f64(),
-                decompressing.as_secs_f64(),
-                bytes.waited.as_secs_f64()
-            );
-            (result, input)
-        }
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
-}
-
-/// Detects the compression by magic and sends the decompressed bytes in chunks, until the end
-/// or until the receiver hangs up.
-fn decompress(
-    input: &mut impl Read,
-    tx: &SyncSender<io::Result<Vec<u8>>>,
-    busy: &mut Duration,
-) -> io::Result<()> {
-    let mut magic = [0u8; 4];
-    let mut got = 0;
-    while got < magic.len() {
-        match input.read(&mut magic[got..])? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    let whole = io::Cursor::new(magic[..got].to_vec()).chain(input);
-    let mut decoder: Box<dyn Read + '_> = match detect(&magic[..got]) {
-        Some(Compression::Zstd) => Box::new(zstd::stream::read::Decoder::new(whole)?),
-        Some(Compression::Gzip) => Box::new(flate2::read::MultiGzDecoder::new(whole)),
-        None => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "the rootfs is neither zstd nor gzip (starts with {})",
-                    hex::encode(&magic[..got])
-                ),
-            ))
-        }
-    };
-    pump(&mut decoder, tx, busy)
-}
-
-/// Sends what `source` reads in chunks, until its end or until the receiver hangs up; adds the
-/// time spent reading to `busy`.
-fn pump(
-    source: &mut dyn Read,
-    tx: &SyncSender<io::Result<Vec<u8>>>,
-    busy: &mut Duration,
-) -> io::Result<()> {
-    loop {
-        let mut chunk = vec![0u8; CHUNK];
-        let clock = Instant::now();
-        let filled = read_full(source, &mut chunk);
-        *busy += clock.elapsed();
-        let filled = filled?;
-        if filled == 0 {
-            return Ok(());
-        }
-        chunk.truncate(filled);
-        if tx.send(Ok(chunk)).is_err() {
-            return Ok(());
-        }
-    }
-}
-
-/// Reads until `buf` is full or `r` ends; how much was read.
-pub fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
-/// The receiving end as a `Read`: the producer's error becomes this reader's error; the
-/// producer hanging up after its last chunk is the end of the stream.
-struct Chunks {
-    rx: Receiver<io::Result<Vec<u8>>>,
-    chunk: Vec<u8>,
-    pos: usize,
-    /// How long reads waited for the stage before.
-    waited: Duration,
-}
-
-impl Chunks {
-    fn new(rx: Receiver<io::Result<Vec<u8>>>) -> Chunks {
-        Chunks {
-            rx,
-            chunk: Vec::new(),
-            pos: 0,
-            waited: Duration::ZERO,
-        }
-    }
-}
-
-impl Read for Chunks {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.chunk.len() {
-            let clock = Instant::now();
-            let next = self.rx.recv();
-            self.waited += clock.elapsed();
-            match next {
-                Ok(Ok(chunk)) => {
-                    self.chunk = chunk;
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.pos);
-        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
+    crate::pipeline::decompressed(input, |bytes| unpack(bytes, root))
 }
 
 fn unpack(tar_stream: &mut dyn Read, root: &Path) -> io::Result<Stats> {
@@ -273,13 +91,6 @@ mod tests {
         b.append_data(&mut fifo, "run/initctl", io::empty())
             .unwrap();
         b.into_inner().unwrap()
-    }
-
-    #[test]
-    fn detects_by_magic() {
-        assert_eq!(detect(&[0x28, 0xb5, 0x2f, 0xfd]), Some(Compression::Zstd));
-        assert_eq!(detect(&[0x1f, 0x8b, 8, 0]), Some(Compression::Gzip));
-        assert_eq!(detect(b"ustar"), None);
     }
 
     fn check_tree(root: &Path) {

@@ -5,7 +5,8 @@
 //! Why an image: in an emulated guest, creating some 15,000 files and their directories costs
 //! more than the decompression itself; writing the same tree as blocks is a few hundred large
 //! writes. They go around the page cache (`O_DIRECT`), so the guest copies nothing twice.
-//! Download, sha256 and decompression run on a second thread, as for the tarball.
+//! Download, sha256 and decompression run on other threads, frames of the image on every CPU
+//! ([`crate::pipeline`]).
 //!
 //! Runs of zeros (free space, empty inode tables, the fresh journal: a third of the image) are
 //! not written but zeroed by the disk (`FALLOC_FL_ZERO_RANGE`, a write-zeroes request that
@@ -62,7 +63,7 @@ pub fn write(image: &mut dyn Read, device: &Path) -> io::Result<Written> {
     let mut zeros: Option<(u64, u64)> = None;
     loop {
         let clock = Instant::now();
-        let n = crate::extract::read_full(image, buf)?;
+        let n = crate::pipeline::read_full(image, buf)?;
         written.waiting += clock.elapsed().as_secs_f64();
         if n == 0 {
             break;

@@ -24,6 +24,7 @@ mod login;
 mod mkfs;
 mod mounts;
 mod partition;
+mod pipeline;
 mod seed;
 mod stream;
 mod wipeguard;
@@ -351,7 +352,7 @@ impl Run<'_> {
         let started = Instant::now();
         let stream = self.verified_stream(artifact);
         let (written, stream) =
-            extract::decompressed(stream, |bytes| image::write(bytes, root_dev));
+            pipeline::decompressed(stream, |bytes| image::write(bytes, root_dev));
         let (summary, written) = verified(stream, written, &artifact.url, "writing")?;
         let streamed = started.elapsed();
         image::adopt(root_dev, &ids.root_uuid, mkfs::ROOT_LABEL)?;

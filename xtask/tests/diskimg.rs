@@ -175,6 +175,23 @@ fn build(tar: &Path, dir: &Path) -> (Vec<u8>, Vec<u8>) {
         diskimg::IMAGE_ZST,
         diskimg::IMAGE
     );
+    // Frames of DISK_IMAGE_FRAME bytes, each saying its size: the installer decompresses
+    // them in parallel.
+    let frame = pxelab_contract::DISK_IMAGE_FRAME;
+    let (mut at, mut sizes) = (0, Vec::new());
+    while at < streamed.len() {
+        let rest = &streamed[at..];
+        sizes.push(
+            zstd::zstd_safe::get_frame_content_size(rest)
+                .unwrap()
+                .unwrap() as usize,
+        );
+        at += zstd::zstd_safe::find_frame_compressed_size(rest).unwrap();
+    }
+    let mut expected = vec![frame; image.len() / frame];
+    expected.extend((image.len() % frame != 0).then_some(image.len() % frame));
+    assert!(expected.len() >= 2, "an image of one frame tests nothing");
+    assert_eq!(sizes, expected);
     (image, streamed)
 }
 

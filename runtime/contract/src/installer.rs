@@ -12,6 +12,11 @@ pub const ESP_SIZE_MIB: u64 = 512;
 /// renderer agrees on it; the installer names it so too for the first boot's early SSH.
 pub const NIC_NAME: &str = "lan0";
 
+/// How much of the disk image each zstd frame of `rootfs.img.zst` holds (the last one less),
+/// each frame saying its content size. Independent frames let the installer decompress on
+/// every CPU at once; a stream not cut this way still installs, decompressed on one thread.
+pub const DISK_IMAGE_FRAME: usize = 16 << 20;
+
 /// A file the installer downloads, pinned by digest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Artifact {
@@ -114,7 +119,8 @@ pub struct DistroManifest {
     /// tree as `rootfs`, built reproducibly; disk-mode VMs boot copy-on-write overlays of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_image: Option<ManifestFile>,
-    /// `disk_image` compressed with zstd (`rootfs.img.zst`): what the installer streams.
+    /// `disk_image` compressed with zstd (`rootfs.img.zst`), in frames of
+    /// [`DISK_IMAGE_FRAME`]: what the installer streams.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_image_zst: Option<ManifestFile>,
     /// The root filesystem's own initramfs for `kernel_version` (`initrd.img`), for booting

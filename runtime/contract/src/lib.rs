@@ -14,8 +14,8 @@ pub use event::{
     MAX_MESSAGE,
 };
 pub use installer::{
-    Artifact, ConfigReply, DistroManifest, InstallerConfig, Login, ManifestFile, ESP_SIZE_MIB,
-    NIC_NAME,
+    Artifact, ConfigReply, DistroManifest, InstallerConfig, Login, ManifestFile, DISK_IMAGE_FRAME,
+    ESP_SIZE_MIB, NIC_NAME,
 };
 pub use mac::{Mac, MacError};
 pub use vm::{Arch, BootMode, VmDefinition, VmError};

@@ -9,10 +9,12 @@
 //! clean. Keyed by the rootfs digest, the epoch and the e2fsprogs version.
 
 use std::fs;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use pxelab_contract::DISK_IMAGE_FRAME;
 use sha2::{Digest, Sha256};
 
 use super::ext4script;
@@ -20,7 +22,7 @@ use crate::hostdeps::{DEBUGFS, E2FSCK, MKE2FS};
 use crate::store::{StepFile, StepOutputs, Store};
 
 /// Bump when [`build`] makes something else from the same rootfs.
-const DISK_STEP_VERSION: u32 = 2;
+const DISK_STEP_VERSION: u32 = 3;
 
 /// The image file next to the manifest.
 pub const IMAGE: &str = "rootfs.img";
@@ -187,15 +189,33 @@ pub fn build(
 }
 
 /// [`IMAGE_ZST`]: the whole image, holes as the zeros they read as (zstd makes them almost
-/// nothing; the installer writes zeros only where the partition held something else).
+/// nothing; the installer writes zeros only where the partition held something else), as
+/// independent frames of [`DISK_IMAGE_FRAME`] bytes that each say their size, so the installer
+/// decompresses them on every CPU. Measured on this image: 2 % larger than one frame.
 fn compress(image: &Path, out: &Path) -> Result<()> {
     let mut input =
         fs::File::open(image).with_context(|| format!("cannot open {}", image.display()))?;
-    let file = fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut encoder = super::rootfs::encoder(file)?;
-    std::io::copy(&mut input, &mut encoder)
-        .with_context(|| format!("compressing {}", image.display()))?;
-    encoder.finish()?.sync_all()?;
+    let mut file =
+        fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut frame = Vec::with_capacity(DISK_IMAGE_FRAME);
+    loop {
+        frame.clear();
+        let n = (&mut input)
+            .take(DISK_IMAGE_FRAME as u64)
+            .read_to_end(&mut frame)
+            .with_context(|| format!("reading {}", image.display()))?;
+        if n == 0 {
+            break;
+        }
+        let mut encoder = super::rootfs::encoder(&mut file)?;
+        encoder.set_pledged_src_size(Some(n as u64))?;
+        encoder.include_contentsize(true)?;
+        encoder
+            .write_all(&frame)
+            .with_context(|| format!("compressing {}", image.display()))?;
+        encoder.finish()?;
+    }
+    file.sync_all()?;
     Ok(())
 }
 
