@@ -66,9 +66,8 @@ pub struct BootEntry {
 }
 
 /// Mounts the ESP at `boot/efi` (it stays on `mounts` until the final unmount) and writes the
-/// boot files. Returns what GRUB will boot.
-pub fn install(t: &Target<'_>, mounts: &mut Mounts) -> Result<BootEntry> {
-    let entry = newest_kernel(t.root, &t.ids.root_uuid)?;
+/// boot files for GRUB to boot `entry` ([`newest_kernel`]).
+pub fn install(t: &Target<'_>, entry: &BootEntry, mounts: &mut Mounts) -> Result<()> {
     let (image, removable) = efi_image();
     let grub = fs::read(t.root.join(image)).context(|| {
         format!("reading /{image} from the rootfs (Debian: package grub-efi-amd64-bin or grub-efi-arm64-bin)")
@@ -80,7 +79,7 @@ pub fn install(t: &Target<'_>, mounts: &mut Mounts) -> Result<BootEntry> {
     )?;
     write_atomic(
         &t.root.join("boot/grub/grub.cfg"),
-        grub_cfg(&entry, &t.ids.root_uuid).as_bytes(),
+        grub_cfg(entry, &t.ids.root_uuid).as_bytes(),
         0o444,
     )?;
     let esp = t.root.join("boot/efi");
@@ -94,8 +93,7 @@ pub fn install(t: &Target<'_>, mounts: &mut Mounts) -> Result<BootEntry> {
         fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
         write_fat(&dir.join("grub.cfg"), config.as_bytes())?;
     }
-    write_fat(&esp.join("EFI/BOOT").join(removable), &grub)?;
-    Ok(entry)
+    write_fat(&esp.join("EFI/BOOT").join(removable), &grub)
 }
 
 /// The distro's `ID` from os-release, which Debian and Ubuntu also use as GRUB's EFI vendor
