@@ -11,13 +11,12 @@ use std::{
 };
 
 use pxelab_contract::{
-    Artifact, ConfigReply, DistroManifest, Event, InstallerConfig, Mac, Phase, StackStatus,
-    VmDefinition, VmStatus,
+    cloudinit, Artifact, ConfigReply, DistroManifest, Event, InstallerConfig, Mac, Phase,
+    StackStatus, VmDefinition, VmStatus,
 };
 
 use crate::{
     access::{self, Leases},
-    cloudinit,
     events::{EventStore, Refused, StateRecord},
     files,
     images::{Catalog, ManifestError},

@@ -3,12 +3,12 @@
 //! thing in-process.
 //!
 //! Code map: [`server`] owns sockets and HTTP framing; [`handler`] lists every route and renders
-//! replies from [`ipxe`], [`cloudinit`], [`files`], [`images`], [`events`] and [`vms`], which
-//! keep what they serve in memory, follow changes through [`watch`] and persist states through
-//! [`journal`]; [`dnsmasq`] renders dnsmasq's configuration; [`nfsroot`] unpacks distro roots for
-//! diskless targets and [`nfs`] configures ganesha to export them; [`child`] runs either as a
-//! supervised child; [`supervisor`] wires them together and owns the main loop; [`signals`]
-//! turns SIGTERM/SIGINT/SIGHUP into flags that loop polls.
+//! replies from [`ipxe`], [`pxelab_contract::cloudinit`], [`files`], [`images`], [`events`] and
+//! [`vms`], which keep what they serve in memory, follow changes through [`watch`] and persist
+//! states through [`journal`]; [`dnsmasq`] renders dnsmasq's configuration; [`nfsroot`] unpacks
+//! distro roots for diskless targets and [`nfs`] configures ganesha to export them; [`child`]
+//! runs either as a supervised child; [`supervisor`] wires them together and owns the main
+//! loop; [`signals`] turns SIGTERM/SIGINT/SIGHUP into flags that loop polls.
 //!
 //! Invariant: nothing here writes outside the state directory (the diskless roots of
 //! [`nfsroot`] are unpacked into it, by [`pxelab_untar`], which never writes outside its target),
@@ -17,7 +17,6 @@
 
 pub mod access;
 pub mod child;
-pub mod cloudinit;
 pub mod dnsmasq;
 pub mod etcd;
 pub mod events;

@@ -114,7 +114,7 @@ struct Args {
     #[arg(long, env = "PXELAB_IPV6", value_name = "IPV6[/64]")]
     ipv6: Option<String>,
     /// DNS domain of the lab: every VM resolves as <name>.<domain>.
-    #[arg(long, env = "PXELAB_DOMAIN", default_value = "pxelab.local")]
+    #[arg(long, env = "PXELAB_DOMAIN", default_value = pxelab_contract::cloudinit::DEFAULT_DOMAIN)]
     domain: String,
     /// Do not serve DNS (dnsmasq gets port=0). Implied by --dhcp proxy.
     #[arg(long, env = "PXELAB_NO_DNS")]

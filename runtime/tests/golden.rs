@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use pxelab_contract::cloudinit;
 use pxelab_contract::{Arch, VmDefinition};
-use pxelab_runtime::{cloudinit, dnsmasq, ipxe, nfs};
+use pxelab_runtime::{dnsmasq, ipxe, nfs};
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")

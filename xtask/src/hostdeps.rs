@@ -62,8 +62,8 @@ pub const HOST_DEPS: &[HostDep] = &[
     MKE2FS,
     DEBUGFS,
     E2FSCK,
-    bin("mkfs.fat", "dosfstools"),
-    bin("mcopy", "mtools"),
+    MKFS_FAT,
+    MCOPY,
     bin("fusefat", "fusefat"),
     bin("depmod", "kmod"),
     bin("gcc", "gcc"),
@@ -119,6 +119,9 @@ pub const QEMU_IMG: HostDep = bin("qemu-img", "qemu-utils");
 pub const ARCH_TEST: HostDep = bin("arch-test", "arch-test");
 
 /// Make, fill and check a distro's disk image (and the installer tests' filesystems).
+/// A disk-mode VM's seed disk is a vfat image.
+pub const MKFS_FAT: HostDep = bin("mkfs.fat", "dosfstools");
+pub const MCOPY: HostDep = bin("mcopy", "mtools");
 pub const MKE2FS: HostDep = bin("mke2fs", "e2fsprogs");
 pub const DEBUGFS: HostDep = bin("debugfs", "e2fsprogs");
 pub const E2FSCK: HostDep = bin("e2fsck", "e2fsprogs");

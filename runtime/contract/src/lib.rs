@@ -4,6 +4,7 @@
 //! wire or file format. Values are validated when parsed, so code that holds a [`VmDefinition`]
 //! or a [`Mac`] can trust it.
 
+pub mod cloudinit;
 mod event;
 mod installer;
 mod mac;

@@ -1,7 +1,7 @@
 //! The e2e's disk-mode VM: `lab vm create disk-1 --disk-mode` (the command itself), then
 //! `lab vm start`'s path: QEMU boots the distro's kernel and initramfs on a qcow2 overlay of its
-//! `rootfs.img`, with no PXE and no installer. It answers SSH with its own host name (the stack's
-//! NoCloud seed applied), its root is the whole `/dev/vda`, cloud-init finishes and grew the
+//! `rootfs.img`, with no PXE and no installer. It answers SSH with its own host name (the
+//! NoCloud seed disk applied), its root is the whole `/dev/vda`, cloud-init finishes and grew the
 //! filesystem to the disk, the stack saw no network boot from it, and `lab vm rm` leaves no
 //! link behind.
 
@@ -60,6 +60,11 @@ fn checks(lab: &Lab, vm: &pxelab_contract::VmDefinition, started: u64) -> Result
     eprintln!(
         "e2e: {NAME} (disk mode) answered SSH {:.1}s after QEMU started",
         ssh_ms as f64 / 1000.0
+    );
+    let hostname = super::ssh_output(lab, NAME, "hostname")?;
+    ensure!(
+        hostname == NAME,
+        "{NAME}'s host name is {hostname:?}: its seed disk was not applied"
     );
     let root = super::ssh_output(lab, NAME, "findmnt -no SOURCE /")?;
     ensure!(

@@ -18,10 +18,9 @@
 //!    boots its installer's shell (the config says not to reboot, `lab status` says SSH is
 //!    down), and a command typed through `lab vm console` answers on the serial console.
 //! 4. On that container stack: SeaBIOS (QEMU's iPXE NIC ROM) and OVMF without NIC ROM → TFTP
-//!    ipxe.efi each reach "installer started"; with `--only disk-mode` (not by default),
-//!    meanwhile (and during 5.) disk-1 (`--disk-mode`) boots an overlay of the distro's
-//!    `rootfs.img` and answers SSH
-//!    (`diskmode.rs`).
+//!    ipxe.efi each reach "installer started"; meanwhile (and during 5.) disk-1
+//!    (`--disk-mode`) boots an overlay of the distro's `rootfs.img` with its seed disk and
+//!    answers SSH (`diskmode.rs`).
 //! 5. Two diskless targets boot Debian 13 from one read-only NFS export served by the
 //!    container's ganesha (see `diskless.rs`).
 //! 6. proxyDHCP on Debian 13 (`proxy.rs`): the stack restarted with `--dhcp proxy` beside a
@@ -159,9 +158,7 @@ fn scenario(distro: &str, only: &[Part]) -> Result<()> {
     }
     let distro = crate::distro::canonical_name(distro)?;
     std::thread::scope(|s| -> Result<()> {
-        // Only on request: in CI beside the diskless pair its cloud-init fell back to
-        // DataSourceNone (no seed from the stack, no login); not yet understood.
-        let disk = only.contains(&Part::DiskMode).then(|| {
+        let disk = runs(Part::DiskMode).then(|| {
             step("disk-1 (--disk-mode) boots its overlay of the distro's image: SSH, no PXE");
             s.spawn(|| diskmode::scenario(&lab, &distro))
         });

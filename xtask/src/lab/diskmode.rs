@@ -1,8 +1,13 @@
 //! Disk-mode VMs (`lab vm create --disk-mode`, `pxeboot: false`): no PXE and no installer. The
 //! disk is a qcow2 copy-on-write overlay of the distro's `rootfs.img`, and QEMU starts the
-//! distro's kernel with the rootfs's own initramfs itself (SeaBIOS, no boot loader), its
-//! NoCloud seed on the kernel command line: the stack serves `/cloud-init/<name>/` to the VM's
-//! own address.
+//! distro's kernel with the rootfs's own initramfs itself (SeaBIOS, no boot loader).
+//!
+//! Its NoCloud seed is a second, read-only disk (vfat labelled `CIDATA`, as pvmlab's seed ISO)
+//! holding the documents the stack would serve at `/cloud-init/<name>/`, written anew at every
+//! start. cloud-init reads it in its first, local stage, before any network: with the seed's
+//! URL on the kernel command line instead, cloud-init fetched it once, in its network stage,
+//! and a VM booting beside two others under TCG fell back to `DataSourceNone` (no host name,
+//! no login).
 //!
 //! The image, kernel and initramfs are hard-linked beside the disk when the VM is created: a
 //! later `distro pull` replaces the published files, and must neither change the overlay's
@@ -12,18 +17,24 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use pxelab_contract::{DistroManifest, ManifestFile, VmDefinition};
+use pxelab_contract::{cloudinit, DistroManifest, ManifestFile, VmDefinition};
 use xshell::cmd;
 
 use super::home::Lab;
+use crate::hostdeps::{self, HostDep};
 use crate::process;
 
 /// What QEMU loads itself for a disk-mode VM.
 pub struct DirectBoot {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The NoCloud seed disk ([`write_seed`]).
+    pub seed: PathBuf,
     pub append: String,
 }
+
+/// What writes a seed disk.
+pub const SEED_TOOLS: [HostDep; 2] = [hostdeps::MKFS_FAT, hostdeps::MCOPY];
 
 /// The VM's own links: backing image, kernel, initramfs.
 fn files(lab: &Lab, name: &str) -> [PathBuf; 3] {
@@ -102,43 +113,101 @@ pub fn direct_boot(lab: &Lab, vm: &VmDefinition) -> Result<Option<DirectBoot>> {
     if vm.pxeboot || !kernel.exists() {
         return Ok(None);
     }
-    let stack = lab.net()?.subnet.gateway();
     Ok(Some(DirectBoot {
         kernel,
         initrd,
-        append: append(vm, &stack.to_string()),
+        seed: seed_path(lab, &vm.name),
+        append: APPEND.to_string(),
     }))
 }
 
-/// `ds=nocloud-net`: cloud-init 22.4 (Debian 12) fetches an HTTP seed only under that name (see
-/// the stack's `ipxe.rs`).
-fn append(vm: &VmDefinition, stack: &str) -> String {
-    format!(
-        "root=/dev/vda rw console=ttyS0,115200 ds=nocloud-net;s=http://{stack}/cloud-init/{}/",
-        vm.name
-    )
+/// The seed disk is `/dev/vdb`, found by its label: `ds=nocloud` only tells cloud-init which
+/// source to look for.
+const APPEND: &str = "root=/dev/vda rw console=ttyS0,115200 ds=nocloud";
+
+fn seed_path(lab: &Lab, name: &str) -> PathBuf {
+    lab.disks_dir().join(format!("{name}.seed.img"))
 }
 
-/// Removes the VM's links (`lab vm rm`).
+/// Writes `vm`'s seed disk: the stack's documents for it (its domain is the default one; DHCPv6
+/// when the lab serves it), on a 1 MiB vfat labelled `CIDATA`. Built beside and renamed into
+/// place, so a VM never boots a half-written seed.
+pub fn write_seed(lab: &Lab, vm: &VmDefinition) -> Result<PathBuf> {
+    hostdeps::ensure(&SEED_TOOLS)?;
+    let seed = seed_path(lab, &vm.name);
+    let staging = lab.run_dir().join(format!("seed-{}", vm.name));
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir_all(&staging)?;
+    fs::create_dir_all(lab.disks_dir())?;
+    let written = (|| -> Result<()> {
+        let dhcpv6 = lab.config.ipv6 && !lab.config.proxy_dhcp;
+        let mut docs = Vec::new();
+        for doc in cloudinit::DOCUMENTS {
+            let text = cloudinit::document(vm, doc, cloudinit::DEFAULT_DOMAIN, dhcpv6)
+                .with_context(|| format!("no cloud-init document {doc}"))?;
+            let path = staging.join(doc);
+            fs::write(&path, text)?;
+            docs.push(path);
+        }
+        let image = staging.join("seed.img");
+        let sh = process::shell()?;
+        // `--invariant`: no clock or random volume id in the filesystem.
+        process::output(cmd!(sh, "mkfs.fat -C -n CIDATA --invariant {image} 1024"))?;
+        process::output(cmd!(sh, "mcopy -i {image} {docs...} ::"))?;
+        fs::rename(&image, &seed)?;
+        Ok(())
+    })();
+    let _ = fs::remove_dir_all(&staging);
+    written.with_context(|| format!("writing {}'s seed disk {}", vm.name, seed.display()))?;
+    Ok(seed)
+}
+
+/// Removes the VM's links and seed disk (`lab vm rm`).
 pub fn remove(lab: &Lab, name: &str) {
     for f in files(lab, name) {
         let _ = fs::remove_file(f);
     }
+    let _ = fs::remove_file(seed_path(lab, name));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// What cloud-init's NoCloud looks for before the network: a filesystem labelled CIDATA
+    /// holding the stack's documents, each byte for byte; a second start replaces it.
     #[test]
-    fn the_seed_is_on_the_command_line_under_the_name_cloud_init_22_4_fetches() {
+    fn sys_the_seed_disk_holds_the_stacks_documents_under_the_label_cloud_init_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = Lab::at(dir.path().to_path_buf()).unwrap();
         let vm = VmDefinition::from_json(
-            r#"{"name":"d1","arch":"x86_64","distro":"debian-12","mac":"52:54:00:00:00:05"}"#,
+            r#"{"name":"d1","arch":"x86_64","distro":"debian-12","mac":"52:54:00:00:00:05",
+                "hostname":"first"}"#,
         )
         .unwrap();
-        assert_eq!(
-            append(&vm, "10.77.0.1"),
-            "root=/dev/vda rw console=ttyS0,115200 ds=nocloud-net;s=http://10.77.0.1/cloud-init/d1/"
+        let sh = xshell::Shell::new().unwrap();
+        let seed = write_seed(&lab, &vm).unwrap();
+        let label = cmd!(sh, "blkid -p -o value -s LABEL {seed}")
+            .read()
+            .unwrap();
+        assert_eq!(label, "CIDATA");
+        for doc in cloudinit::DOCUMENTS {
+            let inside = cmd!(sh, "mtype -i {seed} ::{doc}").read().unwrap();
+            let served = cloudinit::document(&vm, doc, cloudinit::DEFAULT_DOMAIN, false).unwrap();
+            assert_eq!(inside.trim_end(), served.trim_end(), "{doc}");
+        }
+        let renamed = VmDefinition {
+            hostname: Some("second".into()),
+            ..vm
+        };
+        write_seed(&lab, &renamed).unwrap();
+        let meta = cmd!(sh, "mtype -i {seed} ::meta-data").read().unwrap();
+        assert!(meta.contains("\"second\""), "{meta}");
+        assert!(
+            !lab.run_dir().join("seed-d1").exists(),
+            "the staging directory is left"
         );
+        remove(&lab, "d1");
+        assert!(!seed.exists(), "`lab vm rm` leaves the seed disk");
     }
 }

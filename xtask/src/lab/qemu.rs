@@ -171,6 +171,13 @@ pub fn args(t: &Target) -> Result<Vec<String>> {
         &format!("file={},if=none,id=disk0,format=qcow2", t.disk.display()),
     ]);
     push(&["-device", "virtio-blk-pci,drive=disk0,bootindex=2"]);
+    if let Some(d) = t.direct {
+        // After the disk, so the disk stays /dev/vda.
+        push(&[
+            "-drive",
+            &format!("file={},if=virtio,format=raw,readonly=on", d.seed.display()),
+        ]);
+    }
     push(&["-display", "none", "-vga", "none"]);
     if t.arch == Arch::X86_64 {
         push(&[
@@ -572,7 +579,8 @@ mod tests {
         let direct = super::super::diskmode::DirectBoot {
             kernel: "/d/k".into(),
             initrd: "/d/i".into(),
-            append: "root=/dev/vda ds=nocloud-net;s=http://x/".into(),
+            seed: "/d/seed.img".into(),
+            append: "root=/dev/vda ds=nocloud".into(),
         };
         let disk_mode = args(&Target {
             direct: Some(&direct),
@@ -586,6 +594,14 @@ mod tests {
             "a disk-mode VM boots its kernel under SeaBIOS: {line}"
         );
         assert!(disk_mode.contains(&direct.append), "one argument: {line}");
+        let (disk, seed) = (
+            line.find("drive=disk0").unwrap(),
+            line.find("file=/d/seed.img,if=virtio,format=raw,readonly=on"),
+        );
+        assert!(
+            seed.is_some_and(|seed| seed > disk),
+            "the read-only seed disk comes after the disk (/dev/vda): {line}"
+        );
         let arm = Target {
             arch: Arch::Aarch64,
             ..target(Firmware::Bios, p)

@@ -17,8 +17,8 @@ use xshell::cmd;
 use super::home::{Lab, VmFile};
 use crate::process;
 
-/// The login cloud-init creates on every target (see the stack's `cloudinit.rs`).
-const USER: &str = "pxelab";
+/// The login cloud-init creates on every target.
+const USER: &str = pxelab_contract::cloudinit::USER;
 
 /// The lab's SSH public key, generating the pair on first use (private key mode 0600).
 pub fn ensure_key(lab: &Lab) -> Result<String> {

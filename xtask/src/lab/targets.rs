@@ -317,6 +317,9 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
             vm.name
         );
     }
+    if direct.is_some() {
+        super::diskmode::write_seed(lab, vm)?;
+    }
     if !disk.exists() {
         create_disk(lab, &vm.name, DEFAULT_DISK_SIZE)?;
     }

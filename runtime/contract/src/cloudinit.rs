@@ -1,4 +1,5 @@
-//! NoCloud documents for a VM (`/cloud-init/<name>/…`).
+//! NoCloud documents for a VM: the stack serves them (`/cloud-init/<name>/…`) and the lab writes
+//! them onto a disk-mode VM's seed disk, so both say the same.
 //!
 //! One login: user `pxelab` with the VM's SSH keys and passwordless sudo. No password is set
 //! for anyone, SSH password login is off and root login is disabled. Networking is DHCP on the
@@ -18,9 +19,11 @@
 //! logged "Invalid cloud-config provided" on every boot). For C.UTF-8 cloud-init runs no
 //! `locale-gen`, only `update-locale`, which writes `LANG=C.UTF-8` to /etc/default/locale.
 
-use pxelab_contract::{Login, VmDefinition, NIC_NAME};
+use crate::{Login, VmDefinition, NIC_NAME};
 
 pub const USER: &str = "pxelab";
+/// The lab's DNS domain unless the stack is told another (`--domain`).
+pub const DEFAULT_DOMAIN: &str = "pxelab.local";
 pub const DOCUMENTS: [&str; 4] = ["meta-data", "user-data", "network-config", "vendor-data"];
 
 fn q(s: &str) -> String {
