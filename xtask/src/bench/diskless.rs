@@ -89,7 +89,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         targets: 0,
         distro: DISTRO.into(),
         arch: Arch::X86_64,
-        firmware: qemu::Firmware::Uefi,
+        firmware: Some(qemu::Firmware::Uefi),
         accel: choice,
         subnet: DEFAULT_SUBNET.into(),
         stack: Some(StackKind::Process),

@@ -87,7 +87,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         targets,
         distro: DEBIAN_12.into(),
         arch: Arch::X86_64,
-        firmware: qemu::Firmware::Uefi,
+        firmware: Some(qemu::Firmware::Uefi),
         accel: choice,
         subnet: crate::lab::home::DEFAULT_SUBNET.into(),
         stack: Some(StackKind::Process),

@@ -127,7 +127,7 @@ fn scenario(distro: &str, only: &[Part]) -> Result<()> {
         targets: if runs(Part::Install) { 1 } else { 0 },
         distro: distro.to_string(),
         arch: Arch::X86_64,
-        firmware: qemu::Firmware::Uefi,
+        firmware: Some(qemu::Firmware::Uefi),
         accel: qemu::AccelChoice::Auto,
         subnet: lab::home::DEFAULT_SUBNET.into(),
         stack: Some(StackKind::Process),
@@ -421,11 +421,12 @@ fn down_and_up_keeps_ssh(up: &UpArgs) -> Result<()> {
         "e2e: lab down (target-1 shut down by ACPI) took {:.1}s",
         took.elapsed().as_secs_f64()
     );
-    // The stack kind the lab has now (the container, since the reload) stays, and so does
-    // IPv6 without the flag.
+    // The stack kind the lab has now (the container, since the reload) stays, and so do IPv6
+    // and target-1's firmware without their flags.
     let again = UpArgs {
         stack: None,
         ipv6: false,
+        firmware: None,
         ..up.clone()
     };
     targets::up(Lab::open()?, &again)?;

@@ -8,7 +8,7 @@
 //! initrds/<arch>/          installer initrd (`build-stack`), served as /initrds/
 //! tftp/                    iPXE first stages and boot.ipxe (dnsmasq's TFTP root)
 //! state/                   the stack's own: VM states, timelines, dnsmasq files, control.sock
-//! disks/<name>.qcow2       target disks, and <name>-vars.fd UEFI variable stores
+//! disks/<name>.qcow2       target disks, <name>-vars.fd UEFI variable stores, <name>.firmware
 //! bin/pxelab-stack         the stack binary the lab runs (copied from `build-stack`)
 //! run/                     pid files, QMP and serial console sockets, a rootless lab's netns
 //!                          holder (gone after `lab down`)
@@ -101,6 +101,8 @@ pub enum VmFile {
     Definition,
     Disk,
     Vars,
+    /// The firmware it last booted with (`uefi`, `bios`, `uefi-pxe`; see `targets::firmware_for`).
+    Firmware,
     /// The serial console's log (everything the VM printed, and the echo of what was typed).
     Console,
     /// The serial console itself: QEMU listens on this socket (`lab vm console` attaches).
@@ -314,6 +316,7 @@ impl Lab {
             VmFile::Definition => self.vms_dir().join(format!("{vm}.json")),
             VmFile::Disk => self.disks_dir().join(format!("{vm}.qcow2")),
             VmFile::Vars => self.disks_dir().join(format!("{vm}-vars.fd")),
+            VmFile::Firmware => self.disks_dir().join(format!("{vm}.firmware")),
             VmFile::Console => self.logs_dir().join(format!("{vm}.console.log")),
             VmFile::Pid => self.run_dir().join(format!("{vm}.pid")),
             VmFile::Qmp => self.run_dir().join(format!("{vm}.qmp")),

@@ -74,9 +74,10 @@ pub struct UpArgs {
     pub distro: String,
     #[arg(long, default_value = "x86_64")]
     pub arch: Arch,
-    /// How targets reach iPXE.
-    #[arg(long, value_enum, default_value = "uefi")]
-    pub firmware: Firmware,
+    /// How targets reach iPXE [default: what each target booted with last (a machine keeps its
+    /// firmware across `lab down` and `lab up`), else uefi].
+    #[arg(long, value_enum)]
+    pub firmware: Option<Firmware>,
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelChoice,
     /// The lab subnet (only used when the lab is first created).
@@ -122,8 +123,9 @@ enum VmCommand {
     /// until it answers SSH (Ctrl-C leaves it running).
     Start {
         name: String,
-        #[arg(long, value_enum, default_value = "uefi")]
-        firmware: Firmware,
+        /// How it reaches iPXE [default: what it booted with last, else uefi].
+        #[arg(long, value_enum)]
+        firmware: Option<Firmware>,
         #[arg(long, value_enum, default_value = "auto")]
         accel: AccelChoice,
         /// Boot the installer's console shell instead of installing (also once installed);
@@ -294,6 +296,7 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
             let vm = targets::set_switches(lab, &name, installer_shell, no_reboot)?;
             let accel = qemu::resolve_accel(accel, vm.arch, &lab.run_dir())?;
             let started = follow::now_ms();
+            let firmware = targets::firmware_for(lab, &name, firmware);
             targets::start_vm(lab, &vm, firmware, accel)?;
             if installer_shell || no_reboot {
                 println!("{name} started; its console: cargo xtask lab vm console {name}");

@@ -1,7 +1,7 @@
 //! Targets: their disks and QEMU processes, and `lab up`, which strings everything together.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::Path,
     time::{Duration, UNIX_EPOCH},
 };
@@ -119,10 +119,13 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<Vec<follow::Row>> {
         std::thread::sleep(Duration::from_millis(500));
     }
     let mut started = BTreeMap::new();
+    let mut firmwares = BTreeSet::new();
     for vm in &chosen {
         let pidfile = lab.vm_file(&vm.name, VmFile::Pid);
         if pid::read(&pidfile).is_none() {
-            start_vm(&lab, vm, a.firmware, accel)?;
+            let firmware = firmware_for(&lab, &vm.name, a.firmware);
+            firmwares.insert(format!("{firmware:?}"));
+            start_vm(&lab, vm, firmware, accel)?;
         }
         let since = std::fs::metadata(&pidfile).and_then(|m| m.modified()).ok();
         let ms = since
@@ -140,10 +143,14 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<Vec<follow::Row>> {
         return Ok(Vec::new());
     }
     eprintln!(
-        "following {} target(s) ({:?}, {:?} firmware); Ctrl-C leaves them running",
+        "following {} target(s) ({:?}, {} firmware); Ctrl-C leaves them running",
         chosen.len(),
         accel,
-        a.firmware
+        if firmwares.is_empty() {
+            "running".to_string()
+        } else {
+            firmwares.into_iter().collect::<Vec<_>>().join("/")
+        }
     );
     let rows = follow::wait_all(&lab, &chosen, &started, Duration::from_secs(a.timeout))?;
     follow::print_summary(&rows);
@@ -295,6 +302,25 @@ pub fn definition(lab: &Lab, name: &str) -> Result<VmDefinition> {
 }
 
 /// Starts QEMU for `vm` inside the lab namespace (daemonised; pid file, QMP socket, console log).
+/// The firmware `name` boots with: `chosen`, else the one it booted with last (a machine keeps
+/// its firmware: a target installed under SeaBIOS must not come back under OVMF after `lab
+/// down` and `lab up`), else UEFI.
+pub fn firmware_for(lab: &Lab, name: &str, chosen: Option<Firmware>) -> Firmware {
+    chosen
+        .or_else(|| {
+            let text = std::fs::read_to_string(lab.vm_file(name, VmFile::Firmware)).ok()?;
+            clap::ValueEnum::from_str(text.trim(), false).ok()
+        })
+        .unwrap_or(Firmware::Uefi)
+}
+
+/// `firmware` as `--firmware` spells it.
+fn firmware_name(firmware: Firmware) -> String {
+    clap::ValueEnum::to_possible_value(&firmware)
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) -> Result<()> {
     if vm.boot == BootMode::Nfsroot {
         process::require_root(&format!("diskless {}", vm.name), net::NO_ROOTLESS_NFS)?;
@@ -360,6 +386,10 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
     };
     let _starting = super::may_start()?;
     qemu::start(&net, &target)?;
+    if direct.is_none() {
+        let remembered = lab.vm_file(&vm.name, VmFile::Firmware);
+        crate::store::write_atomic(&remembered, firmware_name(firmware).as_bytes())?;
+    }
     Ok(())
 }
 
@@ -490,6 +520,7 @@ pub fn remove(lab: &Lab, name: &str) -> Result<()> {
         VmFile::Definition,
         VmFile::Disk,
         VmFile::Vars,
+        VmFile::Firmware,
         VmFile::Console,
     ] {
         let _ = std::fs::remove_file(lab.vm_file(name, kind));
@@ -503,6 +534,28 @@ pub fn remove(lab: &Lab, name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A target keeps the firmware it booted with: `lab up` without `--firmware` after `lab
+    /// down` starts a SeaBIOS target under SeaBIOS again.
+    #[test]
+    fn a_target_boots_with_the_firmware_it_had_unless_told_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = Lab::at(dir.path().to_path_buf()).unwrap();
+        assert_eq!(firmware_for(&lab, "t-1", None), Firmware::Uefi);
+        std::fs::create_dir_all(lab.disks_dir()).unwrap();
+        for firmware in [Firmware::Bios, Firmware::UefiPxe, Firmware::Uefi] {
+            let remembered = lab.vm_file("t-1", VmFile::Firmware);
+            std::fs::write(&remembered, firmware_name(firmware)).unwrap();
+            assert_eq!(firmware_for(&lab, "t-1", None), firmware);
+            assert_eq!(
+                firmware_for(&lab, "t-1", Some(Firmware::Bios)),
+                Firmware::Bios,
+                "--firmware wins"
+            );
+        }
+        std::fs::write(lab.vm_file("t-1", VmFile::Firmware), "floppy").unwrap();
+        assert_eq!(firmware_for(&lab, "t-1", None), Firmware::Uefi);
+    }
 
     /// A target `name` as `lab vm create` plans it.
     fn planned(name: &str) -> VmDefinition {
