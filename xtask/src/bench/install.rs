@@ -56,9 +56,16 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
 
     let dir = ctx.scratch("install")?;
     let data = dir.join("data");
-    for d in ["vms", "state", "initrds"] {
+    for d in ["vms", "state", "initrds/x86_64"] {
         std::fs::create_dir_all(data.join(d))?;
     }
+    // The stack hands out an install only when it has the installer initrd to serve (the
+    // installer runs here straight from the build, not from it).
+    std::fs::copy(
+        stack.join("initrd-x86_64.img"),
+        data.join("initrds/x86_64/initrd.img"),
+    )
+    .context("copying the built installer initrd")?;
     let port = free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     let sh = process::shell()?;
