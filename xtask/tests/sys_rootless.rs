@@ -164,12 +164,19 @@ fn unprivileged(home: PathBuf) {
         ip: None,
         boot: BootMode::Install,
     };
-    let mut vm = vms::plan(&[], &request, lab.subnet().unwrap(), &key).unwrap();
-    // Told to boot from its (blank) disk, the target needs no distro pulled: DHCP, iPXE and
-    // the stack's "boot from the local disk" script are the whole network path.
-    vm.pxeboot = false;
-    targets::create_disk(&lab, &vm.name, "1G").unwrap();
-    vms::write_new(&lab.vms_dir(), &vm).unwrap();
+    let vm = vms::define(
+        &lab.vms_dir(),
+        &request,
+        lab.subnet().unwrap(),
+        &key,
+        |vm| {
+            // Told to boot from its (blank) disk, the target needs no distro pulled: DHCP, iPXE
+            // and the stack's "boot from the local disk" script are the whole network path.
+            vm.pxeboot = false;
+            targets::create_disk(&lab, &vm.name, "1G")
+        },
+    )
+    .unwrap();
     // The stack sees the definition within a second; the reservation must be in place
     // before the target's first DHCP request.
     std::thread::sleep(Duration::from_secs(2));

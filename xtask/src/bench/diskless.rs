@@ -229,8 +229,8 @@ fn define(lab: &Lab, name: &str) -> Result<VmDefinition> {
         ip: None,
         boot: BootMode::Nfsroot,
     };
-    let vm = vms::plan(&existing, &request, lab.subnet()?, &ssh::ensure_key(lab)?)?;
-    vms::write_new(&lab.vms_dir(), &vm)?;
+    let key = ssh::ensure_key(lab)?;
+    let vm = vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |_| Ok(()))?;
     // The stack also rescans by itself; the signal makes the reservation (and unpack) immediate.
     stack::running(lab)
         .context("the stack is not running")?

@@ -53,7 +53,6 @@ pub fn scenario(lab: &Lab, distro: &str) -> Result<()> {
     let key = ssh::ensure_key(lab)?;
     let mut defined = Vec::new();
     for (name, _) in VMS {
-        let existing = vms::load_all(&lab.vms_dir())?;
         let request = vms::VmRequest {
             name: name.into(),
             distro: distro.into(),
@@ -62,8 +61,7 @@ pub fn scenario(lab: &Lab, distro: &str) -> Result<()> {
             ip: None,
             boot: BootMode::Nfsroot,
         };
-        let vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
-        vms::write_new(&lab.vms_dir(), &vm)?;
+        let vm = vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |_| Ok(()))?;
         defined.push(vm);
     }
     // The stack re-reads definitions within a second and starts unpacking the export.

@@ -357,7 +357,6 @@ fn create_and_start(
     reserve_ip: bool,
 ) -> Result<(pxelab_contract::VmDefinition, u64)> {
     let key = ssh::ensure_key(lab)?;
-    let existing = vms::load_all(&lab.vms_dir())?;
     let request = vms::VmRequest {
         name: name.into(),
         distro: distro.to_string(),
@@ -366,12 +365,12 @@ fn create_and_start(
         ip: None,
         boot: pxelab_contract::BootMode::Install,
     };
-    let mut vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
-    if !reserve_ip {
-        vm.ip = None;
-    }
-    targets::create_disk(lab, name, targets::DEFAULT_DISK_SIZE)?;
-    vms::write_new(&lab.vms_dir(), &vm)?;
+    let vm = vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |vm| {
+        if !reserve_ip {
+            vm.ip = None;
+        }
+        targets::create_disk(lab, name, targets::DEFAULT_DISK_SIZE)
+    })?;
     std::thread::sleep(Duration::from_secs(3)); // the stack re-reads definitions within 2 s
     let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.run_dir())?;
     let started = follow::now_ms();

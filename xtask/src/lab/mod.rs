@@ -264,16 +264,15 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
                     BootMode::Install
                 },
             };
-            let existing = vms::load_all(&lab.vms_dir())?;
-            let mut vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
-            vms::assign_ipv6(lab, &mut vm)?;
-            if c.disk_mode {
-                vm.pxeboot = false;
-                diskmode::create(lab, &vm, &c.disk_size)?;
-            } else {
-                targets::create_disk(lab, &vm.name, &c.disk_size)?;
-            }
-            vms::write_new(&lab.vms_dir(), &vm)?;
+            let vm = vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |vm| {
+                vms::assign_ipv6(lab, vm)?;
+                if c.disk_mode {
+                    vm.pxeboot = false;
+                    diskmode::create(lab, vm, &c.disk_size)
+                } else {
+                    targets::create_disk(lab, &vm.name, &c.disk_size)
+                }
+            })?;
             println!(
                 "defined {} (MAC {}, IP {}{})",
                 vm.name,

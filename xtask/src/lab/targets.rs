@@ -103,10 +103,10 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<Vec<follow::Row>> {
                     ip: None,
                     boot: BootMode::Install,
                 };
-                let mut vm = vms::plan(&existing, &request, lab.subnet()?, &key)?;
-                vms::assign_ipv6(&lab, &mut vm)?;
-                create_disk(&lab, &name, DEFAULT_DISK_SIZE)?;
-                vms::write_new(&lab.vms_dir(), &vm)?;
+                let vm = vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |vm| {
+                    vms::assign_ipv6(&lab, vm)?;
+                    create_disk(&lab, &name, DEFAULT_DISK_SIZE)
+                })?;
                 existing.push(vm.clone());
                 vm
             }

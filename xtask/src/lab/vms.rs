@@ -1,6 +1,6 @@
 //! VM definitions in `<lab home>/vms/<name>.json`: loading them, and planning a new one with
 //! its MAC and IP allocated without conflicts. Planning is pure, so every rejection is tested
-//! without touching a disk; only [`write_new`] writes.
+//! without touching a disk; only [`define`] writes, under a lock.
 
 use std::{net::Ipv4Addr, path::Path};
 
@@ -155,8 +155,36 @@ pub fn rewrite(dir: &Path, vm: &VmDefinition) -> Result<()> {
     crate::store::write_atomic(&path, vm.to_json().as_bytes())
 }
 
+/// Defines a new VM: plans `req` against the VMs defined now, lets `prepare` finish it (an IPv6
+/// address, its disk; an error there writes nothing) and writes it, all under an exclusive lock
+/// on the VMs directory. Without the lock two `lab vm create` at once both took the first free
+/// address (seen in the e2e: disk-1 and bios-1 both got 10.77.0.11, dnsmasq leased it to one of
+/// them, and the other never got a lease).
+pub fn define(
+    dir: &Path,
+    req: &VmRequest,
+    subnet: Subnet,
+    ssh_key: &str,
+    prepare: impl FnOnce(&mut VmDefinition) -> Result<()>,
+) -> Result<VmDefinition> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(".define.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    let mut vm = plan(&load_all(dir)?, req, subnet, ssh_key)?;
+    prepare(&mut vm)?;
+    write_new(dir, &vm)?;
+    Ok(vm)
+}
+
 /// Writes a new definition atomically; refuses to overwrite.
-pub fn write_new(dir: &Path, vm: &VmDefinition) -> Result<()> {
+pub(super) fn write_new(dir: &Path, vm: &VmDefinition) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("{}.json", vm.name));
     if path.exists() {
@@ -185,6 +213,49 @@ mod tests {
 
     fn subnet() -> Subnet {
         "10.77.0.0/24".parse().unwrap()
+    }
+
+    /// `lab vm create` run several times at once (the e2e defines disk-1 while it defines
+    /// bios-1): each VM gets an address of its own.
+    #[test]
+    fn vms_defined_at_once_get_distinct_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let defined: Vec<VmDefinition> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|i| {
+                    let dir = dir.path();
+                    s.spawn(move || {
+                        define(dir, &req(&format!("vm-{i}")), subnet(), KEY, |_| {
+                            // What creating the disk takes, while others plan theirs.
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            Ok(())
+                        })
+                        .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let ips: std::collections::BTreeSet<_> = defined.iter().map(|v| v.ip).collect();
+        let macs: std::collections::BTreeSet<_> = defined.iter().map(|v| v.mac).collect();
+        assert_eq!(ips.len(), 6, "{defined:?}");
+        assert_eq!(macs.len(), 6);
+        assert_eq!(load_all(dir.path()).unwrap(), {
+            let mut d = defined.clone();
+            d.sort_by(|a, b| a.name.cmp(&b.name));
+            d
+        });
+    }
+
+    #[test]
+    fn a_definition_refused_while_being_prepared_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = define(dir.path(), &req("vm-1"), subnet(), KEY, |_| {
+            anyhow::bail!("no room for its disk")
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("no room"), "{err}");
+        assert!(load_all(dir.path()).unwrap().is_empty());
     }
 
     #[test]
