@@ -62,7 +62,7 @@ fn ipxe_install_script_for_a_new_vm() {
     assert!(t.starts_with("#!ipxe\n"));
     // URLs use the Host the client used.
     let token = common::token_in(&t).expect("a boot token");
-    assert!(t.contains(&format!("kernel http://pxe.test/images/debian-12/x86_64/vmlinuz console=ttyS0,115200 BOOTIF=01-52-54-00-aa-bb-01 config_url=http://pxe.test/config/52:54:00:aa:bb:01?token={token} initrd=initrd.img initrd=modules.cpio.zst")), "{t}");
+    assert!(t.contains(&format!("kernel http://pxe.test/images/debian-12/x86_64/vmlinuz console=ttyS0,115200 panic=10 BOOTIF=01-52-54-00-aa-bb-01 config_url=http://pxe.test/config/52:54:00:aa:bb:01?token={token} initrd=initrd.img initrd=modules.cpio.zst")), "{t}");
     assert!(
         t.contains("initrd --name initrd.img http://pxe.test/initrds/x86_64/initrd.img"),
         "{t}"

@@ -130,7 +130,7 @@ fn diskless_boot_waits_for_the_export_then_boots_from_it() {
     assert_eq!(r.status, 200);
     let text = r.text();
     for needle in [
-        "kernel http://pxe.test/images/debian-12/x86_64/vmlinuz console=ttyS0,115200 boot=pxelab ip=dhcp BOOTIF=01-52-54-00-aa-bb-01 nfsroot=127.0.0.1:/pxelab/debian-12/x86_64 rw",
+        "kernel http://pxe.test/images/debian-12/x86_64/vmlinuz console=ttyS0,115200 panic=10 boot=pxelab ip=dhcp BOOTIF=01-52-54-00-aa-bb-01 nfsroot=127.0.0.1:/pxelab/debian-12/x86_64 rw",
         "ds=nocloud-net;s=http://pxe.test/cloud-init/t1/",
         // cloud-init must not run a DHCP client on the NIC that carries the root.
         " network-config=disabled ",

@@ -123,7 +123,7 @@ pub fn direct_boot(lab: &Lab, vm: &VmDefinition) -> Result<Option<DirectBoot>> {
 
 /// The seed disk is `/dev/vdb`, found by its label: `ds=nocloud` only tells cloud-init which
 /// source to look for.
-const APPEND: &str = "root=/dev/vda rw console=ttyS0,115200 ds=nocloud";
+const APPEND: &str = "root=/dev/vda rw console=ttyS0,115200 panic=10 ds=nocloud";
 
 fn seed_path(lab: &Lab, name: &str) -> PathBuf {
     lab.disks_dir().join(format!("{name}.seed.img"))
