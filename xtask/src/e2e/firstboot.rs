@@ -130,11 +130,19 @@ pub fn checks(lab: &Lab) -> Result<()> {
     eprintln!("e2e: cloud-init on target-1: {}", done.event.message);
     // SSH is not gated on cloud-init: the early sshd was up before cloud-final finished. The
     // journal, since the early unit is unloaded once Debian's ssh.service took over.
+    //
+    // A unit that starts before journald does (the early sshd waits for nothing) has its
+    // "Started" line only in the kernel log journald imports later, without the unit's fields,
+    // so `-u` may not find it (seen once in CI): then the whole boot's journal is searched for
+    // the line naming the unit or its description.
     let seconds = |unit: &str, what: &str| -> Result<f64> {
         let line = ssh_output(
             lab,
             VM,
-            &format!("sudo journalctl -b -o short-monotonic -u {unit} | grep -m1 '{what}' || true"),
+            &format!(
+                "sudo journalctl -b -o short-monotonic -u {unit} | grep -m1 '{what}' || \
+                 sudo journalctl -b -o short-monotonic | grep -m1 -E '{what} ({unit}|{EARLY_SSH_DESCRIPTION})' || true"
+            ),
         )?;
         line.strip_prefix('[')
             .and_then(|l| l.split_once(']'))
@@ -208,6 +216,9 @@ pub fn caches_were_not_rebuilt(lab: &Lab, name: &str, units: &[&str]) -> Result<
     }
     Ok(())
 }
+
+/// The early sshd unit's description (the installer's `firstboot.rs`), as systemd logs it.
+const EARLY_SSH_DESCRIPTION: &str = "OpenSSH server until cloud-init has run";
 
 /// Whether target-1's running kernel was told to skip the file system check: the installer's
 /// kexec does that for the first boot only (see the installer's kexec.rs).
