@@ -4,10 +4,9 @@
 //!
 //! Its NoCloud seed is a second, read-only disk (vfat labelled `CIDATA`, as pvmlab's seed ISO)
 //! holding the documents the stack would serve at `/cloud-init/<name>/`, written anew at every
-//! start. cloud-init reads it in its first, local stage, before any network: with the seed's
-//! URL on the kernel command line instead, cloud-init fetched it once, in its network stage,
-//! and a VM booting beside two others under TCG fell back to `DataSourceNone` (no host name,
-//! no login).
+//! start. cloud-init reads it in its first, local stage, before any network, so seeding does
+//! not depend on the VM's lease (with the seed's URL on the kernel command line, a VM without
+//! a lease fell back to `DataSourceNone`: no host name, no login).
 //!
 //! The image, kernel and initramfs are hard-linked beside the disk when the VM is created: a
 //! later `distro pull` replaces the published files, and must neither change the overlay's
@@ -34,7 +33,7 @@ pub struct DirectBoot {
 }
 
 /// What writes a seed disk.
-pub const SEED_TOOLS: [HostDep; 2] = [hostdeps::MKFS_FAT, hostdeps::MCOPY];
+const SEED_TOOLS: [HostDep; 2] = [hostdeps::MKFS_FAT, hostdeps::MCOPY];
 
 /// The VM's own links: backing image, kernel, initramfs.
 fn files(lab: &Lab, name: &str) -> [PathBuf; 3] {

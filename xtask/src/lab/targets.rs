@@ -301,7 +301,6 @@ pub fn definition(lab: &Lab, name: &str) -> Result<VmDefinition> {
         })
 }
 
-/// Starts QEMU for `vm` inside the lab namespace (daemonised; pid file, QMP socket, console log).
 /// The firmware `name` boots with: `chosen`, else the one it booted with last (a machine keeps
 /// its firmware: a target installed under SeaBIOS must not come back under OVMF after `lab
 /// down` and `lab up`), else UEFI.
@@ -321,6 +320,7 @@ fn firmware_name(firmware: Firmware) -> String {
         .unwrap_or_default()
 }
 
+/// Starts QEMU for `vm` inside the lab namespace (daemonised; pid file, QMP socket, console log).
 pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) -> Result<()> {
     if vm.boot == BootMode::Nfsroot {
         process::require_root(&format!("diskless {}", vm.name), net::NO_ROOTLESS_NFS)?;
