@@ -362,8 +362,7 @@ impl Context {
             events_url: format!("{base}/events/{}?token={token}", vm.mac),
             disk: vm.disk.clone(),
             reboot,
-            // `vms/<name>.nokexec`: reboot through the firmware instead (kexec is the default).
-            kexec: !self.vms.dir().join(format!("{}.nokexec", vm.name)).exists(),
+            kexec: !vm.no_kexec,
             login: Some(cloudinit::login(vm)),
             wipe,
         };

@@ -177,7 +177,7 @@ struct Args {
     /// Where machine definitions, states and boot tokens are kept: `files` (the VMs and state
     /// directories) or etcd://host:port[,host:port…], an etcd cluster (v3, its client URLs)
     /// that several stacks share, so each machine is installed once whichever stack it asks.
-    /// Each stack keeps its own timelines; `<name>.noreboot`/`.nokexec` stay files.
+    /// Each stack keeps its own timelines; `<name>.noreboot` stays a file.
     #[arg(
         long,
         env = "PXELAB_STORE",

@@ -18,7 +18,7 @@
 //! `/pxelab/vms/<name>.json` of etcd instead of files, validated the same way; every stack on the
 //! cluster polls them every half second ([`VmStore::rescan`], on a thread of the supervisor), so a
 //! definition written through one stack's API is served by the others within that. The
-//! `<name>.noreboot` and `<name>.nokexec` flags stay files of each stack's VMs directory.
+//! `<name>.noreboot` flag stays a file of each stack's VMs directory.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

@@ -59,6 +59,24 @@ fn no_reboot_reaches_the_installer_config() {
     assert_eq!(config()["reboot_on_success"], false);
 }
 
+#[test]
+fn no_kexec_reaches_the_installer_config() {
+    let s = Stack::new();
+    let config = || {
+        let token = s.boot();
+        s.get(&format!("/config/{MAC}?token={token}")).json()
+    };
+    assert_eq!(config()["kexec"], true, "kexec is the default");
+    edit_t1(&s, |vm| vm["no_kexec"] = true.into());
+    let config = config();
+    // Absent is false (older installers read it so too): a firmware reboot.
+    assert!(config.get("kexec").is_none(), "kexec still set: {config}");
+    assert_eq!(
+        config["reboot"], true,
+        "without kexec the installer still reboots"
+    );
+}
+
 /// pvmlab's `vm create` without `--pxeboot` (a disk-mode VM booting its cloud image) writes no
 /// `pxeboot` key. Installing over it would wipe the VM: the stack sends it to its disk.
 #[test]

@@ -1,6 +1,7 @@
 //! A lab run by a normal user, without sudo: the namespace is held from a user namespace the
-//! user owns, the stack runs there, a target PXE-boots to its iPXE script, and `lab down`
-//! leaves no process behind.
+//! user owns, the stack runs there, a target PXE-boots to its iPXE script, following a VM
+//! whose definition the stack rejects stops with the stack's reason, and `lab down` leaves no
+//! process behind.
 //!
 //! The test runs as root (to prepare a lab home and a user-readable copy of itself) and then
 //! runs its own binary again as `nobody`, which does the lab part through the same library
@@ -213,6 +214,7 @@ fn unprivileged(home: PathBuf) {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
+    let rejected = follows_a_rejected_definition_no_further(&lab, &vm);
     let console =
         std::fs::read_to_string(lab.vm_file(&vm.name, VmFile::Console)).unwrap_or_default();
     let stack_log = std::fs::read_to_string(lab.stack_log()).unwrap_or_default();
@@ -224,10 +226,56 @@ fn unprivileged(home: PathBuf) {
         "target-1 never fetched its iPXE script; console:\n{console}\nstack log:\n{stack_log}"
     );
     println!("target-1 reached LocalBoot in a rootless lab");
+    rejected.unwrap();
     assert!(!net.exists(), "the namespace holder survived lab down");
     for pid in [vm_pid, stack_pid].into_iter().flatten() {
         assert!(!pid.is_running(), "pid {} survived lab down", pid.id());
     }
+}
+
+/// A hand-written definition that takes target-1's address is rejected by the stack (the later
+/// file of a clash loses): following it stops at once with the stack's reason, where it used to
+/// wait out the whole follow timeout for a lease that could never come.
+fn follows_a_rejected_definition_no_further(
+    lab: &Lab,
+    taken: &pxelab_contract::VmDefinition,
+) -> Result<(), String> {
+    let clash = pxelab_contract::VmDefinition {
+        name: "u-clash".into(),
+        mac: "52:54:00:00:00:99".parse().unwrap(),
+        ..taken.clone()
+    };
+    std::fs::write(lab.vms_dir().join("u-clash.json"), clash.to_json()).unwrap();
+    std::thread::sleep(Duration::from_secs(3)); // the stack re-reads definitions within 2 s
+    let took = Instant::now();
+    let started = [(clash.name.clone(), xtask::lab::follow::now_ms())].into();
+    let followed = xtask::lab::follow::wait_all(
+        lab,
+        std::slice::from_ref(&clash),
+        &started,
+        Duration::from_secs(60),
+    );
+    let _ = std::fs::remove_file(lab.vms_dir().join("u-clash.json"));
+    let err = match followed {
+        Ok(_) => return Err("following a rejected definition succeeded".into()),
+        Err(e) => format!("{e:#}"),
+    };
+    let ip = taken.ip.unwrap();
+    if !(err.starts_with("the stack rejects u-clash's definition (vms/u-clash.json)")
+        && err.contains(&format!("IP {ip} is already used by target-1.json")))
+    {
+        return Err(format!(
+            "following u-clash did not stop with the stack's reason: {err}"
+        ));
+    }
+    if took.elapsed() > Duration::from_secs(10) {
+        return Err(format!(
+            "following u-clash took {:?} to give up",
+            took.elapsed()
+        ));
+    }
+    println!("following u-clash stopped with: {err}");
+    Ok(())
 }
 
 /// Takes whatever the unprivileged run left (holder, stack, QEMU) down, even when it failed.

@@ -138,6 +138,11 @@ pub struct VmDefinition {
     /// Debug switch (`lab vm start --no-reboot`): stay in the installer after installing.
     #[serde(default, skip_serializing_if = "is_false")]
     pub no_reboot: bool,
+    /// After installing, reboot through the firmware (which network-boots again and is told to
+    /// boot the disk) instead of kexec'ing the installed kernel: the path every real machine
+    /// takes on its next power cycle (`lab vm create --no-kexec`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_kexec: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -412,18 +417,26 @@ mod tests {
     #[test]
     fn debug_switches_are_optional_and_written_only_when_on() {
         let plain = VmDefinition::from_json(&vm("t1")).unwrap();
-        assert!(!plain.installer_shell && !plain.no_reboot);
-        assert!(
-            !plain.to_json().contains("installer_shell") && !plain.to_json().contains("no_reboot"),
-            "a definition without debug switches must stay byte-identical"
-        );
+        assert!(!plain.installer_shell && !plain.no_reboot && !plain.no_kexec);
+        for key in ["installer_shell", "no_reboot", "no_kexec"] {
+            assert!(
+                !plain.to_json().contains(key),
+                "a definition without switches must stay byte-identical: {key} written"
+            );
+        }
         let debug = VmDefinition {
             installer_shell: true,
             no_reboot: true,
+            no_kexec: true,
             ..plain
         };
         let text = debug.to_json();
-        assert!(text.contains("\"installer_shell\": true") && text.contains("\"no_reboot\": true"));
+        for key in ["installer_shell", "no_reboot", "no_kexec"] {
+            assert!(
+                text.contains(&format!("\"{key}\": true")),
+                "{key} not written"
+            );
+        }
         assert_eq!(VmDefinition::from_json(&text).unwrap(), debug);
     }
 

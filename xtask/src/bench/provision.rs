@@ -7,9 +7,10 @@
 //! Milestones come from the stack's timeline of the VM (DHCP lease, iPXE script, kernel fetch,
 //! installer running, rootfs streamed, installed, disk boot, cloud-init done), measured from the
 //! QEMU pid file's mtime as `lab up` does; "SSH ready" is when `lab up`'s SSH check first
-//! succeeded. A kexec'd install has no disk boot through the firmware. The rootfs stream rate
-//! inside the guest (compressed bytes / the installer's rootfs phase) stands next to
-//! `zstd -dc | tar -x` of the same tarball on the host into a tmpfs.
+//! succeeded. A kexec'd install has no disk boot through the firmware; the same target defined
+//! with `no_kexec` (`lab vm create --no-kexec`) takes that path, measured beside it. The
+//! rootfs stream rate inside the guest (compressed bytes / the installer's rootfs phase) stands
+//! next to `zstd -dc | tar -x` of the same tarball on the host into a tmpfs.
 //!
 //! Under TCG this is slow (measured here: one target SSH-ready after ~13 min on a loaded 2-core
 //! machine), so each `lab up` is bounded: 30 min for one target, 60 min for four. A failed run
@@ -100,6 +101,8 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     let mut plain = Vec::new();
     let mut stream = Vec::new();
     let mut failure = None;
+    let mut firmware_marks: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut firmware_ssh = Vec::new();
     for i in 0..runs {
         ctx.ui.println(format!(
             "bench provision: 1 target, run {}/{runs} ({accel_name})",
@@ -127,6 +130,23 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         }
         lab_guard.down()?;
         if failure.is_some() {
+            break;
+        }
+        ctx.ui.println(format!(
+            "bench provision: 1 target rebooting through the firmware (--no-kexec), run {}/{runs}",
+            i + 1
+        ));
+        let (m, err) = through_the_firmware(&up(1, 1800))
+            .map_err(|e| e.context(format!("--no-kexec, run {}", i + 1)))?;
+        for (k, v) in m.milestones.iter().enumerate() {
+            if let Some(v) = v {
+                firmware_marks.entry(k).or_default().push(*v);
+            }
+        }
+        firmware_ssh.extend(m.ssh);
+        lab_guard.down()?;
+        if let Some(e) = err {
+            failure = Some(e.context(format!("--no-kexec, run {}", i + 1)));
             break;
         }
     }
@@ -157,6 +177,27 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         )
         .peer("the installed target booting its disk again", plain)
         .note("the ratio is what an install costs over a plain boot (goal: at most 1.5x)"),
+    );
+    // The path without kexec: the milestones where it differs, and SSH.
+    for (k, (label, _)) in MILESTONES.iter().enumerate().skip(5).take(2) {
+        let v = firmware_marks.remove(&k).unwrap_or_default();
+        let row = Row::new(
+            format!("1 target, --no-kexec: {label}"),
+            "s from QEMU start",
+            Better::Lower,
+            v,
+        );
+        group.push(&ctx.ui, row);
+    }
+    group.push(
+        &ctx.ui,
+        Row::new(
+            "1 target, --no-kexec: SSH ready (install, firmware reboot, GRUB, first boot)",
+            "s from QEMU start",
+            Better::Lower,
+            firmware_ssh,
+        )
+        .note("what the kexec of the default path saves: compare with the SSH ready row above"),
     );
     group.push(
         &ctx.ui,
@@ -227,6 +268,27 @@ fn one_target(up: &UpArgs) -> Result<(Marks, Option<anyhow::Error>)> {
         rootfs_rate,
     };
     Ok((marks, err))
+}
+
+/// One fresh install of a target defined with `no_kexec` before `lab up` finds it: the
+/// installer reboots through the firmware, which is told to boot the disk.
+fn through_the_firmware(up: &UpArgs) -> Result<(Marks, Option<anyhow::Error>)> {
+    let lab = Lab::open()?;
+    lab.create_dirs()?;
+    let key = crate::lab::ssh::ensure_key(&lab)?;
+    let request = crate::lab::vms::VmRequest {
+        name: "target-1".into(),
+        distro: up.distro.clone(),
+        arch: up.arch,
+        mac: None,
+        ip: None,
+        boot: pxelab_contract::BootMode::Install,
+    };
+    crate::lab::vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |vm| {
+        vm.no_kexec = true;
+        targets::create_disk(&lab, "target-1", targets::DEFAULT_DISK_SIZE)
+    })?;
+    one_target(up)
 }
 
 /// `lab down` (the target shuts down, its disk stays) and `lab up`: seconds from the target's

@@ -352,15 +352,24 @@ impl Results {
 
 /// The checkout's commit, `-dirty` when tracked files differ from it; `unknown` outside git.
 fn commit() -> String {
+    commit_of(&crate::util::project_root())
+}
+
+/// The bench's own output in the checkout: writing it after one group must not make the next
+/// group's code look changed.
+const OWN_OUTPUT: [&str; 2] = ["bench/results.json", "bench/RESULTS.md"];
+
+fn commit_of(checkout: &Path) -> String {
     let sh = match xshell::Shell::new() {
         Ok(sh) => sh,
         Err(_) => return "unknown".into(),
     };
-    sh.change_dir(crate::util::project_root());
+    sh.change_dir(checkout);
     let head = crate::process::read(xshell::cmd!(sh, "git rev-parse HEAD"));
+    let excluded = OWN_OUTPUT.map(|f| format!(":(exclude){f}"));
     let dirty = crate::process::read(xshell::cmd!(
         sh,
-        "git status --porcelain --untracked-files=no"
+        "git status --porcelain --untracked-files=no -- . {excluded...}"
     ));
     match (head, dirty) {
         (Ok(head), Ok(dirty)) if dirty.is_empty() => head,
@@ -428,6 +437,36 @@ fn format_unix(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every group of one `cargo xtask bench` run carries the commit it ran at, not
+    /// `-dirty` because an earlier group wrote its results; a changed source file still shows.
+    #[test]
+    fn the_commit_stamp_ignores_the_benchs_own_output_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = xshell::Shell::new().unwrap();
+        sh.change_dir(dir.path());
+        std::fs::create_dir(dir.path().join("bench")).unwrap();
+        for f in OWN_OUTPUT.iter().chain(&["main.rs"]) {
+            std::fs::write(dir.path().join(f), "before\n").unwrap();
+        }
+        let git = |args: &[&str]| {
+            crate::process::read(xshell::cmd!(
+                sh,
+                "git -c user.name=t -c user.email=t@t -c commit.gpgsign=false {args...}"
+            ))
+            .unwrap()
+        };
+        git(&["init", "-q"]);
+        git(&["add", "."]);
+        git(&["commit", "-q", "-m", "x"]);
+        let head = git(&["rev-parse", "HEAD"]);
+        for f in OWN_OUTPUT {
+            std::fs::write(dir.path().join(f), "after\n").unwrap();
+        }
+        assert_eq!(commit_of(dir.path()), head);
+        std::fs::write(dir.path().join("main.rs"), "after\n").unwrap();
+        assert_eq!(commit_of(dir.path()), format!("{head}-dirty"));
+    }
 
     #[test]
     fn median_min_max_and_ratio() {

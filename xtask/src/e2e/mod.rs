@@ -17,8 +17,10 @@
 //!    `lab vm copy` copies a file to it and back. `lab vm start --installer-shell --no-reboot`
 //!    boots its installer's shell (the config says not to reboot, `lab status` says SSH is
 //!    down), and a command typed through `lab vm console` answers on the serial console.
-//! 4. On that container stack: SeaBIOS (QEMU's iPXE NIC ROM) and OVMF without NIC ROM → TFTP
-//!    ipxe.efi each reach "installer started"; meanwhile (and during 5.) disk-1
+//! 4. On that container stack (`firmware.rs`): bios-1, made by `lab vm create --no-kexec`,
+//!    installs under SeaBIOS (QEMU's iPXE NIC ROM), reboots through the firmware, is sent to its
+//!    disk and boots GRUB's i386-pc image into SSH with its own host name; OVMF without NIC ROM
+//!    → TFTP ipxe.efi reaches "installer started"; meanwhile (and during 5.) disk-1
 //!    (`--disk-mode`) boots an overlay of the distro's `rootfs.img` with its seed disk and
 //!    answers SSH (`diskmode.rs`).
 //! 5. Two diskless targets boot Debian 13 from one read-only NFS export served by the
@@ -32,6 +34,7 @@
 
 mod diskless;
 mod diskmode;
+mod firmware;
 mod firstboot;
 mod proxy;
 
@@ -50,7 +53,7 @@ use crate::{
     lab::{
         self, follow,
         home::{Lab, StackKind, VmFile},
-        qemu, ssh, stack, targets, vms, UpArgs,
+        qemu, ssh, stack, targets, UpArgs,
     },
     process::{self, pid},
 };
@@ -163,15 +166,10 @@ fn scenario(distro: &str, only: &[Part]) -> Result<()> {
             s.spawn(|| diskmode::scenario(&lab, &distro))
         });
         if runs(Part::Firmware) {
-            for (name, firmware) in [
-                ("bios-1", qemu::Firmware::Bios),
-                ("uefipxe-1", qemu::Firmware::UefiPxe),
-            ] {
-                step(&format!(
-                    "{name}: {firmware:?} firmware reaches the installer"
-                ));
-                reaches_installer(&lab, name, &distro, firmware)?;
-            }
+            step("bios-1 (--no-kexec) under SeaBIOS installs, reboots through the firmware into GRUB's i386-pc boot and answers SSH");
+            firmware::installs_and_reboots_through_bios(&lab, &distro)?;
+            step("uefipxe-1: OVMF without NIC ROM reaches the installer through TFTP ipxe.efi");
+            firmware::reaches_installer(&lab, "uefipxe-1", &distro, qemu::Firmware::UefiPxe)?;
         }
         if runs(Part::Diskless) {
             step("diskless-1 and diskless-2 boot Debian 13 from one read-only NFS export");
@@ -342,66 +340,6 @@ fn restart_during_stream(done: &AtomicBool, restarted: &AtomicBool) -> Result<()
             return Ok(());
         }
     }
-    Ok(())
-}
-
-/// Defines disk VM `name` installing `distro`, gives it a blank disk and starts it once the
-/// stack has its reservation; the definition and when QEMU started (Unix ms).
-/// Defines a disk VM (with an address of the lab's unless `!reserve_ip`), gives it a blank
-/// disk and starts it.
-fn create_and_start(
-    lab: &Lab,
-    name: &str,
-    distro: &str,
-    firmware: qemu::Firmware,
-    reserve_ip: bool,
-) -> Result<(pxelab_contract::VmDefinition, u64)> {
-    let key = ssh::ensure_key(lab)?;
-    let request = vms::VmRequest {
-        name: name.into(),
-        distro: distro.to_string(),
-        arch: Arch::X86_64,
-        mac: None,
-        ip: None,
-        boot: pxelab_contract::BootMode::Install,
-    };
-    let vm = vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |vm| {
-        if !reserve_ip {
-            vm.ip = None;
-        }
-        targets::create_disk(lab, name, targets::DEFAULT_DISK_SIZE)
-    })?;
-    std::thread::sleep(Duration::from_secs(3)); // the stack re-reads definitions within 2 s
-    let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.run_dir())?;
-    let started = follow::now_ms();
-    targets::start_vm(lab, &vm, firmware, accel)?;
-    Ok((vm, started))
-}
-
-fn reaches_installer(lab: &Lab, name: &str, distro: &str, firmware: qemu::Firmware) -> Result<()> {
-    let (_, started) = create_and_start(lab, name, distro, firmware, true)?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let timeline = stack::timeline(lab, name).unwrap_or_default();
-        if let Some(e) = timeline
-            .iter()
-            .find(|e| e.event.phase == Phase::Installing && e.at_ms >= started)
-        {
-            eprintln!(
-                "e2e: {name} reached the installer after {:.1}s",
-                (e.at_ms - started) as f64 / 1000.0
-            );
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{name} did not reach the installer within 300 s\n{}",
-                follow::console_tail(lab, name)
-            );
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    targets::stop_vm(lab, name)?;
     Ok(())
 }
 

@@ -39,7 +39,10 @@ pub fn scenario() -> Result<()> {
     let pulled = took.elapsed();
     set_proxy(&mut lab, true)?;
     let site = SiteDhcp::start(&lab)?;
-    let (vm, started) = super::create_and_start(&lab, VM, &distro, qemu::Firmware::Uefi, false)?;
+    let (vm, started) =
+        super::firmware::create_and_start(&lab, VM, &distro, qemu::Firmware::Uefi, |vm| {
+            vm.ip = None
+        })?;
     ensure!(vm.ip.is_none(), "{VM} was defined with an address");
     let leased = site.wait_lease(&lab, vm.mac, Duration::from_secs(300))?;
     let subnet = lab.subnet()?;

@@ -28,14 +28,13 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn fetch_status(lab: &Lab) -> Result<Vec<VmStatus>> {
+/// The stack's `GET /status`: every valid VM's state and every definition file it rejects.
+pub fn fetch_status(lab: &Lab) -> Result<StackStatus> {
     let (code, body) = stack::get(lab, "/status")?;
     if code != 200 {
         bail!("GET /status answered {code}: {}", body.trim());
     }
-    Ok(serde_json::from_str::<StackStatus>(&body)
-        .context("parsing /status")?
-        .vms)
+    serde_json::from_str(&body).context("parsing /status")
 }
 
 /// "installing: rootfs 120.0 MiB/170.0 MiB" — a VM's state and last event in one phrase.
@@ -199,7 +198,7 @@ pub fn wait_all(
     let mut last_line: BTreeMap<String, String> = BTreeMap::new();
     let mut probes = SshProbes::default();
     loop {
-        let statuses = fetch_status(lab).unwrap_or_default();
+        let stack_status = fetch_status(lab).unwrap_or_default();
         let mut pending = 0;
         for ((vm, row), bar) in vms.iter().zip(rows.iter_mut()).zip(&bars) {
             if row.done() {
@@ -210,7 +209,16 @@ pub fn wait_all(
             if let Ok(tl) = stack::timeline(lab, &vm.name) {
                 row.absorb(start, &tl);
             }
-            let status = statuses.iter().find(|s| s.name == vm.name);
+            // The stack ignores a file it rejects: no lease, no boot, nothing to wait for.
+            let file = format!("{}.json", vm.name);
+            if let Some(bad) = stack_status.invalid.iter().find(|i| i.file == file) {
+                bail!(
+                    "the stack rejects {}'s definition (vms/{file}): {}",
+                    vm.name,
+                    bad.error
+                );
+            }
+            let status = stack_status.vms.iter().find(|s| s.name == vm.name);
             // A failure recorded before this boot (e.g. the last `lab up`) is history, not news.
             let failed_now = |s: &&VmStatus| {
                 s.state == VmState::Failed

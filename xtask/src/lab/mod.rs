@@ -203,6 +203,11 @@ struct CreateArgs {
     /// Disk size for qemu-img (e.g. 20G); a reprovision keeps it.
     #[arg(long, default_value = targets::DEFAULT_DISK_SIZE)]
     disk_size: String,
+    /// After installing, reboot through the firmware (network boot, then the disk) instead of
+    /// kexec'ing the installed kernel, as a real machine's next power cycle does; slower by the
+    /// firmware's boot.
+    #[arg(long, conflicts_with_all = ["diskless", "disk_mode"])]
+    no_kexec: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -266,6 +271,7 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
             };
             let vm = vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |vm| {
                 vms::assign_ipv6(lab, vm)?;
+                vm.no_kexec = c.no_kexec;
                 if c.disk_mode {
                     vm.pxeboot = false;
                     diskmode::create(lab, vm, &c.disk_size)
@@ -391,7 +397,7 @@ fn status(lab: &Lab) -> Result<()> {
         println!("no VMs defined: `cargo xtask lab up` or `cargo xtask lab vm create <name>`");
         return Ok(());
     }
-    let states = follow::fetch_status(lab).unwrap_or_default();
+    let states = follow::fetch_status(lab).unwrap_or_default().vms;
     let ssh = ssh_probes(lab, &vms, &states);
     // The IPV6 column only in a lab where some VM has an IPv6 address (`lab up --ipv6`).
     let v6: Vec<String> = vms

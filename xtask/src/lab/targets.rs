@@ -397,7 +397,7 @@ pub fn start_vm(lab: &Lab, vm: &VmDefinition, firmware: Firmware, accel: Accel) 
 /// shut down is asked both through SSH and by the ACPI power button. What happened to each.
 pub fn stop_vms(lab: &Lab, names: &[String]) -> Result<Vec<qemu::Stopped>> {
     let definitions = vms::load_all(&lab.vms_dir()).unwrap_or_default();
-    let states = follow::fetch_status(lab).ok();
+    let states = follow::fetch_status(lab).ok().map(|s| s.vms);
     let mut asked = Vec::new();
     let requests: Vec<qemu::StopRequest> = names
         .iter()
