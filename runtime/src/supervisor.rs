@@ -433,7 +433,7 @@ impl DnsmasqRun {
     fn sync_hosts(&mut self, vms: &VmStore) {
         match dnsmasq::write_hosts(&self.settings, &vms.current().vms) {
             Ok(true) => {
-                if self.child.pid().is_some() {
+                if self.child.pid().is_some() && !self.drop_stale_leases(vms) {
                     self.child.signal(libc::SIGHUP);
                     log!("VM definitions changed: dnsmasq reloaded");
                 }
@@ -441,6 +441,37 @@ impl DnsmasqRun {
             Ok(false) => {}
             Err(e) => log!("cannot update dnsmasq host files: {e}"),
         }
+    }
+
+    /// Restarts dnsmasq without the leases that hold an address now reserved for another MAC
+    /// ([`dnsmasq::without_stale_leases`]), which it reads only when it starts; true when it did.
+    fn drop_stale_leases(&mut self, vms: &VmStore) -> bool {
+        if self.settings.proxy {
+            return false;
+        }
+        let path = self.settings.leases_path();
+        let set = vms.current();
+        let stale = |text: &str| dnsmasq::without_stale_leases(text, &set.vms);
+        if stale(&fs::read_to_string(&path).unwrap_or_default()).is_none() {
+            return false;
+        }
+        // Stopped first: dnsmasq writes the file on every lease change and once more at exit.
+        self.child.stop(Duration::from_secs(1));
+        if let Some((kept, dropped)) = stale(&fs::read_to_string(&path).unwrap_or_default()) {
+            let written = crate::write_atomic(&path, kept.as_bytes(), false)
+                .and_then(|()| dnsmasq::prepare_work_dir(&self.settings).map(drop));
+            match written {
+                Ok(()) => log!(
+                    "VM definitions changed: dropped the leases of {} on addresses now reserved for other VMs",
+                    dropped.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+                Err(e) => log!("cannot rewrite {}: {e}", path.display()),
+            }
+        }
+        if let Err(e) = self.start() {
+            log!("cannot restart dnsmasq: {e}");
+        }
+        true
     }
 
     /// A `dhcp` event for every lease dnsmasq acknowledged since the last call (`leases` keeps

@@ -365,6 +365,30 @@ fn sys_dhcp_dns_and_http_in_namespaces() {
     lab.set_client_mac("52:54:00:aa:bb:99");
     assert!(lab.dhcp(data, &[]).is_none(), "an unknown MAC got a lease");
 
+    // t1 removed and t2 defined on its address, which t1's lease holds for another hour:
+    // dnsmasq alone would refuse t2 ("leased to" t1's MAC) until then.
+    std::fs::remove_file(data.join("vms/t1.json")).unwrap();
+    let t2 = serde_json::json!({"name": "t2", "arch": "x86_64", "distro": "debian-12",
+        "mac": "52:54:00:aa:bb:99", "ip": "10.231.0.51", "ssh_key": KEY, "pxeboot": true});
+    std::fs::write(data.join("vms/t2.json"), t2.to_string()).unwrap();
+    let changed = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(lease) = lab.dhcp(data, &[]) {
+            assert_eq!(get(&lease, "ip"), Some("10.231.0.51"), "{lease:?}");
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(8),
+            "t2 got no lease on t1's old address; dnsmasq's log:\n{}",
+            std::fs::read_to_string(data.join("state/dnsmasq/dnsmasq.log")).unwrap_or_default()
+        );
+    }
+    eprintln!(
+        "a removed VM's address leased to its successor {:?} after the change",
+        changed.elapsed()
+    );
+
     // SIGTERM: the stack and its dnsmasq are gone within 2 s.
     let conf = data.join("state/dnsmasq/dnsmasq.conf");
     assert_eq!(dnsmasq_pids_using(&conf).len(), 1, "dnsmasq is not running");
