@@ -365,14 +365,20 @@ pub fn parse_answer(line: &str) -> Option<Answer> {
 pub fn read_leases(path: &Path, now_secs: u64) -> Vec<(Mac, Ipv4Addr)> {
     let text = fs::read_to_string(path).unwrap_or_default();
     text.lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let expiry: u64 = words.next()?.parse().ok()?;
-            let mac = words.next()?.parse().ok()?;
-            let ip = words.next()?.parse().ok()?;
-            (expiry == 0 || expiry > now_secs).then_some((mac, ip))
-        })
+        .filter_map(lease_line)
+        .filter(|(expiry, ..)| *expiry == 0 || *expiry > now_secs)
+        .map(|(_, mac, ip)| (mac, ip))
         .collect()
+}
+
+/// `(expiry, mac, ip)` of an IPv4 line of the lease file; `None` for the DHCPv6 ones.
+fn lease_line(line: &str) -> Option<(u64, Mac, Ipv4Addr)> {
+    let mut words = line.split_whitespace();
+    Some((
+        words.next()?.parse().ok()?,
+        words.next()?.parse().ok()?,
+        words.next()?.parse().ok()?,
+    ))
 }
 
 /// `leases` (the lease file's text) without the IPv4 leases that hold an address now reserved
@@ -387,15 +393,8 @@ pub fn without_stale_leases(leases: &str, vms: &[VmDefinition]) -> Option<(Strin
     let mut kept = String::new();
     let mut dropped = Vec::new();
     for line in leases.lines() {
-        let mut words = line.split_whitespace().skip(1);
-        let held = (|| {
-            Some((
-                words.next()?.parse::<Mac>().ok()?,
-                words.next()?.parse().ok()?,
-            ))
-        })();
-        match held {
-            Some((mac, ip)) if reserved.get(&ip).is_some_and(|owner| *owner != mac) => {
+        match lease_line(line) {
+            Some((_, mac, ip)) if reserved.get(&ip).is_some_and(|owner| *owner != mac) => {
                 dropped.push(mac)
             }
             _ => {
