@@ -388,6 +388,10 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
     // Killed pulls (SIGKILL or Ctrl-C's SIGINT, at growing delays, each switching the module
     // set so that a finished pull replaces the artifacts): whatever moment the kill hits, the
     // published directory is one whole, verified set — the old one or the new one.
+    // Their system temp dir is their own, to see that a kill leaves nothing there: what a killed
+    // pull leaves belongs in the store's tmp, which `gc` empties.
+    let kill_tmp = work.path().join("tmp-kill");
+    fs::create_dir(&kill_tmp).unwrap();
     let mut finished = 0;
     for (i, delay_ms) in [30u64, 100, 250, 500, 800, 1200, 1800, 2500, 4000]
         .into_iter()
@@ -401,6 +405,7 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
             .arg(&recipe_dir)
             .env("PXELAB_HOME", &home)
             .env("PXELAB_CACHE", work.path().join(format!("cache-kill-{i}")))
+            .env("TMPDIR", &kill_tmp)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -422,6 +427,12 @@ fn sys_ubuntu_pull_from_fixture_mirror_verifies_and_rejects_tampering() {
         finished < 9,
         "no pull was ever interrupted: the test injected no fault"
     );
+    let in_tmp: Vec<_> = fs::read_dir(&kill_tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(in_tmp.is_empty(), "killed pulls left {in_tmp:?} in TMPDIR");
     // A pull after the kills finishes and leaves no staging directory behind.
     let after = pull(&args, &work.path().join("cache1")).expect("pull after the kills");
     assert_eq!(after.manifest, *m);

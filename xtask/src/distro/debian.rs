@@ -268,6 +268,7 @@ pub fn build_kernel(
         &kernel_version,
         set,
         epoch,
+        scratch,
         &out.join("modules.cpio.zst"),
     )
 }

@@ -96,17 +96,20 @@ pub struct ModulesInfo {
 
 /// Builds `out` (zstd-compressed newc cpio) from a module tree `src` (= some
 /// `…/lib/modules/<kver>`). Entries are sorted, owned by 0:0, stamped with `mtime`.
+/// The modules are staged under `scratch` (the step's own scratch directory in the store), not
+/// the system temp dir: a pull killed with SIGKILL leaves its staging where `gc` finds it.
 pub fn build_archive(
     src: &Path,
     kernel_version: &str,
     set: ModuleSet,
     mtime: u64,
+    scratch: &Path,
     out: &Path,
 ) -> Result<ModulesInfo> {
     let stage = tempfile::Builder::new()
-        .prefix("pxelab-modules-")
-        .tempdir()
-        .context("cannot create a temp dir for the modules")?;
+        .prefix("modules-")
+        .tempdir_in(scratch)
+        .with_context(|| format!("cannot create a staging dir for the modules in {}", scratch.display()))?;
     let dest = stage.path().join("lib/modules").join(kernel_version);
     let count = stage_modules(src, &dest)?;
     if count == 0 {

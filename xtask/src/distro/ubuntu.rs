@@ -290,6 +290,7 @@ pub fn extract(
         &kernel_version,
         set,
         epoch,
+        scratch,
         &out.join("modules.cpio.zst"),
     )?;
     Ok(Extracted {
