@@ -14,6 +14,7 @@
 //! written atomically. Everything a run creates (lab, servers, loop devices, mounts, temp dirs)
 //! is torn down by Drop guards, also when a figure fails half-way.
 
+mod cpu;
 mod diskless;
 mod guards;
 mod http;

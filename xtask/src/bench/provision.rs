@@ -23,6 +23,7 @@ use anyhow::{Context, Result};
 use pxelab_contract::{Arch, Phase, TimelineEntry};
 use xshell::cmd;
 
+use super::cpu;
 use super::guards::Mount;
 use super::report::{Better, Group, Row};
 use super::{mib, timed, Ctx, DEBIAN_12};
@@ -103,6 +104,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     let mut failure = None;
     let mut firmware_marks: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut firmware_ssh = Vec::new();
+    let (mut cpu_1, mut cores_1) = (Vec::new(), Vec::new());
     for i in 0..runs {
         ctx.ui.println(format!(
             "bench provision: 1 target, run {}/{runs} ({accel_name})",
@@ -118,6 +120,10 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
                 }
                 ssh.extend(m.ssh);
                 stream.extend(m.rootfs_rate);
+                if let (Some(cpu), Some(ssh)) = (m.cpu, m.ssh) {
+                    cpu_1.push(cpu);
+                    cores_1.push(cpu / ssh);
+                }
                 failure = err.map(|e| e.context(format!("1 target, run {}", i + 1)));
             }
             Err(e) => failure = Some(e.context(format!("1 target, run {}", i + 1))),
@@ -201,6 +207,14 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     );
     group.push(
         &ctx.ui,
+        cpu_row("1 target: QEMU CPU time until SSH ready", cpu_1),
+    );
+    group.push(
+        &ctx.ui,
+        cores_row("1 target: host cores busy until SSH ready", cores_1),
+    );
+    group.push(
+        &ctx.ui,
         Row::new(
             "rootfs stream rate in the guest (compressed bytes)",
             "MiB/s",
@@ -233,10 +247,25 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         ctx.ui.println(format!(
             "bench provision: {n} targets at once ({accel_name})"
         ));
-        let (all, per_vm) = many_targets(&up(n, 3600))?;
+        let many = many_targets(&up(n, 3600))?;
         lab_guard.down()?;
-        let measured = row(n, vec![all]).note(format!("SSH ready at {}", per_vm.join(", ")));
+        let measured =
+            row(n, vec![many.all]).note(format!("SSH ready at {}", many.per_vm.join(", ")));
         group.push(&ctx.ui, measured);
+        group.push(
+            &ctx.ui,
+            cpu_row(
+                &format!("{n} targets at once: QEMU CPU time per target until its SSH ready"),
+                many.cpu_per_target,
+            ),
+        );
+        group.push(
+            &ctx.ui,
+            cores_row(
+                &format!("{n} targets at once: host cores busy until all SSH-ready"),
+                many.cores.into_iter().collect(),
+            ),
+        );
     }
     Ok(())
 }
@@ -247,12 +276,16 @@ struct Marks {
     /// `None` when `lab up` failed.
     ssh: Option<f64>,
     rootfs_rate: Option<f64>,
+    /// CPU seconds its QEMU had used when SSH answered.
+    cpu: Option<f64>,
 }
 
 /// One fresh install; also when `lab up` fails, the milestones reached before (and the error).
 fn one_target(up: &UpArgs) -> Result<(Marks, Option<anyhow::Error>)> {
-    let result = targets::up(Lab::open()?, up);
     let lab = Lab::open()?;
+    let sampler = cpu::start(&lab);
+    let result = targets::up(Lab::open()?, up);
+    let cpu_series = sampler.finish();
     let (start, timeline) = match qemu_start_ms(&lab, "target-1") {
         Ok(start) => (start, crate::lab::stack::timeline(&lab, "target-1")?),
         Err(e) => return Err(result.err().unwrap_or(e)),
@@ -262,10 +295,12 @@ fn one_target(up: &UpArgs) -> Result<(Marks, Option<anyhow::Error>)> {
         Ok(rows) => (ssh_secs(&rows, "target-1"), None),
         Err(e) => (None, Some(e)),
     };
+    let cpu = ssh.and_then(|s| cpu_series.at("target-1", start + (s * 1000.0) as u64));
     let marks = Marks {
         milestones,
         ssh,
         rootfs_rate,
+        cpu,
     };
     Ok((marks, err))
 }
@@ -305,11 +340,62 @@ fn ssh_secs(rows: &[follow::Row], name: &str) -> Option<f64> {
     Some(row.ssh? as f64 / 1000.0)
 }
 
-/// `up.targets` targets started together: seconds from the first QEMU start until the last
-/// answers SSH, and when each did.
-fn many_targets(up: &UpArgs) -> Result<(f64, Vec<String>)> {
-    let rows = targets::up(Lab::open()?, up)?;
-    all_ssh_ready(&Lab::open()?, &rows)
+/// CPU seconds a target's QEMU used (all its vCPU and I/O threads) until it answered SSH.
+fn cpu_row(figure: &str, samples: Vec<f64>) -> Row {
+    Row::new(figure, "CPU-s", Better::Lower, samples)
+        .note("user + system time of the QEMU process, from /proc")
+}
+
+/// QEMU CPU seconds over wall seconds: how many of the host's cores emulation kept busy.
+fn cores_row(figure: &str, samples: Vec<f64>) -> Row {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    Row::new(figure, "cores", Better::Higher, samples).note(format!(
+        "QEMU CPU-s / s from the first QEMU start; the host has {cores}: at {cores}, the targets \
+         are as fast as the cores can emulate them"
+    ))
+}
+
+/// What `up.targets` targets started together took.
+struct Many {
+    /// Seconds from the first QEMU start until the last answered SSH.
+    all: f64,
+    /// When each answered ("target-1 95 s").
+    per_vm: Vec<String>,
+    /// Each target's QEMU CPU seconds until it answered SSH.
+    cpu_per_target: Vec<f64>,
+    /// All QEMUs' CPU seconds when the last answered, over `all`.
+    cores: Option<f64>,
+}
+
+fn many_targets(up: &UpArgs) -> Result<Many> {
+    let lab = Lab::open()?;
+    let sampler = cpu::start(&lab);
+    let rows = targets::up(Lab::open()?, up);
+    let series = sampler.finish();
+    let rows = rows?;
+    let (all, per_vm) = all_ssh_ready(&lab, &rows)?;
+    let mut ready = Vec::new();
+    for row in &rows {
+        let start = qemu_start_ms(&lab, &row.name)?;
+        ready.push((
+            row.name.as_str(),
+            start,
+            start + row.ssh.unwrap_or_default(),
+        ));
+    }
+    let last = ready.iter().map(|r| r.2).max().unwrap_or_default();
+    let cpu_per_target = ready
+        .iter()
+        .filter_map(|(vm, _, at)| series.at(vm, *at))
+        .collect();
+    let total: Option<f64> = ready.iter().map(|(vm, _, _)| series.at(vm, last)).sum();
+    let cores = total.filter(|_| all > 0.0).map(|cpu| cpu / all);
+    Ok(Many {
+        all,
+        per_vm,
+        cpu_per_target,
+        cores,
+    })
 }
 
 /// Seconds from the first QEMU start of `rows`' VMs until the last answered SSH, and when each

@@ -109,7 +109,12 @@ pub fn build_archive(
     let stage = tempfile::Builder::new()
         .prefix("modules-")
         .tempdir_in(scratch)
-        .with_context(|| format!("cannot create a staging dir for the modules in {}", scratch.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot create a staging dir for the modules in {}",
+                scratch.display()
+            )
+        })?;
     let dest = stage.path().join("lib/modules").join(kernel_version);
     let count = stage_modules(src, &dest)?;
     if count == 0 {
