@@ -355,10 +355,11 @@ impl Run<'_> {
         let (extracted, stream) = extract::extract(stream, target);
         let (summary, stats) = verified(stream, extracted, &artifact.url, "unpacking")?;
         Ok(format!(
-            "{} entries, {} unpacked from {} (sha256 verified, {} reconnects) at {:.1} MiB/s",
+            "{} entries, {} unpacked from {} (sha256 verified in {:.1} s of hashing, {} reconnects) at {:.1} MiB/s",
             stats.entries,
             human_bytes(stats.tar_bytes),
             human_bytes(summary.bytes),
+            summary.hashing.as_secs_f64(),
             summary.reconnects,
             rate(summary.bytes, started)
         ))
@@ -375,10 +376,11 @@ impl Run<'_> {
         let streamed = started.elapsed();
         image::adopt(root_dev, &ids.root_uuid, mkfs::ROOT_LABEL)?;
         Ok(format!(
-            "image of {} ({} of data, the rest zeroed) from {} (sha256 verified, {} reconnects) at {:.1} MiB/s in {:.1} s (waiting for data {:.1} s, writing {:.1} s, zeroing {:.1} s); UUID {}, grown to the partition in {:.1} s",
+            "image of {} ({} of data, the rest zeroed) from {} (sha256 verified in {:.1} s of hashing, {} reconnects) at {:.1} MiB/s in {:.1} s (waiting for data {:.1} s, writing {:.1} s, zeroing {:.1} s); UUID {}, grown to the partition in {:.1} s",
             human_bytes(written.image),
             human_bytes(written.data),
             human_bytes(summary.bytes),
+            summary.hashing.as_secs_f64(),
             summary.reconnects,
             rate(summary.bytes, started),
             streamed.as_secs_f64(),
