@@ -311,17 +311,9 @@ fn through_the_firmware(up: &UpArgs) -> Result<(Marks, Option<anyhow::Error>)> {
     let lab = Lab::open()?;
     lab.create_dirs()?;
     let key = crate::lab::ssh::ensure_key(&lab)?;
-    let request = crate::lab::vms::VmRequest {
-        name: "target-1".into(),
-        distro: up.distro.clone(),
-        arch: up.arch,
-        mac: None,
-        ip: None,
-        boot: pxelab_contract::BootMode::Install,
-    };
-    crate::lab::vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |vm| {
+    targets::define_target(&lab, &key, "target-1", &up.distro, up.arch, |vm| {
         vm.no_kexec = true;
-        targets::create_disk(&lab, "target-1", targets::DEFAULT_DISK_SIZE)
+        Ok(())
     })?;
     one_target(up)
 }

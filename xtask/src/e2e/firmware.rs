@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use pxelab_contract::{Arch, Phase, VmDefinition};
 
-use crate::lab::{follow, home::Lab, qemu, ssh, stack, targets, vms};
+use crate::lab::{follow, home::Lab, qemu, ssh, stack, targets};
 
 /// Defines a disk VM `name` installing `distro` (`edit` adjusts the definition before it is
 /// written), gives it a blank disk and starts it once the stack has its reservation; the
@@ -23,17 +23,9 @@ pub(super) fn create_and_start(
     edit: impl FnOnce(&mut VmDefinition),
 ) -> Result<(VmDefinition, u64)> {
     let key = ssh::ensure_key(lab)?;
-    let request = vms::VmRequest {
-        name: name.into(),
-        distro: distro.to_string(),
-        arch: Arch::X86_64,
-        mac: None,
-        ip: None,
-        boot: pxelab_contract::BootMode::Install,
-    };
-    let vm = vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |vm| {
+    let vm = targets::define_target(lab, &key, name, distro, Arch::X86_64, |vm| {
         edit(vm);
-        targets::create_disk(lab, name, targets::DEFAULT_DISK_SIZE)
+        Ok(())
     })?;
     std::thread::sleep(Duration::from_secs(3)); // the stack re-reads definitions within 2 s
     let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.run_dir())?;

@@ -95,17 +95,8 @@ pub fn up(mut lab: Lab, a: &UpArgs) -> Result<Vec<follow::Row>> {
         let vm = match existing.iter().find(|v| v.name == name) {
             Some(vm) => vm.clone(),
             None => {
-                let request = vms::VmRequest {
-                    name: name.clone(),
-                    distro: distro.clone(),
-                    arch: a.arch,
-                    mac: None,
-                    ip: None,
-                    boot: BootMode::Install,
-                };
-                let vm = vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |vm| {
-                    vms::assign_ipv6(&lab, vm)?;
-                    create_disk(&lab, &name, DEFAULT_DISK_SIZE)
+                let vm = define_target(&lab, &key, &name, &distro, a.arch, |vm| {
+                    vms::assign_ipv6(&lab, vm).map(drop)
                 })?;
                 existing.push(vm.clone());
                 vm
@@ -220,6 +211,30 @@ pub const NFS_TOOLS: [HostDep; 2] = [
 ];
 
 /// Creates `name`'s blank disk of `size` (qemu-img's notation or bytes) unless it exists.
+/// Defines install target `name` as `lab up` does: MAC and address allocated, a blank disk of
+/// [`DEFAULT_DISK_SIZE`]; `edit` changes the definition before it is written.
+pub fn define_target(
+    lab: &Lab,
+    key: &str,
+    name: &str,
+    distro: &str,
+    arch: pxelab_contract::Arch,
+    edit: impl FnOnce(&mut VmDefinition) -> Result<()>,
+) -> Result<VmDefinition> {
+    let request = vms::VmRequest {
+        name: name.into(),
+        distro: distro.into(),
+        arch,
+        mac: None,
+        ip: None,
+        boot: BootMode::Install,
+    };
+    vms::define(&lab.vms_dir(), &request, lab.subnet()?, key, |vm| {
+        edit(vm)?;
+        create_disk(lab, name, DEFAULT_DISK_SIZE)
+    })
+}
+
 pub fn create_disk(lab: &Lab, name: &str, size: &str) -> Result<()> {
     let disk = lab.vm_file(name, VmFile::Disk);
     if disk.exists() {
