@@ -1,7 +1,8 @@
 //! Starting the installed kernel directly after `installed`, without the firmware, iPXE and
 //! GRUB of a reboot: `kexec_file_load(2)` while the new root is still mounted (the kernel reads
 //! both files then), and `reboot(LINUX_REBOOT_CMD_KEXEC)` after the final unmount. The next
-//! real power cycle boots the disk through the firmware as before.
+//! real power cycle boots the disk through the firmware as before. Used only when the installed
+//! kernel is not the running one; when it is, `/init` switches root instead (see main.rs).
 
 use std::ffi::CString;
 use std::fs::File;

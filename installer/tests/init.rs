@@ -55,7 +55,8 @@ fn build_root(dir: &Path) -> PathBuf {
     fs::create_dir_all(root.join("etc")).unwrap();
     write_exec(
         &root.join("bin/pxelab-installer"),
-        "#!/bin/sh\necho \"fake-installer args: $*\"\nip -4 -o addr show dev eth1\nip route\ncat /etc/resolv.conf\nexit 1\n",
+        "#!/bin/sh\necho \"fake-installer args: $*\"\nip -4 -o addr show dev eth1\nip route\ncat /etc/resolv.conf\n\
+         case \"$*\" in *switch-root*) echo /dev/no-such-root > /run/pxelab-switch-root; exit 4 ;; esac\nexit 1\n",
     );
     root
 }
@@ -192,6 +193,27 @@ fn sys_init_brings_up_dhcp_on_the_boot_nic_and_runs_the_installer() {
         "{text}"
     );
     assert!(text.contains("pxelab-init: console shell"), "{text}");
+
+    // The installer asks for a switch into the installed root (exit code 4 and the device in
+    // /run/pxelab-switch-root): /init gives up the NIC's lease and takes it down for the
+    // installed system, and when the root does not mount it says so and keeps a shell (PID 1
+    // must not exit). The switch itself is the e2e's: it boots a real installed root.
+    let cmdline =
+        "console=ttyS0 BOOTIF=01-52-54-00-AA-BB-CC config_url=http://10.99.0.1/config/switch-root";
+    let lines = run_init(&client, &root, cmdline, "console shell");
+    let text = lines.join("\n");
+    assert!(
+        text.contains(
+            "pxelab-init: cannot mount the installed root /dev/no-such-root to switch to it"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("INSTALL FAILED"), "{text}");
+    let eth1 = client.ip("-4 -o addr show dev eth1");
+    assert!(!eth1.contains("10.99.0."), "the lease was kept: {eth1}");
+    let link = client.ip("-o link show dev eth1");
+    assert!(link.contains("state DOWN"), "eth1 is still up: {link}");
+    client.ip("link set eth1 up");
 
     // The handler's real command line has no BOOTIF: the MAC in config_url names the NIC.
     let cmdline = "console=ttyS0,115200 config_url=http://10.99.0.1/config/52:54:00:aa:bb:cc initrd=initrd.img";

@@ -7,8 +7,9 @@
 //! Milestones come from the stack's timeline of the VM (DHCP lease, iPXE script, kernel fetch,
 //! installer running, rootfs streamed, installed, disk boot, cloud-init done), measured from the
 //! QEMU pid file's mtime as `lab up` does; "SSH ready" is when `lab up`'s SSH check first
-//! succeeded. A kexec'd install has no disk boot through the firmware; the same target defined
-//! with `no_kexec` (`lab vm create --no-kexec`) takes that path, measured beside it. The
+//! succeeded. An install that starts the installed system itself (switch root, or kexec) has no
+//! disk boot through the firmware; the same target defined with `no_kexec` (`lab vm create
+//! --no-kexec`) takes that path, measured beside it. The
 //! rootfs stream rate inside the guest (compressed bytes / the installer's rootfs phase) stands
 //! next to `zstd -dc | tar -x` of the same tarball on the host into a tmpfs.
 //!
@@ -184,7 +185,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         .peer("the installed target booting its disk again", plain)
         .note("the ratio is what an install costs over a plain boot (goal: at most 1.5x)"),
     );
-    // The path without kexec: the milestones where it differs, and SSH.
+    // The path through the firmware: the milestones where it differs, and SSH.
     for (k, (label, _)) in MILESTONES.iter().enumerate().skip(5).take(2) {
         let v = firmware_marks.remove(&k).unwrap_or_default();
         let row = Row::new(
@@ -203,7 +204,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
             Better::Lower,
             firmware_ssh,
         )
-        .note("what the kexec of the default path saves: compare with the SSH ready row above"),
+        .note("what starting the installed system directly (the default) saves: compare with the SSH ready row above"),
     );
     group.push(
         &ctx.ui,

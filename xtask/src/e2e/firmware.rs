@@ -1,6 +1,7 @@
 //! The e2e's firmware part: a BIOS target that installs and reboots through SeaBIOS into its
-//! disk (the path a real machine takes, and the only one without kexec), and OVMF without the
-//! NIC's iPXE ROM chain-loading `ipxe.efi` over TFTP as far as the installer.
+//! disk (the path a real machine takes, and the only one where the installer does not start the
+//! installed system itself), and OVMF without the NIC's iPXE ROM chain-loading `ipxe.efi` over
+//! TFTP as far as the installer.
 
 use std::{
     collections::BTreeMap,
@@ -116,7 +117,7 @@ pub(super) fn installs_and_reboots_through_bios(lab: &Lab, distro: &str) -> Resu
         &timeline[installed..]
     );
     ensure!(
-        !row.kexec && row.local_boot.is_some() && row.ssh.is_some(),
+        row.direct.is_none() && row.local_boot.is_some() && row.ssh.is_some(),
         "bios-1's milestones do not show a firmware reboot into SSH: local boot {:?}, SSH {:?}",
         row.local_boot,
         row.ssh

@@ -5,7 +5,8 @@
 //! 2. `lab up --targets 1 --distro debian-12` (UEFI with the NIC's iPXE ROM, stack as a process)
 //!    while, in the middle of the rootfs stream, the stack is swapped for its container image
 //!    (`lab stack reload --image`): the install still completes (the installer reconnected),
-//!    the target kexecs into its system without fetching the installer again, answers SSH with
+//!    the target switches root into its installed system on the installer's kernel (no second
+//!    boot, no fetching the installer again), answers SSH with
 //!    the lab key before cloud-init is done, reports its own name as hostname, and cloud-init
 //!    then applies the user-data and reports done (`firstboot.rs`). The lab is up with
 //!    `--ipv6`: target-1's AAAA name resolves to its IPv6 address and SSH answers there. The lab namespace has no

@@ -84,18 +84,19 @@ pub struct Row {
     pub ssh: Option<u64>,
     /// The target reported cloud-init done.
     pub cloud_init: Option<u64>,
-    /// The installer started the installed kernel with kexec (no firmware reboot).
-    pub kexec: bool,
+    /// How the installer started the installed system without a firmware reboot: `switch
+    /// root` (on the running kernel) or `kexec`; None when it rebooted (or has not finished).
+    pub direct: Option<&'static str>,
     /// A disk-mode VM: its own system from the first instruction, no events, SSH is all.
     pub disk_mode: bool,
 }
 
 impl Row {
-    /// The VM runs its own system (from its disk, kexec'd into it, or its NFS root): SSH is
-    /// next.
+    /// The VM runs its own system (from its disk, started directly by the installer, or its NFS
+    /// root): SSH is next.
     fn booted(&self) -> bool {
         self.local_boot.is_some() && (self.installed.is_some() || self.installer.is_none())
-            || self.kexec && self.installed.is_some()
+            || self.direct.is_some() && self.installed.is_some()
             || self.nfs_root.is_some()
             || self.disk_mode
     }
@@ -129,7 +130,9 @@ impl Row {
                 Phase::Installed => {
                     self.installed.get_or_insert(rel(e));
                     // The installer's message says what it does next (main.rs of the installer).
-                    self.kexec = e.event.message.contains("next: kexec");
+                    self.direct = ["switch root", "kexec"]
+                        .into_iter()
+                        .find(|how| e.event.message.contains(&format!("next: {how}")));
                 }
                 Phase::CloudInitDone => {
                     self.cloud_init.get_or_insert(rel(e));
@@ -268,8 +271,8 @@ pub fn wait_all(
                     "NFS root mounted, waiting for SSH".to_string()
                 } else if row.disk_mode {
                     "booting its disk image, waiting for SSH".to_string()
-                } else if row.kexec && row.local_boot.is_none() {
-                    "kexec'd into the installed system, waiting for SSH".to_string()
+                } else if let (Some(how), None) = (row.direct, row.local_boot) {
+                    format!("started the installed system ({how}), waiting for SSH")
                 } else {
                     "booted from disk, waiting for SSH".to_string()
                 }
@@ -473,8 +476,8 @@ pub fn print_summary(rows: &[Row]) {
             s(r.kernel),
             s(r.installer),
             s(r.installed),
-            if r.kexec {
-                "kexec".to_string()
+            if let Some(how) = r.direct {
+                how.to_string()
             } else {
                 s(r.local_boot)
             },
@@ -539,5 +542,33 @@ mod tests {
             fix.contains("lab vm stop t-1 && cargo xtask lab vm start t-1"),
             "{fix}"
         );
+    }
+
+    /// The installer's `installed` message says how it starts the installed system; a row that
+    /// read it waits for SSH without a firmware boot, and its DISK BOOT column says which way.
+    #[test]
+    fn the_installed_message_says_how_the_system_starts() {
+        let installed = |next: &str| TimelineEntry {
+            at_ms: 5_000,
+            event: pxelab_contract::Event {
+                phase: Phase::Installed,
+                message: format!("installed in 9.0 s (final sync and unmount 0.1 s); next: {next}"),
+                ..Default::default()
+            },
+        };
+        for (next, direct) in [
+            (
+                "switch root into 6.1.0-57-cloud-amd64 (the running kernel)",
+                Some("switch root"),
+            ),
+            ("kexec into 6.1.0-57-cloud-amd64", Some("kexec")),
+            ("reboot", None),
+        ] {
+            let mut row = Row::default();
+            row.absorb(1_000, &[installed(next)]);
+            assert_eq!(row.direct, direct, "{next}");
+            assert_eq!(row.installed, Some(4_000));
+            assert_eq!(row.booted(), direct.is_some(), "{next}");
+        }
     }
 }

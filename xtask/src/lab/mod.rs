@@ -203,9 +203,9 @@ struct CreateArgs {
     /// Disk size for qemu-img (e.g. 20G); a reprovision keeps it.
     #[arg(long, default_value = targets::DEFAULT_DISK_SIZE)]
     disk_size: String,
-    /// After installing, reboot through the firmware (network boot, then the disk) instead of
-    /// kexec'ing the installed kernel, as a real machine's next power cycle does; slower by the
-    /// firmware's boot.
+    /// After installing, reboot through the firmware (network boot, then the disk), as a real
+    /// machine's next power cycle does, instead of the installer starting the installed system
+    /// itself (on its own kernel, or by kexec); slower by the firmware's and a kernel's boot.
     #[arg(long, conflicts_with_all = ["diskless", "disk_mode"])]
     no_kexec: bool,
 }
