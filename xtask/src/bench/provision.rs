@@ -365,17 +365,8 @@ fn many_targets(up: &UpArgs) -> Result<Many> {
     let sampler = cpu::start(&lab);
     let rows = targets::up(Lab::open()?, up);
     let series = sampler.finish();
-    let rows = rows?;
-    let (all, per_vm) = all_ssh_ready(&lab, &rows)?;
-    let mut ready = Vec::new();
-    for row in &rows {
-        let start = qemu_start_ms(&lab, &row.name)?;
-        ready.push((
-            row.name.as_str(),
-            start,
-            start + row.ssh.unwrap_or_default(),
-        ));
-    }
+    let ready = ready_times(&lab, &rows?)?;
+    let (all, per_vm) = spread(&ready);
     let last = ready.iter().map(|r| r.2).max().unwrap_or_default();
     let cpu_per_target = ready
         .iter()
@@ -394,6 +385,11 @@ fn many_targets(up: &UpArgs) -> Result<Many> {
 /// Seconds from the first QEMU start of `rows`' VMs until the last answered SSH, and when each
 /// did ("target-1 95 s").
 pub(super) fn all_ssh_ready(lab: &Lab, rows: &[follow::Row]) -> Result<(f64, Vec<String>)> {
+    Ok(spread(&ready_times(lab, rows)?))
+}
+
+/// (name, QEMU start, SSH answered) in Unix ms for each of `rows`.
+fn ready_times(lab: &Lab, rows: &[follow::Row]) -> Result<Vec<(String, u64, u64)>> {
     let mut ready = Vec::new();
     for row in rows {
         let start = qemu_start_ms(lab, &row.name)?;
@@ -402,7 +398,7 @@ pub(super) fn all_ssh_ready(lab: &Lab, rows: &[follow::Row]) -> Result<(f64, Vec
             .with_context(|| format!("no SSH time for {}", row.name))?;
         ready.push((row.name.clone(), start, start + ssh));
     }
-    Ok(spread(&ready))
+    Ok(ready)
 }
 
 /// (name, started, ready) in Unix ms → seconds from the first start to the last ready, and
