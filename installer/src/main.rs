@@ -123,13 +123,13 @@ fn main() -> ExitCode {
     let reporter = run.reporter;
     match result {
         Ok(done) => {
-            let next = match (&done.kexec, &done.switch_root, config.reboot) {
-                (_, _, false) => "stay up".to_string(),
-                (_, Some((version, _)), true) => {
+            let next = match (&done.start, config.reboot) {
+                (_, false) => "stay up".to_string(),
+                (Start::SwitchRoot { version, .. }, true) => {
                     format!("switch root into {version} (the running kernel)")
                 }
-                (Some(version), None, true) => format!("kexec into {version}"),
-                (None, None, true) => "reboot".to_string(),
+                (Start::Kexec(version), true) => format!("kexec into {version}"),
+                (Start::Reboot, true) => "reboot".to_string(),
             };
             let message = format!(
                 "installed in {:.1} s (final sync and unmount {:.1} s); next: {next}",
@@ -149,19 +149,25 @@ fn main() -> ExitCode {
                 return ExitCode::from(NOT_ACKNOWLEDGED);
             }
             if config.reboot {
-                if let Some((version, dev)) = &done.switch_root {
-                    match std::fs::write(SWITCH_ROOT_FILE, format!("{}\n", dev.display())) {
-                        Ok(()) => {
-                            say!("switching root into the installed system ({version}, the running kernel)");
-                            return ExitCode::from(SWITCH_ROOT);
+                match &done.start {
+                    Start::SwitchRoot { version, root_dev } => {
+                        match std::fs::write(SWITCH_ROOT_FILE, format!("{}\n", root_dev.display()))
+                        {
+                            Ok(()) => {
+                                say!("switching root into the installed system ({version}, the running kernel)");
+                                return ExitCode::from(SWITCH_ROOT);
+                            }
+                            Err(e) => {
+                                say!("cannot write {SWITCH_ROOT_FILE}: {e}; rebooting instead")
+                            }
                         }
-                        Err(e) => say!("cannot write {SWITCH_ROOT_FILE}: {e}; rebooting instead"),
                     }
-                }
-                if let Some(version) = &done.kexec {
-                    say!("starting the installed kernel {version} (kexec)");
-                    let e = kexec::exec();
-                    say!("kexec failed: {e}; rebooting through the firmware instead");
+                    Start::Kexec(version) => {
+                        say!("starting the installed kernel {version} (kexec)");
+                        let e = kexec::exec();
+                        say!("kexec failed: {e}; rebooting through the firmware instead");
+                    }
+                    Start::Reboot => {}
                 }
                 reboot();
             }
@@ -199,10 +205,18 @@ struct Done {
     cleanup: Duration,
     /// The target's public host keys (`<type> <base64>`).
     host_keys: Vec<String>,
-    /// The kernel version loaded for kexec, if the config asked for it and loading worked.
-    kexec: Option<String>,
-    /// The installed kernel is the running one: its version and the root device to switch to.
-    switch_root: Option<(String, PathBuf)>,
+    /// How the installed system starts once the stack has recorded `installed`.
+    start: Start,
+}
+
+/// How the installed system is started after the install.
+enum Start {
+    /// The installed kernel is the running one: `/init` switches root to `root_dev`.
+    SwitchRoot { version: String, root_dev: PathBuf },
+    /// The installed kernel `version` is loaded to be kexec'd.
+    Kexec(String),
+    /// Through the firmware (which the stack sends to the disk).
+    Reboot,
 }
 
 struct Run<'a> {
@@ -287,7 +301,10 @@ impl Run<'_> {
         // emulation): it runs while the seed and the boot files are written.
         let direct = config.reboot && config.kexec && in_initrd();
         let switch_root = (direct && running_release().as_deref() == Some(entry.version.as_str()))
-            .then(|| (entry.version.clone(), root_dev.clone()));
+            .then(|| Start::SwitchRoot {
+                version: entry.version.clone(),
+                root_dev: root_dev.clone(),
+            });
         let kexec_load = (direct && switch_root.is_none()).then(|| {
             let (root, entry) = (target.clone(), entry.clone());
             std::thread::spawn(move || {
@@ -358,7 +375,10 @@ impl Run<'_> {
                 }
             ),
         );
-        let kexec = kexec.map(|(version, _)| version);
+        let start = switch_root.unwrap_or(match kexec {
+            Some((version, _)) => Start::Kexec(version),
+            None => Start::Reboot,
+        });
 
         let cleanup = Instant::now();
         mounts.unmount_all().map_err(at(Phase::Bootloader))?;
@@ -370,8 +390,7 @@ impl Run<'_> {
         Ok(Done {
             cleanup: cleanup.elapsed(),
             host_keys,
-            kexec,
-            switch_root,
+            start,
         })
     }
 
