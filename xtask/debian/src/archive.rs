@@ -108,7 +108,12 @@ impl Archive {
                 if let Trust::Keyring(keyring) = &self.trust {
                     let sig_url = format!("{url}.gpg");
                     let sig = self.require(&sig_url)?;
-                    release::verify_detached(&data, &sig, keyring, &url)?;
+                    // gpgv reads a detached signature from a file. This fallback is the one
+                    // place the crate writes to the temp dir (removed on drop).
+                    let mut file =
+                        tempfile::NamedTempFile::new().map_err(Error::io(std::env::temp_dir()))?;
+                    std::io::Write::write_all(&mut file, &sig).map_err(Error::io(file.path()))?;
+                    release::verify_detached(&data, file.path(), keyring, &url)?;
                 }
                 (utf8(data, &url)?, url)
             }

@@ -223,18 +223,11 @@ pub fn strip_clearsign(text: &str, source_name: &str) -> Result<String> {
     Err(err("clear-signed message has no signature block"))
 }
 
-/// Checks a clear-signed `InRelease` with gpgv and returns the text that was signed.
+/// Checks a clear-signed `InRelease` with gpgv and returns the text that was signed. The message
+/// goes in on gpgv's stdin and the text comes back on its stdout: nothing is written to disk, so a
+/// killed caller leaves nothing behind.
 pub fn verify_inline(signed: &[u8], keyring: &Path, url: &str) -> Result<String> {
-    let dir = tempfile::tempdir().map_err(Error::io(std::env::temp_dir()))?;
-    let input = dir.path().join("InRelease");
-    let output = dir.path().join("Release");
-    std::fs::write(&input, signed).map_err(Error::io(&input))?;
-    gpgv(
-        keyring,
-        url,
-        &[arg("--output"), output.clone().into(), input.into()],
-    )?;
-    let text = std::fs::read(&output).map_err(Error::io(&output))?;
+    let text = gpgv(keyring, url, &[arg("--output"), arg("-"), arg("-")], signed)?;
     String::from_utf8(text).map_err(|_| Error::Parse {
         source_name: url.to_string(),
         line: 1,
@@ -242,24 +235,21 @@ pub fn verify_inline(signed: &[u8], keyring: &Path, url: &str) -> Result<String>
     })
 }
 
-/// Checks a detached `Release.gpg` signature over `data` with gpgv.
-pub fn verify_detached(data: &[u8], signature: &[u8], keyring: &Path, url: &str) -> Result<()> {
-    let dir = tempfile::tempdir().map_err(Error::io(std::env::temp_dir()))?;
-    let sig = dir.path().join("Release.gpg");
-    let release = dir.path().join("Release");
-    std::fs::write(&sig, signature).map_err(Error::io(&sig))?;
-    std::fs::write(&release, data).map_err(Error::io(&release))?;
-    gpgv(keyring, url, &[sig.into(), release.into()])
+/// Checks the detached signature in the file `signature` over `data` (given to gpgv on stdin).
+pub fn verify_detached(data: &[u8], signature: &Path, keyring: &Path, url: &str) -> Result<()> {
+    gpgv(keyring, url, &[signature.into(), arg("-")], data).map(|_| ())
 }
 
 fn arg(s: &str) -> std::ffi::OsString {
     s.into()
 }
 
-/// Runs gpgv and accepts the data when at least one signature is good and none is bad. The exit
-/// code alone is not enough: Debian signs with several keys and an older keyring that lacks one
-/// of them makes gpgv exit non-zero although a trusted key signed (apt decides the same way).
-fn gpgv(keyring: &Path, url: &str, args: &[std::ffi::OsString]) -> Result<()> {
+/// Runs gpgv with `stdin` as its input and returns its stdout when at least one signature is good
+/// and none is bad. The exit code alone is not enough: Debian signs with several keys and an older
+/// keyring that lacks one of them makes gpgv exit non-zero although a trusted key signed (apt
+/// decides the same way). The status lines go to stderr, beside gpgv's own messages, because
+/// stdout may carry the signed text.
+fn gpgv(keyring: &Path, url: &str, args: &[std::ffi::OsString], stdin: &[u8]) -> Result<Vec<u8>> {
     if !keyring.is_file() {
         let package = if keyring == Path::new(DEBIAN_KEYRING) {
             "debian-archive-keyring".to_string()
@@ -271,41 +261,53 @@ fn gpgv(keyring: &Path, url: &str, args: &[std::ffi::OsString]) -> Result<()> {
             package,
         });
     }
-    let out = Command::new("gpgv")
+    let missing = |e: std::io::Error| Error::MissingTool {
+        tool: "gpgv".into(),
+        package: "gpgv".into(),
+        reason: e.to_string(),
+    };
+    let mut child = Command::new("gpgv")
         .arg("--status-fd")
-        .arg("1")
+        .arg("2")
         .arg("--keyring")
         .arg(keyring)
         .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::MissingTool {
-            tool: "gpgv".into(),
-            package: "gpgv".into(),
-            reason: e.to_string(),
-        })?;
-    let status = String::from_utf8_lossy(&out.stdout);
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(missing)?;
+    let mut input = child.stdin.take().expect("stdin is piped");
+    // Written from another thread: gpgv streams the signed text out while it reads, and both
+    // pipes fill up. A write error means gpgv stopped reading; its status says why.
+    let out = std::thread::scope(|s| {
+        s.spawn(move || {
+            let _ = std::io::Write::write_all(&mut input, stdin);
+        });
+        child.wait_with_output()
+    })
+    .map_err(missing)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, messages): (Vec<&str>, Vec<&str>) = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .partition(|l| l.starts_with("[GNUPG:] "));
     let has = |tag: &str| {
-        status.lines().any(|l| {
-            l.strip_prefix("[GNUPG:] ")
-                .is_some_and(|r| r.split(' ').next() == Some(tag))
-        })
+        status
+            .iter()
+            .any(|l| l["[GNUPG:] ".len()..].split(' ').next() == Some(tag))
     };
     if has("GOODSIG") && !has("BADSIG") {
-        return Ok(());
+        return Ok(out.stdout);
     }
-    let detail: Vec<String> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
     Err(Error::BadSignature {
         url: url.to_string(),
         keyring: keyring.to_path_buf(),
-        detail: if detail.is_empty() {
+        detail: if messages.is_empty() {
             format!("gpgv exited with {}", out.status)
         } else {
-            detail.join("; ")
+            messages.join("; ")
         },
     })
 }
@@ -412,7 +414,10 @@ D3A45860A3F001B55D20EB371C8ED4095115C4BF77666C2847BB3C9D0BB46986   376904 main/b
                 .contains("/nonexistent/keyring.gpg not found"),
             "{err}"
         );
-        let err = verify_detached(b"x", b"y", Path::new(DEBIAN_KEYRING), "u").unwrap_err();
+        let signature = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(signature.path(), b"y").unwrap();
+        let err =
+            verify_detached(b"x", signature.path(), Path::new(DEBIAN_KEYRING), "u").unwrap_err();
         assert!(matches!(err, Error::BadSignature { .. }), "{err}");
     }
 }

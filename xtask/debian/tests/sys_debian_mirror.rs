@@ -205,12 +205,15 @@ fn sys_detached_release_signature_verifies_and_detects_tampering() {
     let release = get(base);
     let signature = get(&format!("{base}.gpg"));
     let keyring = Path::new(pxelab_debian::DEBIAN_KEYRING);
-    pxelab_debian::release::verify_detached(&release, &signature, keyring, base)
+    let signature_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(signature_file.path(), &signature).unwrap();
+    let signature = signature_file.path();
+    pxelab_debian::release::verify_detached(&release, signature, keyring, base)
         .unwrap_or_else(|e| panic!("Debian's own Release.gpg must verify: {e}"));
     let mut tampered = release.clone();
     let at = tampered.len() / 2;
     tampered[at] ^= 0x20;
-    let err = pxelab_debian::release::verify_detached(&tampered, &signature, keyring, base)
+    let err = pxelab_debian::release::verify_detached(&tampered, signature, keyring, base)
         .expect_err("a modified Release must not verify");
     assert!(err.to_string().contains("no good signature"), "{err}");
 }

@@ -268,6 +268,7 @@ fn resolve_ubuntu(
     let store = Store::open_default()?;
     let keyring = ubuntu::Keyring::of(u)?.path(&store, &Fetcher::new(&store, ui.clone())?)?;
     let sums_url = Mirror::rebase(mirror.as_ref(), &sums_pin.url);
+    let signature = store.blob_path(&store.insert_bytes(&signature)?);
     ubuntu::verify_sums(&sums, &signature, &keyring, &sums_url)?;
     let digest = ubuntu::listed_digest(&String::from_utf8_lossy(&sums), image)
         .with_context(|| format!("{sums_url} does not list {image}"))?;

@@ -84,7 +84,7 @@ pub(super) fn step(job: &Job, u: &UbuntuSource, pins: &[Pin]) -> Result<StepOutp
         fetch(&[SUMS, SUMS_SIGNATURE])?;
         let sums_pin = pin(SUMS)?;
         let sums = job.store.read(&sums_pin.sha256)?;
-        let signature = job.store.read(&pin(SUMS_SIGNATURE)?.sha256)?;
+        let signature = job.store.blob_path(&pin(SUMS_SIGNATURE)?.sha256);
         verify_sums(
             &sums,
             &signature,
@@ -175,8 +175,9 @@ impl Keyring {
     }
 }
 
-/// Checks the release's `SHA256SUMS` (fetched from `url`) against its detached signature.
-pub fn verify_sums(sums: &[u8], signature: &[u8], keyring: &Path, url: &str) -> Result<()> {
+/// Checks the release's `SHA256SUMS` (fetched from `url`) against its detached signature, a file
+/// in the store.
+pub fn verify_sums(sums: &[u8], signature: &Path, keyring: &Path, url: &str) -> Result<()> {
     pxelab_debian::release::verify_detached(sums, signature, keyring, url).with_context(|| {
         format!("{url} is not signed by the release's key: the mirror serves a tampered or foreign release")
     })
