@@ -173,7 +173,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
                     .collect::<Vec<_>>()
             };
             let what = if path.contains('?') {
-                "ours also records an ipxe event per GET (state read, timeline append, state rewrite)"
+                "ours also records an ipxe event per GET (state and timeline in memory, a journal line written in batches)"
             } else {
                 "a fixed script: no VM lookup, no event"
             };
