@@ -248,13 +248,16 @@ mod tests {
     #[test]
     fn accepts_a_good_config_and_rejects_bad_fields() {
         let c = parse(GOOD.as_bytes(), "u").unwrap();
-        assert_eq!((c.disk, c.kexec, c.login), (None, false, None));
+        assert_eq!((c.disk, c.direct_start, c.login), (None, false, None));
         let with_login = GOOD.replace(
             "\"reboot\":true",
-            &format!("\"reboot\":true,\"kexec\":true,{}", login("pxelab")),
+            &format!("\"reboot\":true,\"direct_start\":true,{}", login("pxelab")),
         );
         let c = parse(with_login.as_bytes(), "u").unwrap();
-        assert!(c.kexec);
+        assert!(c.direct_start);
+        // From a stack built before the switch root.
+        let older = with_login.replace("direct_start", "kexec");
+        assert!(parse(older.as_bytes(), "u").unwrap().direct_start);
         assert_eq!(c.login.unwrap().ssh_authorized_keys, ["ssh-ed25519 AAAA x"]);
         let bad = [
             GOOD.replace("\"size\":5", "\"size\":0"),

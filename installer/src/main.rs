@@ -4,8 +4,8 @@
 //! This file is the glue: parse the command line, fetch the config, run the phases in order,
 //! and end with one clear console line and one final event, then start the installed system:
 //! on the running kernel when the installed one is the same build (the installer boots the
-//! distro's own kernel, so it is, and `/init` switches root: no second kernel boot), else by
-//! kexec, else by a firmware reboot. The phases live in their modules; the ordering rule that
+//! distro's own kernel, so it is, and `/init` switches root: no second kernel boot), else by a
+//! firmware reboot. The phases live in their modules; the ordering rule that
 //! matters is that the boot loader is installed only after the rootfs stream was verified, so a
 //! corrupt or partial download never yields a bootable disk.
 
@@ -21,7 +21,6 @@ mod firstboot;
 mod hostkeys;
 mod http;
 mod image;
-mod kexec;
 mod login;
 mod mkfs;
 mod mounts;
@@ -123,13 +122,9 @@ fn main() -> ExitCode {
     let reporter = run.reporter;
     match result {
         Ok(done) => {
-            let next = match (&done.start, config.reboot) {
-                (_, false) => "stay up".to_string(),
-                (Start::SwitchRoot { version, .. }, true) => {
-                    format!("switch root into {version} (the running kernel)")
-                }
-                (Start::Kexec(version), true) => format!("kexec into {version}"),
-                (Start::Reboot, true) => "reboot".to_string(),
+            let next = match config.reboot {
+                false => "stay up".to_string(),
+                true => done.start.to_string(),
             };
             let message = format!(
                 "installed in {:.1} s (final sync and unmount {:.1} s); next: {next}",
@@ -162,12 +157,7 @@ fn main() -> ExitCode {
                             }
                         }
                     }
-                    Start::Kexec(version) => {
-                        say!("starting the installed kernel {version} (kexec)");
-                        let e = kexec::exec();
-                        say!("kexec failed: {e}; rebooting through the firmware instead");
-                    }
-                    Start::Reboot => {}
+                    Start::Reboot(_) => {}
                 }
                 reboot();
             }
@@ -213,10 +203,39 @@ struct Done {
 enum Start {
     /// The installed kernel is the running one: `/init` switches root to `root_dev`.
     SwitchRoot { version: String, root_dev: PathBuf },
-    /// The installed kernel `version` is loaded to be kexec'd.
-    Kexec(String),
-    /// Through the firmware (which the stack sends to the disk).
-    Reboot,
+    /// Through the firmware (which the stack sends to the disk); why, when the config asked for a
+    /// direct start (` (…)`, else empty).
+    Reboot(String),
+}
+
+impl Start {
+    /// The direct start (`direct`: asked for, and this is the installer's initrd) when the
+    /// installed kernel `version` is the `running` one; else a reboot that says why.
+    fn choose(direct: bool, running: Option<String>, version: &str, root_dev: &Path) -> Start {
+        match running {
+            _ if !direct => Start::Reboot(String::new()),
+            Some(running) if running == version => Start::SwitchRoot {
+                version: running,
+                root_dev: root_dev.to_path_buf(),
+            },
+            running => Start::Reboot(format!(
+                " (the installed kernel {version} is not the running {})",
+                running.as_deref().unwrap_or("unknown one")
+            )),
+        }
+    }
+}
+
+/// What the `installed` event says comes next (`lab up` reads "next: switch root").
+impl std::fmt::Display for Start {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Start::SwitchRoot { version, .. } => {
+                write!(f, "switch root into {version} (the running kernel)")
+            }
+            Start::Reboot(why) => write!(f, "reboot{why}"),
+        }
+    }
 }
 
 struct Run<'a> {
@@ -294,24 +313,14 @@ impl Run<'_> {
 
         let entry =
             bootloader::newest_kernel(&target, &ids.root_uuid).map_err(at(Phase::Bootloader))?;
-        // Starting the installed system without the firmware (the config's `kexec`): on the
-        // running kernel when it is the installed one, which saves the kexec'd kernel's boot and
-        // its initramfs (5.5 s to SSH under TCG), else on the installed kernel by kexec. Loading
-        // the kernel to kexec into reads and hashes it and its initramfs (2-3 s under
-        // emulation): it runs while the seed and the boot files are written.
-        let direct = config.reboot && config.kexec && in_initrd();
-        let switch_root = (direct && running_release().as_deref() == Some(entry.version.as_str()))
-            .then(|| Start::SwitchRoot {
-                version: entry.version.clone(),
-                root_dev: root_dev.clone(),
-            });
-        let kexec_load = (direct && switch_root.is_none()).then(|| {
-            let (root, entry) = (target.clone(), entry.clone());
-            std::thread::spawn(move || {
-                let clock = Instant::now();
-                kexec::load(&root, &entry).map(|()| clock.elapsed().as_secs_f64())
-            })
-        });
+        // Starting the installed system without the firmware (the config's `direct_start`) needs
+        // the installed kernel to be the running one (the distro's own, which the installer
+        // boots): `/init` then switches root into the disk. A different kernel (a rootfs whose
+        // newest kernel is not the one pulled) boots through the firmware and GRUB, as on any
+        // power cycle; a kexec into it was the other way, and it is gone: it cost a second
+        // kernel boot and initramfs (5.5 s to SSH under TCG) and no lab distro ever took it.
+        let direct = config.reboot && config.direct_start && in_initrd();
+        let start = Start::choose(direct, running_release(), &entry.version, &root_dev);
 
         let (host_keys, first_boot) = (|| -> Result<(Vec<String>, String)> {
             seed.write(&target)?;
@@ -352,33 +361,13 @@ impl Run<'_> {
         let bios = biosboot::install(&target, &disk.path, disk.logical_sector, layout.bios)
             .map_err(at(Phase::Bootloader))?;
         let bios = format!("{bios} in {:.1} s", clock.elapsed().as_secs_f64() - efi);
-        let kexec = kexec_load.and_then(|thread| match thread.join() {
-            Ok(Ok(load)) => Some((entry.version.clone(), load)),
-            Ok(Err(e)) => {
-                say!("{e}; the firmware will boot the disk instead");
-                None
-            }
-            Err(_) => {
-                say!("loading the kernel for kexec panicked; the firmware will boot the disk instead");
-                None
-            }
-        });
         self.done(
             Phase::Bootloader,
             format!(
-                "EFI GRUB (removable) in {efi:.1} s, {bios}, booting {} with root=UUID={}{}",
-                entry.kernel,
-                ids.root_uuid,
-                match &kexec {
-                    Some((_, load)) => format!("; kexec loaded in {load:.1} s beside the seed"),
-                    None => String::new(),
-                }
+                "EFI GRUB (removable) in {efi:.1} s, {bios}, booting {} with root=UUID={}",
+                entry.kernel, ids.root_uuid,
             ),
         );
-        let start = switch_root.unwrap_or(match kexec {
-            Some((version, _)) => Start::Kexec(version),
-            None => Start::Reboot,
-        });
 
         let cleanup = Instant::now();
         mounts.unmount_all().map_err(at(Phase::Bootloader))?;
@@ -561,4 +550,42 @@ fn reboot() {
         libc::reboot(libc::RB_AUTOBOOT);
     }
     say!("reboot failed: {}", std::io::Error::last_os_error());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_installed_system_starts_directly_only_on_the_running_kernel() {
+        let dev = Path::new("/dev/vda2");
+        let v = "6.1.0-57-cloud-amd64";
+        let start = Start::choose(true, Some(v.into()), v, dev);
+        assert!(
+            matches!(&start, Start::SwitchRoot { root_dev, .. } if root_dev == dev),
+            "{start}"
+        );
+        assert_eq!(
+            start.to_string(),
+            "switch root into 6.1.0-57-cloud-amd64 (the running kernel)"
+        );
+        // Another kernel in the rootfs: through the firmware and GRUB, saying why.
+        let other = Start::choose(true, Some("6.1.0-58-cloud-amd64".into()), v, dev);
+        assert_eq!(
+            other.to_string(),
+            "reboot (the installed kernel 6.1.0-57-cloud-amd64 is not the running 6.1.0-58-cloud-amd64)"
+        );
+        let unknown = Start::choose(true, None, v, dev);
+        assert!(
+            unknown
+                .to_string()
+                .ends_with("not the running unknown one)"),
+            "{unknown}"
+        );
+        // Not asked for (`firmware_reboot`, or not in the initrd): a plain reboot.
+        assert_eq!(
+            Start::choose(false, Some(v.into()), v, dev).to_string(),
+            "reboot"
+        );
+    }
 }

@@ -176,7 +176,7 @@ fn install(payload: Payload, disk: &LoopDisk) -> Event {
         events_url: server.url("/events/deb-1"),
         disk: Some(disk.dev().to_string()),
         reboot: false,
-        kexec: true,
+        direct_start: true,
         login: Some(lab_login()),
         wipe: None,
     };
@@ -293,7 +293,7 @@ fn install_and_check(payload: Payload) {
         );
     }
     assert!(cfg.contains("set timeout=1\n"), "{cfg}");
-    // Its kernel line is the one the installer wrote (and kexec used), word for word.
+    // Its kernel line is the one the installer wrote word for word.
     let first = linux[0]
         .split_whitespace()
         .skip(2)

@@ -338,7 +338,7 @@ fn lab(disk_size: u64, rootfs_behavior: Behavior) -> Lab {
         events_url: server.url(EVENTS_PATH),
         disk: Some(disk.dev().to_string()),
         reboot: false,
-        kexec: true,
+        direct_start: true,
         login: Some(lab_login()),
         wipe: None,
     };

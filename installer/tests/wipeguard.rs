@@ -43,7 +43,7 @@ fn server(disk: &str, wipe: Option<&str>) -> FixtureServer {
         events_url: server.url(EVENTS),
         disk: Some(disk.to_string()),
         reboot: false,
-        kexec: false,
+        direct_start: false,
         login: None,
         wipe: wipe.map(str::to_string),
     };

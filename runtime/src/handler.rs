@@ -362,7 +362,7 @@ impl Context {
             events_url: format!("{base}/events/{}?token={token}", vm.mac),
             disk: vm.disk.clone(),
             reboot,
-            kexec: !vm.no_kexec,
+            direct_start: !vm.firmware_reboot,
             login: Some(cloudinit::login(vm)),
             wipe,
         };

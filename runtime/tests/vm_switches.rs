@@ -60,20 +60,27 @@ fn no_reboot_reaches_the_installer_config() {
 }
 
 #[test]
-fn no_kexec_reaches_the_installer_config() {
+fn firmware_reboot_reaches_the_installer_config() {
     let s = Stack::new();
     let config = || {
         let token = s.boot();
         s.get(&format!("/config/{MAC}?token={token}")).json()
     };
-    assert_eq!(config()["kexec"], true, "kexec is the default");
-    edit_t1(&s, |vm| vm["no_kexec"] = true.into());
+    assert_eq!(
+        config()["direct_start"],
+        true,
+        "starting the installed system directly is the default"
+    );
+    edit_t1(&s, |vm| vm["firmware_reboot"] = true.into());
     let config = config();
     // Absent is false (older installers read it so too): a firmware reboot.
-    assert!(config.get("kexec").is_none(), "kexec still set: {config}");
+    assert!(
+        config.get("direct_start").is_none(),
+        "direct_start still set: {config}"
+    );
     assert_eq!(
         config["reboot"], true,
-        "without kexec the installer still reboots"
+        "with a firmware reboot the installer still reboots"
     );
 }
 

@@ -54,10 +54,12 @@ pub struct InstallerConfig {
     pub disk: Option<String>,
     /// Reboot after a successful install (else stay up, e.g. for debugging).
     pub reboot: bool,
-    /// With `reboot`: start the installed kernel with kexec (no firmware, no boot loader) and
-    /// fall back to a firmware reboot if that fails. Absent from older stacks: a plain reboot.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub kexec: bool,
+    /// With `reboot`: start the installed system without the firmware and the boot loader (the
+    /// installer's `/init` switches root into it, on the running kernel when that is the
+    /// installed one; else a firmware reboot). Absent: a firmware reboot. Stacks before the
+    /// switch root called it `kexec`.
+    #[serde(default, alias = "kexec", skip_serializing_if = "std::ops::Not::not")]
+    pub direct_start: bool,
     /// The login the cloud-init user-data creates, set up by the installer too, so SSH works
     /// from the first boot's start instead of after cloud-init's user module.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -139,10 +139,11 @@ pub struct VmDefinition {
     #[serde(default, skip_serializing_if = "is_false")]
     pub no_reboot: bool,
     /// After installing, reboot through the firmware (which network-boots again and is told to
-    /// boot the disk) instead of kexec'ing the installed kernel: the path every real machine
-    /// takes on its next power cycle (`lab vm create --no-kexec`).
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub no_kexec: bool,
+    /// boot the disk) instead of the installer starting the installed system itself: the path
+    /// every real machine takes on its next power cycle (`lab vm create --firmware-reboot`).
+    /// Definitions written before the switch root call it `no_kexec`.
+    #[serde(default, alias = "no_kexec", skip_serializing_if = "is_false")]
+    pub firmware_reboot: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -417,8 +418,8 @@ mod tests {
     #[test]
     fn debug_switches_are_optional_and_written_only_when_on() {
         let plain = VmDefinition::from_json(&vm("t1")).unwrap();
-        assert!(!plain.installer_shell && !plain.no_reboot && !plain.no_kexec);
-        for key in ["installer_shell", "no_reboot", "no_kexec"] {
+        assert!(!plain.installer_shell && !plain.no_reboot && !plain.firmware_reboot);
+        for key in ["installer_shell", "no_reboot", "firmware_reboot"] {
             assert!(
                 !plain.to_json().contains(key),
                 "a definition without switches must stay byte-identical: {key} written"
@@ -427,17 +428,20 @@ mod tests {
         let debug = VmDefinition {
             installer_shell: true,
             no_reboot: true,
-            no_kexec: true,
+            firmware_reboot: true,
             ..plain
         };
         let text = debug.to_json();
-        for key in ["installer_shell", "no_reboot", "no_kexec"] {
+        for key in ["installer_shell", "no_reboot", "firmware_reboot"] {
             assert!(
                 text.contains(&format!("\"{key}\": true")),
                 "{key} not written"
             );
         }
         assert_eq!(VmDefinition::from_json(&text).unwrap(), debug);
+        // A lab's definitions from before the switch root still mean a firmware reboot.
+        let old = text.replace("firmware_reboot", "no_kexec");
+        assert_eq!(VmDefinition::from_json(&old).unwrap(), debug);
     }
 
     #[test]

@@ -267,7 +267,7 @@ fn write_fixture(data: &Path) -> Result<()> {
         boot: BootMode::Install,
         installer_shell: false,
         no_reboot: false,
-        no_kexec: false,
+        firmware_reboot: false,
     };
     let images = data.join("images/bench/x86_64");
     for d in [

@@ -254,7 +254,7 @@ fn install_once(
         boot: BootMode::Install,
         installer_shell: false,
         no_reboot: false,
-        no_kexec: false,
+        firmware_reboot: false,
     };
     std::fs::write(data.join(format!("vms/{NAME}.noreboot")), b"")?;
     crate::store::write_atomic(

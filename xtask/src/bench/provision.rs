@@ -7,9 +7,9 @@
 //! Milestones come from the stack's timeline of the VM (DHCP lease, iPXE script, kernel fetch,
 //! installer running, rootfs streamed, installed, disk boot, cloud-init done), measured from the
 //! QEMU pid file's mtime as `lab up` does; "SSH ready" is when `lab up`'s SSH check first
-//! succeeded. An install that starts the installed system itself (switch root, or kexec) has no
-//! disk boot through the firmware; the same target defined with `no_kexec` (`lab vm create
-//! --no-kexec`) takes that path, measured beside it. The
+//! succeeded. An install that starts the installed system itself (switch root) has no disk boot
+//! through the firmware; the same target defined with `firmware_reboot` (`lab vm create
+//! --firmware-reboot`) takes that path, measured beside it. The
 //! rootfs stream rate inside the guest (compressed bytes / the installer's rootfs phase) stands
 //! next to `zstd -dc | tar -x` of the same tarball on the host into a tmpfs.
 //!
@@ -140,11 +140,11 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
             break;
         }
         ctx.ui.println(format!(
-            "bench provision: 1 target rebooting through the firmware (--no-kexec), run {}/{runs}",
+            "bench provision: 1 target rebooting through the firmware (--firmware-reboot), run {}/{runs}",
             i + 1
         ));
         let (m, err) = through_the_firmware(&up(1, 1800))
-            .map_err(|e| e.context(format!("--no-kexec, run {}", i + 1)))?;
+            .map_err(|e| e.context(format!("--firmware-reboot, run {}", i + 1)))?;
         for (k, v) in m.milestones.iter().enumerate() {
             if let Some(v) = v {
                 firmware_marks.entry(k).or_default().push(*v);
@@ -153,7 +153,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
         firmware_ssh.extend(m.ssh);
         lab_guard.down()?;
         if let Some(e) = err {
-            failure = Some(e.context(format!("--no-kexec, run {}", i + 1)));
+            failure = Some(e.context(format!("--firmware-reboot, run {}", i + 1)));
             break;
         }
     }
@@ -189,7 +189,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     for (k, (label, _)) in MILESTONES.iter().enumerate().skip(5).take(2) {
         let v = firmware_marks.remove(&k).unwrap_or_default();
         let row = Row::new(
-            format!("1 target, --no-kexec: {label}"),
+            format!("1 target, --firmware-reboot: {label}"),
             "s from QEMU start",
             Better::Lower,
             v,
@@ -199,7 +199,7 @@ pub fn run(ctx: &mut Ctx, group: &mut Group) -> Result<()> {
     group.push(
         &ctx.ui,
         Row::new(
-            "1 target, --no-kexec: SSH ready (install, firmware reboot, GRUB, first boot)",
+            "1 target, --firmware-reboot: SSH ready (install, firmware reboot, GRUB, first boot)",
             "s from QEMU start",
             Better::Lower,
             firmware_ssh,
@@ -306,14 +306,14 @@ fn one_target(up: &UpArgs) -> Result<(Marks, Option<anyhow::Error>)> {
     Ok((marks, err))
 }
 
-/// One fresh install of a target defined with `no_kexec` before `lab up` finds it: the
+/// One fresh install of a target defined with `firmware_reboot` before `lab up` finds it: the
 /// installer reboots through the firmware, which is told to boot the disk.
 fn through_the_firmware(up: &UpArgs) -> Result<(Marks, Option<anyhow::Error>)> {
     let lab = Lab::open()?;
     lab.create_dirs()?;
     let key = crate::lab::ssh::ensure_key(&lab)?;
     targets::define_target(&lab, &key, "target-1", &up.distro, up.arch, |vm| {
-        vm.no_kexec = true;
+        vm.firmware_reboot = true;
         Ok(())
     })?;
     one_target(up)

@@ -66,8 +66,8 @@ pub(super) fn reaches_installer(
     targets::stop_vm(lab, name).map(drop)
 }
 
-/// `lab vm create bios-1 --no-kexec`, started under SeaBIOS: the installer reports that it
-/// reboots (not kexec), the firmware network-boots again and the stack sends it to its disk,
+/// `lab vm create bios-1 --firmware-reboot`, started under SeaBIOS: the installer reports that
+/// it reboots (not switch root), the firmware network-boots again and the stack sends it to its disk,
 /// GRUB's i386-pc boot the installer wrote starts the system, and it answers SSH with its own
 /// host name after cloud-init applied the seed.
 pub(super) fn installs_and_reboots_through_bios(lab: &Lab, distro: &str) -> Result<()> {
@@ -79,12 +79,12 @@ pub(super) fn installs_and_reboots_through_bios(lab: &Lab, distro: &str) -> Resu
         NAME,
         "--distro",
         distro,
-        "--no-kexec",
+        "--firmware-reboot",
     ])?;
     let vm = targets::definition(lab, NAME)?;
     ensure!(
-        vm.no_kexec,
-        "`lab vm create --no-kexec` did not store no_kexec: {vm:?}"
+        vm.firmware_reboot,
+        "`lab vm create --firmware-reboot` did not store firmware_reboot: {vm:?}"
     );
     std::thread::sleep(Duration::from_secs(3)); // the stack re-reads definitions within 2 s
     let accel = qemu::resolve_accel(qemu::AccelChoice::Auto, Arch::X86_64, &lab.run_dir())?;

@@ -18,7 +18,7 @@
 //!    `lab vm copy` copies a file to it and back. `lab vm start --installer-shell --no-reboot`
 //!    boots its installer's shell (the config says not to reboot, `lab status` says SSH is
 //!    down), and a command typed through `lab vm console` answers on the serial console.
-//! 4. On that container stack (`firmware.rs`): bios-1, made by `lab vm create --no-kexec`,
+//! 4. On that container stack (`firmware.rs`): bios-1, made by `lab vm create --firmware-reboot`,
 //!    installs under SeaBIOS (QEMU's iPXE NIC ROM), reboots through the firmware, is sent to its
 //!    disk and boots GRUB's i386-pc image into SSH with its own host name; OVMF without NIC ROM
 //!    → TFTP ipxe.efi reaches "installer started"; meanwhile (and during 5.) disk-1
@@ -167,7 +167,7 @@ fn scenario(distro: &str, only: &[Part]) -> Result<()> {
             s.spawn(|| diskmode::scenario(&lab, &distro))
         });
         if runs(Part::Firmware) {
-            step("bios-1 (--no-kexec) under SeaBIOS installs, reboots through the firmware into GRUB's i386-pc boot and answers SSH");
+            step("bios-1 (--firmware-reboot) under SeaBIOS installs, reboots through the firmware into GRUB's i386-pc boot and answers SSH");
             firmware::installs_and_reboots_through_bios(&lab, &distro)?;
             step("uefipxe-1: OVMF without NIC ROM reaches the installer through TFTP ipxe.efi");
             firmware::reaches_installer(&lab, "uefipxe-1", &distro, qemu::Firmware::UefiPxe)?;

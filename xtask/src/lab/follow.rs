@@ -85,7 +85,7 @@ pub struct Row {
     /// The target reported cloud-init done.
     pub cloud_init: Option<u64>,
     /// How the installer started the installed system without a firmware reboot: `switch
-    /// root` (on the running kernel) or `kexec`; None when it rebooted (or has not finished).
+    /// root` (on the running kernel); None when it rebooted (or has not finished).
     pub direct: Option<&'static str>,
     /// A disk-mode VM: its own system from the first instruction, no events, SSH is all.
     pub disk_mode: bool,
@@ -130,7 +130,7 @@ impl Row {
                 Phase::Installed => {
                     self.installed.get_or_insert(rel(e));
                     // The installer's message says what it does next (main.rs of the installer).
-                    self.direct = ["switch root", "kexec"]
+                    self.direct = ["switch root"]
                         .into_iter()
                         .find(|how| e.event.message.contains(&format!("next: {how}")));
                 }
@@ -561,8 +561,11 @@ mod tests {
                 "switch root into 6.1.0-57-cloud-amd64 (the running kernel)",
                 Some("switch root"),
             ),
-            ("kexec into 6.1.0-57-cloud-amd64", Some("kexec")),
             ("reboot", None),
+            (
+                "reboot (the installed kernel 6.1.0-58-cloud-amd64 is not the running 6.1.0-57-cloud-amd64)",
+                None,
+            ),
         ] {
             let mut row = Row::default();
             row.absorb(1_000, &[installed(next)]);

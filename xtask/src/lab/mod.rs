@@ -204,10 +204,10 @@ struct CreateArgs {
     #[arg(long, default_value = targets::DEFAULT_DISK_SIZE)]
     disk_size: String,
     /// After installing, reboot through the firmware (network boot, then the disk), as a real
-    /// machine's next power cycle does, instead of the installer starting the installed system
-    /// itself (on its own kernel, or by kexec); slower by the firmware's and a kernel's boot.
-    #[arg(long, conflicts_with_all = ["diskless", "disk_mode"])]
-    no_kexec: bool,
+    /// machine's next power cycle does, instead of the installer switching root into the
+    /// installed system on the kernel it runs; slower by the firmware's and a kernel's boot.
+    #[arg(long, alias = "no-kexec", conflicts_with_all = ["diskless", "disk_mode"])]
+    firmware_reboot: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -271,7 +271,7 @@ fn vm_command(lab: &Lab, command: VmCommand) -> Result<()> {
             };
             let vm = vms::define(&lab.vms_dir(), &request, lab.subnet()?, &key, |vm| {
                 vms::assign_ipv6(lab, vm)?;
-                vm.no_kexec = c.no_kexec;
+                vm.firmware_reboot = c.firmware_reboot;
                 if c.disk_mode {
                     vm.pxeboot = false;
                     diskmode::create(lab, vm, &c.disk_size)

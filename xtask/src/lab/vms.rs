@@ -112,7 +112,7 @@ pub fn plan(
         boot: req.boot,
         installer_shell: false,
         no_reboot: false,
-        no_kexec: false,
+        firmware_reboot: false,
     };
     vm.validate()?;
     Ok(vm)
