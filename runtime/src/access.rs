@@ -7,7 +7,9 @@
 //! boot is given carry it (`config_url=…/config/<mac>?token=…`, `events_url`, the diskless
 //! `pxelab.events=`), and `/config` and `/events` over the network accept only the current one:
 //! a host that was never handed the boot cannot read a machine's install config nor change its
-//! state. `/ipxe` hands a token only to the machine's own address (unless the stack runs with
+//! state. Once the machine is installed its token stays readable there (the installed system
+//! runs on the installer's kernel, command line included), so from then on it opens no config
+//! and reports only `cloud-init-done`; a reprovision and the next boot's new token end it. `/ipxe` hands a token only to the machine's own address (unless the stack runs with
 //! `--no-ip-check`), so asking for one does not work from elsewhere either.
 //!
 //! proxyDHCP (`--dhcp proxy`): the site's server leases the addresses and we see no lease, so a

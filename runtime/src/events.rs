@@ -64,6 +64,10 @@ pub enum Refused {
     Token,
     /// `installed` while the machine is not `installing`; its state is given.
     NotInstalling(VmState),
+    /// Over the network, an event other than `cloud-init-done` from an installed machine: its
+    /// boot token was handed to the installer and is readable in the installed system (its
+    /// kernel command line), where it must not change what the stack believes.
+    Installed,
     Failed(StateError),
 }
 
@@ -302,7 +306,7 @@ impl EventStore {
         event: Event,
         token: Option<&str>,
     ) -> Result<StateRecord, Refused> {
-        let installed = event.phase == Phase::Installed;
+        let phase = event.phase;
         let check = |r: Option<&MachineRecord>| {
             let current = r.filter(|r| r.mac == vm.mac);
             if let Some(given) = token {
@@ -311,10 +315,14 @@ impl EventStore {
                 }
             }
             let state = current.map(|r| r.state).unwrap_or_default();
-            if installed && state != VmState::Installing {
-                return Err(Refused::NotInstalling(state));
+            match phase {
+                Phase::Installed if state != VmState::Installing => {
+                    Err(Refused::NotInstalling(state))
+                }
+                Phase::Installed | Phase::CloudInitDone => Ok(()),
+                _ if token.is_some() && state == VmState::Installed => Err(Refused::Installed),
+                _ => Ok(()),
             }
-            Ok(())
         };
         self.write(vm, event, Minted::default(), check, report)
     }

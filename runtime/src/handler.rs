@@ -12,7 +12,7 @@ use std::{
 
 use pxelab_contract::{
     cloudinit, Artifact, ConfigReply, DistroManifest, Event, InstallerConfig, Mac, Phase,
-    StackStatus, VmDefinition, VmStatus,
+    StackStatus, VmDefinition, VmState, VmStatus,
 };
 
 use crate::{
@@ -327,6 +327,23 @@ impl Context {
             Ok(token) => token,
             Err(reply) => return reply,
         };
+        // The token stays readable in the installed system (its kernel command line, as the
+        // installer's kernel runs on): once installed, it no longer opens the install config.
+        if r.channel == Channel::Network {
+            match self.events.state(vm) {
+                Ok(VmState::Installed) => {
+                    return Response::line(
+                        409,
+                        &format!(
+                            "{} is installed: its install config is not served any more; `lab vm reprovision {}` installs it again",
+                            vm.name, vm.name
+                        ),
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => return Response::line(500, &e.to_string()),
+            }
+        }
         let wipe = match self.events.wipe(vm) {
             Ok(wipe) => wipe,
             Err(e) => return Response::line(500, &e.to_string()),
@@ -468,6 +485,13 @@ impl Context {
                 &format!(
                     "{} is {state}, not installing: installed is accepted only from the installer the current boot handed out",
                     vm.name
+                ),
+            ),
+            Err(Refused::Installed) => Response::line(
+                409,
+                &format!(
+                    "{} is installed: its boot's token only reports cloud-init-done now (event {phase} refused); `lab vm reprovision {}` installs it again",
+                    vm.name, vm.name
                 ),
             ),
             Err(Refused::Failed(e)) => Response::line(500, &e.to_string()),

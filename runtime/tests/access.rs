@@ -82,17 +82,33 @@ fn installed_is_accepted_only_from_installing_with_the_current_token() {
         (r.status, r.json()["state"].as_str()),
         (200, Some("installed"))
     );
-    // The installed system reports with the URL its installer was given (cloud-init's first
-    // boot), and booting from disk keeps that token valid.
+    // The installed system reports cloud-init-done with the URL its installer was given, and
+    // booting from disk keeps that token valid for that report.
     assert!(s.ipxe().contains("sanboot"));
-    let r = s.post_event(
-        &second,
-        r#"{"phase":"installing","message":"cloud-init done"}"#,
-    );
+    let r = s.post_event(&second, r#"{"phase":"cloud-init-done","message":"ok"}"#);
     assert_eq!(
         (r.status, r.json()["state"].as_str()),
         (200, Some("installed"))
     );
+    // But the token stays readable in the installed system (its kernel command line): there it
+    // neither posts other events nor opens the install config, which it could while installing.
+    for phase in ["installing", "failed", "rootfs"] {
+        let r = s.post_event(&second, &format!(r#"{{"phase":"{phase}"}}"#));
+        assert_eq!(r.status, 409, "{phase}: {}", r.text());
+        r.assert_one_line();
+        assert!(
+            r.text().contains("only reports cloud-init-done")
+                && r.text().contains("reprovision t1"),
+            "{}",
+            r.text()
+        );
+    }
+    let r = s.get(&format!("/config/{}?token={second}", MAC));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("t1 is installed"), "{}", r.text());
+    assert_eq!(s.state(), "installed");
+    // The control socket (the operator's) still reads it.
+    assert_eq!(s.control("GET", &format!("/config/{}", MAC)).status, 200);
     // A reprovision forgets it.
     assert_eq!(s.control("POST", "/vms/t1/reprovision").status, 200);
     assert_eq!(s.post_event(&second, r#"{"phase":"seed"}"#).status, 403);
