@@ -317,8 +317,8 @@ impl Run<'_> {
         // the installed kernel to be the running one (the distro's own, which the installer
         // boots): `/init` then switches root into the disk. A different kernel (a rootfs whose
         // newest kernel is not the one pulled) boots through the firmware and GRUB, as on any
-        // power cycle; a kexec into it was the other way, and it is gone: it cost a second
-        // kernel boot and initramfs (5.5 s to SSH under TCG) and no lab distro ever took it.
+        // power cycle. A kexec could skip the firmware there, at the cost of a second kernel
+        // boot and initramfs (5.5 s to SSH under TCG); no distro the pipeline builds needs it.
         let direct = config.reboot && config.direct_start && in_initrd();
         let start = Start::choose(direct, running_release(), &entry.version, &root_dev);
 
