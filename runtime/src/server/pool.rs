@@ -104,9 +104,9 @@ const EVENTS: usize = 4;
 /// finds another ready connection and would keep its core for a whole scheduler slice
 /// (milliseconds), and what shares the core — dnsmasq answering the same machines' DHCP, the
 /// journal, clients on the same host — waits that long. Storm A/B on a 2-core machine (10,000
-/// machines, wrk on the same cores, 6 × 3 s interleaved, medians): 16 connections p99 2.15 ms
-/// without, 0.58 ms at 200 µs, 1.12 ms at 500 µs, nginx 2.58 ms; p90 0.65 → 0.32 ms; requests/s
-/// 69,000 → 72,700; 64 connections p99 2.98 → 2.82 ms (nginx 4.14).
+/// machines, wrk on the same cores, 6 × 3 s interleaved, medians), without and with: 16
+/// connections p99 3.48 → 1.38 ms (nginx 1.09), p90 0.70 → 0.33 ms, requests/s unchanged
+/// (74,400 and 74,800). In a sweep of the quantum 200 µs beat 20, 50 and 500 µs.
 const YIELD_AFTER: std::time::Duration = std::time::Duration::from_micros(200);
 
 impl<C: Conn> Pool<C> {
