@@ -64,6 +64,10 @@ pub enum Refused {
     Token,
     /// `installed` while the machine is not `installing`; its state is given.
     NotInstalling(VmState),
+    /// `installed` again, with the token of the install that reported it: the installer's
+    /// retry after an acknowledgement lost on the way. Acknowledged, not recorded twice (nor
+    /// its host keys replaced, which the token readable in the installed system could try).
+    Repeated,
     /// Over the network, an event other than `cloud-init-done` from an installed machine: its
     /// boot token was handed to the installer and is readable in the installed system (its
     /// kernel command line), where it must not change what the stack believes.
@@ -316,6 +320,9 @@ impl EventStore {
             }
             let state = current.map(|r| r.state).unwrap_or_default();
             match phase {
+                Phase::Installed if state == VmState::Installed && token.is_some() => {
+                    Err(Refused::Repeated)
+                }
                 Phase::Installed if state != VmState::Installing => {
                     Err(Refused::NotInstalling(state))
                 }

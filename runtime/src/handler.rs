@@ -487,6 +487,11 @@ impl Context {
                     vm.name
                 ),
             ),
+            // Answered as the first report was, once that one is durable (`record` waits).
+            Err(Refused::Repeated) => match self.events.record(vm) {
+                Ok(record) => Response::json(200, &vm_status(vm, record)),
+                Err(e) => Response::line(500, &e.to_string()),
+            },
             Err(Refused::Installed) => Response::line(
                 409,
                 &format!(

@@ -77,10 +77,37 @@ fn installed_is_accepted_only_from_installing_with_the_current_token() {
         s.post_event(&second, r#"{"phase":"installing"}"#).status,
         200
     );
-    let r = s.post_event(&second, r#"{"phase":"installed"}"#);
+    let r = s.post_event(
+        &second,
+        r#"{"phase":"installed","host_keys":["ssh-ed25519 AAAA"]}"#,
+    );
     assert_eq!(
         (r.status, r.json()["state"].as_str()),
         (200, Some("installed"))
+    );
+    // The installer's retry when that answer was lost is acknowledged the same way, and not
+    // recorded again (nor are other host keys taken from it).
+    let r = s.post_event(
+        &second,
+        r#"{"phase":"installed","host_keys":["ssh-ed25519 BBBB"]}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["state"].as_str()),
+        (200, Some("installed")),
+        "{}",
+        r.text()
+    );
+    let installed = |s: &Stack| s.phases("t1").iter().filter(|p| *p == "installed").count();
+    assert_eq!(installed(&s), 1, "{:?}", s.phases("t1"));
+    let timeline = s.control_json("/vms/t1/timeline");
+    assert!(
+        !timeline.to_string().contains("BBBB"),
+        "the repeat's host keys were recorded: {timeline}"
+    );
+    assert_eq!(
+        s.post_event(&token, r#"{"phase":"installed"}"#).status,
+        403,
+        "an older boot's token still counts for nothing"
     );
     // The installed system reports cloud-init-done with the URL its installer was given, and
     // booting from disk keeps that token valid for that report.
