@@ -57,6 +57,16 @@ impl std::fmt::Display for StateError {
     }
 }
 
+/// A VM's state and the secrets of its current boot ([`EventStore::boot_view`]).
+#[derive(Debug, Default)]
+pub struct BootView {
+    pub state: VmState,
+    /// The token the boot was handed, if a boot handed one out.
+    pub token: Option<String>,
+    /// The reprovision nonce, from the operator's reprovision until `installed`.
+    pub wipe: Option<String>,
+}
+
 /// Why [`EventStore::post`] did not record an event.
 #[derive(Debug)]
 pub enum Refused {
@@ -204,6 +214,18 @@ impl EventStore {
     /// The VM's current record; `None` when it never reported anything (state `new`).
     pub fn record(&self, vm: &VmDefinition) -> Result<Option<StateRecord>, StateError> {
         self.read(vm, report)
+    }
+
+    /// What `/config` needs of the VM's record, in one read: its state, boot token and
+    /// reprovision nonce.
+    pub fn boot_view(&self, vm: &VmDefinition) -> Result<BootView, StateError> {
+        Ok(self
+            .read(vm, |r| BootView {
+                state: r.state,
+                token: r.token.clone(),
+                wipe: r.wipe.clone(),
+            })?
+            .unwrap_or_default())
     }
 
     pub fn state(&self, vm: &VmDefinition) -> Result<VmState, StateError> {

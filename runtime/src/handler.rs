@@ -295,13 +295,14 @@ impl Context {
         }
     }
 
-    /// The machine's current boot token, checked against the request's `?token=` (over the
+    /// The machine's `current` boot token, checked against the request's `?token=` (over the
     /// network; the control socket needs none). `what` names the request in the refusal.
-    fn boot_token(&self, r: &Request, vm: &VmDefinition, what: &str) -> Result<String, Response> {
-        let current = self
-            .events
-            .token(vm)
-            .map_err(|e| Response::line(500, &e.to_string()))?;
+    fn boot_token(
+        r: &Request,
+        vm: &VmDefinition,
+        current: Option<String>,
+        what: &str,
+    ) -> Result<String, Response> {
         if r.channel == Channel::Control {
             return Ok(current.unwrap_or_default());
         }
@@ -323,31 +324,26 @@ impl Context {
         if let Err(reply) = self.check_bound_address(r, vm, "the install config") {
             return reply;
         }
-        let token = match self.boot_token(r, vm, "the install config") {
+        let view = match self.events.boot_view(vm) {
+            Ok(view) => view,
+            Err(e) => return Response::line(500, &e.to_string()),
+        };
+        let token = match Self::boot_token(r, vm, view.token, "the install config") {
             Ok(token) => token,
             Err(reply) => return reply,
         };
         // The token stays readable in the installed system (its kernel command line, as the
         // installer's kernel runs on): once installed, it no longer opens the install config.
-        if r.channel == Channel::Network {
-            match self.events.state(vm) {
-                Ok(VmState::Installed) => {
-                    return Response::line(
-                        409,
-                        &format!(
-                            "{} is installed: its install config is not served any more; `lab vm reprovision {}` installs it again",
-                            vm.name, vm.name
-                        ),
-                    )
-                }
-                Ok(_) => {}
-                Err(e) => return Response::line(500, &e.to_string()),
-            }
+        if r.channel == Channel::Network && view.state == VmState::Installed {
+            return Response::line(
+                409,
+                &format!(
+                    "{} is installed: its install config is not served any more; `lab vm reprovision {}` installs it again",
+                    vm.name, vm.name
+                ),
+            );
         }
-        let wipe = match self.events.wipe(vm) {
-            Ok(wipe) => wipe,
-            Err(e) => return Response::line(500, &e.to_string()),
-        };
+        let wipe = view.wipe;
         let manifest = match self.install_manifest(vm) {
             Ok(m) => m,
             Err(reply) => return reply,

@@ -130,9 +130,11 @@ impl Row {
                 Phase::Installed => {
                     self.installed.get_or_insert(rel(e));
                     // The installer's message says what it does next (main.rs of the installer).
-                    self.direct = ["switch root"]
-                        .into_iter()
-                        .find(|how| e.event.message.contains(&format!("next: {how}")));
+                    self.direct = e
+                        .event
+                        .message
+                        .contains("next: switch root")
+                        .then_some("switch root");
                 }
                 Phase::CloudInitDone => {
                     self.cloud_init.get_or_insert(rel(e));
